@@ -1,0 +1,52 @@
+"""ANLS, the Average Normalized Levenshtein Similarity of DocVQA and ST-VQA.
+
+Per sample, as in the official evaluation of both challenges: prediction and each reference are
+lowercased and their whitespace collapsed; the normalised distance is the edit distance divided by
+the longer string's length; a reference contributes 1 - distance if that distance is below the
+threshold 0.5 and 0 otherwise (so a similarity of exactly 0.5 counts as 0); the sample's score is
+the best reference. Averaging over samples gives the dataset ANLS.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+ANLS_THRESHOLD = 0.5
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """ANLS of one prediction against its references, in [0, 1].
+
+    >>> anls("Acme Corp", ["ACME corp."])
+    0.9
+    """
+    if not answers:
+        raise ValueError("answers must hold at least one reference answer")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r} must lie in [0, 1]")
+    predicted = _normalize(prediction)
+    best = 0.0
+    for answer in answers:
+        reference = _normalize(answer)
+        longest = max(len(predicted), len(reference))
+        # Two empty strings are identical; the official code would divide by zero here.
+        distance = levenshtein(predicted, reference) / longest if longest else 0.0
+        if distance < threshold:
+            best = max(best, 1.0 - distance)
+    return best

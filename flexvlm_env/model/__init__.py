@@ -1,0 +1,1 @@
+"""Native PyTorch runtime of the MolmoE topology: preprocessing, vision tower, MoE decoder, generation."""

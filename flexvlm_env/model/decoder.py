@@ -1,0 +1,185 @@
+"""OLMoE-style decoder: q/k-normed attention with RoPE, a 64-expert MoE per block, static KV cache.
+
+Parameter names follow the official MolmoE checkpoint (`model.transformer.*`), except that each
+block's experts are stored stacked (`mlp.w_gate_up` [E, 2H, d], `mlp.w_down` [E, d, H]) so the MoE
+kernels can index them; `checkpoint.py` maps the per-expert names. Two knobs act here: `top_k`
+(experts per token, per block) and the block plan (which blocks run; the rest are the identity and
+never touch their KV cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .moe_kernels import moe_forward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 as the reference does; bf16 variance loses too much.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [..., head_dim] for integer positions, float32, rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [B, T, hd] (float32)."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Static per-block key/value buffers [B, heads, max_seq, head_dim]; skipped blocks stay unused."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
+        shape = (batch, args.n_heads, max_seq, args.head_dim)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
+        )
+
+    @property
+    def max_seq(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.attn_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.att_proj = nn.Linear(args.d_model, 3 * args.d_model, bias=False)
+        self.q_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.k_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.attn_out = nn.Linear(args.d_model, args.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache_kv, cache_index, mask, attend_cache: bool, cache_len: int | None = None):
+        """x [B, T, d]. With a cache, new keys/values are written at slots `cache_index` [T].
+
+        `attend_cache` (decode): attend over the static buffer under `mask` [B, 1, T, S], or, when
+        `cache_len` is given (eager path, one query), over its first `cache_len` slots unmasked.
+        Otherwise (prefill from slot 0): attend over x's own keys, causally or under `mask` [B, 1, T, T].
+        """
+        b, t, d = x.shape
+        q, k, v = self.att_proj(self.attn_norm(x)).split(d, dim=-1)
+        # q/k norm spans all heads jointly (MolmoE quirk), before the head split.
+        q, k = self.q_norm(q), self.k_norm(k)
+        shape = (b, t, self.n_heads, self.head_dim)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is not None:
+            key_cache, value_cache = cache_kv
+            key_cache.index_copy_(2, cache_index, k)
+            value_cache.index_copy_(2, cache_index, v)
+        if attend_cache and cache_len is not None:
+            out = F.scaled_dot_product_attention(q, key_cache[:, :, :cache_len], value_cache[:, :, :cache_len], attn_mask=mask)
+        elif attend_cache:
+            out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask)
+        elif mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.attn_out(out.transpose(1, 2).reshape(b, t, d))
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        e, h, d = args.n_experts, args.expert_hidden, args.d_model
+        self.ff_norm = RMSNorm(d, args.norm_eps)
+        self.gate = nn.Linear(d, e, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * h, d))
+        self.w_down = nn.Parameter(torch.empty(e, d, h))
+
+    def route(self, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over all experts in float32, keep the top_k, do NOT renormalise (MolmoE)."""
+        probs = torch.softmax(self.gate(h).float(), dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor, top_k: int, moe_impl: str = "auto") -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ff_norm(x).reshape(b * t, d)
+        weights, ids = self.route(h, top_k)
+        return moe_forward(h, ids, weights, self.w_gate_up, self.w_down, impl=moe_impl).view(b, t, d)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn = Attention(args)
+        self.mlp = MoE(args)
+
+    def forward(self, x, cos, sin, cache_kv, cache_index, mask, attend_cache, top_k: int, moe_impl: str = "auto", cache_len=None):
+        x = x + self.attn(x, cos, sin, cache_kv, cache_index, mask, attend_cache, cache_len)
+        return x + self.mlp(x, top_k, moe_impl)
+
+
+class Embedding(nn.Module):
+    """MolmoE's embedding: the table plus `new_embedding` rows appended after it."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(args.embedding_size, args.d_model))
+        self.new_embedding = nn.Parameter(torch.zeros(args.additional_vocab_size, args.d_model))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.new_embedding.shape[0] == 0:
+            return F.embedding(ids, self.embedding)
+        return F.embedding(ids, torch.cat([self.embedding, self.new_embedding], dim=0))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.wte = Embedding(args)
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.ln_f = RMSNorm(args.d_model, args.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        plan: tuple[int, ...],
+        top_k: tuple[int, ...],
+        cache: KVCache | None = None,
+        cache_index: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        attend_cache: bool = False,
+        cache_len: int | None = None,
+        moe_impl: str = "auto",
+    ) -> torch.Tensor:
+        """Run the blocks in `plan` (sorted indices) over embeddings x [B, T, d]; return ln_f(x).
+
+        positions [B, T] are RoPE positions (they differ from cache slots under left padding).
+        """
+        cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        for i in plan:
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x = self.blocks[i](x, cos, sin, kv, cache_index, mask, attend_cache, top_k[i], moe_impl, cache_len)
+        return self.ln_f(x)

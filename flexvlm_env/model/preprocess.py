@@ -1,0 +1,269 @@
+"""Image preprocessing and the multimodal token layout, as MolmoE's processor does it.
+
+An image becomes a global view (the whole image resized into one crop) plus rows x cols
+overlapping crops of a resized, padded copy. The crops knob picks rows x cols: `exact` tiles into
+exactly `crops` crops with the aspect ratio closest to the image (FlexVLM's default, so the knob
+acts on every image); `native` is MolmoE's rule, where `crops` is an upper bound and the tiling
+follows the image size. Every numerical detail (float32 scale, truncation, antialiased bilinear
+resize, centred zero padding, CLIP normalisation, patch flattening order, the shifted
+`image_masks` rows) follows the reference processor; `tests/test_molmoe_reference.py` checks it
+against the fixture bit for bit.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .args import VisionArgs
+
+IGNORE_INDEX = -100
+SUPPORTED_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    eos: int
+    pad: int
+    im_start: int
+    im_end: int
+    im_patch: int
+    im_col: int
+
+
+@dataclass
+class ImageInputs:
+    """What the vision tower needs for one image, and where its features go in the sequence."""
+
+    tiling: tuple[int, int]  # (rows, cols)
+    images: torch.Tensor  # float32 [n_crops, patches_per_crop, patch_dim]; crop 0 = global view
+    image_masks: torch.Tensor  # float32 [n_crops, patches_per_crop] (rows shifted, see module doc)
+    image_input_idx: torch.Tensor  # int64 [n_crops, pooled_per_crop], -100 = cell dropped
+    tokens: list[int]  # the image token block (<im_start> ... <im_end>, global then tiles)
+
+    @property
+    def n_crops(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def vision_tokens(self) -> int:
+        """Number of positions that receive an image feature."""
+        return int((self.image_input_idx >= 0).sum())
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """Validate an image argument and return it as an RGB uint8 array [H, W, 3].
+
+    Accepts a PIL image, raw encoded bytes, or a uint8 array [H, W, 3]. EXIF orientation is ignored,
+    as in the reference processor.
+    """
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            image = Image.open(io.BytesIO(image))
+            image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"image: could not decode {len(image)} bytes as an image ({err})") from None
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image has zero size {image.width}x{image.height}; expected a non-empty image")
+        # High-bit-depth and float modes have no agreed 8-bit mapping; converting them silently
+        # would clip or wrap values, so the caller must decide.
+        if image.mode not in SUPPORTED_MODES:
+            raise ValueError(f"image mode {image.mode!r} is not supported; allowed: {SUPPORTED_MODES} (convert it to RGB)")
+        array = np.array(image.convert("RGB"), dtype=np.uint8)  # writable copy for torch
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image array must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+        array = image
+    else:
+        raise ValueError(f"image must be a PIL.Image, encoded bytes or a uint8 [H, W, 3] array, got {type(image).__name__}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image has zero size {array.shape[1]}x{array.shape[0]}; expected a non-empty image")
+    return array
+
+
+def select_tiling_native(height: int, width: int, max_crops: int, vision: VisionArgs) -> tuple[int, int]:
+    """MolmoE's tiling rule: the cheapest tiling that covers the image without upscaling it.
+
+    Candidates (rows, cols) with rows*cols <= max_crops are ordered by (rows*cols, rows); the scale
+    is computed in float32 as the reference does. Images narrower than the margins (< 113 px) would
+    divide by a non-positive size in the reference; they are clamped to 1 px here.
+    """
+    interior_h = np.float32(max(height - vision.margin_total_px, 1))
+    interior_w = np.float32(max(width - vision.margin_total_px, 1))
+    window = np.float32(vision.window_px)
+    candidates = sorted(
+        ((r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops + 1) if r * c <= max_crops),
+        key=lambda rc: (rc[0] * rc[1], rc[0]),
+    )
+    scales = np.array(
+        [min(window * np.float32(r) / interior_h, window * np.float32(c) / interior_w) for r, c in candidates],
+        dtype=np.float32,
+    )
+    if np.all(scales < 1):
+        return candidates[int(np.argmax(scales))]
+    scales[scales < 1] = np.inf
+    return candidates[int(np.argmin(scales))]
+
+
+def select_tiling_exact(height: int, width: int, crops: int, vision: VisionArgs) -> tuple[int, int]:
+    """Exactly `crops` crops: the rows x cols factorisation whose canvas aspect is closest to the image's."""
+    image_log_aspect = math.log(width / height)
+    best = None
+    for rows in range(1, crops + 1):
+        if crops % rows:
+            continue
+        cols = crops // rows
+        canvas_h = vision.window_px * rows + vision.margin_total_px
+        canvas_w = vision.window_px * cols + vision.margin_total_px
+        error = abs(math.log(canvas_w / canvas_h) - image_log_aspect)
+        if best is None or error < best[0] - 1e-12:  # ties keep fewer rows
+            best = (error, (rows, cols))
+    return best[1]
+
+
+def resize_and_pad(array: np.ndarray, target_h: int, target_w: int, vision: VisionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize keeping the aspect ratio, pad (centred) to the target, normalise.
+
+    Returns (normalised image [3, target_h, target_w] float32, validity mask [target_h, target_w]).
+    """
+    height, width = array.shape[:2]
+    scale = min(np.float32(target_h) / np.float32(height), np.float32(target_w) / np.float32(width))
+    new_h = int(np.float32(height) * scale)
+    new_w = int(np.float32(width) * scale)
+    pixels = torch.tensor(array, dtype=torch.uint8).permute(2, 0, 1).to(torch.float32) / 255.0
+    # The reference resizes even when the size is unchanged; antialiased bilinear is not the identity then.
+    pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    pixels = pixels.clamp_(0.0, 1.0)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    canvas = torch.zeros(3, target_h, target_w, dtype=torch.float32)
+    canvas[:, top : top + new_h, left : left + new_w] = pixels
+    mask = torch.zeros(target_h, target_w, dtype=torch.float32)
+    mask[top : top + new_h, left : left + new_w] = 1.0
+    mean = torch.tensor(vision.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(vision.std, dtype=torch.float32)[:, None, None]
+    return (canvas - mean) / std, mask
+
+
+def to_patches(crop: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
+    """[3, crop, crop] -> [patches, patch*patch*3], patches row-major, (row, col, channel) inside a patch."""
+    n, p = vision.patches_per_side, vision.patch_px
+    return crop.permute(1, 2, 0).reshape(n, p, n, p, 3).permute(0, 2, 1, 3, 4).reshape(n * n, p * p * 3)
+
+
+def _patch_fractions(mask: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
+    n, p = vision.patches_per_side, vision.patch_px
+    return mask.reshape(n, p, n, p).permute(0, 2, 1, 3).reshape(n * n, p * p).mean(dim=-1)
+
+
+def _kept_range(index: int, count: int, vision: VisionArgs) -> tuple[int, int]:
+    """Pooled cells a tile keeps along one axis: interior borders drop their margin cells."""
+    full, margin = vision.pooled_per_side, vision.margin_pooled
+    if count == 1:
+        return 0, full
+    start = 0 if index == 0 else margin
+    length = full - margin if index in (0, count - 1) else full - 2 * margin
+    return start, length
+
+
+def token_layout(rows: int, cols: int, vision: VisionArgs, special: SpecialTokens, offset: int) -> tuple[list[int], torch.Tensor]:
+    """The image token block and `image_input_idx` for a rows x cols tiling.
+
+    `offset` is the sequence position of the block's first token (1: after BOS).
+    """
+    pooled = vision.pooled_per_side
+    tokens: list[int] = [special.im_start]
+    idx = torch.full((rows * cols + 1, pooled * pooled), IGNORE_INDEX, dtype=torch.int64)
+    for y in range(pooled):
+        for x in range(pooled):
+            idx[0, y * pooled + x] = offset + len(tokens)
+            tokens.append(special.im_patch)
+        tokens.append(special.im_col)
+    tokens.append(special.im_end)
+
+    row_ranges = [_kept_range(r, rows, vision) for r in range(rows)]
+    col_ranges = [_kept_range(c, cols, vision) for c in range(cols)]
+    grid_w = sum(length for _, length in col_ranges)
+    tokens.append(special.im_start)
+    tile_start = offset + len(tokens)
+    grid_y = 0
+    for r, (y0, ph) in enumerate(row_ranges):
+        grid_x = 0
+        for c, (x0, pw) in enumerate(col_ranges):
+            crop = 1 + r * cols + c
+            for dy in range(ph):
+                for dx in range(pw):
+                    pos = tile_start + (grid_y + dy) * (grid_w + 1) + grid_x + dx
+                    idx[crop, (y0 + dy) * pooled + x0 + dx] = pos
+            grid_x += pw
+        grid_y += ph
+    for _ in range(grid_y):
+        tokens.extend([special.im_patch] * grid_w)
+        tokens.append(special.im_col)
+    tokens.append(special.im_end)
+    return tokens, idx
+
+
+def preprocess_image(
+    image,
+    crops: int,
+    vision: VisionArgs,
+    special: SpecialTokens,
+    *,
+    crop_rule: str = "exact",
+    offset: int = 1,
+) -> ImageInputs:
+    """Tile, resize, normalise and patchify one image; lay out its tokens."""
+    array = to_rgb_array(image)
+    height, width = array.shape[:2]
+    if crop_rule == "exact":
+        rows, cols = select_tiling_exact(height, width, crops, vision)
+    elif crop_rule == "native":
+        rows, cols = select_tiling_native(height, width, crops, vision)
+    else:
+        raise ValueError(f"crop_rule={crop_rule!r} is not valid; allowed: ('exact', 'native')")
+
+    crop_px, window = vision.crop_px, vision.window_px
+    tiled, mask = resize_and_pad(array, window * rows + vision.margin_total_px, window * cols + vision.margin_total_px, vision)
+    global_view, _ = resize_and_pad(array, crop_px, crop_px, vision)
+
+    patches = [to_patches(global_view, vision)]
+    masks = []
+    for r in range(rows):
+        for c in range(cols):
+            y, x = window * r, window * c
+            patches.append(to_patches(tiled[:, y : y + crop_px, x : x + crop_px], vision))
+            masks.append(_patch_fractions(mask[y : y + crop_px, x : x + crop_px], vision))
+    # Reference quirk: mask rows are shifted by one (the global view gets tile 0's row, the last
+    # tile gets -1, i.e. "partial padding"); trained checkpoints expect it.
+    masks.append(torch.full((vision.patches_per_crop,), -1.0))
+    tokens, idx = token_layout(rows, cols, vision, special, offset)
+    return ImageInputs((rows, cols), torch.stack(patches), torch.stack(masks), idx, tokens)
+
+
+def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:
+    """Positions that receive an image feature for a rows x cols tiling (global view included)."""
+    pooled, margin = vision.pooled_per_side, vision.margin_pooled
+    grid_h = pooled if rows == 1 else (pooled - 2 * margin) * rows + 2 * margin
+    grid_w = pooled if cols == 1 else (pooled - 2 * margin) * cols + 2 * margin
+    return pooled * pooled + grid_h * grid_w
+
+
+def image_block_length(rows: int, cols: int, vision: VisionArgs) -> int:
+    """Tokens in the image block: both <im_start>/<im_end> pairs, patches and column tokens."""
+    pooled, margin = vision.pooled_per_side, vision.margin_pooled
+    grid_h = pooled if rows == 1 else (pooled - 2 * margin) * rows + 2 * margin
+    grid_w = pooled if cols == 1 else (pooled - 2 * margin) * cols + 2 * margin
+    return 2 + pooled * (pooled + 1) + 2 + grid_h * (grid_w + 1)
+
+
+def build_input_ids(prompt_ids: Sequence[int], special: SpecialTokens, image_tokens: Sequence[int] | None) -> list[int]:
+    """BOS, the image block (if any), then the prompt tokens."""
+    return [special.bos, *(image_tokens or ()), *prompt_ids]

@@ -1,0 +1,451 @@
+"""The public runtime: `load_model(...)` returns a `VLM` whose `generate` answers one request.
+
+`VLM.generate(image, prompt, config, max_new_tokens)` applies the three knobs, runs the stages
+(preprocess, vision encoder, projector, prefill, decode), stops at EOS or `max_new_tokens`, and
+returns the text, the stage latency record and the token counts. `generate_batch` is the quality
+path: several requests with one config, left-padded, giving the same answers as one at a time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import Config
+from .args import ModelArgs, args_from_molmo_config, preset_args
+from .blocks import block_plan, validate_ranking
+from .checkpoint import checkpoint_names, file_sha256, load_weights_, read_metadata, resolve_checkpoint
+from .decoder import KVCache
+from .generate import DecodeGraphs, decode_one_token, embed_inputs, prefill
+from .molmoe import MolmoE
+from .preprocess import ImageInputs, build_input_ids, preprocess_image
+from .timing import LatencyRecord, StageTimer
+from .tokenizer import TextTokenizer
+
+DEFAULT_MAX_SEQ_LEN = 2048
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    vision: int  # positions that receive an image feature
+    prompt: int  # tokens of the templated prompt (" User: ... Assistant:")
+    layout: int  # BOS and image layout tokens (<im_start>, <im_col>, <im_end>, unfilled cells)
+    output: int  # generated tokens (EOS included when produced)
+
+    @property
+    def input(self) -> int:
+        """Prefill length."""
+        return self.vision + self.prompt + self.layout
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    latency: LatencyRecord | None
+    tokens: TokenCounts
+    config: Config
+    plan: tuple[int, ...]
+    tiling: tuple[int, int] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedRequest:
+    input_ids: torch.Tensor  # int64 [L] on the CPU
+    image: ImageInputs | None
+    prompt_tokens: int
+
+
+class VLM:
+    """A loaded model with its tokenizer, block ranking and device; see module docstring."""
+
+    def __init__(
+        self,
+        module: MolmoE,
+        tokenizer: TextTokenizer,
+        *,
+        block_ranking: Sequence[int] | None = None,
+        ranking_source: str = "prefix order (no ranking measured)",
+        random_weights: bool = False,
+        weights_sha256: str | None = None,
+        max_seq_len: int | None = None,
+        use_cuda_graphs: bool = True,
+    ):
+        self.module = module.eval()
+        self.args: ModelArgs = module.args
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special
+        param = next(module.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        n = self.args.n_layers
+        self.block_ranking = validate_ranking(block_ranking if block_ranking is not None else range(n), n)
+        self.ranking_source = ranking_source
+        self.random_weights = random_weights
+        self.weights_sha256 = weights_sha256
+        # The static KV cache is read whole by every graphed decode step (static shapes), so it is
+        # sized for the largest request FlexVLM makes (12 crops + long prompt + 256 output tokens
+        # fits in 2048 for molmoe-1b), not the checkpoint's 4096-token limit.
+        self.max_seq_len = max_seq_len or min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._cache: KVCache | None = None
+        self._graphs: DecodeGraphs | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # knobs
+
+    def plan(self, config: Config) -> tuple[int, ...]:
+        return block_plan(config.mask_policy, config.active_blocks, self.args.n_layers, self.block_ranking, config.mask_seed)
+
+    def check_config(self, config: Config) -> Config:
+        if not isinstance(config, Config):
+            raise ValueError(f"config must be a flexvlm_env.Config, got {type(config).__name__}")
+        config.validate_for(n_experts=self.args.n_experts, n_blocks=self.args.n_layers, max_crops=self.args.max_crops)
+        return config
+
+    # ----------------------------------------------------------------------------------------
+    # stages
+
+    def prepare(self, image, prompt: str, config: Config) -> PreparedRequest:
+        """Host-side preprocessing: tile the image, tokenize the prompt, lay out the sequence."""
+        prompt_ids = self.tokenizer.encode_prompt(prompt)
+        image_inputs = None
+        if image is not None:
+            image_inputs = preprocess_image(image, config.crops, self.args.vision, self.special, crop_rule=config.crop_rule)
+        ids = build_input_ids(prompt_ids, self.special, image_inputs.tokens if image_inputs else None)
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"request needs {len(ids)} input tokens; this model's max_seq_len is {self.max_seq_len}")
+        return PreparedRequest(torch.tensor(ids, dtype=torch.long), image_inputs, len(prompt_ids))
+
+    def encode_image(self, image_inputs: ImageInputs) -> torch.Tensor:
+        """Vision encoder stage: pooled features [crops, cells, W]."""
+        images = image_inputs.images.to(self.device, self.dtype, non_blocking=True)
+        masks = image_inputs.image_masks.to(self.device, non_blocking=True)
+        return self.module.vision_backbone.encode(images, masks)
+
+    def _kv_cache(self, length: int) -> KVCache:
+        if self._cache is None or self._cache.max_seq < length:
+            # One static cache per model, sized once: CUDA graphs capture its addresses.
+            size = max(length, self.max_seq_len)
+            self._cache = KVCache.allocate(self.args, 1, size, self.device, self.dtype)
+            self._graphs = DecodeGraphs(self.module, self._cache) if self.use_cuda_graphs else None
+        return self._cache
+
+    # ----------------------------------------------------------------------------------------
+    # batch-1 latency path
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        image,
+        prompt: str,
+        config: Config | None = None,
+        max_new_tokens: int = 16,
+        *,
+        ignore_eos: bool = False,
+        timing: bool = True,
+    ) -> GenerationResult:
+        """Answer one request at `config` (default: full configuration). See module docstring.
+
+        `ignore_eos` forces exactly `max_new_tokens` tokens (latency benchmarks). With
+        `timing=False` only the end-to-end time is recorded.
+        """
+        config = self.check_config(config or Config(crops=self.args.max_crops, top_k=self.args.top_k, active_blocks=self.args.n_layers))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        timer = StageTimer(self.device, enabled=timing)
+        request = self.prepare(image, prompt, config)
+        length = request.input_ids.shape[0]
+        if length + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} with {length} input tokens exceeds max_seq_len={self.max_seq_len}"
+            )
+        plan, top_k = self.plan(config), config.top_k_per_block(self.args.n_layers)
+        cache = self._kv_cache(length + max_new_tokens)
+        input_ids = request.input_ids.to(self.device, non_blocking=True)[None]
+        timer.mark("preprocess")
+
+        features = None
+        if request.image is not None:
+            pooled = self.encode_image(request.image)
+            timer.mark("vision_encoder")
+            features = self.module.vision_backbone.project(pooled)
+            timer.mark("projector")
+            image_idx = request.image.image_input_idx.to(self.device, non_blocking=True)
+        else:
+            timer.mark("vision_encoder")
+            timer.mark("projector")
+            image_idx = None
+        embeds = embed_inputs(self.module, input_ids, features, image_idx)
+        token = prefill(self.module, embeds, plan, top_k, cache).argmax(dim=-1, keepdim=True)
+        timer.mark("prefill")
+
+        generated = [token]
+        eos = self.special.eos
+        # Without ignore_eos the host reads each token to stop at EOS (one sync per token, as any
+        # streaming server does); with it the whole decode is queued and read once at the end.
+        stop = not ignore_eos and int(token) == eos
+        for step in range(1, max_new_tokens):
+            if stop:
+                break
+            slot = length + step - 1
+            if self._graphs is not None:
+                token = self._graphs.step(token, slot, plan, top_k)
+            else:
+                slot_t = torch.tensor([slot], device=self.device)
+                token = decode_one_token(self.module, token, slot_t, plan, top_k, cache, cache_len=slot + 1)
+            timer.mark("decode")
+            generated.append(token)
+            stop = not ignore_eos and int(token) == eos
+        latency = timer.finish()
+        ids = torch.cat(generated, dim=1)[0].tolist()
+        text_ids = ids[:-1] if ids and ids[-1] == eos and not ignore_eos else ids
+        vision = request.image.vision_tokens if request.image is not None else 0
+        return GenerationResult(
+            text=self.tokenizer.decode(text_ids),
+            token_ids=ids,
+            latency=latency,
+            tokens=TokenCounts(vision=vision, prompt=request.prompt_tokens, layout=length - vision - request.prompt_tokens, output=len(ids)),
+            config=config,
+            plan=plan,
+            tiling=request.image.tiling if request.image is not None else None,
+        )
+
+    def warmup(self, configs: Sequence[Config], image=None, prompt: str = "Describe this image.") -> dict:
+        """Run one short request per config so that kernels are compiled and, on CUDA, every decode
+        graph is captured before timing starts. Returns capture times (ms) per (plan, top_k)."""
+        from PIL import Image
+
+        image = image if image is not None else Image.new("RGB", (self.args.vision.crop_px * 2, self.args.vision.crop_px * 2), (120, 90, 60))
+        for config in configs:
+            self.generate(image, prompt, config, max_new_tokens=3, ignore_eos=True, timing=False)
+        return dict(self._graphs.capture_ms) if self._graphs else {}
+
+    # ----------------------------------------------------------------------------------------
+    # batched quality path
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        config: Config | None = None,
+        max_new_tokens: int | Sequence[int] = 16,
+    ) -> list[GenerationResult]:
+        """Greedy answers for several requests at one config (no latency record).
+
+        Sequences are left-padded; padded slots are masked out of attention and routed tokens never
+        interact in the MoE, so each answer equals its batch-1 answer.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"images ({len(images)}) and prompts ({len(prompts)}) must have the same length")
+        if not prompts:
+            return []
+        config = self.check_config(config or Config(crops=self.args.max_crops, top_k=self.args.top_k, active_blocks=self.args.n_layers))
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(budgets) != len(prompts) or any(not isinstance(b, int) or b < 1 for b in budgets):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1 or one such int per request")
+        plan, top_k = self.plan(config), config.top_k_per_block(self.args.n_layers)
+        requests = [self.prepare(image, prompt, config) for image, prompt in zip(images, prompts)]
+        batch = len(requests)
+        lengths = [r.input_ids.shape[0] for r in requests]
+        width = max(lengths)
+        steps = max(budgets)
+        device, d_model = self.device, self.args.d_model
+
+        with_image = [i for i, r in enumerate(requests) if r.image is not None]
+        features = {}
+        if with_image:
+            crops = [requests[i].image.n_crops for i in with_image]
+            images_all = torch.cat([requests[i].image.images for i in with_image]).to(device, self.dtype)
+            masks_all = torch.cat([requests[i].image.image_masks for i in with_image]).to(device)
+            projected = self.module.vision_backbone.project(self.module.vision_backbone.encode(images_all, masks_all))
+            for i, chunk in zip(with_image, projected.split(crops)):
+                features[i] = chunk
+
+        embeds = torch.zeros(batch, width, d_model, device=device, dtype=self.dtype)
+        pads = [width - n for n in lengths]
+        for i, request in enumerate(requests):
+            ids = request.input_ids.to(device)[None]
+            idx = request.image.image_input_idx.to(device) if i in features else None
+            embeds[i, pads[i]:] = embed_inputs(self.module, ids, features.get(i), idx)[0]
+        cache = KVCache.allocate(self.args, batch, width + steps, device, self.dtype)
+        slots = torch.arange(width + steps, device=device)
+        pad_t = torch.tensor(pads, device=device)
+        key_valid = slots[None, :] >= pad_t[:, None]  # [B, S]
+        positions = (torch.arange(width, device=device)[None, :] - pad_t[:, None]).clamp(min=0)
+        causal = slots[None, :width] <= slots[:width, None]  # [T, T]
+        # Padded queries attend to themselves only, so no softmax row is empty.
+        mask = (causal[None] & key_valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        hidden = self.module.transformer(embeds, positions, plan, top_k, cache=cache, cache_index=slots[:width], mask=mask[:, None])
+        token = self.module.lm_head(hidden[:, -1]).argmax(dim=-1, keepdim=True)  # [B, 1]
+
+        eos = self.special.eos
+        outputs = [token]
+        finished = (token[:, 0] == eos) | (torch.tensor(budgets, device=device) <= 1)
+        for step in range(1, steps):
+            if bool(finished.all()):
+                break
+            slot = width + step - 1
+            slot_t = torch.tensor([slot], device=device)
+            step_positions = (slot - pad_t)[:, None]
+            step_mask = (key_valid & (slots[None, :] <= slot))[:, None, None, :]
+            hidden = self.module.transformer(
+                self.module.transformer.wte(token), step_positions, plan, top_k, cache=cache,
+                cache_index=slot_t, mask=step_mask, attend_cache=True,
+            )
+            token = self.module.lm_head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
+            outputs.append(token)
+            finished |= (token[:, 0] == eos) | (torch.tensor(budgets, device=device) <= step + 1)
+
+        all_ids = torch.cat(outputs, dim=1).tolist()
+        results = []
+        for i, request in enumerate(requests):
+            ids = all_ids[i][: budgets[i]]
+            if eos in ids:
+                ids = ids[: ids.index(eos) + 1]
+            text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+            vision = request.image.vision_tokens if request.image is not None else 0
+            results.append(
+                GenerationResult(
+                    text=self.tokenizer.decode(text_ids),
+                    token_ids=ids,
+                    latency=None,
+                    tokens=TokenCounts(vision=vision, prompt=request.prompt_tokens, layout=lengths[i] - vision - request.prompt_tokens, output=len(ids)),
+                    config=config,
+                    plan=plan,
+                    tiling=request.image.tiling if request.image is not None else None,
+                )
+            )
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available on this machine")
+    return device
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+
+
+def assets_dir(preset: str) -> Path:
+    """Files shipped for a preset: micro's weights and tokenizer, molmoe-1b's tokenizer (so that
+    random-weight latency studies see the real token counts)."""
+    return Path(str(resources.files("flexvlm_env") / "assets" / preset))
+
+
+def micro_assets_dir() -> Path:
+    return assets_dir("micro")
+
+
+def load_model(
+    preset: str,
+    weights: str | Path | None = None,
+    device=None,
+    dtype=None,
+    *,
+    tokenizer: str | Path | None = None,
+    seed: int = 0,
+    max_seq_len: int | None = None,
+    use_cuda_graphs: bool = True,
+) -> VLM:
+    """Build a model.
+
+    Args:
+        preset: "micro" or "molmoe-1b".
+        weights: a checkpoint directory or .safetensors file, a hub id (molmoe-1b:
+            "allenai/MolmoE-1B-0924"), "random" for seeded random weights (latency studies and
+            tests only), or None for the preset's default (micro: the shipped weights; molmoe-1b
+            has no default and asks for a checkpoint).
+        device: "cpu", "cuda", ... (default: CUDA when available).
+        dtype: "float32", "bfloat16" or "float16" (default: bf16 on CUDA, float32 on CPU).
+        tokenizer: tokenizer.json(.gz) path (default: from the checkpoint directory; micro: shipped).
+    """
+    args = preset_args(preset)
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    ranking, ranking_source, sha = None, "prefix order (random weights)", None
+    random_weights = isinstance(weights, str) and weights == "random"
+    checkpoint: Path | None = None
+    if weights is None:
+        if preset != "micro":
+            raise ValueError(
+                f"preset {preset!r} has no bundled weights: pass weights=<checkpoint dir or hub id, e.g. "
+                "'allenai/MolmoE-1B-0924'>, or weights='random' for latency studies"
+            )
+        checkpoint = micro_assets_dir() / "model.safetensors"
+        if not checkpoint.exists():
+            raise FileNotFoundError(
+                f"the micro weights are not in this install ({checkpoint}); train them with "
+                "scripts/train_micro.py, or pass weights='random' for latency studies"
+            )
+    elif not random_weights:
+        checkpoint = resolve_checkpoint(weights)
+
+    meta: dict = {}
+    if checkpoint is not None:
+        checkpoint_names(checkpoint)  # fail on missing/pickle-only weights before anything else
+        config_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        if checkpoint.is_file():
+            meta = read_metadata(checkpoint)
+        if meta.get("format") == "flexvlm":
+            args = ModelArgs.from_dict(json.loads(meta["args"]))
+        elif (config_dir / "config.json").exists():
+            args = args_from_molmo_config(json.loads((config_dir / "config.json").read_text()), name=preset)
+        if meta.get("block_ranking"):
+            ranking = json.loads(meta["block_ranking"])
+            ranking_source = meta.get("block_ranking_source", "shipped with the weights")
+        elif (config_dir / "block_ranking.json").exists():
+            data = json.loads((config_dir / "block_ranking.json").read_text())
+            ranking, ranking_source = data["ranking"], data.get("source", str(config_dir / "block_ranking.json"))
+        else:
+            ranking_source = "prefix order (no ranking measured for these weights)"
+        tokenizer_path = tokenizer or (micro_assets_dir() if preset == "micro" and weights is None else config_dir)
+    else:
+        tokenizer_path = tokenizer or assets_dir(preset)
+    text_tokenizer = TextTokenizer.from_file(tokenizer_path)
+
+    # Build on the meta device and allocate once: a default init of 7B parameters would be wasted
+    # work, since every value is overwritten below (loading is strict).
+    with torch.device("meta"):
+        module = MolmoE(args).to(dtype)
+    module.to_empty(device=device)
+    if random_weights:
+        module.init_random_(seed)
+    else:
+        load_weights_(module, checkpoint)
+        if checkpoint.is_file():
+            sha = file_sha256(checkpoint)
+    return VLM(
+        module,
+        text_tokenizer,
+        block_ranking=ranking,
+        ranking_source=ranking_source,
+        random_weights=random_weights,
+        weights_sha256=sha,
+        max_seq_len=max_seq_len,
+        use_cuda_graphs=use_cuda_graphs,
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random-weight model with the MolmoE topology (fast on a CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexvlm_env.model.args import ModelArgs, VisionArgs
+from flexvlm_env.model.molmoe import MolmoE
+from flexvlm_env.model.runtime import VLM, assets_dir
+from flexvlm_env.model.tokenizer import TextTokenizer
+
+TINY = ModelArgs(
+    name="tiny",
+    d_model=32,
+    n_layers=4,
+    n_heads=4,
+    n_experts=8,
+    expert_hidden=16,
+    top_k=2,
+    embedding_size=50304,
+    additional_vocab_size=0,
+    projector_hidden=16,
+    max_crops=12,
+    max_seq_len=2048,
+    vision=VisionArgs(width=24, n_layers=3, n_heads=2, head_dim=12, mlp_dim=48, vit_layers=(-1, -3)),
+)
+
+
+def make_tiny_vlm(seed: int = 0, **kwargs) -> VLM:
+    torch.manual_seed(seed)
+    module = MolmoE(TINY).init_random_(seed)
+    tokenizer = TextTokenizer.from_file(assets_dir("molmoe-1b"))
+    return VLM(module, tokenizer, random_weights=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm() -> VLM:
+    torch.set_num_threads(2)
+    return make_tiny_vlm()

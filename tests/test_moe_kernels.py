@@ -1,0 +1,192 @@
+"""Tests of flexvlm_env/model/moe_kernels.py: the torch reference against a direct formula, the
+sorting helper, argument errors, the Triton kernels in Triton's interpreter (subprocess) and, with
+a GPU, compiled in bf16 and captured in a CUDA graph."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexvlm_env.model.moe_kernels import (
+    align_block_size,
+    moe_decode_triton,
+    moe_forward,
+    moe_prefill_triton,
+    moe_reference,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _moe_interpret_check import random_moe  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def direct_moe(x, topk_ids, topk_weights, w_gate_up, w_down):
+    """The formula written out token by token, slot by slot, in float64."""
+    hidden = w_down.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            gate = w_gate_up[e, :hidden].double() @ x[t].double()
+            up = w_gate_up[e, hidden:].double() @ x[t].double()
+            out[t] += float(topk_weights[t, j]) * (w_down[e].double() @ (F.silu(gate) * up))
+    return out
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,d_model,hidden", [
+    (1, 1, 4, 16, 8), (1, 4, 4, 16, 8), (1, 3, 8, 24, 12), (7, 2, 8, 16, 8), (13, 5, 5, 16, 8), (30, 3, 8, 24, 12),
+])
+def test_reference_matches_direct_formula(num_tokens, top_k, num_experts, d_model, hidden):
+    args = random_moe(num_tokens, top_k, num_experts, d_model, hidden, torch.float64, unused_expert=0)
+    assert relative_error(moe_reference(*args), direct_moe(*args)) < 1e-12
+
+
+def test_reference_keeps_dtype_and_shape_and_int32_ids():
+    x, ids, weights, w_gate_up, w_down = random_moe(1, 2, 4, 16, 8, torch.bfloat16)
+    out = moe_reference(x[0], ids.int(), weights, w_gate_up, w_down)
+    assert out.dtype == torch.bfloat16 and out.shape == (16,)
+    assert relative_error(out[None], direct_moe(x, ids, weights, w_gate_up, w_down)) < 1e-2
+
+
+def test_align_block_size_places_each_pair_once_in_blocks_of_one_expert():
+    block_m, num_experts = 4, 6
+    _, topk_ids, *_ = random_moe(11, 3, num_experts, 8, 4, torch.float32, unused_expert=1, hot_expert=4)
+    sorted_pair_ids, expert_ids, num_padded = align_block_size(topk_ids, block_m, num_experts)
+    num_pairs, num_padded = topk_ids.numel(), int(num_padded)
+    assert num_padded % block_m == 0 and num_padded <= sorted_pair_ids.numel()
+    used = sorted_pair_ids[:num_padded]
+    real = used[used < num_pairs].long()
+    assert sorted(real.tolist()) == list(range(num_pairs))
+    assert (sorted_pair_ids[num_padded:] == num_pairs).all()
+    flat_ids = topk_ids.flatten()
+    for block in range(num_padded // block_m):
+        pairs = used[block * block_m:(block + 1) * block_m]
+        pairs = pairs[pairs < num_pairs].long()
+        assert len(pairs) > 0, "a block holds padding only"
+        assert (flat_ids[pairs] == expert_ids[block]).all()
+
+
+@pytest.mark.parametrize("change,argument", [
+    (lambda a: {**a, "x": a["x"][:, :-1]}, "x"),
+    (lambda a: {**a, "topk_ids": a["topk_ids"][:-1]}, "topk_ids"),
+    (lambda a: {**a, "topk_ids": a["topk_ids"].float()}, "topk_ids"),
+    (lambda a: {**a, "topk_weights": a["topk_weights"][:, :1]}, "topk_weights"),
+    (lambda a: {**a, "w_gate_up": a["w_gate_up"][:, :-1]}, "w_gate_up"),
+    (lambda a: {**a, "w_down": a["w_down"][:-1]}, "w_down"),
+])
+def test_bad_arguments_name_the_argument(change, argument):
+    args = dict(zip(["x", "topk_ids", "topk_weights", "w_gate_up", "w_down"],
+                    random_moe(3, 2, 4, 16, 8, torch.float32)))
+    with pytest.raises(ValueError, match=argument):
+        moe_forward(**change(args))
+
+
+def test_moe_forward_rejects_unknown_impl_and_cpu_triton():
+    args = random_moe(3, 2, 4, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        moe_forward(*args, impl="fast")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.importorskip("triton")
+        with pytest.raises(ValueError, match="CUDA"):
+            moe_forward(*args, impl="triton")
+
+
+def test_moe_forward_auto_on_cpu_is_the_reference():
+    args = random_moe(5, 2, 4, 16, 8, torch.float32)
+    assert torch.equal(moe_forward(*args), moe_reference(*args))
+
+
+def run_interpreter_check(size: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "_moe_interpret_check.py"), "--size", size],
+                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_triton_kernels_in_interpreter():
+    run_interpreter_check("small")
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_interpreter_larger_cases():
+    run_interpreter_check("large")
+
+
+def test_bench_script_dry_run(tmp_path):
+    out_path = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_moe_kernels.py"), "--dry-run",
+                    "--out", str(out_path)], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads(out_path.read_text())
+    assert result["decode"] and result["prefill"]
+    assert all("error" not in row for row in result["decode"])
+    assert all(row["rel_err_vs_fp64"] < 1e-4 for row in result["decode"] + result["prefill"] if "error" not in row)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: compiled kernels, bf16
+
+
+def random_moe_cuda(num_tokens, top_k, num_experts=64, d_model=2048, hidden=1024, **kw):
+    return random_moe(num_tokens, top_k, num_experts, d_model, hidden, torch.bfloat16, device="cuda", **kw)
+
+
+def reference_fp64(args):
+    return moe_reference(*(t.double() if t.is_floating_point() else t for t in args))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("top_k", [1, 2, 8, 64])
+def test_decode_triton_bf16_gpu(top_k):
+    args = random_moe_cuda(1, top_k)
+    out = torch.full_like(args[0], float("nan"))
+    moe_decode_triton(*args, out=out)
+    assert relative_error(out, reference_fp64(args)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,d_model,hidden", [
+    (2, 1, 64, 2048, 1024), (100, 8, 64, 2048, 1024), (1300, 8, 64, 2048, 1024), (37, 64, 64, 256, 128),
+    (333, 4, 8, 256, 128),
+])
+def test_prefill_triton_bf16_gpu(num_tokens, top_k, num_experts, d_model, hidden):
+    args = random_moe_cuda(num_tokens, top_k, num_experts, d_model, hidden, unused_expert=3, hot_expert=5)
+    assert relative_error(moe_prefill_triton(*args), reference_fp64(args)) < 1e-2
+    assert relative_error(moe_forward(*args), reference_fp64(args)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_decode_replays_in_cuda_graph_with_new_ids():
+    top_k = 4
+    x, ids, weights, w_gate_up, w_down = random_moe_cuda(1, top_k)
+    out = torch.empty_like(x)
+    workspace = torch.empty(top_k * w_down.shape[2], dtype=torch.float32, device="cuda")
+    moe_decode_triton(x, ids, weights, w_gate_up, w_down, out=out, workspace=workspace)  # compile first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_decode_triton(x, ids, weights, w_gate_up, w_down, out=out, workspace=workspace)
+    for _ in range(3):
+        x_new, ids_new, weights_new, *_ = random_moe_cuda(1, top_k)
+        x.copy_(x_new), ids.copy_(ids_new), weights.copy_(weights_new)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference_fp64((x, ids, weights, w_gate_up, w_down))
+        assert relative_error(out, ref) < 1e-2
+        assert torch.equal(out, moe_decode_triton(x, ids, weights, w_gate_up, w_down))
