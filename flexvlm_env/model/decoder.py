@@ -25,10 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 as the reference does; bf16 variance loses too much.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        # One fused kernel; it accumulates the statistics in float32 whatever x's dtype, as the
+        # reference does (the fixture pins the float32 result).
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +39,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [B, T, hd] (float32)."""
+    """x [..., B, heads, T, hd]; cos/sin [B, T, hd] (float32, as MolmoE computes RoPE)."""
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
@@ -90,7 +89,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         shape = (b, t, self.n_heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # q and k rotated in one pass: half the kernel launches on the eager prefill path.
+        q, k = apply_rope(torch.stack([q, k]), cos, sin).unbind(0)
         if cache_kv is not None:
             key_cache, value_cache = cache_kv
             key_cache.index_copy_(2, cache_index, k)
@@ -160,6 +160,7 @@ class Transformer(nn.Module):
         self.wte = Embedding(args)
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.ln_f = RMSNorm(args.d_model, args.norm_eps)
+        self.moe_impl = "auto"  # "reference" forces the plain torch MoE path (see moe_kernels)
 
     def forward(
         self,
@@ -172,13 +173,14 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         attend_cache: bool = False,
         cache_len: int | None = None,
-        moe_impl: str = "auto",
+        moe_impl: str | None = None,
     ) -> torch.Tensor:
         """Run the blocks in `plan` (sorted indices) over embeddings x [B, T, d]; return ln_f(x).
 
         positions [B, T] are RoPE positions (they differ from cache slots under left padding).
         """
         cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        moe_impl = moe_impl or self.moe_impl
         for i in plan:
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             x = self.blocks[i](x, cos, sin, kv, cache_index, mask, attend_cache, top_k[i], moe_impl, cache_len)

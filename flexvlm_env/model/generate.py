@@ -1,12 +1,14 @@
 """Generation as plain functions (gpt-fast style): embed, prefill, decode one token, CUDA graphs.
 
 `prefill` runs the active blocks over the whole input and writes the static KV cache from slot 0;
-`decode_one_token` runs one token against the cache. On CUDA the decode step is captured once per
-(block plan, top_k) combination in a `torch.cuda.CUDAGraph` and replayed: knob values are plain
-Python ints, so each combination is its own graph, built on first use and kept (nothing is
-recompiled when the knobs change between requests).
+`decode_one_token` runs one token against the cache. On CUDA every stage runs as a captured
+`torch.cuda.CUDAGraph` (see `CudaGraphs`): knob values are plain Python ints, so each combination
+is its own graph, built on first use (or by `VLM.warmup`) and kept; nothing is recompiled when the
+knobs change between requests, and no Python or launch overhead lands in the measured latency.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -14,14 +16,23 @@ from .decoder import KVCache
 from .molmoe import MolmoE
 
 
+def feature_positions(image_input_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence positions, feature rows) of the cells that receive a feature; computed on the host
+    so that no device-to-host sync (boolean indexing) happens mid-request."""
+    flat = image_input_idx.reshape(-1)
+    rows = torch.nonzero(flat >= 0).flatten()
+    return flat[rows], rows
+
+
 def embed_inputs(model: MolmoE, input_ids: torch.Tensor, features: torch.Tensor | None, image_input_idx: torch.Tensor | None) -> torch.Tensor:
     """Token embeddings [1, L, d] with image features ADDED at their positions (MolmoE keeps the
     <im_patch> embedding in the sum)."""
     embeds = model.transformer.wte(input_ids)
     if features is not None:
-        flat_idx = image_input_idx.reshape(-1)
-        valid = flat_idx >= 0
-        embeds[0].index_add_(0, flat_idx[valid], features.reshape(-1, features.shape[-1])[valid].to(embeds.dtype))
+        positions, rows = feature_positions(image_input_idx.cpu())
+        device = embeds.device
+        flat = features.reshape(-1, features.shape[-1]).index_select(0, rows.to(device, non_blocking=True))
+        embeds[0].index_add_(0, positions.to(device, non_blocking=True), flat.to(embeds.dtype))
     return embeds
 
 
@@ -52,48 +63,119 @@ def decode_one_token(
     return model.lm_head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
 
 
-class DecodeGraphs:
-    """One captured decode step per (plan, top_k), sharing static input/output buffers and the cache."""
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
-    def __init__(self, model: MolmoE, cache: KVCache):
-        device = cache.keys[0].device
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.slot_range = torch.arange(cache.max_seq, device=device)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+
+class CudaGraphs:
+    """CUDA graphs of the three GPU stages, captured on first use and replayed afterwards.
+
+    - vision encoder + projector, one graph per crop count (the only thing that changes its shapes);
+    - prefill, one per (plan, top_k, input length rounded up to `prefill_bucket`): the padding goes
+      after the real tokens, so causal attention keeps it out of every real position, its keys and
+      values land in cache slots that decoding overwrites before reading, and the first token is
+      read at the last real position;
+    - decode, one per (plan, top_k).
+    All graphs share one memory pool; each graph's outputs stay allocated, and intermediates are only
+    live during a replay, so sharing is safe for the strictly sequential replays of one request.
+    """
+
+    def __init__(self, model: MolmoE, cache: KVCache, prefill_bucket: int = 64):
+        self.model, self.cache, self.prefill_bucket = model, cache, prefill_bucket
+        self.device = cache.keys[0].device
+        self.dtype = cache.keys[0].dtype
+        self.slot_range = torch.arange(cache.max_seq, device=self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.capture_ms: dict[tuple, float] = {}
 
-    def _capture(self, key):
-        plan, top_k = key
-        import time
-
-        start = time.perf_counter()
-        # Warm up on a side stream first (Triton compiles, cuBLAS picks kernels), as CUDA graphs require.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                decode_one_token(self.model, self.token, self.slot, plan, top_k, self.cache, self.slot_range)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = decode_one_token(self.model, self.token, self.slot, plan, top_k, self.cache, self.slot_range)
-        self.pool = graph.pool()
-        torch.cuda.synchronize()
-        self.capture_ms[key] = (time.perf_counter() - start) * 1e3
-        self.graphs[key] = (graph, out)
-
-    def step(self, token: torch.Tensor, slot: int, plan, top_k) -> torch.Tensor:
-        key = (tuple(plan), tuple(top_k))
+    def _run(self, key, make_inputs, fn, fill) -> torch.Tensor:
+        """Replay the graph for `key`, capturing it first if needed; `fill(inputs)` writes this call's data."""
         if key not in self.graphs:
-            # Capturing writes garbage into the cache slot in use; capture before this slot is filled.
-            self.slot.fill_(slot)
-            self.token.copy_(token)
-            self._capture(key)
-        self.token.copy_(token)
-        self.slot.fill_(slot)
-        graph, out = self.graphs[key]
+            start = time.perf_counter()
+            inputs = make_inputs()
+            fill(inputs)
+            # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), as capture requires.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(inputs)
+            torch.cuda.synchronize()
+            self.graphs[key] = (graph, inputs, out)
+            self.capture_ms[key] = (time.perf_counter() - start) * 1e3
+        graph, inputs, out = self.graphs[key]
+        fill(inputs)
         graph.replay()
-        return out.clone()
+        return out
+
+    def vision(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Pooled features [crops, cells, W] from pixels and masks on the host (valid until the
+        next call with the same crop count)."""
+        backbone = self.model.vision_backbone
+
+        def make_inputs():
+            # float32 on the device: the upload from pinned host memory is a plain DMA, and the cast
+            # to the model dtype happens inside the graph.
+            return {
+                "images": torch.empty(images.shape, dtype=images.dtype, device=self.device),
+                "masks": torch.empty(masks.shape, dtype=masks.dtype, device=self.device),
+            }
+
+        def fill(inputs):
+            inputs["images"].copy_(images, non_blocking=True)
+            inputs["masks"].copy_(masks, non_blocking=True)
+
+        def fn(inputs):
+            return backbone.encode(inputs["images"].to(self.dtype), inputs["masks"])
+
+        return self._run(("vision", images.shape[0]), make_inputs, fn, fill)
+
+    def projector(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Projected features; `pooled` must be the output buffer of `vision` (read in place)."""
+        project = self.model.vision_backbone.project
+        return self._run(("projector", pooled.shape[0]), lambda: {"pooled": pooled}, lambda i: project(i["pooled"]), lambda i: None)
+
+    def prefill(self, embeds: torch.Tensor, plan, top_k) -> torch.Tensor:
+        """First greedy token [1, 1] for embeds [1, L, d]; writes cache slots 0..L-1 (and padding after)."""
+        length = embeds.shape[1]
+        padded = min(_round_up(length, self.prefill_bucket), self.cache.max_seq)
+
+        def make_inputs():
+            return {
+                "embeds": torch.zeros(1, padded, embeds.shape[2], dtype=self.dtype, device=self.device),
+                "last": torch.zeros(1, dtype=torch.long, device=self.device),
+                "slots": torch.arange(padded, device=self.device),
+            }
+
+        def fill(inputs):
+            inputs["embeds"][:, :length].copy_(embeds)
+            inputs["embeds"][:, length:].zero_()
+            inputs["last"].fill_(length - 1)
+
+        def fn(inputs):
+            slots = inputs["slots"]
+            hidden = self.model.transformer(inputs["embeds"], slots[None], plan, top_k, cache=self.cache, cache_index=slots)
+            return self.model.lm_head(hidden.index_select(1, inputs["last"])[:, 0]).argmax(dim=-1, keepdim=True)
+
+        return self._run(("prefill", tuple(plan), tuple(top_k), padded), make_inputs, fn, fill).clone()
+
+    def decode(self, token: torch.Tensor, slot: int, plan, top_k) -> torch.Tensor:
+        """Next greedy token [1, 1] after `token` at cache slot `slot`."""
+
+        def make_inputs():
+            return {"token": torch.zeros(1, 1, dtype=torch.long, device=self.device), "slot": torch.zeros(1, dtype=torch.long, device=self.device)}
+
+        def fill(inputs):
+            inputs["token"].copy_(token)
+            inputs["slot"].fill_(slot)
+
+        def fn(inputs):
+            return decode_one_token(self.model, inputs["token"], inputs["slot"], plan, top_k, self.cache, self.slot_range)
+
+        # Clone: the output buffer is overwritten by the next replay.
+        return self._run(("decode", tuple(plan), tuple(top_k)), make_inputs, fn, fill).clone()

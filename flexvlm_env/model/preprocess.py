@@ -219,6 +219,7 @@ def preprocess_image(
     *,
     crop_rule: str = "exact",
     offset: int = 1,
+    pin_memory: bool = False,
 ) -> ImageInputs:
     """Tile, resize, normalise and patchify one image; lay out its tokens."""
     array = to_rgb_array(image)
@@ -245,7 +246,9 @@ def preprocess_image(
     # tile gets -1, i.e. "partial padding"); trained checkpoints expect it.
     masks.append(torch.full((vision.patches_per_crop,), -1.0))
     tokens, idx = token_layout(rows, cols, vision, special, offset)
-    return ImageInputs((rows, cols), torch.stack(patches), torch.stack(masks), idx, tokens)
+    images = torch.empty((len(patches), *patches[0].shape), dtype=torch.float32, pin_memory=pin_memory)
+    torch.stack(patches, out=images)
+    return ImageInputs((rows, cols), images, torch.stack(masks), idx, tokens)
 
 
 def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:

@@ -20,7 +20,7 @@ from .args import ModelArgs, args_from_molmo_config, preset_args
 from .blocks import block_plan, validate_ranking
 from .checkpoint import checkpoint_names, file_sha256, load_weights_, read_metadata, resolve_checkpoint
 from .decoder import KVCache
-from .generate import DecodeGraphs, decode_one_token, embed_inputs, prefill
+from .generate import CudaGraphs, decode_one_token, embed_inputs, prefill
 from .molmoe import MolmoE
 from .preprocess import ImageInputs, build_input_ids, preprocess_image
 from .timing import LatencyRecord, StageTimer
@@ -76,8 +76,12 @@ class VLM:
         weights_sha256: str | None = None,
         max_seq_len: int | None = None,
         use_cuda_graphs: bool = True,
+        moe_impl: str = "auto",
     ):
+        if moe_impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"moe_impl={moe_impl!r} is not valid; allowed: ('auto', 'triton', 'reference')")
         self.module = module.eval()
+        self.module.transformer.moe_impl = moe_impl
         self.args: ModelArgs = module.args
         self.tokenizer = tokenizer
         self.special = tokenizer.special
@@ -94,7 +98,7 @@ class VLM:
         self.max_seq_len = max_seq_len or min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._cache: KVCache | None = None
-        self._graphs: DecodeGraphs | None = None
+        self._graphs: CudaGraphs | None = None
 
     # ----------------------------------------------------------------------------------------
     # knobs
@@ -116,7 +120,10 @@ class VLM:
         prompt_ids = self.tokenizer.encode_prompt(prompt)
         image_inputs = None
         if image is not None:
-            image_inputs = preprocess_image(image, config.crops, self.args.vision, self.special, crop_rule=config.crop_rule)
+            image_inputs = preprocess_image(
+                image, config.crops, self.args.vision, self.special, crop_rule=config.crop_rule,
+                pin_memory=self.device.type == "cuda",  # so the upload is a true async DMA
+            )
         ids = build_input_ids(prompt_ids, self.special, image_inputs.tokens if image_inputs else None)
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"request needs {len(ids)} input tokens; this model's max_seq_len is {self.max_seq_len}")
@@ -133,7 +140,8 @@ class VLM:
             # One static cache per model, sized once: CUDA graphs capture its addresses.
             size = max(length, self.max_seq_len)
             self._cache = KVCache.allocate(self.args, 1, size, self.device, self.dtype)
-            self._graphs = DecodeGraphs(self.module, self._cache) if self.use_cuda_graphs else None
+            self._graphs = CudaGraphs(self.module, self._cache) if self.use_cuda_graphs else None
+            self._slot_range = torch.arange(size, device=self.device)
         return self._cache
 
     # ----------------------------------------------------------------------------------------
@@ -170,19 +178,27 @@ class VLM:
         input_ids = request.input_ids.to(self.device, non_blocking=True)[None]
         timer.mark("preprocess")
 
-        features = None
-        if request.image is not None:
+        features = image_idx = None
+        if request.image is not None and self._graphs is not None:
+            pooled = self._graphs.vision(request.image.images, request.image.image_masks)
+            timer.mark("vision_encoder")
+            features = self._graphs.projector(pooled)
+            timer.mark("projector")
+        elif request.image is not None:
             pooled = self.encode_image(request.image)
             timer.mark("vision_encoder")
             features = self.module.vision_backbone.project(pooled)
             timer.mark("projector")
-            image_idx = request.image.image_input_idx.to(self.device, non_blocking=True)
         else:
             timer.mark("vision_encoder")
             timer.mark("projector")
-            image_idx = None
+        if request.image is not None:
+            image_idx = request.image.image_input_idx
         embeds = embed_inputs(self.module, input_ids, features, image_idx)
-        token = prefill(self.module, embeds, plan, top_k, cache).argmax(dim=-1, keepdim=True)
+        if self._graphs is not None:
+            token = self._graphs.prefill(embeds, plan, top_k)
+        else:
+            token = prefill(self.module, embeds, plan, top_k, cache).argmax(dim=-1, keepdim=True)
         timer.mark("prefill")
 
         generated = [token]
@@ -195,7 +211,11 @@ class VLM:
                 break
             slot = length + step - 1
             if self._graphs is not None:
-                token = self._graphs.step(token, slot, plan, top_k)
+                token = self._graphs.decode(token, slot, plan, top_k)
+            elif self.device.type == "cuda":
+                # The masked full-buffer attention the graphs use, so eager and graphed agree bit for bit.
+                slot_t = torch.tensor([slot], device=self.device)
+                token = decode_one_token(self.module, token, slot_t, plan, top_k, cache, slot_range=self._slot_range)
             else:
                 slot_t = torch.tensor([slot], device=self.device)
                 token = decode_one_token(self.module, token, slot_t, plan, top_k, cache, cache_len=slot + 1)
@@ -217,8 +237,8 @@ class VLM:
         )
 
     def warmup(self, configs: Sequence[Config], image=None, prompt: str = "Describe this image.") -> dict:
-        """Run one short request per config so that kernels are compiled and, on CUDA, every decode
-        graph is captured before timing starts. Returns capture times (ms) per (plan, top_k)."""
+        """Run one short request per config so that kernels are compiled and, on CUDA, the graphs
+        this image and prompt need are captured before timing starts. Returns capture times (ms)."""
         from PIL import Image
 
         image = image if image is not None else Image.new("RGB", (self.args.vision.crop_px * 2, self.args.vision.crop_px * 2), (120, 90, 60))
@@ -272,7 +292,7 @@ class VLM:
         pads = [width - n for n in lengths]
         for i, request in enumerate(requests):
             ids = request.input_ids.to(device)[None]
-            idx = request.image.image_input_idx.to(device) if i in features else None
+            idx = request.image.image_input_idx if i in features else None
             embeds[i, pads[i]:] = embed_inputs(self.module, ids, features.get(i), idx)[0]
         cache = KVCache.allocate(self.args, batch, width + steps, device, self.dtype)
         slots = torch.arange(width + steps, device=device)
@@ -371,6 +391,7 @@ def load_model(
     seed: int = 0,
     max_seq_len: int | None = None,
     use_cuda_graphs: bool = True,
+    moe_impl: str = "auto",
 ) -> VLM:
     """Build a model.
 
@@ -383,6 +404,8 @@ def load_model(
         device: "cpu", "cuda", ... (default: CUDA when available).
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on CUDA, float32 on CPU).
         tokenizer: tokenizer.json(.gz) path (default: from the checkpoint directory; micro: shipped).
+        use_cuda_graphs, moe_impl: the fast path (CUDA-graph decode, Triton MoE kernels) is the
+            default on CUDA; `use_cuda_graphs=False, moe_impl="reference"` is the plain path.
     """
     args = preset_args(preset)
     device = _resolve_device(device)
@@ -448,4 +471,5 @@ def load_model(
         weights_sha256=sha,
         max_seq_len=max_seq_len,
         use_cuda_graphs=use_cuda_graphs,
+        moe_impl=moe_impl,
     )
