@@ -86,8 +86,10 @@ def bench_flexvlm_config(vlm, image, prompt: str, config: Config, output_tokens:
     """Two rows for one config: instrumented (stage times) and uninstrumented (end-to-end only)."""
     for _ in range(warmup):
         vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)
-    timed = [vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True) for _ in range(repeats)]
-    plain = [vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True, timing=False) for _ in range(repeats)]
+    timed, plain = [], []
+    for _ in range(repeats):  # interleaved, so that drift (clocks, other load) hits both alike
+        timed.append(vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True))
+        plain.append(vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True, timing=False))
     first = timed[0]
     # With random bf16 weights the logits are nearly flat, so a last-bit difference can flip a
     # greedy token; the count is recorded rather than asserted (tests assert it on real margins).

@@ -17,18 +17,17 @@ recorded as the memory ceiling. Every method is first checked against the float6
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import tyro
 import torch.nn.functional as F
 
 
@@ -62,16 +61,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(Args):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        elif field.type.startswith("tuple"):
-            parser.add_argument(flag, type=int, nargs="+", default=field.default)
-        else:
-            parser.add_argument(flag, type={"int": int, "str": str}[field.type], default=field.default)
-    args = Args(**vars(parser.parse_args()))
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     if args.dry_run:
         args = dataclasses.replace(args, num_experts=8, d_model=64, hidden=32, prefill_tokens=(16, 40),
                                    num_weight_sets=2, decode_replays=3)

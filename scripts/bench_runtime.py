@@ -10,15 +10,15 @@ forced to `--output-tokens`; `--warmup` discarded runs, then `--repeats` timed o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 from PIL import Image
 
 from flexvlm_env import Config, load_model
@@ -60,14 +60,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in vars(Args()).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    return Args(**vars(parser.parse_args()))
+    return tyro.cli(Args, description=__doc__.splitlines()[0])
 
 
 def configs(args: Args) -> list[Config]:

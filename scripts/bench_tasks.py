@@ -8,16 +8,16 @@ reported. The JSON carries the CPU, the library versions and the generator versi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tyro
 import PIL
 
 import flexvlm_env
@@ -44,13 +44,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        if isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return tyro.cli(Args, description=__doc__.splitlines()[0])
 
 
 def cpu_name() -> str:

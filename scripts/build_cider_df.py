@@ -10,20 +10,28 @@ arguments: rerunning reproduces the shipped file byte for byte.
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import tyro
 
 from flexvlm_env.metrics.caption import PROCEDURAL_ASSET, build_cider_df
 from flexvlm_env.tasks import load_samples
 
 
+@dataclass
+class Args:
+    n: int = 5000
+    """number of training images whose references are counted"""
+    seed: int = 0
+    """procedural generator seed"""
+    out: Path = PROCEDURAL_ASSET
+    """output path (.json or .json.gz)"""
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=5000, help="number of training images whose references are counted")
-    parser.add_argument("--seed", type=int, default=0, help="procedural generator seed")
-    parser.add_argument("--out", type=Path, default=PROCEDURAL_ASSET, help="output path (.json or .json.gz)")
-    args = parser.parse_args(argv)
+    args = tyro.cli(Args, args=argv, description=__doc__.splitlines()[0])
 
     start_s = time.perf_counter()
     samples = load_samples("coco_caption", "procedural", "train", n=args.n, seed=args.seed)

@@ -5,7 +5,7 @@ Writes flexvlm_env/assets/micro/tokenizer.json (deterministic for fixed argument
 """
 from __future__ import annotations
 
-import argparse
+import tyro
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +33,7 @@ def corpus(samples_per_family: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in vars(Args()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    args = Args(**vars(parser.parse_args()))
+    args = tyro.cli(Args, description=__doc__.splitlines()[0])
     tokenizer = train_bpe_tokenizer(list(corpus(args.samples_per_family)), args.vocab_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out))

@@ -7,12 +7,12 @@ have to resolve. Difficulty parameters are printed under each sample.
 """
 from __future__ import annotations
 
-import argparse
 import textwrap
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+import tyro
 from PIL import Image, ImageDraw
 
 from flexvlm_env.tasks import FAMILIES
@@ -41,10 +41,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return tyro.cli(Args, description=__doc__.splitlines()[0])
 
 
 def caption_lines(sample) -> list[str]:

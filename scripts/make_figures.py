@@ -1,0 +1,19 @@
+"""Regenerate every committed figure from the data under results/ (no model runs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexvlm_env.figures import roofline
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def main() -> None:
+    source = RESULTS / "bench_runtime_h100.json"
+    if source.exists():
+        print("wrote", roofline(json.loads(source.read_text()), RESULTS / "figures" / "roofline_h100.png"))
+
+
+if __name__ == "__main__":
+    main()
