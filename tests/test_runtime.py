@@ -315,3 +315,76 @@ def test_random_weights_are_flagged_and_reproducible():
     assert a.random_weights and a.weights_sha256 is None
     for (name, pa), (_, pb) in zip(a.module.named_parameters(), b.module.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_hub_id_downloads_only_config_weights_and_tokenizer(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from flexvlm_env.model.checkpoint import resolve_checkpoint
+
+    calls = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_checkpoint("allenai/MolmoE-1B-0924") == tmp_path
+    assert calls["repo_id"] == "allenai/MolmoE-1B-0924"
+    # Never remote code or pickles: only config, safetensors and the tokenizer are fetched.
+    assert not any(p.endswith((".py", ".bin", ".pt")) for p in calls["allow_patterns"])
+    assert "*.safetensors" in calls["allow_patterns"] and "tokenizer.json" in calls["allow_patterns"]
+
+
+def test_flexvlm_checkpoint_roundtrip(tmp_path):
+    from flexvlm_env.model.checkpoint import save_flexvlm
+
+    vlm = make_tiny_vlm(seed=5)
+    save_flexvlm(vlm.module, tmp_path / "model.safetensors", {"block_ranking": "[0, 2, 1, 3]"})
+    (tmp_path / "tokenizer.json.gz").write_bytes((vlm_tokenizer_path()).read_bytes())
+    loaded = load_model("micro", weights=tmp_path / "model.safetensors", device="cpu")
+    assert loaded.args == vlm.args and loaded.block_ranking == (0, 2, 1, 3) and not loaded.random_weights
+    assert len(loaded.weights_sha256) == 64
+    config = Config(crops=2, top_k=2, active_blocks=4)
+    assert loaded.generate(_image(), "q", config, max_new_tokens=4, ignore_eos=True).token_ids == vlm.generate(_image(), "q", config, max_new_tokens=4, ignore_eos=True).token_ids
+
+
+def vlm_tokenizer_path():
+    from flexvlm_env.model.runtime import assets_dir
+
+    return assets_dir("molmoe-1b") / "tokenizer.json.gz"
+
+
+@pytest.mark.parametrize("config", [Config(crops=2, top_k=2, active_blocks=4), Config(crops=1, top_k=(1, 3, 8, 2), active_blocks=3)])
+def test_fused_decode_step_equals_plain_step(tiny_vlm, config):
+    """The decode path used inside CUDA graphs (fused residual+norm, q/k norm+RoPE+KV write, router)
+    computes what Transformer.forward computes for one token (here with the torch references)."""
+    from flexvlm_env.model.decoder import KVCache
+    from flexvlm_env.model.generate import decode_one_token
+
+    result = tiny_vlm.generate(_image(seed=2), "Read it.", config, max_new_tokens=3, ignore_eos=True)
+    length = result.tokens.input
+    plan, top_k = tiny_vlm.plan(config), config.top_k_per_block(TINY.n_layers)
+    with torch.inference_mode():
+        caches = []
+        for _ in range(2):
+            cache = KVCache.allocate(TINY, 1, 64 + length, "cpu", torch.float32)
+            for i in range(TINY.n_layers):
+                cache.keys[i].copy_(tiny_vlm._cache.keys[i][:, :, : 64 + length])
+                cache.values[i].copy_(tiny_vlm._cache.values[i][:, :, : 64 + length])
+            caches.append(cache)
+        token, slot = torch.tensor([[result.token_ids[-1]]]), torch.tensor([length + 2])
+        slot_range = torch.arange(64 + length)
+        hidden = {}
+        for fused, cache in zip((False, True), caches):
+            lm_head = tiny_vlm.module.lm_head
+            hook = lm_head.register_forward_hook(lambda m, a, out, fused=fused: hidden.__setitem__(fused, out))
+            try:
+                decode_one_token(tiny_vlm.module, token, slot, plan, top_k, cache, slot_range=slot_range, fused=fused)
+            finally:
+                hook.remove()
+        torch.testing.assert_close(hidden[True], hidden[False], atol=1e-4, rtol=1e-4)
+        for i in plan:
+            torch.testing.assert_close(caches[1].keys[i], caches[0].keys[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(caches[1].values[i], caches[0].values[i], atol=1e-6, rtol=0)
+

@@ -75,24 +75,63 @@ def _prefill_logits(vlm, image, prompt, config):
     return prefill(vlm.module, embeds, vlm.plan(config), config.top_k_per_block(16), None).float().cpu()
 
 
+def _teacher_forced(fast, plain, config, seed):
+    """Per decode step (fed the plain path's tokens): relative logit error and whether the greedy
+    tokens agree, for steps where the plain path's top-2 margin is clear."""
+    from flexvlm_env.model.generate import decode_one_token
+
+    result = plain.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
+    fast.generate(_image(seed), "Count the shapes.", config, max_new_tokens=1, ignore_eos=True)  # fills fast's cache
+    plan, top_k, length = plain.plan(config), config.top_k_per_block(16), result.tokens.input
+    slot_range = torch.arange(fast._cache.max_seq, device="cuda")
+    errors, agree = [], []
+    for step, token in enumerate(result.token_ids[:-1]):
+        slot = torch.tensor([length + step], device="cuda")
+        token = torch.tensor([[token]], device="cuda")
+        a = decode_one_token(fast.module, token, slot, plan, top_k, fast._cache, slot_range, fused=True, return_logits=True).float()
+        b = decode_one_token(plain.module, token, slot, plan, top_k, plain._cache, plain._slot_range, return_logits=True).float()
+        errors.append(float((a - b).norm() / b.norm()))
+        top2 = b.topk(2).values[0]
+        if top2[0] - top2[1] > 0.05 * b.std():
+            agree.append(bool(a.argmax() == b.argmax()))
+    return errors, agree
+
+
 @torch.inference_mode()
-def test_fast_path_matches_plain_path_bf16():
-    """Graphs + Triton kernels against eager + torch MoE, same bf16 weights: same greedy tokens
-    on a fixed set of requests, prefill logits within bf16 tolerance. Each kernel is within 1e-2 of
-    float64 (test_moe_kernels); over 16 blocks the bf16 roundings of two different summation
-    orders compound to a few percent on the (sharpened, x8) logits, hence 5e-2 here."""
-    fast = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4))
-    plain = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4, use_cuda_graphs=False, moe_impl="reference"))
-    same = 0
+def test_fast_path_matches_plain_path_float32():
+    """Fast path (graphs, Triton MoE, fused decode kernels) against the plain path (eager, torch MoE,
+    unfused) in float32: the same greedy tokens on a fixed set of requests, logits within 1e-2
+    (the Triton prefill's tl.dot uses TF32)."""
+    fast = sharpened(load_model("micro", weights="random", device="cuda", dtype="float32", seed=4))
+    plain = sharpened(load_model("micro", weights="random", device="cuda", dtype="float32", seed=4, use_cuda_graphs=False, moe_impl="reference"))
+    assert fast.fused_decode and not plain.fused_decode and plain._graphs is None
     for seed, config in enumerate(CONFIGS):
         ref = _prefill_logits(plain, _image(seed), "Count the shapes.", config)
         got = _prefill_logits(fast, _image(seed), "Count the shapes.", config)
-        assert (got - ref).norm() / ref.norm() < 5e-2, config
+        assert (got - ref).norm() / ref.norm() < 1e-2, config
         a = fast.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
         b = plain.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
-        same += a.token_ids == b.token_ids
-    assert same == len(CONFIGS)
-    assert fast._graphs is not None and plain._graphs is None
+        assert a.token_ids == b.token_ids, config
+        errors, _ = _teacher_forced(fast, plain, config, seed)
+        assert max(errors) < 1e-2, (config, errors)
+
+
+@torch.inference_mode()
+def test_fast_path_close_to_plain_path_bf16():
+    """The same comparison in bf16, where two summation orders of 16 MoE blocks drift apart: the
+    median decode-step logit error stays at bf16 level and greedy tokens agree wherever the plain
+    path's margin is clear (teacher-forced, so one near-tie cannot derail the rest)."""
+    fast = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4))
+    plain = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=4, use_cuda_graphs=False, moe_impl="reference"))
+    errors, agree = [], []
+    for seed, config in enumerate(CONFIGS):
+        e, a = _teacher_forced(fast, plain, config, seed)
+        errors += e
+        agree += a
+    print(f"bf16 fast vs plain: median rel logit error {np.median(errors):.3g}, max {max(errors):.3g}; "
+          f"token agreement {sum(agree)}/{len(agree)} clear-margin steps")
+    assert np.median(errors) < 5e-2
+    assert sum(agree) >= 0.9 * len(agree) and len(agree) >= 8
 
 
 @torch.inference_mode()
@@ -105,3 +144,23 @@ def test_gpu_full_config_close_to_cpu_float32():
     ref = _prefill_logits(cpu, _image(3), "Count the shapes.", Config())
     got = _prefill_logits(gpu, _image(3), "Count the shapes.", Config())
     assert (got - ref).norm() / ref.norm() < 3e-2
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 900), (1024, 768)])
+def test_gpu_preprocessing_matches_cpu(size):
+    from flexvlm_env.model.args import PRESETS
+    from flexvlm_env.model.preprocess import SpecialTokens, preprocess_image
+
+    special = SpecialTokens(bos=0, eos=0, pad=1, im_start=2, im_end=3, im_patch=4, im_col=5)
+    image = _image(5).resize(size)
+    for crops in (1, 6, 12):
+        cpu = preprocess_image(image, crops, PRESETS["molmoe-1b"].vision, special)
+        gpu = preprocess_image(image, crops, PRESETS["molmoe-1b"].vision, special, device="cuda")
+        assert torch.equal(gpu.image_input_idx, cpu.image_input_idx) and gpu.tokens == cpu.tokens
+        # Patch coverage fractions: 0 and 1 exact (they decide the padding embeddings), others to rounding.
+        masks = gpu.image_masks.cpu()
+        assert torch.equal(masks == 0, cpu.image_masks == 0) and torch.equal(masks == 1, cpu.image_masks == 1)
+        torch.testing.assert_close(masks, cpu.image_masks, atol=1e-6, rtol=0)
+        # CUDA's antialiased resize sums in another order: ~1e-5 after normalisation, far below
+        # one 8-bit grey level (1/255/0.27 = 1.5e-2).
+        torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=5e-4, rtol=0)

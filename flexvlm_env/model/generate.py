@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .decoder import KVCache
+from .decoder import KVCache, decode_forward_fused, rope_tables
 from .molmoe import MolmoE
 
 
@@ -46,21 +46,29 @@ def prefill(model: MolmoE, embeds: torch.Tensor, plan, top_k, cache: KVCache | N
 
 def decode_one_token(
     model: MolmoE, token: torch.Tensor, slot: torch.Tensor, plan, top_k, cache: KVCache,
-    slot_range: torch.Tensor | None = None, cache_len: int | None = None,
+    slot_range: torch.Tensor | None = None, cache_len: int | None = None, fused: bool = False,
+    return_logits: bool = False,
 ) -> torch.Tensor:
     """Greedy next token [1, 1] for `token` [1, 1] at cache slot `slot` [1] (= its position).
 
     With `slot_range` (CUDA graphs: static shapes) attention covers the whole buffer under a mask
     computed on the device; without it (eager) it covers the first `cache_len` = slot + 1 slots.
+    `fused` (CUDA path) runs `decode_forward_fused`: same arithmetic, a third of the launches.
+    `return_logits` returns the logits [1, V] instead of the greedy token (tests, analysis).
     """
     embeds = model.transformer.wte(token)
     mask = (slot_range <= slot)[None, None, None, :] if slot_range is not None else None
     if mask is None and cache_len is None:
         raise ValueError("decode_one_token needs slot_range (graph path) or cache_len (eager path)")
-    hidden = model.transformer(
-        embeds, slot[None], plan, top_k, cache=cache, cache_index=slot, mask=mask, attend_cache=True, cache_len=cache_len
-    )
-    return model.lm_head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
+    if fused:
+        cos, sin = rope_tables(slot[None], model.args.head_dim, model.args.rope_theta)
+        hidden = decode_forward_fused(model.transformer, embeds, cos, sin, cache, slot, mask, plan, top_k)
+    else:
+        hidden = model.transformer(
+            embeds, slot[None], plan, top_k, cache=cache, cache_index=slot, mask=mask, attend_cache=True, cache_len=cache_len
+        )
+    logits = model.lm_head(hidden[:, -1])
+    return logits if return_logits else logits.argmax(dim=-1, keepdim=True)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -80,8 +88,9 @@ class CudaGraphs:
     live during a replay, so sharing is safe for the strictly sequential replays of one request.
     """
 
-    def __init__(self, model: MolmoE, cache: KVCache, prefill_bucket: int = 64):
+    def __init__(self, model: MolmoE, cache: KVCache, prefill_bucket: int = 64, fused_decode: bool = True):
         self.model, self.cache, self.prefill_bucket = model, cache, prefill_bucket
+        self.fused_decode = fused_decode
         self.device = cache.keys[0].device
         self.dtype = cache.keys[0].dtype
         self.slot_range = torch.arange(cache.max_seq, device=self.device)
@@ -114,13 +123,12 @@ class CudaGraphs:
         return out
 
     def vision(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Pooled features [crops, cells, W] from pixels and masks on the host (valid until the
-        next call with the same crop count)."""
+        """Pooled features [crops, cells, W] from pixels and masks (valid until the next call with
+        the same crop count)."""
         backbone = self.model.vision_backbone
 
         def make_inputs():
-            # float32 on the device: the upload from pinned host memory is a plain DMA, and the cast
-            # to the model dtype happens inside the graph.
+            # float32 like the preprocessed pixels; the cast to the model dtype happens in the graph.
             return {
                 "images": torch.empty(images.shape, dtype=images.dtype, device=self.device),
                 "masks": torch.empty(masks.shape, dtype=masks.dtype, device=self.device),
@@ -175,7 +183,9 @@ class CudaGraphs:
             inputs["slot"].fill_(slot)
 
         def fn(inputs):
-            return decode_one_token(self.model, inputs["token"], inputs["slot"], plan, top_k, self.cache, self.slot_range)
+            return decode_one_token(
+                self.model, inputs["token"], inputs["slot"], plan, top_k, self.cache, self.slot_range, fused=self.fused_decode
+            )
 
         # Clone: the output buffer is overwritten by the next replay.
         return self._run(("decode", tuple(plan), tuple(top_k)), make_inputs, fn, fill).clone()

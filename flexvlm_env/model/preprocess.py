@@ -129,26 +129,32 @@ def select_tiling_exact(height: int, width: int, crops: int, vision: VisionArgs)
     return best[1]
 
 
-def resize_and_pad(array: np.ndarray, target_h: int, target_w: int, vision: VisionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_and_pad(
+    array: np.ndarray | torch.Tensor, target_h: int, target_w: int, vision: VisionArgs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize keeping the aspect ratio, pad (centred) to the target, normalise.
 
-    Returns (normalised image [3, target_h, target_w] float32, validity mask [target_h, target_w]).
+    `array` is RGB uint8 [H, W, 3], a numpy array or a tensor on the device that should do the
+    work. Returns (normalised image [3, target_h, target_w] float32, validity mask [target_h, target_w]).
     """
     height, width = array.shape[:2]
     scale = min(np.float32(target_h) / np.float32(height), np.float32(target_w) / np.float32(width))
     new_h = int(np.float32(height) * scale)
     new_w = int(np.float32(width) * scale)
-    pixels = torch.tensor(array, dtype=torch.uint8).permute(2, 0, 1).to(torch.float32) / 255.0
+    if not isinstance(array, torch.Tensor):
+        array = torch.tensor(array, dtype=torch.uint8)
+    device = array.device
+    pixels = array.permute(2, 0, 1).to(torch.float32) / 255.0
     # The reference resizes even when the size is unchanged; antialiased bilinear is not the identity then.
     pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
     pixels = pixels.clamp_(0.0, 1.0)
     top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-    canvas = torch.zeros(3, target_h, target_w, dtype=torch.float32)
+    canvas = torch.zeros(3, target_h, target_w, dtype=torch.float32, device=device)
     canvas[:, top : top + new_h, left : left + new_w] = pixels
-    mask = torch.zeros(target_h, target_w, dtype=torch.float32)
+    mask = torch.zeros(target_h, target_w, dtype=torch.float32, device=device)
     mask[top : top + new_h, left : left + new_w] = 1.0
-    mean = torch.tensor(vision.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(vision.std, dtype=torch.float32)[:, None, None]
+    mean = torch.tensor(vision.mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(vision.std, dtype=torch.float32, device=device)[:, None, None]
     return (canvas - mean) / std, mask
 
 
@@ -219,9 +225,14 @@ def preprocess_image(
     *,
     crop_rule: str = "exact",
     offset: int = 1,
-    pin_memory: bool = False,
+    device: torch.device | str = "cpu",
 ) -> ImageInputs:
-    """Tile, resize, normalise and patchify one image; lay out its tokens."""
+    """Tile, resize, normalise and patchify one image; lay out its tokens.
+
+    The pixel work runs on `device`: on a GPU only the uint8 image is uploaded (a few MB instead of
+    the 17 MB of float patches at 12 crops) and resizing takes well under a millisecond. The layout
+    tensors (`image_input_idx`) stay on the host, where positions are computed.
+    """
     array = to_rgb_array(image)
     height, width = array.shape[:2]
     if crop_rule == "exact":
@@ -232,8 +243,9 @@ def preprocess_image(
         raise ValueError(f"crop_rule={crop_rule!r} is not valid; allowed: ('exact', 'native')")
 
     crop_px, window = vision.crop_px, vision.window_px
-    tiled, mask = resize_and_pad(array, window * rows + vision.margin_total_px, window * cols + vision.margin_total_px, vision)
-    global_view, _ = resize_and_pad(array, crop_px, crop_px, vision)
+    pixels = torch.tensor(array, dtype=torch.uint8).to(device, non_blocking=True)
+    tiled, mask = resize_and_pad(pixels, window * rows + vision.margin_total_px, window * cols + vision.margin_total_px, vision)
+    global_view, _ = resize_and_pad(pixels, crop_px, crop_px, vision)
 
     patches = [to_patches(global_view, vision)]
     masks = []
@@ -244,11 +256,9 @@ def preprocess_image(
             masks.append(_patch_fractions(mask[y : y + crop_px, x : x + crop_px], vision))
     # Reference quirk: mask rows are shifted by one (the global view gets tile 0's row, the last
     # tile gets -1, i.e. "partial padding"); trained checkpoints expect it.
-    masks.append(torch.full((vision.patches_per_crop,), -1.0))
+    masks.append(torch.full((vision.patches_per_crop,), -1.0, device=device))
     tokens, idx = token_layout(rows, cols, vision, special, offset)
-    images = torch.empty((len(patches), *patches[0].shape), dtype=torch.float32, pin_memory=pin_memory)
-    torch.stack(patches, out=images)
-    return ImageInputs((rows, cols), images, torch.stack(masks), idx, tokens)
+    return ImageInputs((rows, cols), torch.stack(patches), torch.stack(masks), idx, tokens)
 
 
 def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:

@@ -97,6 +97,8 @@ class VLM:
         # fits in 2048 for molmoe-1b), not the checkpoint's 4096-token limit.
         self.max_seq_len = max_seq_len or min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # The fused decode kernels belong to the fast path; moe_impl="reference" is the plain path.
+        self.fused_decode = self.device.type == "cuda" and moe_impl != "reference"
         self._cache: KVCache | None = None
         self._graphs: CudaGraphs | None = None
 
@@ -122,7 +124,7 @@ class VLM:
         if image is not None:
             image_inputs = preprocess_image(
                 image, config.crops, self.args.vision, self.special, crop_rule=config.crop_rule,
-                pin_memory=self.device.type == "cuda",  # so the upload is a true async DMA
+                device=self.device,
             )
         ids = build_input_ids(prompt_ids, self.special, image_inputs.tokens if image_inputs else None)
         if len(ids) >= self.max_seq_len:
@@ -140,7 +142,7 @@ class VLM:
             # One static cache per model, sized once: CUDA graphs capture its addresses.
             size = max(length, self.max_seq_len)
             self._cache = KVCache.allocate(self.args, 1, size, self.device, self.dtype)
-            self._graphs = CudaGraphs(self.module, self._cache) if self.use_cuda_graphs else None
+            self._graphs = CudaGraphs(self.module, self._cache, fused_decode=self.fused_decode) if self.use_cuda_graphs else None
             self._slot_range = torch.arange(size, device=self.device)
         return self._cache
 
@@ -215,7 +217,9 @@ class VLM:
             elif self.device.type == "cuda":
                 # The masked full-buffer attention the graphs use, so eager and graphed agree bit for bit.
                 slot_t = torch.tensor([slot], device=self.device)
-                token = decode_one_token(self.module, token, slot_t, plan, top_k, cache, slot_range=self._slot_range)
+                token = decode_one_token(
+                    self.module, token, slot_t, plan, top_k, cache, slot_range=self._slot_range, fused=self.fused_decode
+                )
             else:
                 slot_t = torch.tensor([slot], device=self.device)
                 token = decode_one_token(self.module, token, slot_t, plan, top_k, cache, cache_len=slot + 1)

@@ -4,7 +4,7 @@ Stages are delimited by marks. On CUDA a mark records an event on the current st
 synchronisation); the events are read once, after the request's last token. On CPU a mark reads
 `perf_counter`. The host clock also times the whole request, so the record can show that the stages
 add up to the end-to-end time. With timing disabled the marks cost nothing and the record holds
-only the end-to-end time.
+only the end-to-end time (stage fields are 0).
 """
 from __future__ import annotations
 
@@ -51,16 +51,16 @@ class StageTimer:
         self.cuda = device.type == "cuda"
         self.enabled = enabled
         self.start_s = time.perf_counter()
-        self.preprocess_end_s: float | None = None
         self.marks: list[tuple[str, object]] = []
+        self.mark("start")
 
     def mark(self, stage: str) -> None:
-        """Close `stage` now. 'preprocess' is host work and always timed on the host clock."""
-        if stage == "preprocess":
-            self.preprocess_end_s = time.perf_counter()
+        """Close `stage` now (the first mark, 'start', opens the request)."""
         if not self.enabled:
             return
         if self.cuda:
+            # Preprocessing launches device work too (resize, patches), so on CUDA even the first
+            # stage is measured on the device timeline, which also covers the host part before it.
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append((stage, event))
@@ -70,21 +70,16 @@ class StageTimer:
     def finish(self) -> LatencyRecord:
         if self.cuda:
             torch.cuda.synchronize()
-        end_s = time.perf_counter()
-        total_ms = (end_s - self.start_s) * 1e3
-        preprocess_ms = ((self.preprocess_end_s or self.start_s) - self.start_s) * 1e3
-        sums = dict.fromkeys(STAGES[1:], 0.0)
+        total_ms = (time.perf_counter() - self.start_s) * 1e3
+        sums = dict.fromkeys(STAGES, 0.0)
         per_token: list[float] = []
         for (_, previous), (stage, current) in zip(self.marks, self.marks[1:]):
-            if self.cuda:
-                elapsed = previous.elapsed_time(current)
-            else:
-                elapsed = (current - previous) * 1e3
+            elapsed = previous.elapsed_time(current) if self.cuda else (current - previous) * 1e3
             sums[stage] += elapsed
             if stage == "decode":
                 per_token.append(elapsed)
         return LatencyRecord(
-            preprocess_ms=preprocess_ms,
+            preprocess_ms=sums["preprocess"],
             vision_encoder_ms=sums["vision_encoder"],
             projector_ms=sums["projector"],
             prefill_ms=sums["prefill"],

@@ -1,0 +1,439 @@
+"""Fused elementwise kernels of the batch-1 decode step, each next to its plain-torch reference.
+
+A graphed decode step of the MoE decoder is bound by launch count, not by bytes: besides the
+projections and the MoE it runs ~30 tiny kernels per block (residual adds, RMSNorms, the q/k norms,
+RoPE, the KV-cache writes, the router's softmax and top-k), each a few microseconds for a few KB.
+The three kernels here replace them with one launch each, computing in float32 whatever the storage
+dtype and rounding wherever decoder.py rounds today, so that they stand in for it:
+
+- `fused_add_rms_norm`: residual add + RMSNorm (before each block's attention and MoE, and ln_f);
+- `fused_qk_norm_rope_kv`: q/k norms (over all heads jointly), RoPE, and the token's key/value
+  written into the static cache at a slot read on the device;
+- `fused_router_topk`: router logits, softmax over all experts, top-k (not renormalised).
+
+None syncs with the host or allocates data-dependent shapes, so all can be captured in a CUDA graph;
+each takes optional preallocated outputs. The `*_auto` dispatchers pick Triton on CUDA (or on CPU
+under TRITON_INTERPRET=1, for tests) and the reference otherwise, like `moe_kernels.moe_forward`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path still works
+    triton = None
+
+MAX_D = 8192  # one program holds a whole d-vector in registers
+MAX_EXPERTS = 128  # the router holds all logits of a token in one program
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IMPLS = ("auto", "triton", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared checks
+
+
+def _check_float(name: str, t: torch.Tensor, allow_float64: bool = True) -> None:
+    allowed = _FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"{', '.join(tensors)} must share one device, got {devices}")
+
+
+def _check_out(name: str, out: torch.Tensor, shape, dtype, device) -> None:
+    # A preallocated output is written through its pointer: it must be exactly the expected buffer.
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor {tuple(shape)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+
+
+def _check_triton_ready(t: torch.Tensor, what: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"the triton {what} kernel needs the 'triton' package (pip install flexvlm[fast])")
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton {what} kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
+                         f"is imported), got {t.device}")
+    if t.dtype == torch.float64:
+        raise ValueError(f"the triton {what} kernel takes float32, float16 or bfloat16 inputs, got float64")
+
+
+def _use_triton(impl: str, t: torch.Tensor) -> bool:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    return impl == "triton" or (impl == "auto" and t.is_cuda and triton is not None)
+
+
+def _row_warps(block: int) -> int:
+    # ~8 elements (16 B of bf16) per thread: wide vector loads, few registers.
+    return max(1, min(8, block // 256))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Residual add + RMSNorm
+
+
+def check_add_rms_norm_args(x, residual, weight) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if x.dim() < 1 or not 1 <= x.shape[-1] <= MAX_D:
+        raise ValueError(f"x must be [..., d] with 1 <= d <= {MAX_D}, got {tuple(x.shape)}")
+    _check_float("x", x)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)}), "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight must be [d] = [{x.shape[-1]}], got {tuple(weight.shape)}")
+    _check_float("weight", weight)
+    _check_same_device(x=x, residual=residual, weight=weight)
+
+
+def add_rms_norm_reference(x, residual, weight, eps: float):
+    """(rms_norm(residual + x) * weight, residual + x), both in x's dtype: decoder.py's
+    `x = x + sublayer(x)` followed by the next `RMSNorm` (statistics in float32, weight cast to x's dtype)."""
+    check_add_rms_norm_args(x, residual, weight)
+    new_residual = residual + x
+    return F.rms_norm(new_residual, (x.shape[-1],), weight.to(x.dtype), eps), new_residual
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d, eps, BLOCK_D: tl.constexpr):
+        # One program per row. res_out may alias res (in-place update): the row is read before it is written.
+        dtype = x_ptr.dtype.element_ty
+        row = tl.program_id(0).to(tl.int64) * d
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < d
+        x = tl.load(x_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        # Rounded to the storage dtype as torch's `residual + x` rounds it; the norm reads that value.
+        s = (x + r).to(dtype)
+        tl.store(res_out_ptr + row + offs, s, mask=mask)
+        s = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / d + eps)
+        # RMSNorm casts its weight to x's dtype first; the product is rounded once, as F.rms_norm does.
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row + offs, (s * rstd * w).to(dtype), mask=mask)
+
+
+def _add_rms_norm_outputs(x, out, residual_out):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    residual_out = torch.empty_like(out) if residual_out is None else residual_out
+    _check_out("out", out, x.shape, x.dtype, x.device)
+    _check_out("residual_out", residual_out, x.shape, x.dtype, x.device)
+    return out, residual_out
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float, *, out=None, residual_out=None):
+    """Triton: returns (normed, new_residual) as `add_rms_norm_reference`, for x [..., d].
+
+    `out` / `residual_out` (contiguous, shaped and typed like x) avoid allocation; `residual_out` may be
+    `residual` itself (in-place update) and `out` may be `x`.
+    """
+    check_add_rms_norm_args(x, residual, weight)
+    out, residual_out = _add_rms_norm_outputs(x, out, residual_out)
+    _check_triton_ready(x, "add+RMSNorm")
+    d = x.shape[-1]
+    block = triton.next_power_of_2(d)
+    _add_rms_norm_kernel[(x.numel() // d,)](
+        x.contiguous(), residual.contiguous(), weight.contiguous(), out, residual_out, d, eps,
+        BLOCK_D=block, num_warps=_row_warps(block))
+    return out, residual_out
+
+
+def fused_add_rms_norm_auto(x, residual, weight, eps: float, *, impl: str = "auto", out=None, residual_out=None):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    if _use_triton(impl, x):
+        return fused_add_rms_norm(x, residual, weight, eps, out=out, residual_out=residual_out)
+    normed, new_residual = add_rms_norm_reference(x, residual, weight, eps)
+    if out is None and residual_out is None:
+        return normed, new_residual
+    out, residual_out = _add_rms_norm_outputs(x, out, residual_out)
+    return out.copy_(normed), residual_out.copy_(new_residual)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. q/k norm + RoPE + KV-cache write, one decode token
+
+
+def check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if qkv.dim() not in (2, 3) or qkv.numel() != qkv.shape[-1] or qkv.shape[-1] % 3:
+        raise ValueError(f"qkv must be one token's fused projection [1, 3*d] (or [1, 1, 3*d]), got {tuple(qkv.shape)}")
+    _check_float("qkv", qkv)
+    d = qkv.shape[-1] // 3
+    if not 1 <= n_heads <= d or d % n_heads or (d // n_heads) % 2 or d > MAX_D:
+        raise ValueError(f"n_heads={n_heads} must divide d={qkv.shape[-1] // 3} (d <= {MAX_D}) into heads of even size")
+    head_dim = d // n_heads
+    for name, w in (("q_norm_w", q_norm_w), ("k_norm_w", k_norm_w)):
+        if tuple(w.shape) != (d,):
+            raise ValueError(f"{name} must be [d] = [{d}], got {tuple(w.shape)}")
+        _check_float(name, w)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape[-1:] != (head_dim,) or t.numel() != head_dim or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [1, head_dim] = [1, {head_dim}] (one position, as "
+                             f"decoder.rope_tables returns), got {t.dtype} {tuple(t.shape)}")
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dim() != 4 or cache.shape[0] != 1 or cache.shape[1] != n_heads or cache.shape[3] != head_dim:
+            raise ValueError(f"{name} must be [1, n_heads={n_heads}, max_seq, head_dim={head_dim}], "
+                             f"got {tuple(cache.shape)}")
+        if not cache.is_contiguous():
+            # Written in place: a silent .contiguous() would write into a copy.
+            raise ValueError(f"{name} must be contiguous, got strides {cache.stride()}")
+        _check_float(name, cache)
+    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache must match key_cache ({key_cache.dtype} {tuple(key_cache.shape)}), "
+                         f"got {value_cache.dtype} {tuple(value_cache.shape)}")
+    if slot.numel() != 1 or slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot must be a 1-element int32/int64 tensor (on the device), "
+                         f"got {slot.dtype} {tuple(slot.shape)}")
+    _check_same_device(qkv=qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w, cos=cos, sin=sin,
+                       key_cache=key_cache, value_cache=value_cache, slot=slot)
+
+
+def qk_norm_rope_kv_reference(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads: int,
+                              eps: float):
+    """decoder.Attention's steps for one token: q/k RMSNorm over the whole d vector (rounded to qkv's
+    dtype), rotate-half RoPE in float32 (rounded again), k and raw v written at cache slot `slot`.
+    Returns q [1, n_heads, 1, head_dim] in qkv's dtype."""
+    check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads)
+    d = qkv.shape[-1] // 3
+    q, k, v = qkv.reshape(1, 3 * d).split(d, dim=-1)
+    q = F.rms_norm(q, (d,), q_norm_w.to(q.dtype), eps)
+    k = F.rms_norm(k, (d,), k_norm_w.to(k.dtype), eps)
+    q, k, v = (z.reshape(1, n_heads, 1, d // n_heads) for z in (q, k, v))
+    half = d // n_heads // 2
+    acc_dtype = torch.promote_types(qkv.dtype, torch.float32)  # float32, or float64 for a float64 check
+    cos, sin = cos.reshape(-1).to(acc_dtype), sin.reshape(-1).to(acc_dtype)
+
+    def rope(z):
+        zf = z.to(acc_dtype)
+        rotated = torch.cat([-zf[..., half:], zf[..., :half]], dim=-1)
+        return (zf * cos + rotated * sin).to(z.dtype)
+
+    q, k = rope(q), rope(k)
+    index = slot.reshape(1).long()
+    key_cache.index_copy_(2, index, k.to(key_cache.dtype))
+    value_cache.index_copy_(2, index, v.to(value_cache.dtype))
+    return q
+
+
+if triton is not None:
+
+    @triton.jit
+    def _normed(x_ptr, w_ptr, offs, mask, rstd):
+        # RMSNorm output as decoder.py holds it between the norm and RoPE: rounded to x's dtype.
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        return (x * rstd * w).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, d, eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """rope(rms_norm(x[:d]) * w) for the whole d vector (all heads), rounded to x's dtype."""
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < d
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / d + eps)
+        i = offs % HEAD_DIM
+        # Rotate-half partner within the head: i + hd/2 for the first half (taken negated), i - hd/2 after.
+        # Loading the partner again is cheaper than shuffling registers; the row is in L1 anyway.
+        partner = offs - i + (i + HEAD_DIM // 2) % HEAD_DIM
+        a = _normed(x_ptr, w_ptr, offs, mask, rstd)
+        b = _normed(x_ptr, w_ptr, partner, mask, rstd)
+        rotated = tl.where(i < HEAD_DIM // 2, -b, b)
+        cos = tl.load(cos_ptr + i, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + i, mask=mask, other=0.0)
+        return (a * cos + rotated * sin).to(x_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _qk_norm_rope_kv_kernel(qkv_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                                slot_ptr, d, max_seq, stride_head, eps,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program 0: q; 1: k; 2: v. Each spans the whole d vector, since the q/k norms span all heads.
+        part = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < d
+        # Cache offset of element (head, i) at the slot, read on the device so a graph can replay it.
+        # Loaded into every lane (one cached word): combining a scalar with the vector mask below is
+        # mis-typed by Triton's interpreter.
+        slot = tl.load(slot_ptr + offs * 0).to(tl.int64)
+        cache_offs = (offs // HEAD_DIM).to(tl.int64) * stride_head + slot * HEAD_DIM + offs % HEAD_DIM
+        # An out-of-range slot writes nothing rather than outside the cache (checking it would need a sync).
+        cache_mask = mask & (slot >= 0) & (slot < max_seq)
+        if part == 0:
+            q = _norm_rope(qkv_ptr, q_w_ptr, cos_ptr, sin_ptr, d, eps, HEAD_DIM, BLOCK_D)
+            # [1, heads, 1, hd] contiguous is the flat [d] layout of the projection.
+            tl.store(q_out_ptr + offs, q, mask=mask)
+        elif part == 1:
+            k = _norm_rope(qkv_ptr + d, k_w_ptr, cos_ptr, sin_ptr, d, eps, HEAD_DIM, BLOCK_D)
+            tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=cache_mask)
+        else:
+            v = tl.load(qkv_ptr + 2 * d + offs, mask=mask, other=0.0)
+            tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=cache_mask)
+
+
+def _q_output(qkv, n_heads, out):
+    shape = (1, n_heads, 1, qkv.shape[-1] // 3 // n_heads)
+    out = torch.empty(shape, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    _check_out("out", out, shape, qkv.dtype, qkv.device)
+    return out
+
+
+def fused_qk_norm_rope_kv(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads: int,
+                          eps: float, *, out=None):
+    """Triton: as `qk_norm_rope_kv_reference` (writes the caches in place, returns q), one launch.
+
+    `slot` is read on the device and not range-checked on the host; a slot outside the cache writes
+    nothing. `out` (contiguous [1, n_heads, 1, head_dim], qkv's dtype) avoids allocating q.
+    """
+    check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads)
+    out = _q_output(qkv, n_heads, out)
+    _check_triton_ready(qkv, "q/k norm + RoPE + KV")
+    d = qkv.shape[-1] // 3
+    head_dim = d // n_heads
+    block = triton.next_power_of_2(d)
+    _qk_norm_rope_kv_kernel[(3,)](
+        qkv.contiguous(), q_norm_w.contiguous(), k_norm_w.contiguous(), cos.contiguous(), sin.contiguous(),
+        out, key_cache, value_cache, slot, d, key_cache.shape[2], key_cache.stride(1), eps,
+        HEAD_DIM=head_dim, BLOCK_D=block, num_warps=_row_warps(block))
+    return out
+
+
+def fused_qk_norm_rope_kv_auto(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads: int,
+                               eps: float, *, impl: str = "auto", out=None):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    args = (qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads, eps)
+    if _use_triton(impl, qkv):
+        return fused_qk_norm_rope_kv(*args, out=out)
+    q = qk_norm_rope_kv_reference(*args)
+    return q if out is None else _q_output(qkv, n_heads, out).copy_(q)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Router: logits, softmax over all experts, top-k
+
+
+def check_router_args(h, gate_weight, top_k) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if gate_weight.dim() != 2 or not 1 <= gate_weight.shape[0] <= MAX_EXPERTS:
+        raise ValueError(f"gate_weight must be [num_experts <= {MAX_EXPERTS}, d], got {tuple(gate_weight.shape)}")
+    num_experts, d = gate_weight.shape
+    if h.dim() != 2 or h.shape[1] != d:
+        raise ValueError(f"h must be [num_tokens, d={d}], got {tuple(h.shape)}")
+    _check_float("h", h)
+    _check_float("gate_weight", gate_weight)
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in 1..num_experts={num_experts}, got {top_k!r}")
+    _check_same_device(h=h, gate_weight=gate_weight)
+
+
+def router_topk_reference(h, gate_weight, top_k: int, round_logits: bool = False):
+    """(weights float32 [T, k], ids int64 [T, k]): softmax over all experts of h @ gate_weight.T, the k
+    largest in descending order, not renormalised (MolmoE). Logits are accumulated in float32 (float64
+    for float64 inputs); `round_logits` rounds them to h's dtype first, as `MoE.route`'s nn.Linear does.
+    Ties come out in torch.topk's order (unspecified; the Triton kernel puts the lower index first)."""
+    check_router_args(h, gate_weight, top_k)
+    acc_dtype = torch.promote_types(h.dtype, torch.float32)
+    logits = h.to(acc_dtype) @ gate_weight.to(acc_dtype).t()
+    if round_logits:
+        logits = logits.to(h.dtype).to(acc_dtype)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    return weights.float(), ids
+
+
+def default_router_block_d(num_experts: int, d: int) -> int:
+    # A [E, BLOCK_D] weight tile of ~16K elements per step: many bytes in flight, 64 accumulators a thread.
+    return max(16, min(triton.next_power_of_2(d), 16384 // triton.next_power_of_2(num_experts)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _router_topk_kernel(h_ptr, w_ptr, weights_ptr, ids_ptr, num_experts, d, stride_h, stride_w,
+                            TOP_K: tl.constexpr, ROUND_LOGITS: tl.constexpr,
+                            BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per token: all E logits, then softmax and top-k without leaving registers.
+        row = tl.program_id(0).to(tl.int64)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_w
+        # Elementwise products, one reduction at the end (no tl.dot: a GEMV, and the interpreter's bf16
+        # dot is wrong).
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        for d_start in range(0, d, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < d
+            h = tl.load(h_ptr + row * stride_h + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+            acc += w.to(tl.float32) * h[None, :]
+        logits = tl.sum(acc, axis=1)
+        if ROUND_LOGITS:
+            logits = logits.to(h_ptr.dtype.element_ty).to(tl.float32)
+        logits = tl.where(mask_e, logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)
+        # Padding lanes below any probability, so they are never picked while a real expert is left.
+        p = tl.where(mask_e, p, -1.0)
+        for j in range(TOP_K):
+            best = tl.max(p, axis=0)
+            # The lowest index among equal maxima; the clamp keeps ids in range even for a NaN row.
+            idx = tl.minimum(tl.min(tl.where(p == best, offs_e, BLOCK_E), axis=0), num_experts - 1)
+            tl.store(weights_ptr + row * TOP_K + j, best)
+            tl.store(ids_ptr + row * TOP_K + j, idx.to(tl.int64))
+            p = tl.where(offs_e == idx, -2.0, p)
+
+
+def _router_outputs(h, top_k, out_weights, out_ids):
+    shape = (h.shape[0], top_k)
+    out_weights = torch.empty(shape, dtype=torch.float32, device=h.device) if out_weights is None else out_weights
+    out_ids = torch.empty(shape, dtype=torch.int64, device=h.device) if out_ids is None else out_ids
+    _check_out("out_weights", out_weights, shape, torch.float32, h.device)
+    _check_out("out_ids", out_ids, shape, torch.int64, h.device)
+    return out_weights, out_ids
+
+
+def fused_router_topk(h, gate_weight, top_k: int, out_weights=None, out_ids=None, *, round_logits: bool = False,
+                      block_d: int | None = None):
+    """Triton: as `router_topk_reference` for h [T, d], gate_weight [E <= 128, d]; one launch.
+
+    Equal probabilities come out lower expert index first (torch.topk's tie order is unspecified).
+    `out_weights` (float32) / `out_ids` (int64), contiguous [T, top_k], avoid allocation.
+    `block_d` overrides the d-chunk of the weight tile (a power of two).
+    """
+    check_router_args(h, gate_weight, top_k)
+    if h.dtype != gate_weight.dtype:
+        raise ValueError(f"gate_weight must share h's dtype {h.dtype} for the triton router, got {gate_weight.dtype}")
+    if gate_weight.stride(-1) != 1:
+        raise ValueError(f"gate_weight must be contiguous along its last dim, got strides {gate_weight.stride()}")
+    out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
+    _check_triton_ready(h, "router")
+    num_experts, d = gate_weight.shape
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_d = block_d or default_router_block_d(num_experts, d)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    _router_topk_kernel[(h.shape[0],)](
+        h, gate_weight, out_weights, out_ids, num_experts, d, h.stride(0), gate_weight.stride(0),
+        TOP_K=top_k, ROUND_LOGITS=round_logits, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=8)
+    return out_weights, out_ids
+
+
+def fused_router_topk_auto(h, gate_weight, top_k: int, out_weights=None, out_ids=None, *,
+                           round_logits: bool = False, impl: str = "auto"):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    if _use_triton(impl, h):
+        return fused_router_topk(h, gate_weight, top_k, out_weights, out_ids, round_logits=round_logits)
+    weights, ids = router_topk_reference(h, gate_weight, top_k, round_logits)
+    if out_weights is None and out_ids is None:
+        return weights, ids
+    out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
+    return out_weights.copy_(weights), out_ids.copy_(ids)

@@ -1,0 +1,272 @@
+"""Runs the fused decode kernels in Triton's CPU interpreter against the torch references and float64.
+
+Started by tests/test_fused_kernels.py in a subprocess with TRITON_INTERPRET=1, which must be set
+before triton is first imported. Outputs and the written cache slot are poisoned with NaN first, so
+an element left unwritten shows; every other cache element must come back bit-identical. Exits
+non-zero, naming the case, if anything is off.
+
+Interpreter limits (triton 3.9): a float32 -> bfloat16 cast truncates instead of rounding to
+nearest, so bfloat16 results may differ from torch by one unit in the last place (exact ids and
+rounding are checked by the GPU tests). No tl.dot is used, so bfloat16 inputs are otherwise exact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+from flexvlm_env.model.decoder import rope_tables
+from flexvlm_env.model.fused_kernels import (
+    add_rms_norm_reference,
+    fused_add_rms_norm,
+    fused_add_rms_norm_auto,
+    fused_qk_norm_rope_kv,
+    fused_qk_norm_rope_kv_auto,
+    fused_router_topk,
+    fused_router_topk_auto,
+    qk_norm_rope_kv_reference,
+    router_topk_reference,
+)
+
+EPS = 1e-5
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# Elementwise (atol, rtol) against the torch reference in the same dtype: a few ulps (see above). atol
+# is scaled by the largest |reference| value: RoPE rounds its inputs (as decoder.py does) and a small
+# output of a*cos - b*sin keeps the rounding error of the larger a and b.
+CLOSE = {F32: (1e-5, 1e-5), F16: (2e-3, 2e-3), BF16: (2e-2, 2e-2)}
+# Relative error ||out - ref|| / ||ref|| against float64 from the same (rounded) inputs.
+REL_FP64 = {F32: 1e-5, F16: 2e-3, BF16: 1e-2}
+
+
+def nonzero_randn(*shape, scale=1.0):
+    """Gaussian values pushed away from zero: a zero would hide a missed scale or an unwritten output."""
+    x = torch.randn(*shape)
+    return (x + 0.1 * torch.sign(x)) * scale
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+class Report:
+    def __init__(self):
+        self.failures = 0
+
+    def check(self, name: str, problems: list[str]) -> None:
+        print(f"{'FAIL' if problems else 'ok  '} {name}" + (": " + "; ".join(problems) if problems else ""))
+        self.failures += bool(problems)
+
+
+def compare(what, out, ref, ref64, dtype, problems):
+    if not torch.isfinite(out).all():
+        problems.append(f"{what}: non-finite (an element left unwritten?)")
+        return
+    atol, rtol = CLOSE[dtype]
+    atol *= max(1.0, ref.abs().max().item())
+    if not torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol):
+        problems.append(f"{what}: max |diff| vs reference {(out.float() - ref.float()).abs().max().item():.2e}")
+    if ref64 is not None and rel_err(out, ref64) > REL_FP64[dtype]:
+        problems.append(f"{what}: rel err vs float64 {rel_err(out, ref64):.2e} > {REL_FP64[dtype]:.0e}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_rms_norm_case(report, shape, dtype, in_place=False):
+    d = shape[-1]
+    x, residual = nonzero_randn(*shape).to(dtype), nonzero_randn(*shape, scale=3.0).to(dtype)
+    weight = nonzero_randn(d).to(dtype)
+    ref, ref_res = add_rms_norm_reference(x, residual, weight, EPS)
+    res64 = x.double() + residual.double()  # float64 from the same inputs
+    ref64 = torch.nn.functional.rms_norm(res64, (d,), weight.double(), EPS)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    res_in = residual.clone()
+    res_out = res_in if in_place else torch.full(shape, float("nan"), dtype=dtype)
+    normed, new_res = fused_add_rms_norm(x, res_in, weight, EPS, out=out, residual_out=res_out)
+    problems = []
+    if normed is not out or new_res is not res_out:
+        problems.append("outputs are not the given buffers")
+    compare("normed", normed, ref, ref64, dtype, problems)
+    compare("new_residual", new_res, ref_res, res64, dtype, problems)
+    report.check(f"add_rms_norm {tuple(shape)} {dtype}{' in place' if in_place else ''}", problems)
+
+
+def random_qk_case(d, n_heads, max_seq, dtype, slot):
+    """(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot) for one decode token."""
+    head_dim = d // n_heads
+    qkv = nonzero_randn(1, 3 * d, scale=2.0).to(dtype)
+    q_w, k_w = nonzero_randn(d).to(dtype), nonzero_randn(d).to(dtype)
+    cos, sin = rope_tables(torch.randint(0, 4096, (1, 1)), head_dim, 10000.0)  # [1, 1, hd] at one position
+    key_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
+    value_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
+    return qkv, q_w, k_w, cos[0], sin[0], key_cache, value_cache, torch.tensor([slot])
+
+
+def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None):
+    qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t = random_qk_case(d, n_heads, max_seq, dtype, slot)
+    in_range = 0 <= slot < max_seq
+    ref_slot = slot_t if in_range else torch.tensor([0])  # q does not depend on the slot
+    ref_k, ref_v = key_cache.clone(), value_cache.clone()
+    ref_q = qk_norm_rope_kv_reference(qkv, q_w, k_w, cos, sin, ref_k, ref_v, ref_slot, n_heads, EPS)
+    k64, v64 = key_cache.double(), value_cache.double()
+    q64 = qk_norm_rope_kv_reference(qkv.double(), q_w.double(), k_w.double(), cos, sin, k64, v64, ref_slot,
+                                    n_heads, EPS)
+    if in_range:  # poison the slot that must be written
+        key_cache[:, :, slot] = float("nan")
+        value_cache[:, :, slot] = float("nan")
+    before_k, before_v = key_cache.clone(), value_cache.clone()
+    out = torch.full((1, n_heads, 1, d // n_heads), float("nan"), dtype=dtype)
+    if impl is None:
+        q = fused_qk_norm_rope_kv(qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t, n_heads, EPS, out=out)
+    else:
+        q = fused_qk_norm_rope_kv_auto(qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t, n_heads, EPS,
+                                       out=out, impl=impl)
+    problems = []
+    if q is not out:
+        problems.append("q is not the given buffer")
+    compare("q", q, ref_q, q64, dtype, problems)
+    others = torch.ones(max_seq, dtype=torch.bool)
+    if in_range:
+        others[slot] = False
+        compare("k", key_cache[:, :, slot], ref_k[:, :, slot], k64[:, :, slot], dtype, problems)
+        if not torch.equal(value_cache[:, :, slot], ref_v[:, :, slot]):
+            problems.append("v written at the slot is not the raw v")
+    if not (torch.equal(key_cache[:, :, others], before_k[:, :, others])
+            and torch.equal(value_cache[:, :, others], before_v[:, :, others])):
+        problems.append("cache elements outside the slot changed")
+    report.check(f"qk_norm_rope_kv d={d} heads={n_heads} slot={slot}/{max_seq} {dtype}"
+                 f"{' impl=' + impl if impl else ''}", problems)
+
+
+def random_router(num_tokens, num_experts, d, top_k, dtype, round_logits=False):
+    """Inputs whose top k+1 probabilities are apart by > 1e-3 relative, so that ids are unambiguous."""
+    for _ in range(200):
+        h = nonzero_randn(num_tokens, d).to(dtype)
+        # Logits of std ~3: a spread of probabilities like a trained router's.
+        gate = nonzero_randn(num_experts, d, scale=3.0 / d**0.5).to(dtype)
+        logits = h.double() @ gate.double().t()
+        if round_logits:
+            logits = logits.to(dtype).double()
+        top = logits.topk(min(top_k + 1, num_experts), dim=-1).values
+        if (top[:, :-1] - top[:, 1:]).min() > 1e-3:
+            return h, gate
+    raise RuntimeError("could not draw router inputs without near-ties")
+
+
+def router_case(report, num_tokens, num_experts, d, top_k, dtype, block_d=None, impl=None):
+    h, gate = random_router(num_tokens, num_experts, d, top_k, dtype)
+    ref_w, ref_ids = router_topk_reference(h, gate, top_k)
+    ref64 = torch.softmax(h.double() @ gate.double().t(), dim=-1).gather(1, ref_ids)
+    out_w = torch.full((num_tokens, top_k), float("nan"))
+    out_ids = torch.full((num_tokens, top_k), -1, dtype=torch.long)
+    if impl is None:
+        weights, ids = fused_router_topk(h, gate, top_k, out_w, out_ids, block_d=block_d)
+    else:
+        weights, ids = fused_router_topk_auto(h, gate, top_k, out_w, out_ids, impl=impl)
+    problems = []
+    if weights is not out_w or ids is not out_ids:
+        problems.append("outputs are not the given buffers")
+    if not torch.equal(ids, ref_ids):
+        problems.append(f"ids {ids.tolist()} != reference {ref_ids.tolist()}")
+    # Same input values in both: only the float32 summation order differs, whatever the storage dtype.
+    compare("weights", weights, ref_w, ref64, F32, problems)
+    report.check(f"router T={num_tokens} E={num_experts} d={d} k={top_k} {dtype}"
+                 f"{f' block_d={block_d}' if block_d else ''}{' impl=' + impl if impl else ''}", problems)
+
+
+def dyadic_router(num_tokens, num_experts, top_k, dtype, shift):
+    """Router inputs on a dyadic grid: every float32 partial sum is exact, so the logits do not depend on
+    the summation order and rounding them to `dtype` is deterministic. A coordinate of h equal to
+    `shift` (gate column 1) lifts all logits into a range where that rounding moves them."""
+    nonzero_ints = lambda *shape: torch.randint(1, 9, shape) * (torch.randint(0, 2, shape) * 2 - 1)
+    for _ in range(500):
+        h = nonzero_ints(num_tokens, 64) / 4
+        gate = nonzero_ints(num_experts, 64) / 16
+        h[:, 0], gate[:, 0] = shift, 1.0
+        rounded = (h.double() @ gate.double().t()).to(dtype).double()
+        top = rounded.topk(top_k + 1, dim=-1).values
+        if (top[:, :-1] > top[:, 1:]).all():  # no ties among the rounded logits that decide
+            return h.to(dtype), gate.to(dtype)
+    raise RuntimeError("could not draw router inputs without ties")
+
+
+def router_rounded_logits_case(report, dtype, shift):
+    h, gate = dyadic_router(3, 64, 8, dtype, shift)
+    out_w = torch.full((3, 8), float("nan"))
+    weights, ids = fused_router_topk(h, gate, 8, out_w, round_logits=True)
+    ref_w, ref_ids = router_topk_reference(h, gate, 8, round_logits=True)
+    problems = []
+    if torch.allclose(ref_w, router_topk_reference(h, gate, 8)[0], rtol=1e-3):
+        problems.append("rounding the logits does not change the result: the case tests nothing")
+    if not torch.equal(ids, ref_ids):
+        problems.append(f"ids {ids.tolist()} != reference {ref_ids.tolist()}")
+    compare("weights", weights, ref_w, None, F32, problems)
+    report.check(f"router round_logits {dtype}", problems)
+
+
+def router_ties_case(report):
+    # Two equal gate rows give bit-equal logits: the lower expert index must come first.
+    h, gate = random_router(1, 16, 64, 4, F32)
+    gate[5] = gate[11] = 2.0 * h[0] / h[0].norm()  # well ahead of the rest
+    weights, ids = fused_router_topk(h, gate, 4)
+    problems = [] if ids[0, :2].tolist() == [5, 11] and weights[0, 0] == weights[0, 1] else [f"ids {ids.tolist()}"]
+    # A NaN row must still give ids in range (the MoE kernel indexes weights with them).
+    h[0, 3] = float("nan")
+    with warnings.catch_warnings():  # numpy's all-NaN reductions in the interpreter
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, ids = fused_router_topk(h, gate, 4)
+    if not ((ids >= 0) & (ids < 16)).all():
+        problems.append(f"NaN row gave out-of-range ids {ids.tolist()}")
+    report.check("router ties (lower index first) and NaN input", problems)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 in the environment (it must be set before triton is imported)")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=None, help="default: fresh random data each run")
+    opts = parser.parse_args()
+    seed = torch.seed() if opts.seed is None else opts.seed
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+    report = Report()
+    for dtype in (F32, F16, BF16):
+        for shape in ((1, 64), (3, 96), (8, 2048), (1, 1, 2048)):
+            add_rms_norm_case(report, shape, dtype)
+    add_rms_norm_case(report, (2, 96), BF16, in_place=True)
+    args = (nonzero_randn(2, 64), nonzero_randn(2, 64), nonzero_randn(64), EPS)
+    normed, new_res = fused_add_rms_norm_auto(*args, impl="triton")
+    ref, ref_res = add_rms_norm_reference(*args)
+    problems = []
+    compare("normed", normed, ref, None, F32, problems)
+    compare("new_residual", new_res, ref_res, None, F32, problems)
+    report.check("add_rms_norm_auto impl=triton", problems)
+
+    max_seq = 9
+    for dtype in (F32, F16, BF16):
+        for d in (64, 96, 2048):
+            for n_heads in (4, 16):
+                for slot in (0, max_seq // 2, max_seq - 1):
+                    qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype)
+    qk_norm_rope_kv_case(report, 64, 4, max_seq, max_seq, F32)  # out of range: must write nothing
+    qk_norm_rope_kv_case(report, 96, 4, max_seq, 3, BF16, impl="triton")
+
+    for dtype in (F32, BF16):
+        for num_experts in (8, 64):
+            for top_k in sorted({1, 2, 8, num_experts}):
+                for d in (64, 96, 2048):
+                    router_case(report, 1 if d == 2048 else 3, num_experts, d, top_k, dtype)
+    router_case(report, 2, 64, 96, 8, F32, block_d=64)  # d not a multiple of the chunk
+    router_case(report, 5, 64, 200, 4, BF16, block_d=32)
+    router_case(report, 2, 8, 96, 2, F32, impl="triton")
+    router_rounded_logits_case(report, F16, shift=64.0)  # bfloat16: the interpreter truncates (docstring)
+    router_ties_case(report)
+    print(f"{report.failures} failure(s)")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
