@@ -33,10 +33,11 @@ def roofline(result: dict, path: str | Path) -> Path:
         by_k = {(r["top_k"], r["active_blocks"]): r["decode_bytes_per_token"] / 1e9 for r in ours if r["crops"] == max(o["crops"] for o in ours)}
         pts = [(by_k.get((r["top_k"], r["active_blocks"])), r["decode_ms_per_token"], r) for r in hf]
         pts = [p for p in pts if p[0] is not None]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="C3", label=f"HF transformers OLMoE ({pts[0][2].get('experts_implementation', '')})" if pts else "HF", zorder=3)
-    xs = [0, max(gbytes) * 1.1]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="C3", label="HF transformers OLMoE (best experts backend per top_k)", zorder=3)
+    xs = [min(gbytes) * 0.8, max(gbytes) * 1.1]
     ax.plot(xs, [x / bandwidth * 1e3 for x in xs], "k--", label=f"floor: bytes / {bandwidth:.0f} GB/s (measured copy)")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.1)
     ax.set_xlabel("bytes a decode step must read (GB)")
     ax.set_ylabel("decode ms / token (log)")
     info = result["device_info"]
