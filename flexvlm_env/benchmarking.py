@@ -181,3 +181,39 @@ class HFBaseline:
         full = [run(output_tokens) for _ in range(repeats)]
         prefill_ms = _median(prefill)
         return {"prefill_ms": prefill_ms, "decode_ms_per_token": (_median(full) - prefill_ms) / (output_tokens - 1), "total_ms": _median(full)}
+
+
+def profile_decode_kernels(vlm, image, prompt: str, config: Config, steps: int = 20) -> list[dict]:
+    """Device time per kernel of one decode step (the fast path's kernels, run eagerly under the
+    PyTorch profiler so each kernel is seen; launch gaps do not count), averaged over `steps`.
+
+    Returns rows {kernel, calls_per_token, us_per_token} sorted by time, so the share of attention,
+    MoE, norms, projections and the LM head in a decode token can be read off directly.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .model.generate import decode_one_token
+
+    result = vlm.generate(image, prompt, config, max_new_tokens=2, ignore_eos=True)
+    plan, top_k = vlm.plan(config), config.top_k_per_block(vlm.args.n_layers)
+    slot_range = torch.arange(vlm._cache.max_seq, device=vlm.device)
+    token = torch.tensor([[result.token_ids[-1]]], device=vlm.device)
+    slot = torch.tensor([result.tokens.input + 1], device=vlm.device)
+    fused = getattr(vlm, "fused_decode", False)
+    with torch.inference_mode():
+        for _ in range(3):
+            decode_one_token(vlm.module, token, slot, plan, top_k, vlm._cache, slot_range, fused=fused)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decode_one_token(vlm.module, token, slot, plan, top_k, vlm._cache, slot_range, fused=fused)
+            torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals.setdefault(event.name, []).append(event.time_range.elapsed_us())  # the kernel's own span
+    rows = [
+        {"kernel": name[:120], "calls_per_token": len(times) / steps, "us_per_token": sum(times) / steps}
+        for name, times in totals.items()
+    ]
+    return sorted(rows, key=lambda r: -r["us_per_token"])
