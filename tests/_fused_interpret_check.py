@@ -29,6 +29,8 @@ from flexvlm_env.model.fused_kernels import (
     fused_router_topk_auto,
     qk_norm_rope_kv_reference,
     router_topk_reference,
+    softmax_topk,
+    softmax_topk_reference,
 )
 
 EPS = 1e-5
@@ -223,6 +225,28 @@ def router_ties_case(report):
     report.check("router ties (lower index first) and NaN input", problems)
 
 
+def softmax_topk_case(report, num_tokens, num_experts, top_k, dtype):
+    """Logits as the gate projection gives them (rounded to the activation dtype); ids exact, weights
+    within the dtype's tolerance of the torch reference."""
+    for _ in range(20):
+        logits = (torch.randn(num_tokens, num_experts) * 3).to(dtype)
+        ref_w, ref_ids = softmax_topk_reference(logits, top_k)
+        gaps = ref_w[:, :-1] - ref_w[:, 1:] if top_k > 1 else torch.ones(1)
+        if bool((gaps > 1e-4).all()):
+            break
+    out_w = torch.full((num_tokens, top_k), float("nan"))
+    out_ids = torch.full((num_tokens, top_k), -1, dtype=torch.int64)
+    weights, ids = softmax_topk(logits, top_k, out_w, out_ids)
+    problems = []
+    # Equal bf16 logits tie; the order among equals may differ from torch.topk's, so compare the
+    # logits the chosen ids point at, and that no id repeats.
+    if not torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids)) or any(len(set(r)) != top_k for r in ids.tolist()):
+        problems.append(f"ids {ids.tolist()} != {ref_ids.tolist()}")
+    if not torch.allclose(weights, ref_w, atol=1e-6, rtol=1e-5):
+        problems.append(f"weights max err {float((weights - ref_w).abs().max()):.3g}")
+    report.check(f"softmax_topk T={num_tokens} E={num_experts} k={top_k} {dtype}", problems)
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 in the environment (it must be set before triton is imported)")
@@ -264,6 +288,9 @@ def main() -> int:
     router_case(report, 2, 8, 96, 2, F32, impl="triton")
     router_rounded_logits_case(report, F16, shift=64.0)  # bfloat16: the interpreter truncates (docstring)
     router_ties_case(report)
+    for dtype in (F32, BF16):
+        for num_experts, top_k in ((8, 1), (8, 8), (64, 1), (64, 8), (64, 64), (100, 3)):
+            softmax_topk_case(report, 3, num_experts, top_k, dtype)
     print(f"{report.failures} failure(s)")
     return 1 if report.failures else 0
 

@@ -366,3 +366,29 @@ def test_decode_kernels_replay_in_cuda_graph_with_new_inputs():
         if (ref_w[0, :-1] - ref_w[0, 1:]).min() > 1e-4:  # ids compared where the order is clear
             assert torch.equal(out_ids, ref_ids)
         assert torch.allclose(out_w, ref_w, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_topk_reference_is_moe_route():
+    """The decode path's router (gate projection, then softmax_topk) is MoE.route, bit for bit."""
+    from flexvlm_env.model.args import ModelArgs
+    from flexvlm_env.model.decoder import MoE
+    from flexvlm_env.model.fused_kernels import softmax_topk_auto
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        moe = MoE(ModelArgs(d_model=64, n_heads=4, n_experts=16, expert_hidden=8, top_k=4)).to(dtype)
+        torch.nn.init.normal_(moe.gate.weight, std=0.5)
+        h = torch.randn(3, 64).to(dtype)
+        for k in (1, 4, 16):
+            ref_w, ref_ids = moe.route(h, k)
+            w, ids = softmax_topk_auto(moe.gate(h), k)
+            assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+def test_softmax_topk_rejects_bad_arguments():
+    from flexvlm_env.model.fused_kernels import softmax_topk
+
+    with pytest.raises(ValueError, match="logits must be"):
+        softmax_topk(torch.randn(2, 200), 2)
+    with pytest.raises(ValueError, match="top_k=9"):
+        softmax_topk(torch.randn(2, 8), 9)

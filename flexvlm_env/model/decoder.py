@@ -150,7 +150,12 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.new_embedding.shape[0] == 0:
             return F.embedding(ids, self.embedding)
-        return F.embedding(ids, torch.cat([self.embedding, self.new_embedding], dim=0))
+        # Two gathers and a select, never a concatenated copy of the table (206 MB for MolmoE-1B,
+        # which would cost more than a whole decode step's attention).
+        size = self.embedding.shape[0]
+        main = F.embedding(ids.clamp(max=size - 1), self.embedding)
+        extra = F.embedding((ids - size).clamp(min=0), self.new_embedding)
+        return torch.where((ids < size)[..., None], main, extra)
 
 
 class Transformer(nn.Module):
@@ -194,7 +199,6 @@ def decode_forward_fused(
     sin: torch.Tensor,
     cache: KVCache,
     slot: torch.Tensor,
-    mask: torch.Tensor,
     plan: tuple[int, ...],
     top_k: tuple[int, ...],
     impl: str = "auto",
@@ -206,7 +210,8 @@ def decode_forward_fused(
     norm, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write are one kernel, and the
     router is one kernel: about 10 launches per block instead of about 30.
     """
-    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, fused_router_topk_auto
+    from .decode_attention import decode_attention_auto
+    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, softmax_topk_auto
 
     args = transformer.args
     d, eps = args.d_model, args.norm_eps
@@ -221,10 +226,14 @@ def decode_forward_fused(
             qkv, attn.q_norm.weight, attn.k_norm.weight, cos.reshape(1, -1), sin.reshape(1, -1),
             cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
         )
-        out = F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i], attn_mask=mask)
+        # Split-KV "flash-decoding": many programs, each reading only visible keys (slots <= slot),
+        # instead of masked SDPA's one program per head over the whole static buffer.
+        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl)
         attn_out = attn.attn_out(out.reshape(1, d))
         h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
-        weights, ids = fused_router_topk_auto(h, mlp.gate.weight, top_k[i], round_logits=True, impl=impl)
+        # The gate projection as in MoE.route (cuBLAS GEMV, logits rounded to the activation dtype),
+        # then softmax and top-k in one small kernel.
+        weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
         next_norm = transformer.blocks[plan[n + 1]].attn.attn_norm if n + 1 < len(plan) else transformer.ln_f
         h, residual = fused_add_rms_norm_auto(y, residual, next_norm.weight, eps, impl=impl)

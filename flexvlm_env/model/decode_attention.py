@@ -1,0 +1,197 @@
+"""Split-KV ("flash-decoding") attention of one decode query over the static KV cache.
+
+A graphed decode step attends one query per head over a static cache of max_seq slots under a mask
+(slot index <= the current position). PyTorch's masked SDPA for q_len = 1 runs one thread block per
+head and reads every slot, visible or not: a few SMs stream the whole cache. Here phase 1 splits
+the cache into `num_splits` chunks per head, one program each, and every program reads only the
+keys of its chunk that are visible, keeping an online softmax in float32 (running max m, sum l and
+p·V accumulator), then writes its partial (acc, m, l) to a float32 workspace; a program whose chunk
+starts after the slot writes a neutral partial (m = -inf, l = 0) and reads nothing. Phase 2 (one
+program per head) rescales the partials by exp(m_i - max m) and writes the output in q's dtype.
+
+The slot is read on the device (never on the host) and every shape is fixed by (heads, max_seq,
+head_dim), so both launches can be captured in a CUDA graph and replayed with a new slot value
+written into the same tensor. `decode_attention_reference` is the plain-torch masked softmax and
+`decode_attention_auto` dispatches like the `*_auto` functions of fused_kernels.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fused_kernels import (
+    _check_float,
+    _check_out,
+    _check_same_device,
+    _check_triton_ready,
+    _use_triton,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path still works
+    triton = None
+
+MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulator) in registers
+DEFAULT_CHUNK = 128  # keys per split: 16 heads x 2048 slots -> 256 programs, ~2 waves on 132 SMs
+TILE_ELEMENTS = 8192  # a [BLOCK_N, head_dim] K/V tile: 64 float32 values a thread with 4 warps
+
+
+def check_decode_attention_args(q, key_cache, value_cache, slot) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"q must be one decode query [1, heads, 1, head_dim <= {MAX_HEAD_DIM}], got {tuple(q.shape)}")
+    _check_float("q", q)
+    n_heads, head_dim = q.shape[1], q.shape[3]
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dim() != 4 or cache.shape[0] != 1 or cache.shape[1] != n_heads or cache.shape[3] != head_dim:
+            raise ValueError(f"{name} must be [1, heads={n_heads}, max_seq, head_dim={head_dim}], "
+                             f"got {tuple(cache.shape)}")
+        if cache.dtype != q.dtype:
+            raise ValueError(f"{name} must share q's dtype {q.dtype}, got {cache.dtype}")
+        if not cache.is_contiguous():
+            # Read through its pointer: a silent .contiguous() would copy the whole cache every step.
+            raise ValueError(f"{name} must be contiguous, got strides {cache.stride()}")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(f"value_cache must match key_cache {tuple(key_cache.shape)}, got {tuple(value_cache.shape)}")
+    if slot.numel() != 1 or slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot must be a 1-element int32/int64 tensor (on the device), "
+                         f"got {slot.dtype} {tuple(slot.shape)}")
+    _check_same_device(q=q, key_cache=key_cache, value_cache=value_cache, slot=slot)
+
+
+def decode_attention_reference(q, key_cache, value_cache, slot):
+    """softmax(q·K^T / sqrt(head_dim)) · V over cache positions 0..slot, in float32 (float64 for float64
+    inputs), returned in q's dtype: SDPA with attn_mask = arange(max_seq) <= slot. The mask is built on
+    the device, so this path does not sync either."""
+    check_decode_attention_args(q, key_cache, value_cache, slot)
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    visible = torch.arange(key_cache.shape[2], device=q.device) <= slot.reshape(())
+    scores = (q.to(acc_dtype) @ key_cache.to(acc_dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (probs @ value_cache.to(acc_dtype)).to(q.dtype)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def default_num_splits(max_seq: int) -> int:
+    return -(-max_seq // DEFAULT_CHUNK)
+
+
+def split_plan(max_seq: int, head_dim: int, num_splits: int | None = None) -> tuple[int, int, int]:
+    """(num_splits, chunk, block_n): split s covers keys [s * chunk, (s + 1) * chunk), in block_n tiles."""
+    num_splits = default_num_splits(max_seq) if num_splits is None else num_splits
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= max_seq:
+        raise ValueError(f"num_splits must be an int in 1..max_seq={max_seq}, got {num_splits!r}")
+    chunk = -(-max_seq // num_splits)
+    block_n = max(16, min(_next_power_of_2(chunk), TILE_ELEMENTS // _next_power_of_2(head_dim)))
+    return num_splits, chunk, block_n
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ws_ptr, max_seq, chunk, qk_scale,
+                                       HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       BLOCK_D: tl.constexpr):
+        # Program (head, split): the visible keys of the split's chunk, [lo, hi) = chunk ∩ [0, slot].
+        head = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        # Read on the device so that a graph replays with a new value; a slot past the end sees every key.
+        slot = tl.load(slot_ptr).to(tl.int32)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, tl.minimum(slot + 1, max_seq))
+        # Scale and log2(e) folded into q once: the softmax runs on exp2 (m and l are in base 2 too).
+        q = tl.load(q_ptr + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32) * qk_scale
+        head_offs = head.to(tl.int64) * max_seq * HEAD_DIM
+        m = -float("inf")
+        l = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # No iteration when the chunk starts after the slot: the neutral partial, no key read. Otherwise
+        # every tile holds at least one visible key, so m is finite after it and no -inf - -inf occurs.
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+            # Masked loads: slots after the slot are never read, whatever they hold (stale, NaN).
+            tile_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            # One query: elementwise products and a row sum (no tl.dot: a GEMV, and the interpreter's
+            # bf16 dot is wrong).
+            s = tl.where(mask_n, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new)
+            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        ws = ws_ptr + (head * NUM_SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(ws + offs_d, acc, mask=mask_d)
+        tl.store(ws + HEAD_DIM, m)
+        tl.store(ws + HEAD_DIM + 1, l)
+
+    @triton.jit
+    def _decode_attention_combine_kernel(ws_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program head: sum of the partials, each rescaled from its own max to the global one.
+        head = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < NUM_SPLITS
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        rows = ws_ptr + (head * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
+        m = tl.load(rows + HEAD_DIM, mask=mask_s, other=float("-inf"))
+        l = tl.load(rows + HEAD_DIM + 1, mask=mask_s, other=0.0)
+        # Split 0 always holds key 0, so the max is finite; neutral splits get weight exp2(-inf) = 0.
+        w = tl.exp2(m - tl.max(m, axis=0))
+        acc = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _output(q, out):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    _check_out("out", out, q.shape, q.dtype, q.device)
+    return out
+
+
+def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None):
+    """Triton: as `decode_attention_reference`, in two launches (splits, then their combination).
+
+    `slot` is read on the device; a slot >= max_seq attends the whole cache. `num_splits` defaults to
+    one split per 128 cache slots. `workspace` (contiguous float32 [heads, num_splits, head_dim + 2])
+    and `out` (contiguous, shaped and typed like q) avoid allocation.
+    """
+    check_decode_attention_args(q, key_cache, value_cache, slot)
+    _, n_heads, max_seq, head_dim = key_cache.shape
+    num_splits, chunk, block_n = split_plan(max_seq, head_dim, num_splits)
+    ws_shape = (n_heads, num_splits, head_dim + 2)
+    workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
+    _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
+    out = _output(q, out)
+    _check_triton_ready(q, "decode attention")
+    block_d = _next_power_of_2(head_dim)
+    _decode_attention_split_kernel[(n_heads, num_splits)](
+        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk,
+        math.log2(math.e) / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    _decode_attention_combine_kernel[(n_heads,)](
+        workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
+        BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def decode_attention_auto(q, key_cache, value_cache, slot, *, impl: str = "auto", num_splits=None, workspace=None,
+                          out=None):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    if _use_triton(impl, q):
+        return decode_attention(q, key_cache, value_cache, slot, num_splits=num_splits, workspace=workspace, out=out)
+    ref = decode_attention_reference(q, key_cache, value_cache, slot)
+    return ref if out is None else _output(q, out).copy_(ref)
