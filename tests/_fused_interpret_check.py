@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import torch
 
@@ -25,10 +24,7 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
-    fused_router_topk,
-    fused_router_topk_auto,
     qk_norm_rope_kv_reference,
-    router_topk_reference,
     softmax_topk,
     softmax_topk_reference,
 )
@@ -143,88 +139,6 @@ def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None):
                  f"{' impl=' + impl if impl else ''}", problems)
 
 
-def random_router(num_tokens, num_experts, d, top_k, dtype, round_logits=False):
-    """Inputs whose top k+1 probabilities are apart by > 1e-3 relative, so that ids are unambiguous."""
-    for _ in range(200):
-        h = nonzero_randn(num_tokens, d).to(dtype)
-        # Logits of std ~3: a spread of probabilities like a trained router's.
-        gate = nonzero_randn(num_experts, d, scale=3.0 / d**0.5).to(dtype)
-        logits = h.double() @ gate.double().t()
-        if round_logits:
-            logits = logits.to(dtype).double()
-        top = logits.topk(min(top_k + 1, num_experts), dim=-1).values
-        if (top[:, :-1] - top[:, 1:]).min() > 1e-3:
-            return h, gate
-    raise RuntimeError("could not draw router inputs without near-ties")
-
-
-def router_case(report, num_tokens, num_experts, d, top_k, dtype, block_d=None, impl=None):
-    h, gate = random_router(num_tokens, num_experts, d, top_k, dtype)
-    ref_w, ref_ids = router_topk_reference(h, gate, top_k)
-    ref64 = torch.softmax(h.double() @ gate.double().t(), dim=-1).gather(1, ref_ids)
-    out_w = torch.full((num_tokens, top_k), float("nan"))
-    out_ids = torch.full((num_tokens, top_k), -1, dtype=torch.long)
-    if impl is None:
-        weights, ids = fused_router_topk(h, gate, top_k, out_w, out_ids, block_d=block_d)
-    else:
-        weights, ids = fused_router_topk_auto(h, gate, top_k, out_w, out_ids, impl=impl)
-    problems = []
-    if weights is not out_w or ids is not out_ids:
-        problems.append("outputs are not the given buffers")
-    if not torch.equal(ids, ref_ids):
-        problems.append(f"ids {ids.tolist()} != reference {ref_ids.tolist()}")
-    # Same input values in both: only the float32 summation order differs, whatever the storage dtype.
-    compare("weights", weights, ref_w, ref64, F32, problems)
-    report.check(f"router T={num_tokens} E={num_experts} d={d} k={top_k} {dtype}"
-                 f"{f' block_d={block_d}' if block_d else ''}{' impl=' + impl if impl else ''}", problems)
-
-
-def dyadic_router(num_tokens, num_experts, top_k, dtype, shift):
-    """Router inputs on a dyadic grid: every float32 partial sum is exact, so the logits do not depend on
-    the summation order and rounding them to `dtype` is deterministic. A coordinate of h equal to
-    `shift` (gate column 1) lifts all logits into a range where that rounding moves them."""
-    nonzero_ints = lambda *shape: torch.randint(1, 9, shape) * (torch.randint(0, 2, shape) * 2 - 1)
-    for _ in range(500):
-        h = nonzero_ints(num_tokens, 64) / 4
-        gate = nonzero_ints(num_experts, 64) / 16
-        h[:, 0], gate[:, 0] = shift, 1.0
-        rounded = (h.double() @ gate.double().t()).to(dtype).double()
-        top = rounded.topk(top_k + 1, dim=-1).values
-        if (top[:, :-1] > top[:, 1:]).all():  # no ties among the rounded logits that decide
-            return h.to(dtype), gate.to(dtype)
-    raise RuntimeError("could not draw router inputs without ties")
-
-
-def router_rounded_logits_case(report, dtype, shift):
-    h, gate = dyadic_router(3, 64, 8, dtype, shift)
-    out_w = torch.full((3, 8), float("nan"))
-    weights, ids = fused_router_topk(h, gate, 8, out_w, round_logits=True)
-    ref_w, ref_ids = router_topk_reference(h, gate, 8, round_logits=True)
-    problems = []
-    if torch.allclose(ref_w, router_topk_reference(h, gate, 8)[0], rtol=1e-3):
-        problems.append("rounding the logits does not change the result: the case tests nothing")
-    if not torch.equal(ids, ref_ids):
-        problems.append(f"ids {ids.tolist()} != reference {ref_ids.tolist()}")
-    compare("weights", weights, ref_w, None, F32, problems)
-    report.check(f"router round_logits {dtype}", problems)
-
-
-def router_ties_case(report):
-    # Two equal gate rows give bit-equal logits: the lower expert index must come first.
-    h, gate = random_router(1, 16, 64, 4, F32)
-    gate[5] = gate[11] = 2.0 * h[0] / h[0].norm()  # well ahead of the rest
-    weights, ids = fused_router_topk(h, gate, 4)
-    problems = [] if ids[0, :2].tolist() == [5, 11] and weights[0, 0] == weights[0, 1] else [f"ids {ids.tolist()}"]
-    # A NaN row must still give ids in range (the MoE kernel indexes weights with them).
-    h[0, 3] = float("nan")
-    with warnings.catch_warnings():  # numpy's all-NaN reductions in the interpreter
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, ids = fused_router_topk(h, gate, 4)
-    if not ((ids >= 0) & (ids < 16)).all():
-        problems.append(f"NaN row gave out-of-range ids {ids.tolist()}")
-    report.check("router ties (lower index first) and NaN input", problems)
-
-
 def softmax_topk_case(report, num_tokens, num_experts, top_k, dtype):
     """Logits as the gate projection gives them (rounded to the activation dtype); ids exact, weights
     within the dtype's tolerance of the torch reference."""
@@ -278,16 +192,6 @@ def main() -> int:
     qk_norm_rope_kv_case(report, 64, 4, max_seq, max_seq, F32)  # out of range: must write nothing
     qk_norm_rope_kv_case(report, 96, 4, max_seq, 3, BF16, impl="triton")
 
-    for dtype in (F32, BF16):
-        for num_experts in (8, 64):
-            for top_k in sorted({1, 2, 8, num_experts}):
-                for d in (64, 96, 2048):
-                    router_case(report, 1 if d == 2048 else 3, num_experts, d, top_k, dtype)
-    router_case(report, 2, 64, 96, 8, F32, block_d=64)  # d not a multiple of the chunk
-    router_case(report, 5, 64, 200, 4, BF16, block_d=32)
-    router_case(report, 2, 8, 96, 2, F32, impl="triton")
-    router_rounded_logits_case(report, F16, shift=64.0)  # bfloat16: the interpreter truncates (docstring)
-    router_ties_case(report)
     for dtype in (F32, BF16):
         for num_experts, top_k in ((8, 1), (8, 8), (64, 1), (64, 8), (64, 64), (100, 3)):
             softmax_topk_case(report, 3, num_experts, top_k, dtype)

@@ -208,7 +208,8 @@ def decode_forward_fused(
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
     norm, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write are one kernel, and the
-    router is one kernel: about 10 launches per block instead of about 30.
+    router's softmax and top-k are one kernel after the cuBLAS gate projection: about 10 launches
+    per block instead of about 30.
     """
     from .decode_attention import decode_attention_auto
     from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, softmax_topk_auto

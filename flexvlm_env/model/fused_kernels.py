@@ -9,7 +9,8 @@ dtype and rounding wherever decoder.py rounds today, so that they stand in for i
 - `fused_add_rms_norm`: residual add + RMSNorm (before each block's attention and MoE, and ln_f);
 - `fused_qk_norm_rope_kv`: q/k norms (over all heads jointly), RoPE, and the token's key/value
   written into the static cache at a slot read on the device;
-- `fused_router_topk`: router logits, softmax over all experts, top-k (not renormalised).
+- `softmax_topk`: softmax over all experts and top-k of router logits precomputed by the gate
+  projection (cuBLAS), not renormalised.
 
 None syncs with the host or allocates data-dependent shapes, so all can be captured in a CUDA graph;
 each takes optional preallocated outputs. The `*_auto` dispatchers pick Triton on CUDA (or on CPU
@@ -320,77 +321,7 @@ def fused_qk_norm_rope_kv_auto(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, val
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Router: logits, softmax over all experts, top-k
-
-
-def check_router_args(h, gate_weight, top_k) -> None:
-    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
-    if gate_weight.dim() != 2 or not 1 <= gate_weight.shape[0] <= MAX_EXPERTS:
-        raise ValueError(f"gate_weight must be [num_experts <= {MAX_EXPERTS}, d], got {tuple(gate_weight.shape)}")
-    num_experts, d = gate_weight.shape
-    if h.dim() != 2 or h.shape[1] != d:
-        raise ValueError(f"h must be [num_tokens, d={d}], got {tuple(h.shape)}")
-    _check_float("h", h)
-    _check_float("gate_weight", gate_weight)
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an int in 1..num_experts={num_experts}, got {top_k!r}")
-    _check_same_device(h=h, gate_weight=gate_weight)
-
-
-def router_topk_reference(h, gate_weight, top_k: int, round_logits: bool = False):
-    """(weights float32 [T, k], ids int64 [T, k]): softmax over all experts of h @ gate_weight.T, the k
-    largest in descending order, not renormalised (MolmoE). Logits are accumulated in float32 (float64
-    for float64 inputs); `round_logits` rounds them to h's dtype first, as `MoE.route`'s nn.Linear does.
-    Ties come out in torch.topk's order (unspecified; the Triton kernel puts the lower index first)."""
-    check_router_args(h, gate_weight, top_k)
-    acc_dtype = torch.promote_types(h.dtype, torch.float32)
-    logits = h.to(acc_dtype) @ gate_weight.to(acc_dtype).t()
-    if round_logits:
-        logits = logits.to(h.dtype).to(acc_dtype)
-    weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
-    return weights.float(), ids
-
-
-def default_router_block_d(num_experts: int, d: int) -> int:
-    # A [E, BLOCK_D] weight tile of ~16K elements per step: many bytes in flight, 64 accumulators a thread.
-    return max(16, min(triton.next_power_of_2(d), 16384 // triton.next_power_of_2(num_experts)))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _router_topk_kernel(h_ptr, w_ptr, weights_ptr, ids_ptr, num_experts, d, stride_h, stride_w,
-                            TOP_K: tl.constexpr, ROUND_LOGITS: tl.constexpr,
-                            BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per token: all E logits, then softmax and top-k without leaving registers.
-        row = tl.program_id(0).to(tl.int64)
-        offs_e = tl.arange(0, BLOCK_E)
-        mask_e = offs_e < num_experts
-        w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_w
-        # Elementwise products, one reduction at the end (no tl.dot: a GEMV, and the interpreter's bf16
-        # dot is wrong).
-        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
-        for d_start in range(0, d, BLOCK_D):
-            offs_d = d_start + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < d
-            h = tl.load(h_ptr + row * stride_h + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0.0)
-            acc += w.to(tl.float32) * h[None, :]
-        logits = tl.sum(acc, axis=1)
-        if ROUND_LOGITS:
-            logits = logits.to(h_ptr.dtype.element_ty).to(tl.float32)
-        logits = tl.where(mask_e, logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=0))
-        p = p / tl.sum(p, axis=0)
-        # Padding lanes below any probability, so they are never picked while a real expert is left.
-        p = tl.where(mask_e, p, -1.0)
-        for j in range(TOP_K):
-            best = tl.max(p, axis=0)
-            # The lowest index among equal maxima; the clamp keeps ids in range even for a NaN row.
-            idx = tl.minimum(tl.min(tl.where(p == best, offs_e, BLOCK_E), axis=0), num_experts - 1)
-            tl.store(weights_ptr + row * TOP_K + j, best)
-            tl.store(ids_ptr + row * TOP_K + j, idx.to(tl.int64))
-            p = tl.where(offs_e == idx, -2.0, p)
+# 3. Softmax + top-k of precomputed router logits
 
 
 def _router_outputs(h, top_k, out_weights, out_ids):
@@ -400,47 +331,6 @@ def _router_outputs(h, top_k, out_weights, out_ids):
     _check_out("out_weights", out_weights, shape, torch.float32, h.device)
     _check_out("out_ids", out_ids, shape, torch.int64, h.device)
     return out_weights, out_ids
-
-
-def fused_router_topk(h, gate_weight, top_k: int, out_weights=None, out_ids=None, *, round_logits: bool = False,
-                      block_d: int | None = None):
-    """Triton: as `router_topk_reference` for h [T, d], gate_weight [E <= 128, d]; one launch.
-
-    Equal probabilities come out lower expert index first (torch.topk's tie order is unspecified).
-    `out_weights` (float32) / `out_ids` (int64), contiguous [T, top_k], avoid allocation.
-    `block_d` overrides the d-chunk of the weight tile (a power of two).
-    """
-    check_router_args(h, gate_weight, top_k)
-    if h.dtype != gate_weight.dtype:
-        raise ValueError(f"gate_weight must share h's dtype {h.dtype} for the triton router, got {gate_weight.dtype}")
-    if gate_weight.stride(-1) != 1:
-        raise ValueError(f"gate_weight must be contiguous along its last dim, got strides {gate_weight.stride()}")
-    out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
-    _check_triton_ready(h, "router")
-    num_experts, d = gate_weight.shape
-    block_e = max(16, triton.next_power_of_2(num_experts))
-    block_d = block_d or default_router_block_d(num_experts, d)
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    _router_topk_kernel[(h.shape[0],)](
-        h, gate_weight, out_weights, out_ids, num_experts, d, h.stride(0), gate_weight.stride(0),
-        TOP_K=top_k, ROUND_LOGITS=round_logits, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=8)
-    return out_weights, out_ids
-
-
-def fused_router_topk_auto(h, gate_weight, top_k: int, out_weights=None, out_ids=None, *,
-                           round_logits: bool = False, impl: str = "auto"):
-    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
-    if _use_triton(impl, h):
-        return fused_router_topk(h, gate_weight, top_k, out_weights, out_ids, round_logits=round_logits)
-    weights, ids = router_topk_reference(h, gate_weight, top_k, round_logits)
-    if out_weights is None and out_ids is None:
-        return weights, ids
-    out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
-    return out_weights.copy_(weights), out_ids.copy_(ids)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 4. Softmax + top-k of precomputed router logits
 
 
 def softmax_topk_reference(logits, top_k: int):
@@ -455,8 +345,8 @@ if triton is not None:
     @triton.jit
     def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
         # One program per token over E <= 128 logits. The gate projection stays with cuBLAS, whose GEMV
-        # reads the router weights with the whole GPU; one program reading them (fused_router_topk)
-        # took 15 us per block on an H100.
+        # reads the router weights with the whole GPU; a single program per token reading them (the
+        # earlier one-program router, since removed) took 15 us per block on an H100.
         row = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         mask_e = offs_e < num_experts
