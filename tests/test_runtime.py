@@ -388,3 +388,41 @@ def test_fused_decode_step_equals_plain_step(tiny_vlm, config):
             torch.testing.assert_close(caches[1].keys[i], caches[0].keys[i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(caches[1].values[i], caches[0].values[i], atol=1e-6, rtol=0)
 
+
+
+def test_molmoe_checkpoint_without_tokenizer_uses_the_shipped_molmoe_tokenizer(tmp_path):
+    from flexvlm_env.model.checkpoint import official_names
+    from flexvlm_env.model.molmoe import MolmoE
+    from safetensors.torch import save_file
+
+    from flexvlm_env.model.args import args_from_molmo_config
+
+    import json
+
+    config = {
+        "d_model": 32, "n_heads": 4, "n_layers": 2, "moe_num_experts": 4, "moe_top_k": 2, "mlp_ratio": 1,
+        "vocab_size": 50280, "embedding_size": 50304, "additional_vocab_size": 128, "max_sequence_length": 4096,
+        "vision_backbone": {"image_emb_dim": 24, "image_num_layers": 3, "image_num_heads": 2, "image_head_dim": 12,
+                            "image_mlp_dim": 48, "image_default_input_size": [336, 336], "image_patch_size": 14},
+        "vit_layers": [-1, -3],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = args_from_molmo_config(config)
+    module = MolmoE(args).init_random_(0)
+    tensors = {}
+    params = dict(module.named_parameters())
+    for name in official_names(args):
+        if ".experts." in name:
+            block, expert, proj = name.split(".")[3], int(name.split(".")[6]), name.split(".")[7]
+            mlp = f"model.transformer.blocks.{block}.mlp"
+            h = args.expert_hidden
+            tensor = {"gate_proj": params[f"{mlp}.w_gate_up"][expert, :h], "up_proj": params[f"{mlp}.w_gate_up"][expert, h:],
+                      "down_proj": params[f"{mlp}.w_down"][expert]}[proj]
+        else:
+            tensor = params[name]
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    vlm = load_model("molmoe-1b", weights=tmp_path, device="cpu")
+    assert vlm.tokenizer.special.im_patch == 50282 and vlm.args.n_layers == 2
+    for name, param in vlm.module.named_parameters():  # official names and stacked experts round-trip
+        assert torch.equal(param, params[name]), name

@@ -451,6 +451,11 @@ def load_model(
         else:
             ranking_source = "prefix order (no ranking measured for these weights)"
         tokenizer_path = tokenizer or (micro_assets_dir() if preset == "micro" and weights is None else config_dir)
+        has_tokenizer = any((config_dir / name).exists() for name in ("tokenizer.json", "tokenizer.json.gz"))
+        if tokenizer is None and preset == "molmoe-1b" and not has_tokenizer:
+            # Some MolmoE exports ship only vocab.json/merges.txt; the shipped file is the official
+            # MolmoE-1B tokenizer (sha256 7bce2ea5... of tokenizer.json, as in the reference fixture).
+            tokenizer_path = assets_dir(preset)
     else:
         tokenizer_path = tokenizer or assets_dir(preset)
     text_tokenizer = TextTokenizer.from_file(tokenizer_path)
