@@ -9,18 +9,16 @@ naming the case, if anything is off.
 
 Interpreter limits (triton 3.9): a float32 -> bfloat16 cast truncates instead of rounding to
 nearest, so a bfloat16 output may differ from torch by one unit in the last place (the tolerances of
-_fused_interpret_check, a few ulps, allow it; the GPU tests check the compiled kernel). No tl.dot is
+_interpret.compare, a few ulps, allow it; the GPU tests check the compiled kernel). No tl.dot is
 used, so bfloat16 inputs are otherwise exact.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
-from _fused_interpret_check import BF16, F16, F32, Report, compare, nonzero_randn
+from _interpret import BF16, F16, F32, compare, nonzero_randn, start
 
 from flexvlm_env.model.decode_attention import (
     decode_attention,
@@ -116,15 +114,7 @@ def reused_buffers_case(report, dtype):
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 in the environment (it must be set before triton is imported)")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=None, help="default: fresh random data each run")
-    opts = parser.parse_args()
-    seed = torch.seed() if opts.seed is None else opts.seed
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-    report = Report()
+    report, _ = start(__doc__)
     for dtype in (F32, F16, BF16):
         for max_seq, n_heads, head_dim in SHAPES:
             slots = slots_of(max_seq, head_dim)
@@ -142,8 +132,7 @@ def main() -> int:
     slot_past_the_end_case(report)
     for dtype in (F32, BF16):
         reused_buffers_case(report, dtype)
-    print(f"{report.failures} failure(s)")
-    return 1 if report.failures else 0
+    return report.finish()
 
 
 if __name__ == "__main__":

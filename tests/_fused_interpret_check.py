@@ -11,11 +11,10 @@ rounding are checked by the GPU tests). No tl.dot is used, so bfloat16 inputs ar
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
+from _interpret import BF16, F16, F32, compare, nonzero_randn, start
 
 from flexvlm_env.model.decoder import rope_tables
 from flexvlm_env.model.fused_kernels import (
@@ -30,44 +29,6 @@ from flexvlm_env.model.fused_kernels import (
 )
 
 EPS = 1e-5
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# Elementwise (atol, rtol) against the torch reference in the same dtype: a few ulps (see above). atol
-# is scaled by the largest |reference| value: RoPE rounds its inputs (as decoder.py does) and a small
-# output of a*cos - b*sin keeps the rounding error of the larger a and b.
-CLOSE = {F32: (1e-5, 1e-5), F16: (2e-3, 2e-3), BF16: (2e-2, 2e-2)}
-# Relative error ||out - ref|| / ||ref|| against float64 from the same (rounded) inputs.
-REL_FP64 = {F32: 1e-5, F16: 2e-3, BF16: 1e-2}
-
-
-def nonzero_randn(*shape, scale=1.0):
-    """Gaussian values pushed away from zero: a zero would hide a missed scale or an unwritten output."""
-    x = torch.randn(*shape)
-    return (x + 0.1 * torch.sign(x)) * scale
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-class Report:
-    def __init__(self):
-        self.failures = 0
-
-    def check(self, name: str, problems: list[str]) -> None:
-        print(f"{'FAIL' if problems else 'ok  '} {name}" + (": " + "; ".join(problems) if problems else ""))
-        self.failures += bool(problems)
-
-
-def compare(what, out, ref, ref64, dtype, problems):
-    if not torch.isfinite(out).all():
-        problems.append(f"{what}: non-finite (an element left unwritten?)")
-        return
-    atol, rtol = CLOSE[dtype]
-    atol *= max(1.0, ref.abs().max().item())
-    if not torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol):
-        problems.append(f"{what}: max |diff| vs reference {(out.float() - ref.float()).abs().max().item():.2e}")
-    if ref64 is not None and rel_err(out, ref64) > REL_FP64[dtype]:
-        problems.append(f"{what}: rel err vs float64 {rel_err(out, ref64):.2e} > {REL_FP64[dtype]:.0e}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,15 +123,7 @@ def softmax_topk_case(report, num_tokens, num_experts, top_k, dtype):
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 in the environment (it must be set before triton is imported)")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=None, help="default: fresh random data each run")
-    opts = parser.parse_args()
-    seed = torch.seed() if opts.seed is None else opts.seed
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-    report = Report()
+    report, _ = start(__doc__)
     for dtype in (F32, F16, BF16):
         for shape in ((1, 64), (3, 96), (8, 2048), (1, 1, 2048)):
             add_rms_norm_case(report, shape, dtype)
@@ -195,8 +148,7 @@ def main() -> int:
     for dtype in (F32, BF16):
         for num_experts, top_k in ((8, 1), (8, 8), (64, 1), (64, 8), (64, 64), (100, 3)):
             softmax_topk_case(report, 3, num_experts, top_k, dtype)
-    print(f"{report.failures} failure(s)")
-    return 1 if report.failures else 0
+    return report.finish()
 
 
 if __name__ == "__main__":

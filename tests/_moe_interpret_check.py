@@ -9,11 +9,10 @@ GEMM is checked here in float32 and float16; bfloat16 is covered by the GPU test
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
+from _interpret import rel_err, start
 
 from flexvlm_env.model.moe_kernels import (
     DecodeConfig,
@@ -46,17 +45,15 @@ def random_moe(num_tokens, top_k, num_experts, d_model, hidden, dtype, *, unused
 def relative_error(out, args):
     ref = moe_reference(*(t.double() if t.is_floating_point() else t for t in args))
     assert torch.isfinite(out).all(), "non-finite output (an element left unwritten?)"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return rel_err(out, ref)
 
 
-def check(name, out, args, dtype):
+def check(report, name, out, args, dtype):
     err = relative_error(out, args)
-    ok = err < TOLERANCE[dtype]
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})")
-    return ok
+    report.record(name, err < TOLERANCE[dtype], f"rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})")
 
 
-def decode_case(name, top_k, num_experts, d_model, hidden, dtype, config, flat_x=False, **kw):
+def decode_case(report, name, top_k, num_experts, d_model, hidden, dtype, config, flat_x=False, **kw):
     args = random_moe(1, top_k, num_experts, d_model, hidden, dtype, **kw)
     x = args[0][0] if flat_x else args[0]
     # Poisoned buffers: a NaN left anywhere means the kernels skipped an element.
@@ -64,50 +61,41 @@ def decode_case(name, top_k, num_experts, d_model, hidden, dtype, config, flat_x
     workspace = torch.full((top_k * hidden,), float("nan"))
     out = moe_decode_triton(x, *args[1:], out=out, workspace=workspace, config=config)
     assert out.shape == x.shape, (out.shape, x.shape)
-    return check(f"decode {name}", out.reshape(1, -1), args, dtype)
+    check(report, f"decode {name}", out.reshape(1, -1), args, dtype)
 
 
-def prefill_case(name, num_tokens, top_k, num_experts, d_model, hidden, dtype, config=None, **kw):
+def prefill_case(report, name, num_tokens, top_k, num_experts, d_model, hidden, dtype, config=None, **kw):
     args = random_moe(num_tokens, top_k, num_experts, d_model, hidden, dtype, **kw)
-    return check(f"prefill {name}", moe_prefill_triton(*args, config=config), args, dtype)
+    check(report, f"prefill {name}", moe_prefill_triton(*args, config=config), args, dtype)
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 in the environment (it must be set before triton is imported)")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", choices=["small", "large"], default="small")
-    parser.add_argument("--seed", type=int, default=None, help="default: fresh random data each run")
-    opts = parser.parse_args()
-    seed = torch.seed() if opts.seed is None else opts.seed
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
+    def size_argument(parser):
+        parser.add_argument("--size", choices=["small", "large"], default="small")
+
+    report, opts = start(__doc__, size_argument)
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     tiny = PrefillConfig(block_m=16, block_n=16, block_k=16)
     odd = DecodeConfig(block_h=8, block_d=16, block_out=8, block_hk=16)  # blocks that don't divide the dims
-    results = [
-        decode_case("k=1", 1, 4, 32, 16, f32, DecodeConfig(4, 16, 8, 16)),
-        decode_case("k=E", 4, 4, 32, 16, f32, DecodeConfig(4, 16, 8, 16)),
-        decode_case("ragged dims, x 1-D", 3, 6, 40, 20, f32, odd, flat_x=True),
-        decode_case("bf16", 3, 8, 64, 32, bf16, DecodeConfig(8, 32, 16, 16)),
-        decode_case("fp16 default config", 2, 8, 64, 32, f16, None),
-        prefill_case("T=37 k=3 (T not a multiple of block_m), unused + all-token experts",
-                     37, 3, 8, 32, 16, f32, tiny, unused_expert=2, hot_expert=5),
-        prefill_case("T=2 k=1", 2, 1, 4, 32, 16, f32, tiny),
-        prefill_case("T=5 k=E", 5, 6, 6, 32, 16, f32, tiny),
-        prefill_case("ragged dims", 9, 2, 5, 40, 24, f32, tiny),
-        prefill_case("fp16 default config", 20, 4, 8, 64, 32, f16),
-    ]
+    decode_case(report, "k=1", 1, 4, 32, 16, f32, DecodeConfig(4, 16, 8, 16))
+    decode_case(report, "k=E", 4, 4, 32, 16, f32, DecodeConfig(4, 16, 8, 16))
+    decode_case(report, "ragged dims, x 1-D", 3, 6, 40, 20, f32, odd, flat_x=True)
+    decode_case(report, "bf16", 3, 8, 64, 32, bf16, DecodeConfig(8, 32, 16, 16))
+    decode_case(report, "fp16 default config", 2, 8, 64, 32, f16, None)
+    prefill_case(report, "T=37 k=3 (T not a multiple of block_m), unused + all-token experts",
+                 37, 3, 8, 32, 16, f32, tiny, unused_expert=2, hot_expert=5)
+    prefill_case(report, "T=2 k=1", 2, 1, 4, 32, 16, f32, tiny)
+    prefill_case(report, "T=5 k=E", 5, 6, 6, 32, 16, f32, tiny)
+    prefill_case(report, "ragged dims", 9, 2, 5, 40, 24, f32, tiny)
+    prefill_case(report, "fp16 default config", 20, 4, 8, 64, 32, f16)
     args = random_moe(3, 2, 4, 32, 16, f32)
-    results.append(check("moe_forward impl=triton T=3", moe_forward(*args, impl="triton"), args, f32))
+    check(report, "moe_forward impl=triton T=3", moe_forward(*args, impl="triton"), args, f32)
     if opts.size == "large":
-        results += [
-            prefill_case("T=300 k=8 E=16 default config", 300, 8, 16, 64, 32, f32),
-            prefill_case("T=129 k=16 E=16 block_m=32", 129, 16, 16, 64, 32, f32,
-                         PrefillConfig(block_m=32, block_n=32, block_k=32), unused_expert=0),
-            decode_case("k=16 E=16 default config", 16, 16, 128, 64, f32, None),
-        ]
-    return 0 if all(results) else 1
+        prefill_case(report, "T=300 k=8 E=16 default config", 300, 8, 16, 64, 32, f32)
+        prefill_case(report, "T=129 k=16 E=16 block_m=32", 129, 16, 16, 64, 32, f32,
+                     PrefillConfig(block_m=32, block_n=32, block_k=32), unused_expert=0)
+        decode_case(report, "k=16 E=16 default config", 16, 16, 128, 64, f32, None)
+    return report.exit_code
 
 
 if __name__ == "__main__":

@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _decode_attention_interpret_check import (
+    float64_attention,
+    poison_after_,
+    random_case,
+)
+from _interpret import run_interpret_check
 
 from flexvlm_env.model.decode_attention import (
     decode_attention,
     decode_attention_auto,
     decode_attention_reference,
     split_plan,
-)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _decode_attention_interpret_check import (  # noqa: E402
-    float64_attention,
-    poison_after_,
-    random_case,
 )
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -147,12 +142,7 @@ def test_auto_on_cpu_is_the_reference_and_impl_is_checked():
 
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "_decode_attention_interpret_check.py")],
-                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_interpret_check("_decode_attention_interpret_check.py")
 
 
 # ---------------------------------------------------------------------------------------------------

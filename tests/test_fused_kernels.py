@@ -4,13 +4,12 @@ interpreter (subprocess) and, with a GPU, compiled in bf16 and captured in a CUD
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _fused_interpret_check import random_qk_case
+from _interpret import nonzero_randn, run_interpret_check
 
 from flexvlm_env.model.args import ModelArgs
 from flexvlm_env.model.decoder import Attention, Block, MoE, rope_tables
@@ -24,13 +23,6 @@ from flexvlm_env.model.fused_kernels import (
     softmax_topk,
     softmax_topk_auto,
     softmax_topk_reference,
-)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fused_interpret_check import (  # noqa: E402
-    nonzero_randn,
-    random_qk_case,
 )
 
 EPS = 1e-5
@@ -200,12 +192,7 @@ def test_auto_on_cpu_is_the_reference_and_impl_is_checked():
 
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "_fused_interpret_check.py")],
-                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_interpret_check("_fused_interpret_check.py")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _interpret import REPO_ROOT, rel_err, run_interpret_check
+from _moe_interpret_check import random_moe
 
 from flexvlm_env.model.moe_kernels import (
     align_block_size,
@@ -20,10 +21,6 @@ from flexvlm_env.model.moe_kernels import (
     moe_prefill_triton,
     moe_reference,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _moe_interpret_check import random_moe  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,23 +38,19 @@ def direct_moe(x, topk_ids, topk_weights, w_gate_up, w_down):
     return out
 
 
-def relative_error(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.mark.parametrize("num_tokens,top_k,num_experts,d_model,hidden", [
     (1, 1, 4, 16, 8), (1, 4, 4, 16, 8), (1, 3, 8, 24, 12), (7, 2, 8, 16, 8), (13, 5, 5, 16, 8), (30, 3, 8, 24, 12),
 ])
 def test_reference_matches_direct_formula(num_tokens, top_k, num_experts, d_model, hidden):
     args = random_moe(num_tokens, top_k, num_experts, d_model, hidden, torch.float64, unused_expert=0)
-    assert relative_error(moe_reference(*args), direct_moe(*args)) < 1e-12
+    assert rel_err(moe_reference(*args), direct_moe(*args)) < 1e-12
 
 
 def test_reference_keeps_dtype_and_shape_and_int32_ids():
     x, ids, weights, w_gate_up, w_down = random_moe(1, 2, 4, 16, 8, torch.bfloat16)
     out = moe_reference(x[0], ids.int(), weights, w_gate_up, w_down)
     assert out.dtype == torch.bfloat16 and out.shape == (16,)
-    assert relative_error(out[None], direct_moe(x, ids, weights, w_gate_up, w_down)) < 1e-2
+    assert rel_err(out[None], direct_moe(x, ids, weights, w_gate_up, w_down)) < 1e-2
 
 
 def test_align_block_size_places_each_pair_once_in_blocks_of_one_expert():
@@ -108,22 +101,13 @@ def test_moe_forward_auto_on_cpu_is_the_reference():
     assert torch.equal(moe_forward(*args), moe_reference(*args))
 
 
-def run_interpreter_check(size: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "_moe_interpret_check.py"), "--size", size],
-                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_triton_kernels_in_interpreter():
-    run_interpreter_check("small")
+    run_interpret_check("_moe_interpret_check.py", "--size", "small")
 
 
 @pytest.mark.slow
 def test_triton_kernels_in_interpreter_larger_cases():
-    run_interpreter_check("large")
+    run_interpret_check("_moe_interpret_check.py", "--size", "large")
 
 
 def test_bench_script_dry_run(tmp_path):
@@ -155,7 +139,7 @@ def test_decode_triton_bf16_gpu(top_k):
     args = random_moe_cuda(1, top_k)
     out = torch.full_like(args[0], float("nan"))
     moe_decode_triton(*args, out=out)
-    assert relative_error(out, reference_fp64(args)) < 1e-2
+    assert rel_err(out, reference_fp64(args)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -166,8 +150,8 @@ def test_decode_triton_bf16_gpu(top_k):
 ])
 def test_prefill_triton_bf16_gpu(num_tokens, top_k, num_experts, d_model, hidden):
     args = random_moe_cuda(num_tokens, top_k, num_experts, d_model, hidden, unused_expert=3, hot_expert=5)
-    assert relative_error(moe_prefill_triton(*args), reference_fp64(args)) < 1e-2
-    assert relative_error(moe_forward(*args), reference_fp64(args)) < 1e-2
+    assert rel_err(moe_prefill_triton(*args), reference_fp64(args)) < 1e-2
+    assert rel_err(moe_forward(*args), reference_fp64(args)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -188,5 +172,5 @@ def test_decode_replays_in_cuda_graph_with_new_ids():
         out.fill_(float("nan"))
         graph.replay()
         ref = reference_fp64((x, ids, weights, w_gate_up, w_down))
-        assert relative_error(out, ref) < 1e-2
+        assert rel_err(out, ref) < 1e-2
         assert torch.equal(out, moe_decode_triton(x, ids, weights, w_gate_up, w_down))
