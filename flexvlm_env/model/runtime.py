@@ -229,7 +229,11 @@ class VLM:
         latency = timer.finish()
         ids = torch.cat(generated, dim=1)[0].tolist()
         text_ids = ids[:-1] if ids and ids[-1] == eos and not ignore_eos else ids
+        return self._result(request, ids, text_ids, latency, config, plan)
+
+    def _result(self, request: PreparedRequest, ids, text_ids, latency, config: Config, plan) -> GenerationResult:
         vision = request.image.vision_tokens if request.image is not None else 0
+        length = request.input_ids.shape[0]
         return GenerationResult(
             text=self.tokenizer.decode(text_ids),
             token_ids=ids,
@@ -334,18 +338,7 @@ class VLM:
             if eos in ids:
                 ids = ids[: ids.index(eos) + 1]
             text_ids = ids[:-1] if ids and ids[-1] == eos else ids
-            vision = request.image.vision_tokens if request.image is not None else 0
-            results.append(
-                GenerationResult(
-                    text=self.tokenizer.decode(text_ids),
-                    token_ids=ids,
-                    latency=None,
-                    tokens=TokenCounts(vision=vision, prompt=request.prompt_tokens, layout=lengths[i] - vision - request.prompt_tokens, output=len(ids)),
-                    config=config,
-                    plan=plan,
-                    tiling=request.image.tiling if request.image is not None else None,
-                )
-            )
+            results.append(self._result(request, ids, text_ids, None, config, plan))
         return results
 
 
@@ -380,9 +373,6 @@ def assets_dir(preset: str) -> Path:
     random-weight latency studies see the real token counts)."""
     return Path(str(resources.files("flexvlm_env") / "assets" / preset))
 
-
-def micro_assets_dir() -> Path:
-    return assets_dir("micro")
 
 
 def load_model(
@@ -423,7 +413,7 @@ def load_model(
                 f"preset {preset!r} has no bundled weights: pass weights=<checkpoint dir or hub id, e.g. "
                 "'allenai/MolmoE-1B-0924'>, or weights='random' for latency studies"
             )
-        checkpoint = micro_assets_dir() / "model.safetensors"
+        checkpoint = assets_dir("micro") / "model.safetensors"
         if not checkpoint.exists():
             raise FileNotFoundError(
                 f"the micro weights are not in this install ({checkpoint}); train them with "
@@ -450,7 +440,7 @@ def load_model(
             ranking, ranking_source = data["ranking"], data.get("source", str(config_dir / "block_ranking.json"))
         else:
             ranking_source = "prefix order (no ranking measured for these weights)"
-        tokenizer_path = tokenizer or (micro_assets_dir() if preset == "micro" and weights is None else config_dir)
+        tokenizer_path = tokenizer or (assets_dir("micro") if preset == "micro" and weights is None else config_dir)
         has_tokenizer = any((config_dir / name).exists() for name in ("tokenizer.json", "tokenizer.json.gz"))
         if tokenizer is None and preset == "molmoe-1b" and not has_tokenizer:
             # Some MolmoE exports ship only vocab.json/merges.txt; the shipped file is the official
