@@ -8,7 +8,7 @@ reference fixture and real checkpoints are built.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -214,7 +214,3 @@ def args_from_molmo_config(config: Mapping[str, Any], name: str = "molmoe-1b") -
         max_seq_len=int(config.get("max_sequence_length", 4096)),
         vision=vision,
     )
-
-
-def with_overrides(args: ModelArgs, **kwargs) -> ModelArgs:
-    return replace(args, **kwargs)

@@ -262,19 +262,12 @@ def preprocess_image(
 
 
 def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:
-    """Positions that receive an image feature for a rows x cols tiling (global view included)."""
+    """Positions that receive an image feature for a rows x cols tiling (global view included):
+    the global view's cells plus the tile grid, whose interior borders drop their margins."""
     pooled, margin = vision.pooled_per_side, vision.margin_pooled
-    grid_h = pooled if rows == 1 else (pooled - 2 * margin) * rows + 2 * margin
-    grid_w = pooled if cols == 1 else (pooled - 2 * margin) * cols + 2 * margin
+    grid_h = (pooled - 2 * margin) * rows + 2 * margin
+    grid_w = (pooled - 2 * margin) * cols + 2 * margin
     return pooled * pooled + grid_h * grid_w
-
-
-def image_block_length(rows: int, cols: int, vision: VisionArgs) -> int:
-    """Tokens in the image block: both <im_start>/<im_end> pairs, patches and column tokens."""
-    pooled, margin = vision.pooled_per_side, vision.margin_pooled
-    grid_h = pooled if rows == 1 else (pooled - 2 * margin) * rows + 2 * margin
-    grid_w = pooled if cols == 1 else (pooled - 2 * margin) * cols + 2 * margin
-    return 2 + pooled * (pooled + 1) + 2 + grid_h * (grid_w + 1)
 
 
 def build_input_ids(prompt_ids: Sequence[int], special: SpecialTokens, image_tokens: Sequence[int] | None) -> list[int]:
