@@ -8,16 +8,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (figures are written, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def roofline(result: dict, path: str | Path) -> Path:
     """Decode ms/token against the bytes a token must read, with the bandwidth floor.
 
     FlexVLM rows are labelled by (top_k, active_blocks); the Hugging Face rows are placed at the
     bytes of the same configuration (they must read at least as much).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = result["rows"]
     bandwidth = result["copy_bandwidth_gbps"]
@@ -44,9 +60,24 @@ def roofline(result: dict, path: str | Path) -> Path:
     ax.set_title(f"{result['args']['preset']} decode roofline, batch 1, bf16 — {info['device_name']}, torch {info['torch']}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
+
+
+def training_curves(log_records: list[dict], path: str | Path) -> Path:
+    """Answer cross-entropy per family and per knob draw against training step (train_micro log)."""
+    plt = _pyplot()
+
+    steps = [r["step"] for r in log_records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    families = [k.split("/", 1)[1] for k in log_records[-1] if k.startswith("ce_family/")]
+    for family in families:
+        left.plot(steps, [r.get(f"ce_family/{family}") for r in log_records], label=family)
+    left.set(title="answer cross-entropy per family (all draws)", xlabel="step", ylabel="nats per answer token")
+    left.legend(fontsize=7)
+    for kind in ("full", "smallest", "prefix", "random"):
+        right.plot(steps, [r.get(f"ce/{kind}") for r in log_records], label=kind)
+    right.set(title="per knob draw (full = (12, 8, 16), smallest = (1, 1, 8))", xlabel="step")
+    right.legend()
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    return _save(fig, path, dpi=110)

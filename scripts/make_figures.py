@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flexvlm_env.figures import roofline
+from flexvlm_env.figures import roofline, training_curves
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -13,6 +13,10 @@ def main() -> None:
     source = RESULTS / "bench_runtime_h100.json"
     if source.exists():
         print("wrote", roofline(json.loads(source.read_text()), RESULTS / "figures" / "roofline_h100.png"))
+    log = RESULTS / "train_micro_log.jsonl"
+    if log.exists():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        print("wrote", training_curves(records, RESULTS / "figures" / "micro_training.png"))
 
 
 if __name__ == "__main__":

@@ -134,34 +134,40 @@ def resize_and_pad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize keeping the aspect ratio, pad (centred) to the target, normalise.
 
-    `array` is RGB uint8 [H, W, 3], a numpy array or a tensor on the device that should do the
-    work. Returns (normalised image [3, target_h, target_w] float32, validity mask [target_h, target_w]).
+    `array` is RGB uint8 [H, W, 3] or a batch of same-size images [N, H, W, 3], a numpy array or a
+    tensor on the device that should do the work. Returns (normalised image [3, target_h, target_w]
+    or [N, 3, target_h, target_w] float32, validity mask [target_h, target_w]).
     """
-    height, width = array.shape[:2]
+    if not isinstance(array, torch.Tensor):
+        array = torch.tensor(array, dtype=torch.uint8)
+    batched = array.dim() == 4
+    pixels_nhwc = array if batched else array[None]
+    height, width = pixels_nhwc.shape[1:3]
     scale = min(np.float32(target_h) / np.float32(height), np.float32(target_w) / np.float32(width))
     new_h = int(np.float32(height) * scale)
     new_w = int(np.float32(width) * scale)
-    if not isinstance(array, torch.Tensor):
-        array = torch.tensor(array, dtype=torch.uint8)
     device = array.device
-    pixels = array.permute(2, 0, 1).to(torch.float32) / 255.0
+    pixels = pixels_nhwc.permute(0, 3, 1, 2).to(torch.float32) / 255.0
     # The reference resizes even when the size is unchanged; antialiased bilinear is not the identity then.
-    pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     pixels = pixels.clamp_(0.0, 1.0)
     top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-    canvas = torch.zeros(3, target_h, target_w, dtype=torch.float32, device=device)
-    canvas[:, top : top + new_h, left : left + new_w] = pixels
+    canvas = torch.zeros(pixels.shape[0], 3, target_h, target_w, dtype=torch.float32, device=device)
+    canvas[:, :, top : top + new_h, left : left + new_w] = pixels
     mask = torch.zeros(target_h, target_w, dtype=torch.float32, device=device)
     mask[top : top + new_h, left : left + new_w] = 1.0
     mean = torch.tensor(vision.mean, dtype=torch.float32, device=device)[:, None, None]
     std = torch.tensor(vision.std, dtype=torch.float32, device=device)[:, None, None]
-    return (canvas - mean) / std, mask
+    canvas = (canvas - mean) / std
+    return (canvas if batched else canvas[0]), mask
 
 
 def to_patches(crop: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
-    """[3, crop, crop] -> [patches, patch*patch*3], patches row-major, (row, col, channel) inside a patch."""
+    """[..., 3, crop, crop] -> [..., patches, patch*patch*3], patches row-major, (row, col, channel) inside a patch."""
     n, p = vision.patches_per_side, vision.patch_px
-    return crop.permute(1, 2, 0).reshape(n, p, n, p, 3).permute(0, 2, 1, 3, 4).reshape(n * n, p * p * 3)
+    lead = crop.shape[:-3]
+    x = crop.reshape(-1, 3, n, p, n, p).permute(0, 2, 4, 3, 5, 1)  # [B, row, col, py, px, c]
+    return x.reshape(*lead, n * n, p * p * 3)
 
 
 def _patch_fractions(mask: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
@@ -217,6 +223,15 @@ def token_layout(rows: int, cols: int, vision: VisionArgs, special: SpecialToken
     return tokens, idx
 
 
+def select_tiling(height: int, width: int, crops: int, vision: VisionArgs, crop_rule: str = "exact") -> tuple[int, int]:
+    """(rows, cols) for an image under the crops knob and `crop_rule` ("exact" or "native")."""
+    if crop_rule == "exact":
+        return select_tiling_exact(height, width, crops, vision)
+    if crop_rule == "native":
+        return select_tiling_native(height, width, crops, vision)
+    raise ValueError(f"crop_rule={crop_rule!r} is not valid; allowed: ('exact', 'native')")
+
+
 def preprocess_image(
     image,
     crops: int,
@@ -234,16 +249,29 @@ def preprocess_image(
     tensors (`image_input_idx`) stay on the host, where positions are computed.
     """
     array = to_rgb_array(image)
-    height, width = array.shape[:2]
-    if crop_rule == "exact":
-        rows, cols = select_tiling_exact(height, width, crops, vision)
-    elif crop_rule == "native":
-        rows, cols = select_tiling_native(height, width, crops, vision)
-    else:
-        raise ValueError(f"crop_rule={crop_rule!r} is not valid; allowed: ('exact', 'native')")
-
-    crop_px, window = vision.crop_px, vision.window_px
     pixels = torch.tensor(array, dtype=torch.uint8).to(device, non_blocking=True)
+    batch = preprocess_image_batch(pixels[None], crops, vision, special, crop_rule=crop_rule, offset=offset)
+    return ImageInputs(batch.tiling, batch.images[0], batch.image_masks, batch.image_input_idx, batch.tokens)
+
+
+def preprocess_image_batch(
+    pixels: torch.Tensor,
+    crops: int,
+    vision: VisionArgs,
+    special: SpecialTokens,
+    *,
+    crop_rule: str = "exact",
+    offset: int = 1,
+) -> ImageInputs:
+    """`preprocess_image` for N images of one size at once (training batches): `pixels` is uint8
+    [N, H, W, 3] on the device that does the work. Same-size images share the tiling, the masks and
+    the token layout, so only `images` gains the batch dimension: [N, n_crops, patches, patch_dim]."""
+    if pixels.dim() != 4 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be uint8 [N, H, W, 3], got {pixels.dtype} {list(pixels.shape)}")
+    height, width = pixels.shape[1:3]
+    rows, cols = select_tiling(height, width, crops, vision, crop_rule)
+    crop_px, window = vision.crop_px, vision.window_px
+    device = pixels.device
     tiled, mask = resize_and_pad(pixels, window * rows + vision.margin_total_px, window * cols + vision.margin_total_px, vision)
     global_view, _ = resize_and_pad(pixels, crop_px, crop_px, vision)
 
@@ -252,13 +280,13 @@ def preprocess_image(
     for r in range(rows):
         for c in range(cols):
             y, x = window * r, window * c
-            patches.append(to_patches(tiled[:, y : y + crop_px, x : x + crop_px], vision))
+            patches.append(to_patches(tiled[:, :, y : y + crop_px, x : x + crop_px], vision))
             masks.append(_patch_fractions(mask[y : y + crop_px, x : x + crop_px], vision))
     # Reference quirk: mask rows are shifted by one (the global view gets tile 0's row, the last
     # tile gets -1, i.e. "partial padding"); trained checkpoints expect it.
     masks.append(torch.full((vision.patches_per_crop,), -1.0, device=device))
     tokens, idx = token_layout(rows, cols, vision, special, offset)
-    return ImageInputs((rows, cols), torch.stack(patches), torch.stack(masks), idx, tokens)
+    return ImageInputs((rows, cols), torch.stack(patches, dim=1), torch.stack(masks), idx, tokens)
 
 
 def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:

@@ -60,6 +60,7 @@ class PreparedRequest:
     input_ids: torch.Tensor  # int64 [L] on the CPU
     image: ImageInputs | None
     prompt_tokens: int
+    crops: tuple[int, str]  # (crops, crop_rule) it was prepared for
 
 
 class VLM:
@@ -129,7 +130,7 @@ class VLM:
         ids = build_input_ids(prompt_ids, self.special, image_inputs.tokens if image_inputs else None)
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"request needs {len(ids)} input tokens; this model's max_seq_len is {self.max_seq_len}")
-        return PreparedRequest(torch.tensor(ids, dtype=torch.long), image_inputs, len(prompt_ids))
+        return PreparedRequest(torch.tensor(ids, dtype=torch.long), image_inputs, len(prompt_ids), (config.crops, config.crop_rule))
 
     def encode_image(self, image_inputs: ImageInputs) -> torch.Tensor:
         """Vision encoder stage: pooled features [crops, cells, W]."""
@@ -278,8 +279,33 @@ class VLM:
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budgets) != len(prompts) or any(not isinstance(b, int) or b < 1 for b in budgets):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1 or one such int per request")
-        plan, top_k = self.plan(config), config.top_k_per_block(self.args.n_layers)
         requests = [self.prepare(image, prompt, config) for image, prompt in zip(images, prompts)]
+        return self.generate_prepared(requests, config, budgets)
+
+    @torch.inference_mode()
+    def generate_prepared(
+        self, requests: Sequence[PreparedRequest], config: Config, max_new_tokens: Sequence[int],
+        plan: Sequence[int] | None = None,
+    ) -> list[GenerationResult]:
+        """`generate_batch` on requests already through `prepare`. Preparation depends only on the
+        crops knob (and crop rule), so a sweep over top_k and depth prepares each request once.
+        `plan` (sorted block indices, block 0 included) overrides the config's block plan: block
+        ablations such as measuring the importance ranking."""
+        config = self.check_config(config)
+        budgets = list(max_new_tokens)
+        if len(budgets) != len(requests):
+            raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(requests)} requests")
+        wrong = {r.crops for r in requests} - {(config.crops, config.crop_rule)}
+        if wrong:
+            raise ValueError(f"requests were prepared for (crops, crop_rule) {sorted(wrong)}, not for "
+                             f"{(config.crops, config.crop_rule)}: prepare them with this config")
+        if plan is None:
+            plan = self.plan(config)
+        else:
+            plan = tuple(int(b) for b in plan)
+            if list(plan) != sorted(set(plan)) or not plan or plan[0] != 0 or plan[-1] >= self.args.n_layers:
+                raise ValueError(f"plan={plan} must be sorted distinct block indices starting with 0, below {self.args.n_layers}")
+        top_k = config.top_k_per_block(self.args.n_layers)
         batch = len(requests)
         lengths = [r.input_ids.shape[0] for r in requests]
         width = max(lengths)

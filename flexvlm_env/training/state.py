@@ -1,0 +1,85 @@
+"""Resumable training state: weights, optimizer moments and progress, without pickle.
+
+Tensors go to sharded safetensors files (each below `max_shard_size`, so a checkpoint can be
+carried through size-limited transfers) and everything else to `state.json`. The directory is
+written under a temporary name and renamed into place, so a crash mid-save leaves the previous
+checkpoint intact; `load_training_state` restores the model and optimizer exactly, and the step
+it returns is where the (deterministic) data stream resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
+
+STATE_FILE = "state.json"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_training_state(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, progress: dict, max_shard_size: str = "15MB") -> Path:
+    """Write model + optimizer + `progress` (JSON-serialisable: step, args, ...) to `directory`.
+
+    `optimizer=None` writes a weights-only state (a third of the size, for moving a run between
+    machines); resuming from it starts fresh AdamW moments (see `load_training_state`)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    optimizer_meta = None
+    if optimizer is not None:
+        optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        tensors.update(optimizer_tensors)
+    save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    (tmp / STATE_FILE).write_text(json.dumps({"progress": progress, "optimizer": optimizer_meta}, indent=1))
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load_training_state(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model (and optimizer, if given and saved) from `directory`; return the saved progress
+    dict with "optimizer_restored" set: False for a weights-only state, whose optimizer starts
+    with fresh moments (the caller re-warms the learning rate)."""
+    directory = Path(directory)
+    meta_path = directory / STATE_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no training state in {directory} (missing {STATE_FILE})")
+    meta = json.loads(meta_path.read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard, device=str(next(model.parameters()).device)))
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state, strict=True)
+    restored = optimizer is not None and meta["optimizer"] is not None
+    if restored:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return {**meta["progress"], "optimizer_restored": restored}

@@ -1,0 +1,199 @@
+"""Quality of the shipped `micro` weights across the knob grid: `results/micro_quality.json`.
+
+    python scripts/eval_micro.py                       # CPU, about 30 minutes on 2 cores
+    python scripts/eval_micro.py --requests-per-family 20 --grid-requests-per-family 4 --latency-repeats 1  # quick
+
+Three measurements, all greedy generation scored with each family's metric on the procedural
+`val` split (fixed seed):
+1. the quality table: the full configuration, each knob swept with the other two at full, and the
+   smallest configuration, on `--requests-per-family` requests per family;
+2. per-request quality at all 140 grid configurations on the first `--grid-requests-per-family`
+   of those requests (what adaptivity needs);
+3. each configuration's latency relative to the full one on this machine: the median over
+   `--latency-requests` requests (one per family in turn) of `--latency-repeats` timed runs with the
+   output forced to `--latency-tokens` tokens, so that the ratio reflects the knobs and not how
+   long an answer happened to be.
+Then the adaptivity figures: the share of requests that reach their full-configuration quality at
+some configuration whose latency is <= 50% of the full one's, and the share that lose quality at
+every configuration below full; and each quality bar of the issue, checked.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+import flexvlm_env
+from flexvlm_env.config import Config, KnobGrid
+from flexvlm_env.evaluation import QualityEvaluator
+from flexvlm_env.model.runtime import load_model
+from flexvlm_env.tasks import FAMILIES
+from flexvlm_env.tasks.procedural import GENERATOR_VERSION, generate_samples
+
+
+@dataclass
+class Args:
+    out: str = "results/micro_quality.json"
+    """where to write the results"""
+    weights: str | None = None
+    """checkpoint (default: the shipped micro weights)"""
+    split: str = "val"
+    """procedural split"""
+    seed: int = 0
+    """procedural seed"""
+    requests_per_family: int = 200
+    """requests per family for the quality table"""
+    grid_requests_per_family: int = 40
+    """requests per family evaluated at all grid configurations (adaptivity)"""
+    latency_requests: int = 9
+    """requests timed per configuration (one per family in turn)"""
+    latency_repeats: int = 3
+    """timed runs per request and configuration (after one warm-up)"""
+    latency_tokens: int = 16
+    """forced output tokens in the latency runs"""
+    batch_size: int = 200
+    """requests per generation batch"""
+    device: str = "cpu"
+    """device the quality and latency runs use"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+
+
+def table_configs(grid: KnobGrid) -> list[tuple[str, Config]]:
+    full = grid.full
+    configs = [("full", full)]
+    configs += [(f"crops={c}", Config(c, full.top_k, full.active_blocks)) for c in grid.crops if c != full.crops]
+    configs += [(f"top_k={k}", Config(full.crops, k, full.active_blocks)) for k in grid.top_k if k != full.top_k]
+    configs += [(f"active_blocks={b}", Config(full.crops, full.top_k, b)) for b in grid.active_blocks if b != full.active_blocks]
+    configs.append(("smallest", Config(min(grid.crops), min(grid.top_k), min(grid.active_blocks))))
+    return configs
+
+
+def knob_tuple(config: Config) -> tuple[int, int, int]:
+    return (config.crops, config.top_k, config.active_blocks)
+
+
+def per_family(scores: np.ndarray, families: list[str]) -> dict[str, float]:
+    return {f: float(np.mean([s for s, g in zip(scores, families) if g == f])) for f in FAMILIES}
+
+
+def measure_latency(vlm, samples, configs, args: Args) -> dict[tuple[int, int, int], float]:
+    """Median end-to-end latency (ms) per config over the timed requests."""
+    chosen = [samples[i * args.grid_requests_per_family] for i in range(len(FAMILIES))]
+    chosen = [chosen[i % len(chosen)] for i in range(args.latency_requests)]
+    latency = {}
+    for config in configs:
+        times = []
+        for sample in chosen:
+            vlm.generate(sample.image, sample.prompt, config, max_new_tokens=args.latency_tokens, ignore_eos=True)
+            for _ in range(args.latency_repeats):
+                result = vlm.generate(sample.image, sample.prompt, config, max_new_tokens=args.latency_tokens, ignore_eos=True)
+                times.append(result.latency.total_ms)
+        latency[knob_tuple(config)] = float(np.median(times))
+    return latency
+
+
+def check_bars(table: list[dict], adaptivity: dict, grid: KnobGrid) -> dict:
+    by_name = {row["name"]: row for row in table}
+    full = by_name["full"]
+    bars = {
+        "full_mean_ge_0.70": full["mean"] >= 0.70,
+        "full_every_family_ge_0.50": min(full["per_family"].values()) >= 0.50,
+        "smallest_le_60pct_of_full": by_name["smallest"]["mean"] <= 0.6 * full["mean"],
+        "frac_full_quality_at_half_latency_ge_0.25": adaptivity["frac_full_quality_at_half_latency"] >= 0.25,
+        "frac_need_full_ge_0.15": adaptivity["frac_need_full"] >= 0.15,
+    }
+    for knob, values in (("crops", grid.crops), ("top_k", grid.top_k), ("active_blocks", grid.active_blocks)):
+        rows = [by_name["full"] if v == max(values) else by_name[f"{knob}={v}"] for v in sorted(values)]
+        means = [r["mean"] for r in rows]
+        smallest = rows[0]["per_family"]
+        losses = {f: full["per_family"][f] - smallest[f] for f in FAMILIES}
+        bars[f"{knob}_mean_non_decreasing"] = all(b >= a for a, b in zip(means, means[1:]))
+        bars[f"{knob}_smallest_loses_ge_10pts_in_2_families"] = sum(v >= 0.10 for v in losses.values()) >= 2
+        bars[f"{knob}_loss_per_family_at_smallest"] = {f: round(v, 4) for f, v in losses.items()}
+    return bars
+
+
+def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    vlm = load_model("micro", args.weights, device=args.device, dtype="float32")
+    grid = KnobGrid()
+    samples = [s for f in FAMILIES for s in generate_samples(f, args.split, args.requests_per_family, seed=args.seed)]
+    families = [s.family for s in samples]
+
+    # 1. Quality table.
+    evaluator = QualityEvaluator(vlm, samples, batch_size=args.batch_size)
+    table = []
+    configs = sorted(table_configs(grid), key=lambda item: item[1].crops)  # crops-major: prepare once per value
+    for name, config in configs:
+        scores = evaluator.scores(config)
+        table.append({"name": name, "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
+                      "per_family": per_family(scores, families), "mean": float(np.mean([per_family(scores, families)[f] for f in FAMILIES]))})
+        print(f"{name:18s} mean {table[-1]['mean']:.3f}", flush=True)
+    order = {name: i for i, (name, _) in enumerate(table_configs(grid))}
+    table.sort(key=lambda row: order[row["name"]])
+
+    # 2. Every grid configuration on the adaptivity subset.
+    subset = [s for i, s in enumerate(samples) if i % args.requests_per_family < args.grid_requests_per_family]
+    grid_eval = QualityEvaluator(vlm, subset, batch_size=args.batch_size)
+    grid_configs = sorted(grid.configs(), key=lambda c: c.crops)
+    grid_scores = {knob_tuple(c): grid_eval.scores(c) for c in grid_configs}
+    print(f"grid of {len(grid_configs)} configurations on {len(subset)} requests done", flush=True)
+
+    # 3. Latency per configuration, relative to full.
+    latency = measure_latency(vlm, subset, grid_configs, args)
+    full_key = knob_tuple(grid.full)
+    ratio = {k: v / latency[full_key] for k, v in latency.items()}
+    full_q = grid_scores[full_key]
+    cheap = [k for k in grid_scores if k != full_key and ratio[k] <= 0.5]
+    others = [k for k in grid_scores if k != full_key]
+    reaches = np.zeros(len(subset), dtype=bool)
+    for k in cheap:
+        reaches |= grid_scores[k] >= full_q - 1e-9
+    need_full = np.ones(len(subset), dtype=bool)
+    for k in others:
+        need_full &= grid_scores[k] < full_q - 1e-9
+    answered = full_q > 0
+    adaptivity = {
+        "frac_full_quality_at_half_latency": float(reaches.mean()),
+        "frac_full_quality_at_half_latency_among_full_quality_gt_0": float(reaches[answered].mean()) if answered.any() else None,
+        "frac_need_full": float(need_full.mean()),
+        "requests": len(subset),
+        "configs_at_half_latency": len(cheap),
+        "latency_source": (f"measured on this machine ({args.device}, {platform.processor() or platform.machine()}, "
+                           f"{torch.get_num_threads()} threads): median end-to-end latency per configuration over "
+                           f"{args.latency_requests} requests x {args.latency_repeats} runs, output forced to {args.latency_tokens} tokens"),
+    }
+    result = {
+        "model": "micro",
+        "weights_sha256": vlm.weights_sha256,
+        "block_ranking": list(vlm.block_ranking),
+        "split": args.split,
+        "seed": args.seed,
+        "generator_version": GENERATOR_VERSION,
+        "requests_per_family": args.requests_per_family,
+        "configs": table,
+        "adaptivity": adaptivity,
+        "bars": check_bars(table, adaptivity, grid),
+        "grid": [{"crops": k[0], "top_k": k[1], "active_blocks": k[2], "latency_ms": latency[k], "latency_ratio": ratio[k],
+                  "mean_quality": float(np.mean(v))} for k, v in grid_scores.items()],
+        "device": args.device,
+        "versions": {"flexvlm": flexvlm_env.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "args": asdict(args),
+        "wall_s": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"full": table[0]["mean"], "adaptivity": adaptivity, "bars": {k: v for k, v in result["bars"].items() if isinstance(v, bool)}}, indent=1))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,339 @@
+"""Train the `micro` model from scratch on the procedural train split of all nine families.
+
+    python scripts/train_micro.py --total-steps 20000 --max-minutes 9     # GPU, resumable chunks
+    python scripts/train_micro.py --total-steps 20 --batch-size 8 --device cpu   # smoke run
+
+CleanRL-style single file: the `Args` dataclass is the whole interface. Knob-robust ("elastic")
+training is on by default: every batch runs at a drawn (crops, top_k, block plan), see
+`flexvlm_env.training.knobs`; `--no-elastic` trains at the full configuration only (ablation).
+Mixed precision: bf16 autocast over float32 master weights on CUDA, float32 on CPU.
+
+Resuming: the run directory holds `checkpoint/` (weights, AdamW moments, progress; safetensors +
+JSON), written every `--checkpoint-minutes` and when `--max-minutes` is reached. Re-running the same
+command continues from it; the data stream is a pure function of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would, and `log.jsonl` lines past the checkpoint are
+dropped on resume so none is duplicated. The learning rate follows warmup-stable-decay, so the
+planned `--total-steps` may be raised on resume as long as the decay has not started.
+
+When the last step is done, the block-importance ranking is measured (quality drop when each block
+alone is skipped, on held-out train-split samples, generated greedily and scored with each
+family's metric) and the weights are exported in bfloat16 with the ranking to `--export-dir`.
+Logging: `log.jsonl` in the run directory always; Weights & Biases with `--track` (offline unless
+WANDB_MODE / an API key says otherwise).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from flexvlm_env.model.args import preset_args
+from flexvlm_env.model.molmoe import MolmoE
+from flexvlm_env.model.runtime import VLM, assets_dir
+from flexvlm_env.model.tokenizer import TextTokenizer
+from flexvlm_env.training import (
+    ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
+    teacher_forced_loss,
+)
+
+
+@dataclass
+class Args:
+    run_dir: str = "runs/micro"
+    """training state and log.jsonl (resumed from if it holds a checkpoint)"""
+    export_dir: str = "flexvlm_env/assets/micro"
+    """where the finished bf16 weights (model.safetensors + model.json) are written"""
+    total_steps: int = 20000
+    """optimizer steps in the whole run"""
+    batch_size: int = 512
+    """requests per step"""
+    lr: float = 1.5e-3
+    """peak AdamW learning rate"""
+    min_lr_frac: float = 0.05
+    """final learning rate as a fraction of the peak"""
+    warmup_steps: int = 300
+    """linear warmup"""
+    decay_frac: float = 0.25
+    """the last fraction of total_steps decays the learning rate (warmup-stable-decay)"""
+    weight_decay: float = 0.05
+    """AdamW weight decay on matrices"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip"""
+    balance_coef: float = 0.01
+    """router load-balancing loss weight"""
+    elastic: bool = True
+    """draw (crops, top_k, block plan) per batch; --no-elastic trains the full configuration only"""
+    p_full: float = 0.25
+    """share of elastic batches at the full configuration"""
+    family_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.0, 1.5, 1.0)
+    """sampling weights in FAMILIES order (reading families, harder, get more)"""
+    seed: int = 0
+    """data order, knob draws and initialisation"""
+    device: str = "auto"
+    """cuda, cpu or auto"""
+    num_workers: int = -1
+    """DataLoader workers building batches (-1: CPU count - 2)"""
+    max_minutes: float = 0.0
+    """stop (after a checkpoint) once this much wall time has passed; 0 = no limit"""
+    checkpoint_minutes: float = 3.0
+    """checkpoint period"""
+    log_every: int = 50
+    """steps per log line"""
+    ranking_requests: int = 64
+    """held-out train-split requests per family for the block-importance ranking"""
+    finalize: bool = True
+    """after the last step, measure the block ranking and export the weights (--no-finalize: stop there)"""
+    profile_steps: int = 0
+    """profile this many steps (after 20 warm-up steps) with torch.profiler; the kernel table goes
+    to run_dir/profile.txt (where a training step's time goes on this device)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "flexvlm"
+    """W&B project"""
+
+
+REWARM_STEPS = 100  # linear re-warmup after resuming without optimizer moments (beta2 = 0.95 re-estimates in ~50 steps)
+
+
+def learning_rate(step: int, args: Args, rewarm_from: int | None = None) -> float:
+    scale = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
+    return scale * _schedule(step, args)
+
+
+def _schedule(step: int, args: Args) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    decay_start = int(args.total_steps * (1 - args.decay_frac))
+    if step < decay_start:
+        return args.lr
+    progress = (step - decay_start) / max(1, args.total_steps - decay_start)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, args: Args, fused: bool) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def append_log(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", -1) <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+@torch.no_grad()
+def measure_ranking(module: MolmoE, tokenizer: TextTokenizer, device, n_per_family: int, seed: int) -> dict:
+    """Block importance: mean quality with each block alone skipped, on held-out train samples."""
+    from flexvlm_env.config import Config
+    from flexvlm_env.evaluation import QualityEvaluator
+    from flexvlm_env.model.blocks import rank_blocks_by_drop
+    from flexvlm_env.tasks import FAMILIES
+    from flexvlm_env.tasks.procedural import generate_samples
+
+    vlm = VLM(module.float().eval(), tokenizer, use_cuda_graphs=False, moe_impl="reference")
+    # Train-split indices far beyond any step * batch_size the run consumed: unseen, same distribution.
+    samples = [s for f in FAMILIES for s in generate_samples(f, "train", n_per_family, seed=0, start_index=10**9)]
+    evaluator = QualityEvaluator(vlm, samples)
+    full = Config(crops=module.args.max_crops, top_k=module.args.top_k, active_blocks=module.args.n_layers)
+    n = module.args.n_layers
+
+    def accuracy_without(block):
+        plan = tuple(b for b in range(n) if b != block)
+        return float(np.mean(evaluator.scores(full, plan=plan)))
+
+    ranking, drops = rank_blocks_by_drop(n, accuracy_without)
+    return {"ranking": list(ranking), "drops": {str(k): v for k, v in drops.items()},
+            "full_quality": accuracy_without(None), "requests": len(samples)}
+
+
+def export(module: MolmoE, args: Args, ranking: dict, progress: dict, model_args) -> None:
+    from flexvlm_env.model.checkpoint import save_flexvlm
+
+    export_dir = Path(args.export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    path = export_dir / "model.safetensors"
+    source = (f"quality drop when each block alone is skipped, mean over {ranking['requests']} held-out "
+              "train-split procedural requests (scripts/train_micro.py)")
+    # Shipped in bfloat16 (half the size; the CPU path computes in float32 from these values).
+    sha = save_flexvlm(copy.deepcopy(module).to(torch.bfloat16), path, {
+        "block_ranking": json.dumps(ranking["ranking"]), "block_ranking_source": source,
+    })
+    card = {
+        "preset": "micro",
+        "sha256": sha,
+        "dtype": "bfloat16",
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "block_ranking": ranking,
+        "training": {**progress, "args": asdict(args)},
+    }
+    (export_dir / "model.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB) sha256 {card['sha256'][:16]}")
+
+
+def main(args: Args) -> None:
+    started = time.perf_counter()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    model_args = preset_args("micro")
+    tokenizer = TextTokenizer.from_file(assets_dir("micro"))
+    module = MolmoE(model_args).to(device)
+    init_for_training_(module, args.seed)
+    optimizer = make_optimizer(module, args, fused=device.type == "cuda")
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "log.jsonl"
+    progress = {"step": 0, "samples": 0, "train_seconds": 0.0, "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"}
+    if (run_dir / "checkpoint" / "state.json").exists():
+        saved = load_training_state(run_dir / "checkpoint", module, optimizer)
+        progress.update(saved)
+        saved_args = saved.get("args", {})
+        for key in ("batch_size", "seed", "elastic", "family_weights"):
+            if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
+                raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
+                                 f"resuming must keep the data stream (use a new --run-dir to change it)")
+        saved_decay = saved_args.get("decay_frac", args.decay_frac)
+        decay_start = int(saved_args.get("total_steps", args.total_steps) * (1 - saved_decay))
+        # Changing the planned length changes the schedule only once the decay has begun.
+        if args.total_steps != saved_args.get("total_steps", args.total_steps) and saved_decay > 0 and progress["step"] >= decay_start:
+            raise ValueError(f"--total-steps={args.total_steps}: the learning-rate decay already started at step {decay_start}")
+        truncate_log(log_path, progress["step"])
+        if not progress.pop("optimizer_restored"):
+            progress["rewarm_from"] = progress["step"]
+            print(f"weights-only state: fresh AdamW moments, learning rate re-warmed over {REWARM_STEPS} steps")
+        print(f"resumed from step {progress['step']}")
+    progress["args"] = asdict(args)
+
+    knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, n_blocks=model_args.n_layers)
+    spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, family_weights=args.family_weights)
+    special = tokenizer.special
+    step = progress["step"]
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+        wandb_run = wandb.init(project=args.wandb_project, name=run_dir.name, id=run_dir.name.replace("/", "-"),
+                               resume="allow", config=asdict(args), dir=str(run_dir))
+
+    if step < args.total_steps:
+        workers = max(1, (os.cpu_count() or 2) - 2) if args.num_workers < 0 else args.num_workers
+        loader = torch.utils.data.DataLoader(
+            TrainStream(spec, knobs, model_args, tokenizer, start_step=step), batch_size=None, num_workers=workers,
+            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=False,
+            worker_init_fn=lambda _: torch.set_num_threads(1),
+        )
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        family_ce = defaultdict(list)
+        window_start, window_samples, last_checkpoint = time.perf_counter(), 0, time.perf_counter()
+        module.train()
+        profiler = None
+        data_wait, received = 0.0, time.perf_counter()
+        for batch in loader:
+            if args.profile_steps and step == progress["step"] + 20 and profiler is None:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                  + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                profiler.__enter__()
+                profile_until = step + args.profile_steps
+            data_wait += time.perf_counter() - received
+            assert batch["step"] == step, (batch["step"], step)
+            draw = knobs.draw(args.seed, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args, progress.get("rewarm_from"))
+            images, masks = batch_views(batch, draw.crops, model_args.vision, special, device)
+            to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+            with autocast:
+                loss, parts = teacher_forced_loss(
+                    module, images, masks, to(batch["input_ids"]), to(batch["labels"]), to(batch["feature_pos"]),
+                    to(batch["feature_rows"]), draw.plan, draw.top_k, special.pad, balance_coef=args.balance_coef,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            window_samples += args.batch_size
+            if profiler is not None and step == profile_until:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                profiler.__exit__(None, None, None)
+                sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+                (run_dir / "profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+                print(f"profile of {args.profile_steps} steps written to {run_dir / 'profile.txt'}")
+                profiler = None
+            # Per-family answer CE, kept on the device until the log line (no per-step sync).
+            tokens = (to(batch["labels"]) >= 0).sum(1).clamp(min=1)
+            per_sample = parts["ce"].sum(1) / tokens
+            family_ce[draw.kind].append(torch.stack([per_sample.mean(), grad_norm.float(), parts["balance"]]))
+            fam = to(batch["family"])
+            family_ce["_fam_sum"].append(torch.zeros(len(spec.families), device=device).index_add(0, fam, per_sample.float()))
+            family_ce["_fam_n"].append(torch.zeros(len(spec.families), device=device).index_add(0, fam, torch.ones_like(per_sample.float())))
+
+            now = time.perf_counter()
+            if step % args.log_every == 0 or step == args.total_steps:
+                elapsed = now - window_start
+                fam_sum = torch.stack(family_ce.pop("_fam_sum")).sum(0)
+                fam_n = torch.stack(family_ce.pop("_fam_n")).sum(0).clamp(min=1)
+                record = {"step": step, "lr": learning_rate(step - 1, args, progress.get("rewarm_from")), "samples_per_s": window_samples / elapsed,
+                          "data_wait_frac": data_wait / elapsed, "elapsed_min": (now - started) / 60}
+                for kind, values in family_ce.items():
+                    stacked = torch.stack(values).mean(0).tolist()
+                    record[f"ce/{kind}"], record[f"grad_norm/{kind}"], record[f"balance/{kind}"] = stacked
+                for name, value in zip(spec.families, (fam_sum / fam_n).tolist()):
+                    record[f"ce_family/{name}"] = value
+                append_log(log_path, record)
+                if wandb_run is not None:
+                    wandb_run.log(record, step=step)
+                print(f"step {step} ce(full) {record.get('ce/full', float('nan')):.3f} "
+                      f"{record['samples_per_s']:.0f} samples/s (data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
+                family_ce.clear()
+                progress["train_seconds"] += elapsed
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+            out_of_time = args.max_minutes > 0 and (now - started) / 60 >= args.max_minutes
+            if step == args.total_steps or out_of_time or (now - last_checkpoint) / 60 >= args.checkpoint_minutes:
+                progress.update(step=step, samples=step * args.batch_size)
+                save_training_state(run_dir / "checkpoint", module, optimizer, progress)
+                last_checkpoint = time.perf_counter()
+            if step == args.total_steps or out_of_time:
+                # Weights only (fp32, 15 MB shards): what moves the run to another machine.
+                save_training_state(run_dir / "transfer", module, None, progress)
+                break
+            received = time.perf_counter()
+        if step < args.total_steps:
+            print(f"stopped at step {step} of {args.total_steps} (time limit); re-run to resume")
+            return
+
+    if not args.finalize:
+        return
+    module.eval()
+    ranking_path = run_dir / "block_ranking.json"
+    if not ranking_path.exists():
+        ranking = measure_ranking(module, tokenizer, device, args.ranking_requests, args.seed)
+        ranking_path.write_text(json.dumps(ranking, indent=1))
+    ranking = json.loads(ranking_path.read_text())
+    print(f"block ranking {ranking['ranking']} (full quality {ranking['full_quality']:.3f})")
+    export(module, args, ranking, {k: v for k, v in progress.items() if k != "args"}, model_args)
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

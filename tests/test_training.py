@@ -1,0 +1,267 @@
+"""Training pieces: batched preprocessing, the dense MoE, the teacher-forced loss against the
+runtime, knob draws, the data stream, resumable state, the train script's resume, and the
+shipped micro weights."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from flexvlm_env.config import Config
+from flexvlm_env.model.args import preset_args
+from flexvlm_env.model.checkpoint import file_sha256, read_metadata
+from flexvlm_env.model.generate import embed_inputs
+from flexvlm_env.model.moe_kernels import moe_reference
+from flexvlm_env.model.molmoe import MolmoE
+from flexvlm_env.model.preprocess import IGNORE_INDEX, preprocess_image, preprocess_image_batch
+from flexvlm_env.model.runtime import VLM, assets_dir, load_model
+from flexvlm_env.model.tokenizer import TextTokenizer
+from flexvlm_env.tasks.procedural import generate_sample
+from flexvlm_env.training import (
+    ElasticKnobs, TrainBatchSpec, batch_views, build_batch, init_for_training_, load_training_state, moe_dense,
+    save_training_state, teacher_forced_loss,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = preset_args("micro")
+
+
+@pytest.fixture(scope="module")
+def micro_tokenizer() -> TextTokenizer:
+    return TextTokenizer.from_file(assets_dir("micro"))
+
+
+@pytest.fixture(scope="module")
+def micro_module() -> MolmoE:
+    torch.manual_seed(0)
+    return init_for_training_(MolmoE(MICRO), seed=0)
+
+
+def test_preprocess_image_batch_equals_per_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 200, 300, 3), dtype=np.uint8)
+    batch = preprocess_image_batch(torch.from_numpy(images), 6, MICRO.vision, _special())
+    for i, image in enumerate(images):
+        single = preprocess_image(image, 6, MICRO.vision, _special())
+        assert torch.equal(batch.images[i], single.images)
+        assert torch.equal(batch.image_masks, single.image_masks)
+        assert torch.equal(batch.image_input_idx, single.image_input_idx)
+        assert batch.tokens == single.tokens
+
+
+def test_preprocess_image_batch_rejects_bad_pixels():
+    with pytest.raises(ValueError, match="pixels must be uint8"):
+        preprocess_image_batch(torch.zeros(2, 10, 10, 3), 1, MICRO.vision, _special())
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_moe_dense_equals_sparse_reference(top_k):
+    generator = torch.Generator().manual_seed(top_k)
+    h = torch.randn(20, 32, generator=generator, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(20, 8, generator=generator, dtype=torch.float64) * 3, dim=-1)
+    w_gate_up = torch.randn(8, 2 * 16, 32, generator=generator, dtype=torch.float64) / 6
+    w_down = torch.randn(8, 32, 16, generator=generator, dtype=torch.float64) / 4
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    expected = moe_reference(h, ids, weights, w_gate_up, w_down)
+    torch.testing.assert_close(moe_dense(h, probs, top_k, w_gate_up, w_down), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_teacher_forced_loss_equals_runtime_next_token_loss(micro_module, micro_tokenizer):
+    """The training forward (batched, right-padded, dense MoE) gives the runtime's logits."""
+    spec = TrainBatchSpec(batch_size=3, seed=1)
+    knobs = ElasticKnobs(enabled=False)
+    batch = build_batch(0, spec, knobs, MICRO, micro_tokenizer)
+    images, masks = batch_views(batch, 12, MICRO.vision, micro_tokenizer.special, "cpu")
+    plan = (0, 2, 3, 5, 8, 9, 10, 11, 12, 15)
+    _, parts = teacher_forced_loss(
+        micro_module, images, masks, batch["input_ids"], batch["labels"], batch["feature_pos"], batch["feature_rows"],
+        plan, 4, micro_tokenizer.special.pad,
+    )
+    vlm = VLM(micro_module, micro_tokenizer, use_cuda_graphs=False, moe_impl="reference")
+    for slot in range(spec.batch_size):
+        sample = generate_sample(spec.families[int(batch["family"][slot])], "train", slot, seed=0)
+        request = vlm.prepare(sample.image, sample.prompt, Config(12, 4, 16))
+        prompt_len = request.input_ids.shape[0]
+        assert torch.equal(batch["input_ids"][slot, :prompt_len], request.input_ids)
+        labels = batch["labels"][slot]
+        end = int((labels != IGNORE_INDEX).nonzero().max()) + 1
+        features = vlm.module.vision_backbone.project(vlm.encode_image(request.image))
+        with torch.no_grad():
+            embeds = embed_inputs(vlm.module, batch["input_ids"][slot, None, :end], features, request.image.image_input_idx)
+            hidden = vlm.module.transformer(embeds, torch.arange(end)[None], plan, (4,) * 16)
+            logits = vlm.module.lm_head(hidden)[0]
+        target = labels[:end] != IGNORE_INDEX
+        expected = torch.nn.functional.cross_entropy(logits[target], labels[:end][target], reduction="none")
+        torch.testing.assert_close(parts["ce"][slot, :end][target], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_knob_draws_are_deterministic_and_valid():
+    knobs = ElasticKnobs()
+    draws = [knobs.draw(0, step) for step in range(300)]
+    assert draws == [knobs.draw(0, step) for step in range(300)]
+    assert draws != [knobs.draw(1, step) for step in range(300)]
+    kinds = {d.kind for d in draws}
+    assert kinds == {"full", "smallest", "prefix", "random"}
+    for d in draws:
+        assert d.plan[0] == 0 and list(d.plan) == sorted(set(d.plan)) and 8 <= len(d.plan) <= 16
+        assert d.crops in knobs.crops_choices and d.top_k in knobs.top_k_choices
+    assert knobs.smallest.plan == tuple(range(8)) and knobs.smallest.top_k == 1 and knobs.smallest.crops == 1
+    assert {ElasticKnobs(enabled=False).draw(0, s) for s in range(20)} == {knobs.full}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"p_full": 1.5}, "p_full=1.5"),
+    ({"p_full": 0.7, "p_smallest": 0.5}, "p_full \\+ p_smallest"),
+    ({"min_blocks": 0}, "min_blocks=0"),
+])
+def test_knobs_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticKnobs(**kwargs)
+
+
+def test_batch_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        TrainBatchSpec(batch_size=0)
+    with pytest.raises(ValueError, match="families="):
+        TrainBatchSpec(families=("no_such_family",))
+    with pytest.raises(ValueError, match="family_weights="):
+        TrainBatchSpec(family_weights=(1.0, 2.0))
+
+
+def test_build_batch_is_a_pure_function_of_step(micro_tokenizer):
+    spec = TrainBatchSpec(batch_size=4, seed=3)
+    knobs = ElasticKnobs()
+    a, b = (build_batch(5, spec, knobs, MICRO, micro_tokenizer) for _ in range(2))
+    for key in ("input_ids", "labels", "feature_pos", "feature_rows", "family"):
+        assert torch.equal(a[key], b[key])
+    other = build_batch(6, spec, knobs, MICRO, micro_tokenizer)
+    assert not torch.equal(a["input_ids"][:, :20], other["input_ids"][:, :20]) or a["crops"] != other["crops"]
+    special = micro_tokenizer.special
+    # Teacher forcing: each label is the next input token, ending with EOS.
+    target = a["labels"] != IGNORE_INDEX
+    rows, cols = target.nonzero(as_tuple=True)
+    assert torch.equal(a["labels"][rows, cols], a["input_ids"][rows, cols + 1])
+    for slot in range(spec.batch_size):
+        assert a["labels"][slot][target[slot]][-1] == special.eos
+    # Features land on <im_patch> tokens, each at most once.
+    flat_ids = a["input_ids"].reshape(-1)
+    assert bool((flat_ids[a["feature_pos"]] == special.im_patch).all())
+    assert a["feature_pos"].unique().numel() == a["feature_pos"].numel()
+
+
+def test_training_reduces_loss_on_a_fixed_batch(micro_tokenizer):
+    torch.manual_seed(0)
+    module = init_for_training_(MolmoE(MICRO), seed=1)
+    # One crop keeps the sequences short (fast on a CPU); the answers still depend on the images.
+    knobs = ElasticKnobs(enabled=False, crops_choices=(1,))
+    batch = build_batch(0, TrainBatchSpec(batch_size=4), knobs, MICRO, micro_tokenizer)
+    images, masks = batch_views(batch, 1, MICRO.vision, micro_tokenizer.special, "cpu")
+    optimizer = torch.optim.AdamW(module.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = teacher_forced_loss(module, images, masks, batch["input_ids"], batch["labels"], batch["feature_pos"],
+                                      batch["feature_rows"], tuple(range(16)), 8, micro_tokenizer.special.pad)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 6.0 and losses[-1] < 1.5  # from ~ln(1024) to memorising the four answers
+
+
+def test_training_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MolmoE(TINY).init_random_(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = sum(p.float().pow(2).sum() for p in model.parameters())
+    loss.backward()
+    optimizer.step()
+    save_training_state(tmp_path / "ckpt", model, optimizer, {"step": 7}, max_shard_size="1MB")
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1  # sharded below the limit
+    restored = MolmoE(TINY).init_random_(1)
+    restored_opt = torch.optim.AdamW(restored.parameters(), lr=1e-3)
+    progress = load_training_state(tmp_path / "ckpt", restored, restored_opt)
+    assert progress == {"step": 7, "optimizer_restored": True}
+    for a, b in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict()["state"], restored_opt.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for index in saved:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved[index][key], loaded[index][key]), (index, key)
+    save_training_state(tmp_path / "weights", model, None, {"step": 7})
+    assert load_training_state(tmp_path / "weights", MolmoE(TINY), restored_opt)["optimizer_restored"] is False
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        load_training_state(tmp_path / "missing", restored, None)
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_micro", ROOT / "scripts" / "train_micro.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_micro"] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_resume_equals_uninterrupted(tmp_path):
+    script = _train_script()
+    common = dict(batch_size=2, device="cpu", num_workers=0, warmup_steps=1, decay_frac=0.0, log_every=1,
+                  finalize=False, checkpoint_minutes=1e9)
+    script.main(script.Args(run_dir=str(tmp_path / "straight"), total_steps=4, **common))
+    script.main(script.Args(run_dir=str(tmp_path / "resumed"), total_steps=2, **common))
+    script.main(script.Args(run_dir=str(tmp_path / "resumed"), total_steps=4, **common))
+    a, b = MolmoE(MICRO), MolmoE(MICRO)
+    assert load_training_state(tmp_path / "straight" / "checkpoint", a, None)["step"] == 4
+    load_training_state(tmp_path / "resumed" / "checkpoint", b, None)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # nothing lost, nothing logged twice
+    with pytest.raises(ValueError, match="--batch-size=3 differs"):
+        script.main(script.Args(run_dir=str(tmp_path / "resumed"), total_steps=6, **{**common, "batch_size": 3}))
+
+
+def test_shipped_micro_weights_match_their_card():
+    directory = assets_dir("micro")
+    card = json.loads((directory / "model.json").read_text())
+    path = directory / "model.safetensors"
+    assert file_sha256(path) == card["sha256"]
+    assert path.stat().st_size <= 20e6
+    meta = read_metadata(path)
+    assert json.loads(meta["block_ranking"]) == card["block_ranking"]["ranking"]
+    vlm = load_model("micro")
+    assert not vlm.random_weights and vlm.weights_sha256 == card["sha256"]
+    assert sorted(vlm.block_ranking) == list(range(16)) and vlm.block_ranking[0] == 0
+    assert "skipped" in vlm.ranking_source
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_forced_loss_on_cuda_bf16_matches_cpu(micro_module, micro_tokenizer):
+    batch = build_batch(0, TrainBatchSpec(batch_size=8), ElasticKnobs(enabled=False), MICRO, micro_tokenizer)
+    args = lambda device: [batch[k].to(device) for k in ("input_ids", "labels", "feature_pos", "feature_rows")]  # noqa: E731
+    images, masks = batch_views(batch, 12, MICRO.vision, micro_tokenizer.special, "cpu")
+    cpu_loss, _ = teacher_forced_loss(micro_module, images, masks, *args("cpu"), tuple(range(16)), 8, micro_tokenizer.special.pad)
+    gpu_module = init_for_training_(MolmoE(MICRO), seed=0).cuda()
+    images_gpu, masks_gpu = batch_views(batch, 12, MICRO.vision, micro_tokenizer.special, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu_loss, _ = teacher_forced_loss(gpu_module, images_gpu, masks_gpu, *args("cuda"), tuple(range(16)), 8, micro_tokenizer.special.pad)
+    torch.testing.assert_close(gpu_loss.float().cpu(), cpu_loss, rtol=2e-2, atol=2e-2)
+
+
+def _special():
+    return TextTokenizer.from_file(assets_dir("micro")).special
+
+
+def test_training_curves_figure_from_the_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    from flexvlm_env.figures import training_curves
+
+    records = [{"step": s, "ce/full": 3.0 / s, "ce/smallest": 4.0 / s, "ce_family/okvqa": 2.0 / s} for s in (1, 2, 3)]
+    path = training_curves(records, tmp_path / "curves.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
