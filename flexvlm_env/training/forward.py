@@ -52,8 +52,11 @@ def init_for_training_(module: MolmoE, seed: int = 0) -> MolmoE:
     return module
 
 
-def moe_dense(h: torch.Tensor, probs: torch.Tensor, top_k: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """h [N, d], router probabilities probs [N, E] (float32) -> MoE output [N, d] (see module doc)."""
+def moe_dense(
+    h: torch.Tensor, probs: torch.Tensor, top_k: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, return_ids: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """h [N, d], router probabilities probs [N, E] (float32) -> MoE output [N, d] (see module doc);
+    with `return_ids`, also the chosen experts [N, top_k] (for the balance loss: one top-k, not two)."""
     n, d = h.shape
     experts, two_hidden, _ = w_gate_up.shape
     hidden = two_hidden // 2
@@ -61,7 +64,8 @@ def moe_dense(h: torch.Tensor, probs: torch.Tensor, top_k: int, w_gate_up: torch
     gates = torch.zeros_like(probs).scatter(-1, ids, weights).to(h.dtype)  # [N, E]
     gate_up = (h @ w_gate_up.reshape(experts * two_hidden, d).t()).view(n, experts, two_hidden)
     act = F.silu(gate_up[..., :hidden]) * gate_up[..., hidden:] * gates[..., None]
-    return act.reshape(n, experts * hidden) @ w_down.transpose(1, 2).reshape(experts * hidden, d)
+    out = act.reshape(n, experts * hidden) @ w_down.transpose(1, 2).reshape(experts * hidden, d)
+    return (out, ids) if return_ids else out
 
 
 def teacher_forced_loss(
@@ -110,9 +114,10 @@ def teacher_forced_loss(
         h = block.mlp.ff_norm(x).reshape(batch * length, d)
         logits = block.mlp.gate(h).float()
         probs = torch.softmax(logits, dim=-1)
-        x = x + moe_dense(h, probs, top_k, block.mlp.w_gate_up, block.mlp.w_down).view(batch, length, d)
+        out, ids = moe_dense(h, probs, top_k, block.mlp.w_gate_up, block.mlp.w_down, return_ids=True)
+        x = x + out.view(batch, length, d)
         # Switch-style balance: fraction of routed slots per expert times its mean probability.
-        chosen = torch.zeros_like(probs).scatter(-1, torch.topk(probs, top_k, dim=-1).indices, 1.0)
+        chosen = torch.zeros_like(probs).scatter(-1, ids, 1.0)
         fraction = (chosen * valid).sum(0) / (n_valid * top_k)
         mean_prob = (probs * valid).sum(0) / n_valid
         balance = balance + n_experts * (fraction * mean_prob).sum()
