@@ -24,6 +24,7 @@ WANDB_MODE / an API key says otherwise).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -78,6 +79,10 @@ class Args:
     """sampling weights in FAMILIES order (reading families, harder, get more)"""
     seed: int = 0
     """data order, knob draws and initialisation"""
+    init_from: str | None = None
+    """start a new run from these weights instead of random ones: a FlexVLM .safetensors file (e.g.
+    the shipped micro weights) or a training-state directory (e.g. runs/micro/transfer). Use another
+    --seed than the run it continues, so the data stream does not repeat its requests"""
     device: str = "auto"
     """cuda, cpu or auto"""
     num_workers: int = -1
@@ -201,6 +206,16 @@ def main(args: Args) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "log.jsonl"
     progress = {"step": 0, "samples": 0, "train_seconds": 0.0, "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"}
+    if args.init_from and not (run_dir / "checkpoint" / "state.json").exists():
+        init_path = Path(args.init_from)
+        if init_path.is_dir():
+            load_training_state(init_path, module, None)
+        else:
+            from flexvlm_env.model.checkpoint import load_weights_
+
+            load_weights_(module, init_path)
+            module.float()
+        print(f"initialised from {init_path}")
     if (run_dir / "checkpoint" / "state.json").exists():
         saved = load_training_state(run_dir / "checkpoint", module, optimizer)
         progress.update(saved)
@@ -231,7 +246,9 @@ def main(args: Args) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
-        wandb_run = wandb.init(project=args.wandb_project, name=run_dir.name, id=run_dir.name.replace("/", "-"),
+        # One W&B run per run directory, resumed with it.
+        run_id = "micro-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+        wandb_run = wandb.init(project=args.wandb_project, name=run_dir.name, id=run_id,
                                resume="allow", config=asdict(args), dir=str(run_dir))
 
     if step < args.total_steps:
@@ -319,9 +336,13 @@ def main(args: Args) -> None:
             received = time.perf_counter()
         if step < args.total_steps:
             print(f"stopped at step {step} of {args.total_steps} (time limit); re-run to resume")
+            if wandb_run is not None:
+                wandb_run.finish()
             return
 
     if not args.finalize:
+        if wandb_run is not None:
+            wandb_run.finish()
         return
     module.eval()
     ranking_path = run_dir / "block_ranking.json"

@@ -265,3 +265,14 @@ def test_training_curves_figure_from_the_log(tmp_path):
     records = [{"step": s, "ce/full": 3.0 / s, "ce/smallest": 4.0 / s, "ce_family/okvqa": 2.0 / s} for s in (1, 2, 3)]
     path = training_curves(records, tmp_path / "curves.png")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_script_init_from_shipped_weights(tmp_path):
+    """A new run can start from trained weights (continuing training with a fresh data seed)."""
+    script = _train_script()
+    script.main(script.Args(run_dir=str(tmp_path / "run"), total_steps=1, batch_size=2, device="cpu", num_workers=0,
+                            finalize=False, seed=7, lr=1e-9, init_from=str(assets_dir("micro") / "model.safetensors")))
+    trained, shipped = MolmoE(MICRO), load_model("micro").module
+    load_training_state(tmp_path / "run" / "checkpoint", trained, None)
+    for (name, p), q in zip(trained.named_parameters(), shipped.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
