@@ -78,6 +78,17 @@ def decode_bytes_per_token(args: ModelArgs, top_k: Sequence[int], plan: Sequence
     return (params + kv) * dtype_bytes
 
 
+def distribution_summary(values) -> dict:
+    """Statistics the latency protocol reports for repeated measurements: mean, median, P95, P99, std, CoV, n."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("distribution_summary needs at least one value")
+    mean = float(values.mean())
+    return {"mean": mean, "median": float(np.median(values)), "p95": float(np.percentile(values, 95)),
+            "p99": float(np.percentile(values, 99)), "std": float(values.std()), "cov": float(values.std() / mean) if mean else None,
+            "n": int(values.size)}
+
+
 def _median(values):
     return float(statistics.median(values)) if values else None
 

@@ -50,8 +50,8 @@ def main(args: Args) -> None:
                 if key is None:
                     continue
                 r, c = select_tiling_exact(s.image.height, s.image.width, args.crops, vision)
-                scale = min((vision.window_px * r + vision.margin_total_px) / s.image.height,
-                            (vision.window_px * c + vision.margin_total_px) / s.image.width)
+                canvas_h, canvas_w = vision.canvas_px(r, c)
+                scale = min(canvas_h / s.image.height, canvas_w / s.image.width)
                 sizes.append(s.difficulty[key] * scale)
             if sizes:
                 rows[family] = {"decisive": key, "p10_px": float(np.percentile(sizes, 10)), "median_px": float(np.median(sizes))}

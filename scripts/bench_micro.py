@@ -24,7 +24,7 @@ import tyro
 
 import flexvlm_env
 from flexvlm_env import Config, load_model
-from flexvlm_env.benchmarking import device_info
+from flexvlm_env.benchmarking import device_info, distribution_summary
 from flexvlm_env.tasks import FAMILIES
 from flexvlm_env.tasks.procedural import generate_samples
 
@@ -44,13 +44,6 @@ class Args:
     """timed runs per request"""
     threads: int = 0
     """torch CPU threads (0: default)"""
-
-
-def summary(values) -> dict:
-    values = np.asarray(values, dtype=float)
-    return {"mean": float(values.mean()), "median": float(np.median(values)), "p95": float(np.percentile(values, 95)),
-            "p99": float(np.percentile(values, 99)), "std": float(values.std()), "cov": float(values.std() / values.mean()),
-            "n": int(values.size)}
 
 
 def main(args: Args) -> None:
@@ -77,9 +70,9 @@ def main(args: Args) -> None:
         "config": {"crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks},
         "requests": len(samples),
         "repeats": args.repeats,
-        "total_ms": summary([r.total_ms for r in records]),
+        "total_ms": distribution_summary([r.total_ms for r in records]),
         "stage_median_ms": {s: float(np.median([getattr(r, s) for r in records])) for s in stages},
-        "output_tokens": summary(outputs),
+        "output_tokens": distribution_summary(outputs),
         "args": asdict(args),
         "wall_s": time.perf_counter() - started,
     }

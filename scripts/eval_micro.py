@@ -134,9 +134,9 @@ def main(args: Args) -> None:
     table = []
     configs = sorted(table_configs(grid), key=lambda item: item[1].crops)  # crops-major: prepare once per value
     for name, config in configs:
-        scores = evaluator.scores(config)
+        by_family = per_family(evaluator.scores(config), families)
         table.append({"name": name, "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
-                      "per_family": per_family(scores, families), "mean": float(np.mean([per_family(scores, families)[f] for f in FAMILIES]))})
+                      "per_family": by_family, "mean": float(np.mean(list(by_family.values())))})
         print(f"{name:18s} mean {table[-1]['mean']:.3f}", flush=True)
     order = {name: i for i, (name, _) in enumerate(table_configs(grid))}
     table.sort(key=lambda row: order[row["name"]])

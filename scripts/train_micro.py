@@ -24,6 +24,7 @@ WANDB_MODE / an API key says otherwise).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -160,6 +161,7 @@ def measure_ranking(module: MolmoE, tokenizer: TextTokenizer, device, n_per_fami
     full = Config(crops=module.args.max_crops, top_k=module.args.top_k, active_blocks=module.args.n_layers)
     n = module.args.n_layers
 
+    @functools.lru_cache(maxsize=None)  # the unablated quality is both the baseline and reported
     def accuracy_without(block):
         plan = tuple(b for b in range(n) if b != block)
         return float(np.mean(evaluator.scores(full, plan=plan)))
@@ -259,7 +261,9 @@ def main(args: Args) -> None:
             worker_init_fn=lambda _: torch.set_num_threads(1),
         )
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        family_ce = defaultdict(list)
+        draw_stats = defaultdict(list)  # knob-draw kind -> [mean CE, grad norm, balance] per step
+        family_sum = torch.zeros(len(spec.families), device=device)  # per-family answer CE, summed
+        family_count = torch.zeros(len(spec.families), device=device)
         window_start, window_samples, last_checkpoint = time.perf_counter(), 0, time.perf_counter()
         module.train()
         profiler = None
@@ -273,14 +277,15 @@ def main(args: Args) -> None:
             data_wait += time.perf_counter() - received
             assert batch["step"] == step, (batch["step"], step)
             draw = knobs.draw(args.seed, step)
+            lr = learning_rate(step, args, progress.get("rewarm_from"))
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args, progress.get("rewarm_from"))
+                group["lr"] = lr
             images, masks = batch_views(batch, draw.crops, model_args.vision, special, device)
-            to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+            tensors = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "feature_pos", "feature_rows", "family")}
             with autocast:
                 loss, parts = teacher_forced_loss(
-                    module, images, masks, to(batch["input_ids"]), to(batch["labels"]), to(batch["feature_pos"]),
-                    to(batch["feature_rows"]), draw.plan, draw.top_k, special.pad, balance_coef=args.balance_coef,
+                    module, images, masks, tensors["input_ids"], tensors["labels"], tensors["feature_pos"],
+                    tensors["feature_rows"], draw.plan, draw.top_k, special.pad, balance_coef=args.balance_coef,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,31 +302,30 @@ def main(args: Args) -> None:
                 print(f"profile of {args.profile_steps} steps written to {run_dir / 'profile.txt'}")
                 profiler = None
             # Per-family answer CE, kept on the device until the log line (no per-step sync).
-            tokens = (to(batch["labels"]) >= 0).sum(1).clamp(min=1)
-            per_sample = parts["ce"].sum(1) / tokens
-            family_ce[draw.kind].append(torch.stack([per_sample.mean(), grad_norm.float(), parts["balance"]]))
-            fam = to(batch["family"])
-            family_ce["_fam_sum"].append(torch.zeros(len(spec.families), device=device).index_add(0, fam, per_sample.float()))
-            family_ce["_fam_n"].append(torch.zeros(len(spec.families), device=device).index_add(0, fam, torch.ones_like(per_sample.float())))
+            tokens = (tensors["labels"] >= 0).sum(1).clamp(min=1)
+            per_sample = (parts["ce"].sum(1) / tokens).float()
+            draw_stats[draw.kind].append(torch.stack([per_sample.mean(), grad_norm.float(), parts["balance"]]))
+            family_sum.index_add_(0, tensors["family"], per_sample)
+            family_count.index_add_(0, tensors["family"], torch.ones_like(per_sample))
 
             now = time.perf_counter()
             if step % args.log_every == 0 or step == args.total_steps:
                 elapsed = now - window_start
-                fam_sum = torch.stack(family_ce.pop("_fam_sum")).sum(0)
-                fam_n = torch.stack(family_ce.pop("_fam_n")).sum(0).clamp(min=1)
-                record = {"step": step, "lr": learning_rate(step - 1, args, progress.get("rewarm_from")), "samples_per_s": window_samples / elapsed,
+                record = {"step": step, "lr": lr, "samples_per_s": window_samples / elapsed,
                           "data_wait_frac": data_wait / elapsed, "elapsed_min": (now - started) / 60}
-                for kind, values in family_ce.items():
+                for kind, values in draw_stats.items():
                     stacked = torch.stack(values).mean(0).tolist()
                     record[f"ce/{kind}"], record[f"grad_norm/{kind}"], record[f"balance/{kind}"] = stacked
-                for name, value in zip(spec.families, (fam_sum / fam_n).tolist()):
+                for name, value in zip(spec.families, (family_sum / family_count.clamp(min=1)).tolist()):
                     record[f"ce_family/{name}"] = value
                 append_log(log_path, record)
                 if wandb_run is not None:
                     wandb_run.log(record, step=step)
                 print(f"step {step} ce(full) {record.get('ce/full', float('nan')):.3f} "
                       f"{record['samples_per_s']:.0f} samples/s (data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
-                family_ce.clear()
+                draw_stats.clear()
+                family_sum.zero_()
+                family_count.zero_()
                 progress["train_seconds"] += elapsed
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
             out_of_time = args.max_minutes > 0 and (now - started) / 60 >= args.max_minutes

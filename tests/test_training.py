@@ -276,3 +276,14 @@ def test_train_script_init_from_shipped_weights(tmp_path):
     load_training_state(tmp_path / "run" / "checkpoint", trained, None)
     for (name, p), q in zip(trained.named_parameters(), shipped.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_distribution_summary_known_values():
+    from flexvlm_env.benchmarking import distribution_summary
+
+    stats = distribution_summary([1.0, 2.0, 3.0, 4.0])
+    assert stats["mean"] == 2.5 and stats["median"] == 2.5 and stats["n"] == 4
+    assert stats["p95"] == pytest.approx(3.85) and stats["p99"] == pytest.approx(3.97)
+    assert stats["std"] == pytest.approx(1.118034, rel=1e-6) and stats["cov"] == pytest.approx(0.4472136, rel=1e-6)
+    with pytest.raises(ValueError, match="at least one value"):
+        distribution_summary([])

@@ -74,6 +74,10 @@ class VisionArgs:
         """Non-overlapping interior of a crop (224 px for MolmoE)."""
         return self.crop_px - self.margin_total_px
 
+    def canvas_px(self, rows: int, cols: int) -> tuple[int, int]:
+        """(height, width) of the resized image a rows x cols tiling cuts its crops from."""
+        return self.window_px * rows + self.margin_total_px, self.window_px * cols + self.margin_total_px
+
     @property
     def layers_to_run(self) -> int:
         """ViT blocks that must run: up to the deepest one whose output is used."""

@@ -121,8 +121,7 @@ def select_tiling_exact(height: int, width: int, crops: int, vision: VisionArgs)
         if crops % rows:
             continue
         cols = crops // rows
-        canvas_h = vision.window_px * rows + vision.margin_total_px
-        canvas_w = vision.window_px * cols + vision.margin_total_px
+        canvas_h, canvas_w = vision.canvas_px(rows, cols)
         error = abs(math.log(canvas_w / canvas_h) - image_log_aspect)
         if best is None or error < best[0] - 1e-12:  # ties keep fewer rows
             best = (error, (rows, cols))
@@ -272,7 +271,7 @@ def preprocess_image_batch(
     rows, cols = select_tiling(height, width, crops, vision, crop_rule)
     crop_px, window = vision.crop_px, vision.window_px
     device = pixels.device
-    tiled, mask = resize_and_pad(pixels, window * rows + vision.margin_total_px, window * cols + vision.margin_total_px, vision)
+    tiled, mask = resize_and_pad(pixels, *vision.canvas_px(rows, cols), vision)
     global_view, _ = resize_and_pad(pixels, crop_px, crop_px, vision)
 
     patches = [to_patches(global_view, vision)]

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..model.args import ModelArgs
-from ..model.args import VisionArgs
+from ..model.args import ModelArgs, VisionArgs
 from ..model.preprocess import IGNORE_INDEX, SpecialTokens, preprocess_image_batch, select_tiling, to_rgb_array, token_layout
 from ..model.tokenizer import TextTokenizer
 from ..tasks import FAMILIES
