@@ -35,16 +35,20 @@ class QualityEvaluator:
             self._prepared_key = key
         return self._prepared
 
-    def answers(self, config: Config, plan: Sequence[int] | None = None) -> list[str]:
-        """Greedy answer texts, one per sample, at `config` (or with an explicit block `plan`)."""
+    def results(self, config: Config, plan: Sequence[int] | None = None) -> list:
+        """Greedy `GenerationResult`s (text, tokens; no latency), one per sample, at `config` (or
+        with an explicit block `plan`)."""
         prepared = self._prepare(config)
-        texts: list[str] = []
+        results: list = []
         for start in range(0, len(prepared), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             budgets = [s.max_new_tokens for s in self.samples[chunk]]
-            results = self.vlm.generate_prepared(prepared[chunk], config, budgets, plan=plan)
-            texts.extend(r.text for r in results)
-        return texts
+            results.extend(self.vlm.generate_prepared(prepared[chunk], config, budgets, plan=plan))
+        return results
+
+    def answers(self, config: Config, plan: Sequence[int] | None = None) -> list[str]:
+        """Greedy answer texts, one per sample, at `config` (or with an explicit block `plan`)."""
+        return [r.text for r in self.results(config, plan)]
 
     def scores(self, config: Config, plan: Sequence[int] | None = None) -> np.ndarray:
         """Per-sample quality in [0, 1] at `config`."""

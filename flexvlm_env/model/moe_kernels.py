@@ -235,15 +235,21 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-def default_prefill_config(num_pairs: int, num_experts: int) -> PrefillConfig:
+def default_prefill_config(num_pairs: int, num_experts: int, element_bytes: int = 2) -> PrefillConfig:
     # Picked from a sweep on an H100 at E=64, d=2048, H=1024, k=8 (bf16). Up to T ~ 1500 the weights
     # dominate the traffic: bigger row blocks re-read each expert less often, smaller ones pad less.
     pairs_per_expert = num_pairs / num_experts
     if pairs_per_expert <= 16:
-        return PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
-    if pairs_per_expert <= 96:
-        return PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
-    return PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+        config = PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    elif pairs_per_expert <= 96:
+        config = PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    else:
+        config = PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+    if element_bytes > 2:
+        # float32 tiles take twice the shared memory per stage: the bf16 tiles at 4 stages need
+        # 320 KB where an H100 SM has 227 KB. Halve the K tile and keep two stages.
+        config = PrefillConfig(config.block_m, config.block_n, 32, config.num_warps, 2)
+    return config
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -283,7 +289,7 @@ if triton is not None:
         a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_padded_ptr,
         N, K, num_pairs, pairs_per_a_row,
         stride_am, stride_be, stride_bn, stride_cm,
-        FUSE_SILU_MUL: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+        FUSE_SILU_MUL: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """C[pair, n] = A[pair // pairs_per_a_row] @ B[expert(pair)][n]^T for the pairs of one block.
@@ -313,10 +319,10 @@ if triton is not None:
             mask_k = offs_k < K - k_start
             a = tl.load(a_ptrs, mask=pair_mask[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if FUSE_SILU_MUL:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if FUSE_SILU_MUL:
@@ -336,6 +342,8 @@ def _grouped_gemm(a, b, c, topk_weights, sorted_pair_ids, expert_ids, num_pairs_
         n_out, k_in, c.shape[0], pairs_per_a_row,
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         FUSE_SILU_MUL=fuse_silu_mul, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        # float32 models (the quality path) get true float32 products, not TF32's 10-bit mantissa.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -348,7 +356,7 @@ def moe_prefill_triton(x, topk_ids, topk_weights, w_gate_up, w_down, *,
     hidden = two_hidden // 2
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
-    config = config or default_prefill_config(num_pairs, num_experts)
+    config = config or default_prefill_config(num_pairs, num_experts, x.element_size())
     x2d = x.reshape(num_tokens, d_model).contiguous()
     flat_weights = topk_weights.flatten().contiguous()
     sorted_pair_ids, expert_ids, num_pairs_padded = align_block_size(topk_ids, config.block_m, num_experts)

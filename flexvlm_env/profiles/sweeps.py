@@ -1,0 +1,298 @@
+"""Measurement sweeps that fill profile tables: request latency, batched quality, stage tables.
+
+- `profile_requests`: every (request, config) through `VLM.generate` at batch 1 with stage timing,
+  `repeats` times for a fixed subset of requests and once for the rest (the repeats are what the
+  replay environment's noise model is fitted on). Before a config's requests are timed, one request
+  per prefill-length bucket runs untimed, so graph capture and kernel compilation never land in a
+  measurement.
+- `profile_quality`: the answer and metric score of every (request, config), answered in batches
+  (`QualityEvaluator`: the same greedy answers as batch 1, much faster).
+- `profile_stages`: stage tables for composing latency from token counts (a model whose requests
+  are too many to time one by one, e.g. `molmoe-1b` over the whole request pool): synthetic
+  requests at every (crops, prefill-length bucket, top_k, active_blocks) with forced output length.
+
+Each sweep writes to a `ShardedTable` and skips keys already there: rerun after a crash and it
+finishes with every measurement exactly once. `deadline_s` stops a sweep cleanly between shards.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..benchmarking import device_info
+from ..config import Config, KnobGrid
+from ..features import request_features
+from ..metrics import score
+from ..model.runtime import VLM
+from ..tasks import load_samples
+from ..tasks.families import FAMILIES
+from ..tasks.sample import Sample
+from .tables import ShardedTable, code_version
+from .tokens import TokenCounter
+
+REQUEST_KEY = ("request_id", "crops", "top_k", "active_blocks", "repeat")
+QUALITY_KEY = ("request_id", "crops", "top_k", "active_blocks")
+STAGE_KEY = ("crops", "input_tokens", "top_k", "active_blocks", "repeat")
+LATENCY_COLUMNS = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms", "total_ms")
+
+
+@dataclass(frozen=True)
+class RequestPool:
+    """The requests a table covers: procedural `split`, `per_family` requests of each family."""
+
+    families: tuple[str, ...] = tuple(FAMILIES)
+    split: str = "val"
+    per_family: int = 200
+    task_seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.families) - set(FAMILIES))
+        if unknown or not self.families:
+            raise ValueError(f"families={self.families!r}: unknown {unknown}; allowed: {sorted(FAMILIES)}")
+        if self.per_family < 1:
+            raise ValueError(f"per_family={self.per_family} must be >= 1")
+
+    def samples(self) -> list[Sample]:
+        out: list[Sample] = []
+        for family in self.families:
+            out.extend(load_samples(family, "procedural", self.split, self.per_family, self.task_seed))
+        return out
+
+
+def table_metadata(vlm: VLM, kind: str, protocol: dict) -> dict:
+    """Provenance shared by every table: hardware, software, model and how it was measured."""
+    info = device_info(vlm.device)
+    return {
+        "kind": kind,
+        "preset": vlm.args.name,
+        "weights_sha256": vlm.weights_sha256 or ("random" if vlm.random_weights else None),
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "device_name": info.get("device_name"),
+        "device": info,
+        "code_version": code_version(),
+        "block_ranking": list(vlm.block_ranking),
+        "protocol": protocol,
+        "created_unix_s": time.time(),
+    }
+
+
+def token_counts(vlm: VLM, image: Image.Image, prompt: str, crops: int, crop_rule: str = "exact") -> dict:
+    """Vision, prompt, layout and input tokens of a request at `crops` (no pixels touched)."""
+    return TokenCounter.for_model(vlm).request(image.size, prompt, crops, crop_rule)
+
+
+def _bucket(length: int, bucket: int) -> int:
+    return int(math.ceil(length / bucket) * bucket)
+
+
+def _deadline_passed(deadline_s: float | None) -> bool:
+    return deadline_s is not None and time.time() >= deadline_s
+
+
+def profile_requests(
+    vlm: VLM,
+    samples: Sequence[Sample],
+    configs: Sequence[Config],
+    table: ShardedTable,
+    *,
+    repeats: int = 5,
+    repeat_fraction: float = 0.1,
+    shard_rows: int = 2000,
+    deadline_s: float | None = None,
+    progress: bool = True,
+) -> int:
+    """Time every (request, config); see module docstring. Returns the rows written by this call.
+
+    The repeated subset is every `round(1 / repeat_fraction)`-th request of each family, so it is
+    the same on every rerun and spread over families.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if not 0 <= repeat_fraction <= 1:
+        raise ValueError(f"repeat_fraction={repeat_fraction} must be in [0, 1]")
+    stride = max(1, round(1 / repeat_fraction)) if repeat_fraction > 0 else None
+    seen: dict[str, int] = {}
+    n_repeats = {}
+    for sample in samples:
+        i = seen.get(sample.family, 0)
+        seen[sample.family] = i + 1
+        n_repeats[sample.request_id] = repeats if stride is not None and i % stride == 0 else 1
+    done = table.done_keys()
+    todo_total = sum(n_repeats[s.request_id] for s in samples) * len(configs) - len(done)
+    bar = tqdm(total=max(todo_total, 0), desc=f"profile {vlm.args.name}", unit="run", disable=not progress)
+    written, rows = 0, []
+    bucket = 64
+    for config in configs:
+        plan_key = (config.crops, config.top_k, config.active_blocks)
+        pending = [
+            (s, r) for s in samples for r in range(n_repeats[s.request_id])
+            if (s.request_id, *plan_key, r) not in done
+        ]
+        if not pending:
+            continue
+        # Untimed warm-up: one request per prefill bucket this config will see.
+        warm: dict[int, Sample] = {}
+        for sample, _ in pending:
+            counts = token_counts(vlm, sample.image, sample.prompt, config.crops, config.crop_rule)
+            warm.setdefault(_bucket(counts["input_tokens"], bucket), sample)
+        for sample in warm.values():
+            vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
+        for sample, repeat in pending:
+            result = vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
+            latency = result.latency
+            rows.append({
+                "request_id": sample.request_id, "family": sample.family,
+                "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks, "repeat": repeat,
+                **{name: getattr(latency, name) for name in LATENCY_COLUMNS},
+                "vision_tokens": result.tokens.vision, "prompt_tokens": result.tokens.prompt,
+                "layout_tokens": result.tokens.layout, "input_tokens": result.tokens.input,
+                "output_tokens": result.tokens.output,
+                "answer": result.text, "quality": float(score(sample, result.text)),
+            })
+            bar.update(1)
+            if len(rows) >= shard_rows:
+                table.append(rows)
+                written, rows = written + len(rows), []
+                if _deadline_passed(deadline_s):
+                    bar.close()
+                    return written
+        if rows and _deadline_passed(deadline_s):
+            break
+    table.append(rows)
+    bar.close()
+    return written + len(rows)
+
+
+def profile_quality(
+    vlm: VLM,
+    samples: Sequence[Sample],
+    configs: Sequence[Config],
+    table: ShardedTable,
+    *,
+    batch_size: int = 256,
+    deadline_s: float | None = None,
+    progress: bool = True,
+) -> int:
+    """Answer and score every (request, config) in batches; one shard per config."""
+    from ..evaluation import QualityEvaluator
+
+    done = table.done_keys()
+    ordered = sorted(configs, key=lambda c: (c.crops, c.crop_rule))  # prepare each request once per crops value
+    evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size)
+    written = 0
+    for config in tqdm(ordered, desc=f"quality {vlm.args.name}", unit="config", disable=not progress):
+        if all((s.request_id, config.crops, config.top_k, config.active_blocks) in done for s in samples):
+            continue
+        results = evaluator.results(config)
+        rows = [
+            {
+                "request_id": s.request_id, "family": s.family,
+                "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
+                "quality": float(score(s, r.text)), "answer": r.text, "output_tokens": r.tokens.output,
+            }
+            for s, r in zip(samples, results)
+        ]
+        table.append(rows)
+        written += len(rows)
+        if _deadline_passed(deadline_s):
+            break
+    return written
+
+
+def request_table(vlm: VLM, samples: Sequence[Sample], crops_values: Iterable[int]) -> list[dict]:
+    """One row per (request, crops): controller features and the model's token counts there."""
+    rows = []
+    for sample in samples:
+        features = request_features(sample.image, sample.prompt)
+        for crops in crops_values:
+            rows.append({
+                "request_id": sample.request_id, "family": sample.family, "crops": crops,
+                "max_new_tokens": sample.max_new_tokens, **features,
+                **token_counts(vlm, sample.image, sample.prompt, crops),
+            })
+    return rows
+
+
+def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4 / 3) -> tuple[Image.Image, str]:
+    """An image and a prompt whose request has `input_tokens` input tokens at `crops` (the nearest
+    length above it when the image layout alone is longer, or when the tokenizer cannot hit it)."""
+    height = 288  # the procedural images' typical size (host preprocessing scales with it)
+    image = Image.new("RGB", (int(round(height * aspect)), height), (128, 96, 64))
+
+    def length(words: int) -> int:
+        return token_counts(vlm, image, " ".join(["count"] * words), crops)["input_tokens"]
+
+    words = max(1, 1 + input_tokens - length(1))
+    best = None
+    for _ in range(64):  # one word is about one token; a few steps settle any merge
+        n = length(words)
+        if n >= input_tokens and (best is None or n < best[0]):
+            best = (n, words)
+        if n == input_tokens or (n > input_tokens and words == 1):
+            break
+        words += 1 if n < input_tokens else -1
+    words = best[1] if best else words
+    return image, " ".join(["count"] * words)
+
+
+def stage_plan(vlm: VLM, samples: Sequence[Sample], crops_values: Sequence[int], bucket: int = 64) -> list[tuple[int, int]]:
+    """(crops, input length) pairs a stage table must cover for `samples`: for each crops value,
+    one length inside every prefill bucket the requests fall into (the bucket's upper end)."""
+    pairs = set()
+    for crops in crops_values:
+        for sample in samples:
+            n = token_counts(vlm, sample.image, sample.prompt, crops)["input_tokens"]
+            pairs.add((crops, _bucket(n, bucket)))
+    return sorted(pairs)
+
+
+def profile_stages(
+    vlm: VLM,
+    pairs: Sequence[tuple[int, int]],
+    grid: KnobGrid,
+    table: ShardedTable,
+    *,
+    repeats: int = 3,
+    output_tokens: int = 32,
+    deadline_s: float | None = None,
+    progress: bool = True,
+) -> int:
+    """Stage measurements at every (crops, input length) x (top_k, active_blocks), output forced to
+    `output_tokens` (EOS ignored), `repeats` times each; see module docstring."""
+    done = table.done_keys()
+    written = 0
+    for crops, length in tqdm(pairs, desc=f"stages {vlm.args.name}", unit="length", disable=not progress):
+        image, prompt = synthetic_request(vlm, crops, length)  # the bucket's last length
+        rows = []
+        for top_k in grid.top_k:
+            for blocks in grid.active_blocks:
+                config = Config(crops=crops, top_k=top_k, active_blocks=blocks)
+                todo = [r for r in range(repeats) if (crops, length, top_k, blocks, r) not in done]
+                if not todo:
+                    continue
+                vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)  # warm-up
+                for repeat in todo:
+                    result = vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)
+                    lat = result.latency
+                    rows.append({
+                        "crops": crops, "input_tokens": length, "top_k": top_k, "active_blocks": blocks, "repeat": repeat,
+                        "measured_input_tokens": result.tokens.input, "vision_tokens": result.tokens.vision,
+                        "output_tokens": result.tokens.output,
+                        **{name: getattr(lat, name) for name in LATENCY_COLUMNS},
+                        "decode_ms_per_token": list(lat.decode_ms_per_token),
+                    })
+        table.append(rows)
+        written += len(rows)
+        if _deadline_passed(deadline_s):
+            break
+    return written
+
+
+def grid_protocol(grid: KnobGrid, **extra) -> dict:
+    return {"grid": asdict(grid), **extra}

@@ -1,0 +1,144 @@
+"""Profile tables on disk: Parquet with units in column names and provenance in the metadata.
+
+A table is a directory of Parquet shards (`part-00000.parquet`, ...) plus `table.json`, the
+metadata every shard also carries in its schema (device, driver, torch, dtype, preset, weights
+hash, code version, protocol). Shards are written to a temporary name and renamed, so a crash
+leaves either a whole shard or none: a rerun reads the keys already present and measures only the
+rest, and no measurement is lost or taken twice. `read_table` concatenates the shards and checks
+that no key appears twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_KEY = b"flexvlm"
+TABLE_JSON = "table.json"
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (`0.1.0+g1a2b3c4`)."""
+    from .. import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+g{commit}" if commit else __version__
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict) -> Path:
+    """Write `frame` with `metadata` (JSON) in the schema, atomically (temporary file + rename)."""
+    path = Path(path)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(frame, metadata) of one Parquet file written by `write_parquet`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"profile table {path} does not exist")
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return table.to_pandas(), (json.loads(raw) if raw else {})
+
+
+class ShardedTable:
+    """A resumable table: a directory of shards sharing one metadata dict and one key.
+
+    Args:
+        directory: where the shards live (created if needed).
+        key: the columns that identify one measurement (e.g. request_id, crops, top_k,
+            active_blocks, repeat); `done_keys()` returns the set already written.
+        metadata: provenance. Resuming into a directory written with different values of the
+            `must_match` fields raises instead of mixing measurements of different setups.
+    """
+
+    must_match = ("kind", "preset", "weights_sha256", "device_name", "dtype", "protocol")
+
+    def __init__(self, directory: str | Path, key: Sequence[str], metadata: dict):
+        self.directory = Path(directory)
+        self.key = tuple(key)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta_path = self.directory / TABLE_JSON
+        if meta_path.exists():
+            existing = json.loads(meta_path.read_text())
+            for name in self.must_match:
+                if name in metadata and name in existing and existing[name] != metadata[name]:
+                    raise ValueError(
+                        f"{self.directory} holds a table with {name}={existing[name]!r}; this run has "
+                        f"{name}={metadata[name]!r}. Resume with the same setup or choose another --out directory"
+                    )
+        else:
+            tmp = meta_path.with_name(TABLE_JSON + ".tmp")
+            tmp.write_text(json.dumps({**metadata, "key": list(self.key)}, indent=1))
+            os.replace(tmp, meta_path)
+        self.metadata = {**metadata, "key": list(self.key)}
+
+    def shards(self) -> list[Path]:
+        return sorted(self.directory.glob("part-*.parquet"))
+
+    def done_keys(self) -> set[tuple]:
+        done: set[tuple] = set()
+        for shard in self.shards():
+            frame = pq.read_table(shard, columns=list(self.key)).to_pandas()
+            done.update(map(tuple, frame.itertuples(index=False, name=None)))
+        return done
+
+    def append(self, rows: Iterable[dict]) -> Path | None:
+        """Write `rows` as the next shard (nothing if empty)."""
+        frame = pd.DataFrame(list(rows))
+        if frame.empty:
+            return None
+        missing = [k for k in self.key if k not in frame.columns]
+        if missing:
+            raise ValueError(f"rows lack the key columns {missing}")
+        shards = self.shards()
+        index = int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
+        return write_parquet(frame, self.directory / f"part-{index:05d}.parquet", self.metadata)
+
+    def read(self) -> pd.DataFrame:
+        return read_table(self.directory)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """All rows of a sharded table directory (or one Parquet file), duplicate keys rejected.
+    The metadata is in `frame.attrs["metadata"]`."""
+    path = Path(path)
+    if path.is_file():
+        frame, metadata = read_parquet(path)
+    else:
+        meta_path = path / TABLE_JSON
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path} is not a profile table (no {TABLE_JSON})")
+        metadata = json.loads(meta_path.read_text())
+        shards = sorted(path.glob("part-*.parquet"))
+        frame = pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
+    key = metadata.get("key")
+    if key and not frame.empty and frame.duplicated(subset=key).any():
+        dup = frame[frame.duplicated(subset=key, keep=False)].head(3)
+        raise ValueError(f"{path} holds duplicate measurements for key {key}:\n{dup}")
+    frame.attrs["metadata"] = metadata
+    return frame
+
+
+def consolidate(directory: str | Path, out_file: str | Path) -> Path:
+    """Merge a sharded table into one Parquet file (what ships), keeping the metadata."""
+    frame = read_table(directory)
+    metadata = frame.attrs["metadata"]
+    frame.attrs = {}
+    return write_parquet(frame, out_file, metadata)
