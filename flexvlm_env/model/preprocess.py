@@ -11,6 +11,7 @@ against the fixture bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -155,10 +156,19 @@ def resize_and_pad(
     canvas[:, :, top : top + new_h, left : left + new_w] = pixels
     mask = torch.zeros(target_h, target_w, dtype=torch.float32, device=device)
     mask[top : top + new_h, left : left + new_w] = 1.0
-    mean = torch.tensor(vision.mean, dtype=torch.float32, device=device)[:, None, None]
-    std = torch.tensor(vision.std, dtype=torch.float32, device=device)[:, None, None]
+    mean, std = _normalisation(vision.mean, vision.std, device)
     canvas = (canvas - mean) / std
     return (canvas if batched else canvas[0]), mask
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [3, 1, 1] on `device`, made once: building them from Python lists
+    on every request is a host-to-device copy that waits for the GPU."""
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+        torch.tensor(std, dtype=torch.float32, device=device)[:, None, None],
+    )
 
 
 def to_patches(crop: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
@@ -170,8 +180,11 @@ def to_patches(crop: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
 
 
 def _patch_fractions(mask: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
+    """[..., crop, crop] validity mask -> [..., patches]: the valid fraction of each patch."""
     n, p = vision.patches_per_side, vision.patch_px
-    return mask.reshape(n, p, n, p).permute(0, 2, 1, 3).reshape(n * n, p * p).mean(dim=-1)
+    lead = mask.shape[:-2]
+    x = mask.reshape(-1, n, p, n, p).permute(0, 1, 3, 2, 4).reshape(*lead, n * n, p * p)
+    return x.mean(dim=-1)
 
 
 def _kept_range(index: int, count: int, vision: VisionArgs) -> tuple[int, int]:
@@ -267,18 +280,19 @@ def preprocess_image_batch(
     tiled, mask = resize_and_pad(pixels, *vision.canvas_px(rows, cols), vision)
     global_view, _ = resize_and_pad(pixels, crop_px, crop_px, vision)
 
-    patches = [to_patches(global_view, vision)]
-    masks = []
-    for r in range(rows):
-        for c in range(cols):
-            y, x = window * r, window * c
-            patches.append(to_patches(tiled[:, :, y : y + crop_px, x : x + crop_px], vision))
-            masks.append(_patch_fractions(mask[y : y + crop_px, x : x + crop_px], vision))
+    # All overlapping tiles at once (tile (r, c) starts at window * (r, c)): a handful of kernels
+    # instead of a few per tile, which on a GPU made host preprocessing a large, noisy stage.
+    n_images = pixels.shape[0]
+    tiles = tiled.unfold(2, crop_px, window).unfold(3, crop_px, window)[:, :, :rows, :cols]  # [N, 3, R, C, crop, crop]
+    tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(n_images, rows * cols, 3, crop_px, crop_px)
+    patches = torch.cat([to_patches(global_view, vision)[:, None], to_patches(tiles, vision)], dim=1)
+    tile_masks = mask.unfold(0, crop_px, window).unfold(1, crop_px, window)[:rows, :cols]
+    fractions = _patch_fractions(tile_masks.reshape(rows * cols, crop_px, crop_px), vision)
     # Reference quirk: mask rows are shifted by one (the global view gets tile 0's row, the last
     # tile gets -1, i.e. "partial padding"); trained checkpoints expect it.
-    masks.append(torch.full((vision.patches_per_crop,), -1.0, device=device))
+    masks = torch.cat([fractions, torch.full((1, vision.patches_per_crop), -1.0, device=device)])
     tokens, idx = token_layout(rows, cols, vision, special, offset)
-    return ImageInputs((rows, cols), torch.stack(patches, dim=1), torch.stack(masks), idx, tokens)
+    return ImageInputs((rows, cols), patches, masks, idx, tokens)
 
 
 def vision_token_count(rows: int, cols: int, vision: VisionArgs) -> int:

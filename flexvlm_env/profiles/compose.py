@@ -3,8 +3,8 @@
 A stage table (`profile_stages`) holds measured stage times at every (crops, prefill-length
 bucket, top_k, active_blocks). The runtime's cost structure makes the composition simple:
 
-- preprocessing, the vision encoder and the projector depend on the crop count only (one CUDA graph
-  per crop count; the image is resized on the device);
+- the vision encoder and the projector depend on the crop count only (one CUDA graph per crop
+  count); host preprocessing too, plus the prompt's tokenization (a fitted cost per input token);
 - prefill runs one graph per (top_k, plan, input length rounded up to the 64-token bucket), so its
   time is a function of (top_k, active_blocks, bucket); a bucket not measured is interpolated
   linearly between the nearest measured ones of the same (top_k, active_blocks);
@@ -18,7 +18,6 @@ the stage table never saw.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,8 @@ class StageModel:
     decode_fit: dict[tuple[int, int], tuple[float, float]]  # (top_k, blocks) -> (ms at position 0, ms per position)
     noise_log_ratio: dict[tuple[int, int, int], np.ndarray]  # (crops, top_k, blocks) -> residuals
     metadata: dict
+    preprocess_ms_per_input_token: float = 0.0
+    preprocess_reference_tokens: dict[int, float] | None = None  # crops -> input length of the median
 
     @classmethod
     def fit(cls, stages: pd.DataFrame) -> "StageModel":
@@ -45,6 +46,12 @@ class StageModel:
             int(c): g[["preprocess_ms", "vision_encoder_ms", "projector_ms"]].median().to_numpy(np.float64)
             for c, g in stages.groupby("crops")
         }
+        # Host preprocessing also tokenizes the prompt: one slope per input token, shared by all
+        # crop counts (within a crop count only the prompt changes the input length).
+        centered = stages.groupby("crops")["measured_input_tokens"].transform(lambda n: n - n.median())
+        residual = stages["preprocess_ms"] - stages.groupby("crops")["preprocess_ms"].transform("median")
+        slope = float(np.polyfit(centered, residual, 1)[0]) if centered.abs().sum() > 0 else 0.0
+        preprocess_ref = {int(c): float(g["measured_input_tokens"].median()) for c, g in stages.groupby("crops")}
         stages = stages.assign(bucket=(np.ceil(stages["measured_input_tokens"] / PREFILL_BUCKET) * PREFILL_BUCKET).astype(int))
         prefill = {}
         for (k, b), g in stages.groupby(["top_k", "active_blocks"]):
@@ -64,7 +71,7 @@ class StageModel:
         for (c, k, b), g in stages.groupby(["crops", "top_k", "active_blocks"]):
             ratios = g.groupby("input_tokens")["total_ms"].transform(lambda t: np.log(t / t.median()))
             noise[(int(c), int(k), int(b))] = ratios.to_numpy(np.float64)
-        return cls(per_crops, prefill, decode, noise, dict(stages.attrs.get("metadata", {})))
+        return cls(per_crops, prefill, decode, noise, dict(stages.attrs.get("metadata", {})), slope, preprocess_ref)
 
     def prefill(self, top_k: int, blocks: int, input_tokens: np.ndarray) -> np.ndarray:
         buckets, ms = self.prefill_ms[(top_k, blocks)]
@@ -95,6 +102,9 @@ class StageModel:
         input_tokens = np.atleast_1d(np.asarray(input_tokens))
         out = np.empty((len(input_tokens), 5))
         out[:, :3] = self.per_crops_ms[crops]
+        if self.preprocess_reference_tokens:
+            shift = input_tokens - self.preprocess_reference_tokens[crops]
+            out[:, 0] = np.maximum(out[:, 0] + self.preprocess_ms_per_input_token * shift, 0.0)
         out[:, 3] = self.prefill(top_k, blocks, input_tokens)
         out[:, 4] = self.decode_total(top_k, blocks, input_tokens, np.atleast_1d(output_tokens))
         return out
@@ -118,6 +128,3 @@ def error_summary(measured_ms, composed_ms) -> dict:
         "median_signed_pct_error": float(np.median((composed - measured) / measured * 100)),
     }
 
-
-def _bucket(length: int) -> int:
-    return int(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET)

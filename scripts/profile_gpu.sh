@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build the recorded tables the replay environment ships, on the lent GPU (H100 or H200), in resumable steps that
+# each stop cleanly before the device's 10-minute command limit. Rerun the same step to resume it;
+# the tables live under runs/profiles/ (carried between device calls).
+#   [PRESET=micro] scripts/profile_gpu.sh stages  # stage tables + validation of the composition
+#   scripts/profile_gpu.sh quality    # micro answers and scores, every (request, config)
+#   scripts/profile_gpu.sh requests   # micro latency, every (request, config) once + repeats
+set -uo pipefail
+out=runs/profiles
+mkdir -p "$out"
+cli="python3 -m flexvlm_env.profiles.cli"
+minutes=${MINUTES:-3}
+# Tables are named after the card they were measured on (the lent machine may be an H100 or an H200).
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -E 'H100|H200|A100|L40S|L4' | tr 'A-Z' 'a-z')
+card=${card:-gpu}
+case "${1:?step: stages, quality or requests}" in
+  stages)
+    # PRESET=micro measures the shipped micro weights; molmoe-1b uses random weights (latency only).
+    preset=${PRESET:-molmoe-1b}
+    weights=$([ "$preset" = micro ] && echo "" || echo "--weights random")
+    timeout 300 $cli stages --preset "$preset" $weights --device cuda --out $out/${preset}_${card}_stages \
+      --no-progress --max-minutes "$minutes"
+    timeout 120 $cli validate-stages --preset "$preset" $weights --device cuda \
+      --stages $out/${preset}_${card}_stages --json-out $out/replay_latency_validation_${preset}_${card}.json --no-progress ;;
+  quality)
+    timeout $(( ${minutes%.*} * 60 + 120 )) $cli quality --preset micro --device cuda --dtype float32 \
+      --out $out/micro_quality --batch-size 1024 --no-progress --max-minutes "$minutes" ;;
+  requests)
+    timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests --preset micro --device cuda \
+      --out $out/micro_${card}_requests --no-progress --max-minutes "$minutes" ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac
