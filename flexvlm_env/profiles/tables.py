@@ -27,13 +27,15 @@ def code_version() -> str:
     """Package version plus the git commit when run from a checkout (`0.1.0+g1a2b3c4`)."""
     from .. import __version__
 
+    here = Path(__file__).parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here.parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+g{commit}" if commit else __version__
+        commit, dirty = "", ""
+    # "dirty": the package differs from that commit (e.g. a working tree copied to a GPU machine).
+    return (f"{__version__}+g{commit}" + (".dirty" if dirty else "")) if commit else __version__
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict) -> Path:

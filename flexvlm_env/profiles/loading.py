@@ -1,0 +1,156 @@
+"""Load the shipped recorded tables into `ReplayData`, and query them one request at a time.
+
+Shipped tables (`flexvlm_env/assets/profiles/`, Parquet with provenance in the metadata):
+
+- `requests_val.parquet`: one row per (request, crops) of the procedural val pool (200 per family):
+  controller features and, per preset, the request's token counts at that crop count.
+- `micro_quality_val.parquet`: the `micro` model's greedy answer, its metric score and output
+  length for every (request, config) of the default grid.
+- `<preset>_<card>_stages.parquet`: stage tables measured on a lent GPU (`flexvlm-profile stages`),
+  from which `compose.StageModel` builds each request's latency from its own token counts.
+
+Latency sources (`latency=`): `molmoe-1b-h100` (default: what a MolmoE-1B deployment on an H100
+would take for these requests, with output lengths from re-tokenizing micro's answers with the
+MolmoE tokenizer) and `micro-h100` (the micro model itself on an H100). Both are compositions of
+stage tables validated against end-to-end runs (`results/replay_latency_validation*.json`).
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config, KnobGrid
+from ..features import IMAGE_FEATURES, PROMPT_FEATURES
+from .compose import StageModel
+from .replay import STAGE_COLUMNS, ReplayData
+from .tables import read_parquet, read_table
+from .tokens import TokenCounter
+
+QUALITY_SOURCES = {"micro": "micro_quality_val.parquet"}
+LATENCY_SOURCES = {
+    "molmoe-1b-h100": ("molmoe-1b", "molmoe-1b_h100_stages.parquet"),
+    "micro-h100": ("micro", "micro_h100_stages.parquet"),
+}
+REQUESTS_TABLE = "requests_val.parquet"
+
+
+def profiles_dir() -> Path:
+    return Path(str(resources.files("flexvlm_env") / "assets" / "profiles"))
+
+
+def _resolve(name: str, table: Path | str) -> Path:
+    path = profiles_dir() / table
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: the shipped table {path} is missing from this install")
+    return path
+
+
+def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") -> ReplayData:
+    """Dense replay arrays for the shipped quality table and latency source (cached per pair).
+
+    Args:
+        quality: `micro` (the shipped model's answers and scores).
+        latency: `molmoe-1b-h100` or `micro-h100` (see module docstring).
+    """
+    if quality not in QUALITY_SOURCES:
+        raise ValueError(f"quality={quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")
+    if latency not in LATENCY_SOURCES:
+        raise ValueError(f"latency={latency!r} is not a shipped latency source; allowed: {sorted(LATENCY_SOURCES)}")
+    return _load(quality, latency)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(quality: str, latency: str) -> ReplayData:
+    requests, requests_meta = read_parquet(_resolve("requests", REQUESTS_TABLE))
+    answers, quality_meta = read_parquet(_resolve(f"quality={quality}", QUALITY_SOURCES[quality]))
+    preset, stage_file = LATENCY_SOURCES[latency]
+    stages = read_table(_resolve(f"latency={latency}", stage_file))
+    return build_replay_data(requests, answers, stages, preset, answered_by=quality_meta.get("preset", quality), metadata={
+        "quality_source": quality, "latency_source": latency,
+        "quality_table": quality_meta, "stage_table": stages.attrs.get("metadata", {}), "requests_table": requests_meta,
+    })
+
+
+def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.DataFrame, preset: str,
+                      answered_by: str = "micro", metadata: dict | None = None, grid: KnobGrid | None = None) -> ReplayData:
+    """Join a request table, a quality table and a stage table into `ReplayData`.
+
+    `preset` names the model whose latency the stage table measured: its token counts are read
+    from the request table's `<preset>/...` columns, and its output lengths are the quality
+    table's answers re-tokenized with its tokenizer (the quality table's own `output_tokens` when
+    the preset is `answered_by`, the model that answered).
+    """
+    grid = grid or KnobGrid(
+        crops=tuple(sorted(answers["crops"].unique().tolist())),
+        top_k=tuple(sorted(answers["top_k"].unique().tolist())),
+        active_blocks=tuple(sorted(answers["active_blocks"].unique().tolist())),
+    )
+    ids = pd.unique(answers["request_id"])
+    n_req, n_cfg = len(ids), len(grid)
+    if len(answers) != n_req * n_cfg:
+        raise ValueError(f"the quality table has {len(answers)} rows; a dense table needs {n_req} requests x {n_cfg} configs")
+    row = pd.Series(np.arange(n_req), index=ids)
+    ci = {v: i for i, v in enumerate(grid.crops)}
+    ki = {v: i for i, v in enumerate(grid.top_k)}
+    bi = {v: i for i, v in enumerate(grid.active_blocks)}
+    r = row[answers["request_id"]].to_numpy()
+    c = ((answers["crops"].map(ci) * len(grid.top_k) + answers["top_k"].map(ki)) * len(grid.active_blocks)
+         + answers["active_blocks"].map(bi)).to_numpy()
+    quality = np.zeros((n_req, n_cfg), np.float32)
+    quality[r, c] = answers["quality"].to_numpy(np.float32)
+    texts = np.empty((n_req, n_cfg), dtype=object)
+    texts[r, c] = answers["answer"].to_numpy(object)
+
+    per_request = requests.drop_duplicates("request_id").set_index("request_id").loc[ids]
+    max_new = per_request["max_new_tokens"].to_numpy()
+    if preset == answered_by:
+        output = np.zeros((n_req, n_cfg), np.int32)
+        output[r, c] = answers["output_tokens"].to_numpy(np.int32)
+    else:
+        counter = TokenCounter.for_preset(preset)
+        unique, inverse = np.unique(texts.astype(str), return_inverse=True)
+        lengths = np.array(counter.output_tokens(unique, [10**9] * len(unique)), dtype=np.int32)
+        output = np.minimum(lengths[inverse.reshape(n_req, n_cfg)], max_new[:, None]).astype(np.int32)
+
+    input_tokens = requests.pivot(index="request_id", columns="crops", values=f"{preset}/input_tokens").loc[ids]
+    model = StageModel.fit(stages)
+    stage_ms = np.zeros((n_req, n_cfg, len(STAGE_COLUMNS)), np.float32)
+    for j, config in enumerate(grid.configs()):
+        inputs = input_tokens[config.crops].to_numpy()
+        stage_ms[:, j] = model.compose(config.crops, config.top_k, config.active_blocks, inputs, output[:, j])
+    return ReplayData(
+        grid=grid,
+        request_ids=tuple(ids),
+        families=tuple(per_request["family"]),
+        prompt_features=per_request[list(PROMPT_FEATURES)].to_numpy(np.float32),
+        image_features=per_request[list(IMAGE_FEATURES)].to_numpy(np.float32),
+        quality=quality,
+        answers=texts,
+        output_tokens=output,
+        stage_ms=stage_ms,
+        total_ms=stage_ms.sum(axis=2),
+        noise_log_ratio=model.noise_matrix(grid),
+        metadata={**(metadata or {}), "preset": preset, "composition": "stage tables (flexvlm_env.profiles.compose)"},
+    )
+
+
+def simulate(request_id: str, config: Config, quality: str = "micro", latency: str = "molmoe-1b-h100") -> dict:
+    """Quality, answer and the (median) latency record of one request at one config, from the tables.
+
+    Returns `{quality, answer, output_tokens, preprocess_ms, vision_encoder_ms, projector_ms,
+    prefill_ms, decode_ms, total_ms}`.
+    """
+    data = load_replay_data(quality, latency)
+    try:
+        i = data.request_ids.index(request_id)
+    except ValueError:
+        raise ValueError(f"request_id={request_id!r} is not in the recorded pool (e.g. {data.request_ids[0]!r})") from None
+    j = data.config_index(config)
+    return {
+        "quality": float(data.quality[i, j]), "answer": str(data.answers[i, j]), "output_tokens": int(data.output_tokens[i, j]),
+        **{name: float(v) for name, v in zip(STAGE_COLUMNS, data.stage_ms[i, j])}, "total_ms": float(data.total_ms[i, j]),
+    }
