@@ -638,6 +638,7 @@ def test_bench_replay_script_smoke(tmp_path):
         check=True, capture_output=True, timeout=120,
     )
     results = json.loads(out.read_text())
-    assert results["data_source"] == "synthetic" and results["num_envs"] == 8
+    assert results["data_source"] == "shipped" and results["num_envs"] == 8
+    assert (results["n_requests"], results["n_configs"]) == (1800, 140)
     assert results["single_env_steps_per_s"] > 0 and results["vector_env_steps_per_s"] > 0
     assert {"cpu", "versions", "n_requests", "n_configs"} <= set(results)

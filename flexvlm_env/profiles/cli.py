@@ -5,7 +5,7 @@
     flexvlm-profile stages    --preset molmoe-1b --weights random --out profiles/molmoe_stages
     flexvlm-profile validate-stages --preset molmoe-1b --weights random --stages profiles/molmoe_stages
     flexvlm-profile request-table --out requests.parquet                     # features + token counts (CPU)
-    flexvlm-profile consolidate profiles/micro_quality micro_quality.parquet
+    flexvlm-profile consolidate micro_quality.parquet profiles/micro_quality
 
 Every sweep is resumable: kill it, rerun the same command, and it measures only what is missing.
 `--max-minutes` stops a sweep cleanly between shards (device sessions have time limits).
@@ -83,6 +83,18 @@ class Requests(Common):
     """measurements of each (request, config) in the repeated subset"""
     repeat_fraction: float = 0.1
     """fraction of requests (every k-th of each family) measured `repeats` times; the rest once"""
+    shard: str = "0/1"
+    """INDEX/COUNT: measure every COUNT-th request from INDEX (one process per GPU, e.g.
+    CUDA_VISIBLE_DEVICES=i ... --shard i/4 --out DIR/shard-i; merge with `consolidate`)"""
+
+    def shard_tuple(self) -> tuple[int, int]:
+        try:
+            index, count = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard={self.shard!r} must be INDEX/COUNT, e.g. 0/4") from None
+        if not 0 <= index < count:
+            raise ValueError(f"--shard={self.shard!r}: INDEX must be in 0..COUNT-1")
+        return index, count
 
 
 @dataclass
@@ -136,10 +148,12 @@ class RequestTable(Common):
 
 @dataclass
 class Consolidate:
-    """Merge a sharded table directory into one Parquet file (what ships)."""
+    """Merge table directories (one, or the --shard parts of one sweep) into one Parquet file (what ships)."""
 
-    directory: tyro.conf.Positional[Path]
     out: tyro.conf.Positional[Path]
+    """the Parquet file to write"""
+    directories: tyro.conf.Positional[tuple[Path, ...]]
+    """table directories to merge (their metadata must agree but for the shard)"""
 
 
 Command = Union[
@@ -158,7 +172,7 @@ def run(cmd) -> dict:
     from .tables import ShardedTable, consolidate, write_parquet
 
     if isinstance(cmd, Consolidate):
-        return {"written": str(consolidate(cmd.directory, cmd.out))}
+        return {"written": str(consolidate(cmd.directories, cmd.out))}
     if isinstance(cmd, RequestTable):
         return {"written": str(write_request_table(cmd))}
     grid = cmd.grid()
@@ -169,11 +183,14 @@ def run(cmd) -> dict:
     samples = cmd.pool().samples()
     pool = {"families": list(cmd.pool().families), "split": cmd.split, "per_family": cmd.per_family, "task_seed": cmd.task_seed}
     if isinstance(cmd, Requests):
+        shard = cmd.shard_tuple()
         protocol = sweeps.grid_protocol(grid, pool=pool, repeats=cmd.repeats, repeat_fraction=cmd.repeat_fraction,
-                                        warmup="one untimed request per (config, prefill bucket)", estimator="median")
+                                        warmup="one untimed request per (config, prefill bucket)", estimator="median",
+                                        shard=list(shard))
         table = ShardedTable(cmd.out, sweeps.REQUEST_KEY, sweeps.table_metadata(vlm, "requests", protocol))
         n = sweeps.profile_requests(vlm, samples, grid.configs(), table, repeats=cmd.repeats,
-                                    repeat_fraction=cmd.repeat_fraction, deadline_s=deadline, progress=cmd.progress)
+                                    repeat_fraction=cmd.repeat_fraction, shard=shard, deadline_s=deadline,
+                                    progress=cmd.progress)
     elif isinstance(cmd, Quality):
         protocol = sweeps.grid_protocol(grid, pool=pool, decoding="greedy, batched, stop at EOS or the family budget")
         table = ShardedTable(cmd.out, sweeps.QUALITY_KEY, sweeps.table_metadata(vlm, "quality", protocol))
@@ -196,14 +213,10 @@ def run(cmd) -> dict:
 
 def _expected_rows(cmd, samples, grid, table) -> int:
     if isinstance(cmd, Requests):
-        stride = max(1, round(1 / cmd.repeat_fraction)) if cmd.repeat_fraction > 0 else None
-        counts: dict[str, int] = {}
-        total = 0
-        for s in samples:
-            i = counts.get(s.family, 0)
-            counts[s.family] = i + 1
-            total += cmd.repeats if stride is not None and i % stride == 0 else 1
-        return total * len(grid)
+        from .sweeps import repeat_counts, shard_of
+
+        counts = repeat_counts(samples, cmd.repeats, cmd.repeat_fraction)
+        return sum(counts[s.request_id] for s in shard_of(samples, cmd.shard_tuple())) * len(grid)
     if isinstance(cmd, Quality):
         return len(samples) * len(grid)
     pairs = table.metadata["protocol"]["pairs"]

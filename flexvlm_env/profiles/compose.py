@@ -65,8 +65,8 @@ class StageModel:
                 positions.append(start + np.arange(len(per_token)))
                 times.append(per_token)
             x, y = np.concatenate(positions), np.concatenate(times)
-            slope, intercept = np.polyfit(x, y, 1) if len(np.unique(x)) > 1 else (0.0, float(np.median(y)))
-            decode[(int(k), int(b))] = (float(intercept), float(slope))
+            per_position, intercept = np.polyfit(x, y, 1) if len(np.unique(x)) > 1 else (0.0, float(np.median(y)))
+            decode[(int(k), int(b))] = (float(intercept), float(per_position))
         noise = {}
         for (c, k, b), g in stages.groupby(["crops", "top_k", "active_blocks"]):
             ratios = g.groupby("input_tokens")["total_ms"].transform(lambda t: np.log(t / t.median()))

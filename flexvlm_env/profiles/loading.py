@@ -11,8 +11,10 @@ Shipped tables (`flexvlm_env/assets/profiles/`, Parquet with provenance in the m
 
 Latency sources (`latency=`): `molmoe-1b-h100` (default: what a MolmoE-1B deployment on an H100
 would take for these requests, with output lengths from re-tokenizing micro's answers with the
-MolmoE tokenizer) and `micro-h100` (the micro model itself on an H100). Both are compositions of
-stage tables validated against end-to-end runs (`results/replay_latency_validation*.json`).
+MolmoE tokenizer) and `micro-h100` (the micro model itself on an H100), both compositions of
+stage tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
+`micro-h100-measured`, every (request, config) timed once on an H100 plus repeats of a 10% subset
+(`flexvlm-profile requests`; `micro_h100_requests.parquet`, shipped once measured).
 """
 from __future__ import annotations
 
@@ -31,9 +33,12 @@ from .tables import read_parquet, read_table
 from .tokens import TokenCounter
 
 QUALITY_SOURCES = {"micro": "micro_quality_val.parquet"}
+# name -> (preset, shipped file, how latency is obtained: composed from stage tables, or measured
+# per (request, config) by `flexvlm-profile requests`)
 LATENCY_SOURCES = {
-    "molmoe-1b-h100": ("molmoe-1b", "molmoe-1b_h100_stages.parquet"),
-    "micro-h100": ("micro", "micro_h100_stages.parquet"),
+    "molmoe-1b-h100": ("molmoe-1b", "molmoe-1b_h100_stages.parquet", "composed"),
+    "micro-h100": ("micro", "micro_h100_stages.parquet", "composed"),
+    "micro-h100-measured": ("micro", "micro_h100_requests.parquet", "measured"),
 }
 REQUESTS_TABLE = "requests_val.parquet"
 
@@ -67,15 +72,17 @@ def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") ->
 def _load(quality: str, latency: str) -> ReplayData:
     requests, requests_meta = read_parquet(_resolve("requests", REQUESTS_TABLE))
     answers, quality_meta = read_parquet(_resolve(f"quality={quality}", QUALITY_SOURCES[quality]))
-    preset, stage_file = LATENCY_SOURCES[latency]
-    stages = read_table(_resolve(f"latency={latency}", stage_file))
-    return build_replay_data(requests, answers, stages, preset, answered_by=quality_meta.get("preset", quality), metadata={
-        "quality_source": quality, "latency_source": latency,
-        "quality_table": quality_meta, "stage_table": stages.attrs.get("metadata", {}), "requests_table": requests_meta,
-    })
+    preset, table_file, how = LATENCY_SOURCES[latency]
+    latency_table = read_table(_resolve(f"latency={latency}", table_file))
+    metadata = {"quality_source": quality, "latency_source": latency, "quality_table": quality_meta,
+                "latency_table": latency_table.attrs.get("metadata", {}), "requests_table": requests_meta}
+    if how == "measured":
+        return build_replay_data_measured(requests, answers, latency_table, metadata=metadata)
+    return build_replay_data(requests, answers, latency_table, preset, answered_by=quality_meta.get("preset", quality),
+                             metadata=metadata)
 
 
-def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.DataFrame, preset: str,
+def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.DataFrame | None, preset: str | None,
                       answered_by: str = "micro", metadata: dict | None = None, grid: KnobGrid | None = None) -> ReplayData:
     """Join a request table, a quality table and a stage table into `ReplayData`.
 
@@ -93,13 +100,7 @@ def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.
     n_req, n_cfg = len(ids), len(grid)
     if len(answers) != n_req * n_cfg:
         raise ValueError(f"the quality table has {len(answers)} rows; a dense table needs {n_req} requests x {n_cfg} configs")
-    row = pd.Series(np.arange(n_req), index=ids)
-    ci = {v: i for i, v in enumerate(grid.crops)}
-    ki = {v: i for i, v in enumerate(grid.top_k)}
-    bi = {v: i for i, v in enumerate(grid.active_blocks)}
-    r = row[answers["request_id"]].to_numpy()
-    c = ((answers["crops"].map(ci) * len(grid.top_k) + answers["top_k"].map(ki)) * len(grid.active_blocks)
-         + answers["active_blocks"].map(bi)).to_numpy()
+    r, c = _dense_index(answers, grid, ids)
     quality = np.zeros((n_req, n_cfg), np.float32)
     quality[r, c] = answers["quality"].to_numpy(np.float32)
     texts = np.empty((n_req, n_cfg), dtype=object)
@@ -107,6 +108,13 @@ def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.
 
     per_request = requests.drop_duplicates("request_id").set_index("request_id").loc[ids]
     max_new = per_request["max_new_tokens"].to_numpy()
+    if stages is None:  # quality and features only; the caller fills in latency
+        output = np.ones((n_req, n_cfg), np.int32)
+        stage_ms = np.ones((n_req, n_cfg, len(STAGE_COLUMNS)), np.float32)
+        return ReplayData(grid, tuple(ids), tuple(per_request["family"]),
+                          per_request[list(PROMPT_FEATURES)].to_numpy(np.float32),
+                          per_request[list(IMAGE_FEATURES)].to_numpy(np.float32), quality, texts, output, stage_ms,
+                          stage_ms.sum(axis=2), np.zeros((n_cfg, 1), np.float32), dict(metadata or {}))
     if preset == answered_by:
         output = np.zeros((n_req, n_cfg), np.int32)
         output[r, c] = answers["output_tokens"].to_numpy(np.int32)
@@ -135,6 +143,59 @@ def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.
         total_ms=stage_ms.sum(axis=2),
         noise_log_ratio=model.noise_matrix(grid),
         metadata={**(metadata or {}), "preset": preset, "composition": "stage tables (flexvlm_env.profiles.compose)"},
+    )
+
+
+def _dense_index(answers: pd.DataFrame, grid: KnobGrid, ids) -> tuple[np.ndarray, np.ndarray]:
+    row = pd.Series(np.arange(len(ids)), index=ids)
+    ci = {v: i for i, v in enumerate(grid.crops)}
+    ki = {v: i for i, v in enumerate(grid.top_k)}
+    bi = {v: i for i, v in enumerate(grid.active_blocks)}
+    r = row[answers["request_id"]].to_numpy()
+    c = ((answers["crops"].map(ci) * len(grid.top_k) + answers["top_k"].map(ki)) * len(grid.active_blocks)
+         + answers["active_blocks"].map(bi)).to_numpy()
+    return r, c
+
+
+def build_replay_data_measured(requests: pd.DataFrame, answers: pd.DataFrame, measured: pd.DataFrame,
+                               metadata: dict | None = None) -> ReplayData:
+    """`ReplayData` whose latency is measured per (request, config) (`flexvlm-profile requests`):
+    the run with the median total of each (request, config) (the only run for most requests), and
+    noise residuals log(repeat / median) from the repeated subset, pooled per config. Quality and
+    answers come from the quality table; latency and output lengths from the measured runs."""
+    base = build_replay_data(requests, answers, None, None, metadata=metadata)
+    grid, ids = base.grid, list(base.request_ids)
+    missing = set(ids) - set(measured["request_id"].unique())
+    if missing:
+        raise ValueError(f"the latency table lacks {len(missing)} requests of the quality table, e.g. {sorted(missing)[:3]}")
+    measured = measured[measured["request_id"].isin(set(ids))]
+    keys = ["request_id", "crops", "top_k", "active_blocks"]
+    ordered = measured.sort_values(keys + ["total_ms"]).reset_index(drop=True)
+    size = ordered.groupby(keys, sort=False)["total_ms"].transform("size")
+    rank = ordered.groupby(keys, sort=False).cumcount()
+    median_runs = ordered[rank == size // 2]
+    if len(median_runs) != base.n_requests * len(grid):
+        raise ValueError(f"the latency table covers {len(median_runs)} (request, config) pairs; "
+                         f"{base.n_requests} x {len(grid)} are needed")
+    r, c = _dense_index(median_runs, grid, ids)
+    stage_ms = np.zeros_like(base.stage_ms)
+    stage_ms[r, c] = median_runs[list(STAGE_COLUMNS)].to_numpy(np.float32)
+    total_ms = np.zeros_like(base.total_ms)
+    total_ms[r, c] = median_runs["total_ms"].to_numpy(np.float32)
+    output = np.zeros_like(base.output_tokens)
+    output[r, c] = median_runs["output_tokens"].to_numpy(np.int32)
+    repeated = ordered[size > 1]
+    log_ratio = np.log(repeated["total_ms"] / repeated.groupby(keys, sort=False)["total_ms"].transform("median"))
+    _, config_of = _dense_index(repeated, grid, ids)
+    pools = [log_ratio.to_numpy()[config_of == j] for j in range(len(grid))]
+    width = max(1, max(len(p) for p in pools))
+    noise = np.stack([np.resize(p, width) if len(p) else np.zeros(width) for p in pools]).astype(np.float32)
+    return ReplayData(
+        grid=grid, request_ids=base.request_ids, families=base.families, prompt_features=base.prompt_features,
+        image_features=base.image_features, quality=base.quality, answers=base.answers, output_tokens=output,
+        stage_ms=stage_ms, total_ms=total_ms, noise_log_ratio=noise,
+        metadata={**(metadata or {}), "preset": measured.attrs.get("metadata", {}).get("preset"),
+                  "composition": "measured per (request, config)"},
     )
 
 

@@ -95,6 +95,32 @@ def _deadline_passed(deadline_s: float | None) -> bool:
     return deadline_s is not None and time.time() >= deadline_s
 
 
+def repeat_counts(samples: Sequence[Sample], repeats: int, repeat_fraction: float) -> dict[str, int]:
+    """Measurements per request: `repeats` for every `round(1 / repeat_fraction)`-th request of each
+    family (the same subset on every rerun and every shard, spread over families), 1 otherwise."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if not 0 <= repeat_fraction <= 1:
+        raise ValueError(f"repeat_fraction={repeat_fraction} must be in [0, 1]")
+    stride = max(1, round(1 / repeat_fraction)) if repeat_fraction > 0 else None
+    seen: dict[str, int] = {}
+    counts = {}
+    for sample in samples:
+        i = seen.get(sample.family, 0)
+        seen[sample.family] = i + 1
+        counts[sample.request_id] = repeats if stride is not None and i % stride == 0 else 1
+    return counts
+
+
+def shard_of(samples: Sequence[Sample], shard: tuple[int, int]) -> list[Sample]:
+    """Requests of shard (index, count): every count-th request from position index, so that
+    `count` processes on `count` GPUs measure disjoint parts of one pool."""
+    index, count = shard
+    if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+        raise ValueError(f"shard={shard!r} must be (index, count) with 0 <= index < count")
+    return [s for k, s in enumerate(samples) if k % count == index]
+
+
 def profile_requests(
     vlm: VLM,
     samples: Sequence[Sample],
@@ -103,26 +129,17 @@ def profile_requests(
     *,
     repeats: int = 5,
     repeat_fraction: float = 0.1,
+    shard: tuple[int, int] = (0, 1),
     shard_rows: int = 2000,
     deadline_s: float | None = None,
     progress: bool = True,
 ) -> int:
-    """Time every (request, config); see module docstring. Returns the rows written by this call.
-
-    The repeated subset is every `round(1 / repeat_fraction)`-th request of each family, so it is
-    the same on every rerun and spread over families.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be >= 1")
-    if not 0 <= repeat_fraction <= 1:
-        raise ValueError(f"repeat_fraction={repeat_fraction} must be in [0, 1]")
-    stride = max(1, round(1 / repeat_fraction)) if repeat_fraction > 0 else None
-    seen: dict[str, int] = {}
-    n_repeats = {}
-    for sample in samples:
-        i = seen.get(sample.family, 0)
-        seen[sample.family] = i + 1
-        n_repeats[sample.request_id] = repeats if stride is not None and i % stride == 0 else 1
+    """Time every (request, config) of `shard` of `samples` (`repeat_counts` says how often);
+    see module docstring. Returns the rows written by this call."""
+    n_repeats = repeat_counts(samples, repeats, repeat_fraction)
+    samples = shard_of(samples, shard)
+    # Prefill bucket of each (request, crops), for the untimed warm-up of each config.
+    buckets: dict[tuple[str, int], int] = {}
     done = table.done_keys()
     todo_total = sum(n_repeats[s.request_id] for s in samples) * len(configs) - len(done)
     bar = tqdm(total=max(todo_total, 0), desc=f"profile {vlm.args.name}", unit="run", disable=not progress)
@@ -139,8 +156,11 @@ def profile_requests(
         # Untimed warm-up: one request per prefill bucket this config will see.
         warm: dict[int, Sample] = {}
         for sample, _ in pending:
-            counts = token_counts(vlm, sample.image, sample.prompt, config.crops, config.crop_rule)
-            warm.setdefault(_bucket(counts["input_tokens"], bucket), sample)
+            key = (sample.request_id, config.crops)
+            if key not in buckets:
+                counts = token_counts(vlm, sample.image, sample.prompt, config.crops, config.crop_rule)
+                buckets[key] = _bucket(counts["input_tokens"], bucket)
+            warm.setdefault(buckets[key], sample)
         for sample in warm.values():
             vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
         for sample, repeat in pending:
@@ -187,16 +207,21 @@ def profile_quality(
     evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size)
     written = 0
     for config in tqdm(ordered, desc=f"quality {vlm.args.name}", unit="config", disable=not progress):
-        if all((s.request_id, config.crops, config.top_k, config.active_blocks) in done for s in samples):
+        missing = [s for s in samples if (s.request_id, config.crops, config.top_k, config.active_blocks) not in done]
+        if not missing:
             continue
-        results = evaluator.results(config)
+        if len(missing) < len(samples):  # a pool that grew since the last run: answer only what is missing
+            part = QualityEvaluator(vlm, missing, batch_size=batch_size)
+            results, answered = part.results(config), missing
+        else:
+            results, answered = evaluator.results(config), samples
         rows = [
             {
                 "request_id": s.request_id, "family": s.family,
                 "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
                 "quality": float(score(s, r.text)), "answer": r.text, "output_tokens": r.tokens.output,
             }
-            for s, r in zip(samples, results)
+            for s, r in zip(answered, results)
         ]
         table.append(rows)
         written += len(rows)
@@ -219,26 +244,30 @@ def request_table(vlm: VLM, samples: Sequence[Sample], crops_values: Iterable[in
     return rows
 
 
-def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4 / 3) -> tuple[Image.Image, str]:
-    """An image and a prompt whose request has `input_tokens` input tokens at `crops` (the nearest
-    length above it when the image layout alone is longer, or when the tokenizer cannot hit it)."""
+def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4 / 3,
+                      bucket: int = 64) -> tuple[Image.Image, str]:
+    """An image and a prompt whose request is as long as possible without exceeding `input_tokens`
+    at `crops`, and so falls in the same `bucket`-token prefill bucket (the prompt grows a word at a
+    time, and a word may be several tokens). When the image layout alone is longer, the shortest
+    prompt is returned (the measured length is recorded either way)."""
     height = 288  # the procedural images' typical size (host preprocessing scales with it)
     image = Image.new("RGB", (int(round(height * aspect)), height), (128, 96, 64))
 
     def length(words: int) -> int:
         return token_counts(vlm, image, " ".join(["count"] * words), crops)["input_tokens"]
 
-    words = max(1, 1 + input_tokens - length(1))
-    best = None
-    for _ in range(64):  # one word is about one token; a few steps settle any merge
-        n = length(words)
-        if n >= input_tokens and (best is None or n < best[0]):
-            best = (n, words)
-        if n == input_tokens or (n > input_tokens and words == 1):
-            break
-        words += 1 if n < input_tokens else -1
-    words = best[1] if best else words
-    return image, " ".join(["count"] * words)
+    if length(1) >= input_tokens:
+        return image, "count"
+    # Largest word count whose length is <= input_tokens (length grows with the word count).
+    low, high = 1, 2
+    while length(high) <= input_tokens:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if length(middle) <= input_tokens else (low, middle)
+    if length(low) <= input_tokens - bucket:
+        raise ValueError(f"no prompt of repeated words reaches ({input_tokens - bucket}, {input_tokens}] tokens at crops={crops}")
+    return image, " ".join(["count"] * low)
 
 
 def stage_plan(vlm: VLM, samples: Sequence[Sample], crops_values: Sequence[int], bucket: int = 64) -> list[tuple[int, int]]:

@@ -76,6 +76,8 @@ class ShardedTable:
         self.directory = Path(directory)
         self.key = tuple(key)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Compare and store what JSON keeps (tuples become lists), or a rerun would never match.
+        metadata = json.loads(json.dumps(metadata))
         meta_path = self.directory / TABLE_JSON
         if meta_path.exists():
             existing = json.loads(meta_path.read_text())
@@ -138,9 +140,33 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def consolidate(directory: str | Path, out_file: str | Path) -> Path:
-    """Merge a sharded table into one Parquet file (what ships), keeping the metadata."""
-    frame = read_table(directory)
-    metadata = frame.attrs["metadata"]
-    frame.attrs = {}
-    return write_parquet(frame, out_file, metadata)
+def consolidate(directories, out_file: str | Path) -> Path:
+    """Merge sharded table directories into one Parquet file (what ships), keeping the metadata.
+
+    Several directories are the `--shard` parts of one sweep: their metadata must agree except for
+    the shard and the device details of each process, and no key may appear twice."""
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
+    if not directories:
+        raise ValueError("consolidate needs at least one table directory")
+    frames = [read_table(d) for d in directories]
+    metadata = frames[0].attrs["metadata"]
+    for directory, frame in zip(directories[1:], frames[1:]):
+        other = frame.attrs["metadata"]
+        for name in ShardedTable.must_match:
+            mine = metadata.get(name)
+            theirs = other.get(name)
+            if name == "protocol" and isinstance(mine, dict) and isinstance(theirs, dict):
+                mine = {k: v for k, v in mine.items() if k != "shard"}
+                theirs = {k: v for k, v in theirs.items() if k != "shard"}
+            if mine != theirs:
+                raise ValueError(f"{directory} has {name}={theirs!r}, {directories[0]} has {mine!r}: not parts of one sweep")
+    merged = pd.concat([f for f in frames if not f.empty], ignore_index=True) if len(frames) > 1 else frames[0]
+    key = metadata.get("key")
+    if key and merged.duplicated(subset=key).any():
+        raise ValueError(f"the tables {list(map(str, directories))} measure some keys {key} more than once")
+    if len(frames) > 1:
+        metadata = {**metadata, "merged_from": [str(d) for d in directories],
+                    "protocol": {**metadata.get("protocol", {}), "shard": "merged"}}
+    merged.attrs = {}
+    return write_parquet(merged, out_file, metadata)

@@ -46,6 +46,7 @@ class TokenCounter:
 
     def output_tokens(self, answers, max_new_tokens) -> list[int]:
         """Tokens a model with this tokenizer generates to write each answer: its tokens plus EOS,
-        capped at the request's budget (a capped answer has no EOS)."""
-        encoded = self.tokenizer.tokenizer.encode_batch([str(a) for a in answers], add_special_tokens=False)
+        capped at the request's budget (a capped answer has no EOS). The prompt ends with
+        "Assistant:", so the answer starts with a space, which decoding strips."""
+        encoded = self.tokenizer.tokenizer.encode_batch([" " + str(a) if str(a) else "" for a in answers], add_special_tokens=False)
         return [min(len(e.ids) + 1, int(m)) for e, m in zip(encoded, max_new_tokens)]

@@ -1,0 +1,893 @@
+"""Tests of `flexvlm_env.profiles`: Parquet tables, resumable sweeps on the shipped micro model,
+stage-table composition, token counting, the shipped replay tables and the `flexvlm-profile` CLI.
+
+Everything runs on the CPU with the shipped `micro` model (about 0.05 s a request) on a pool of
+a few procedural requests and a 2 x 2 x 2 knob grid.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import flexvlm_env
+from flexvlm_env.config import Config, KnobGrid
+from flexvlm_env.features import IMAGE_FEATURES, PROMPT_FEATURES, request_features
+from flexvlm_env.metrics import score
+from flexvlm_env.profiles import cli, loading, sweeps
+from flexvlm_env.profiles.compose import PREFILL_BUCKET, StageModel, error_summary
+from flexvlm_env.profiles.replay import STAGE_COLUMNS
+from flexvlm_env.profiles.tables import (
+    TABLE_JSON,
+    ShardedTable,
+    consolidate,
+    read_parquet,
+    read_table,
+    write_parquet,
+)
+from flexvlm_env.profiles.tokens import TokenCounter
+from flexvlm_env.tasks import load_samples
+
+GRID = KnobGrid(crops=(1, 4), top_k=(1, 8), active_blocks=(8, 16))
+FAMILIES = ("tally_qa", "doc_qa")
+PER_FAMILY = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.set_num_threads(2)
+    return flexvlm_env.load_model("micro")
+
+
+@pytest.fixture(scope="module")
+def pool_samples():
+    return sweeps.RequestPool(families=FAMILIES, per_family=PER_FAMILY).samples()
+
+
+def _metadata(vlm, kind: str, **protocol) -> dict:
+    """Table metadata with a JSON-native protocol (lists, not tuples), so that reopening the table
+    compares equal to what table.json holds (see test_reopen_with_grid_protocol_resumes)."""
+    return sweeps.table_metadata(vlm, kind, {"test": True, **protocol})
+
+
+def _keys(frame: pd.DataFrame, key) -> list[tuple]:
+    return [tuple(r) for r in frame[list(key)].itertuples(index=False, name=None)]
+
+
+def _expected_request_keys(samples, configs, repeats, repeat_fraction) -> set[tuple]:
+    """Independent statement of profile_requests' plan: every round(1/fraction)-th request of each
+    family (counting from its first) is measured `repeats` times, the others once."""
+    stride = round(1 / repeat_fraction)
+    position: dict[str, int] = {}
+    keys = set()
+    for s in samples:
+        i = position.get(s.family, 0)
+        position[s.family] = i + 1
+        n = repeats if i % stride == 0 else 1
+        for c in configs:
+            for r in range(n):
+                keys.add((s.request_id, c.crops, c.top_k, c.active_blocks, r))
+    return keys
+
+
+def _cli_json(capsys) -> dict:
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. tables
+
+
+def _frame(n: int = 4, start: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({
+        "request_id": [f"tally_qa/procedural/val/{i}" for i in range(start, start + n)],
+        "crops": np.arange(start, start + n, dtype=np.int64) % 3 + 1,
+        "total_ms": np.linspace(1.5, 9.5, n),
+        "answer": [f"answer {i}" for i in range(start, start + n)],
+        "decode_ms_per_token": [[0.5 * i, 0.25] for i in range(start, start + n)],
+    })
+
+
+def test_parquet_round_trip_keeps_rows_and_metadata(tmp_path):
+    frame = _frame()
+    metadata = {"kind": "requests", "preset": "micro", "protocol": {"grid": {"crops": [1, 2]}, "repeats": 3}, "x": None}
+    path = write_parquet(frame, tmp_path / "t.parquet", metadata)
+    assert path == tmp_path / "t.parquet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]  # no temporary file left
+    back, meta = read_parquet(path)
+    assert meta == metadata
+    assert list(back.columns) == list(frame.columns)
+    pd.testing.assert_frame_equal(back.drop(columns="decode_ms_per_token"), frame.drop(columns="decode_ms_per_token"))
+    assert [list(v) for v in back["decode_ms_per_token"]] == list(frame["decode_ms_per_token"])
+    # overwriting replaces atomically
+    write_parquet(frame.head(2), path, {"kind": "other"})
+    back, meta = read_parquet(path)
+    assert len(back) == 2 and meta == {"kind": "other"}
+
+
+def test_read_parquet_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        read_parquet(tmp_path / "nope.parquet")
+    with pytest.raises(FileNotFoundError, match=TABLE_JSON):
+        read_table(tmp_path)  # a directory without table.json is no table
+
+
+KEY = ("request_id", "crops")
+META = {"kind": "requests", "preset": "micro", "weights_sha256": "abc", "device_name": "cpu", "dtype": "float32",
+        "protocol": {"repeats": 1}}
+
+
+def test_sharded_table_appends_shards_atomically(tmp_path):
+    table = ShardedTable(tmp_path / "t", KEY, META)
+    assert table.done_keys() == set()
+    assert table.append([]) is None and table.shards() == []
+    first, second = _frame(3, 0), _frame(2, 3)
+    p0 = table.append(first.to_dict("records"))
+    p1 = table.append(second.to_dict("records"))
+    assert [p.name for p in table.shards()] == ["part-00000.parquet", "part-00001.parquet"] == [p0.name, p1.name]
+    assert not list((tmp_path / "t").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["part-00000.parquet", "part-00001.parquet", TABLE_JSON]
+    expected = set(_keys(pd.concat([first, second]), KEY))
+    assert table.done_keys() == expected and len(expected) == 5
+    frame = table.read()
+    assert set(_keys(frame, KEY)) == expected and len(frame) == 5
+    assert frame.attrs["metadata"] == {**META, "key": list(KEY)}
+    # every shard carries the metadata in its schema too
+    assert read_parquet(p1)[1] == {**META, "key": list(KEY)}
+    with pytest.raises(ValueError, match="crops"):
+        table.append([{"request_id": "x", "total_ms": 1.0}])
+    assert len(table.shards()) == 2
+
+
+def test_read_table_rejects_duplicate_keys(tmp_path):
+    table = ShardedTable(tmp_path / "t", KEY, META)
+    table.append(_frame(3, 0).to_dict("records"))
+    table.append(_frame(1, 1).to_dict("records"))  # request 1 again at the same crops
+    with pytest.raises(ValueError, match="duplicate") as err:
+        read_table(tmp_path / "t")
+    assert "request_id" in str(err.value) and "tally_qa/procedural/val/1" in str(err.value)
+    # a single file with the key in its metadata is checked as well
+    write_parquet(pd.concat([_frame(2), _frame(2)]), tmp_path / "dup.parquet", {"key": list(KEY)})
+    with pytest.raises(ValueError, match="tally_qa/procedural/val/0"):
+        read_table(tmp_path / "dup.parquet")
+
+
+@pytest.mark.parametrize("field", ["preset", "device_name", "weights_sha256", "dtype", "kind", "protocol"])
+def test_resume_with_other_setup_raises(tmp_path, field):
+    ShardedTable(tmp_path / "t", KEY, META).append(_frame(2).to_dict("records"))
+    other = {**META, field: {"other": 1} if field == "protocol" else "something-else"}
+    with pytest.raises(ValueError, match=field):
+        ShardedTable(tmp_path / "t", KEY, other)
+    # the table is untouched and still resumable with the original setup
+    assert json.loads((tmp_path / "t" / TABLE_JSON).read_text())[field] == META[field]
+    assert len(ShardedTable(tmp_path / "t", KEY, META).done_keys()) == 2
+
+
+def test_resume_ignores_fields_outside_must_match(tmp_path):
+    ShardedTable(tmp_path / "t", KEY, {**META, "code_version": "1", "created_unix_s": 1.0}).append(_frame(2).to_dict("records"))
+    table = ShardedTable(tmp_path / "t", KEY, {**META, "code_version": "2", "created_unix_s": 2.0})
+    table.append(_frame(1, 5).to_dict("records"))
+    assert len(table.read()) == 3
+
+
+def test_consolidate_one_directory(tmp_path):
+    table = ShardedTable(tmp_path / "t", KEY, META)
+    table.append(_frame(3, 0).to_dict("records"))
+    table.append(_frame(2, 3).to_dict("records"))
+    out = consolidate(tmp_path / "t", tmp_path / "one.parquet")
+    assert out == tmp_path / "one.parquet" and not list(tmp_path.glob("*.tmp"))
+    merged, meta = read_parquet(out)
+    whole = table.read()
+    assert meta == whole.attrs["metadata"] == json.loads((tmp_path / "t" / TABLE_JSON).read_text())
+    pd.testing.assert_frame_equal(merged.drop(columns="decode_ms_per_token"), whole.drop(columns="decode_ms_per_token"))
+    assert read_table(out).attrs["metadata"] == meta
+
+
+def test_consolidate_several_directories(tmp_path):
+    a = ShardedTable(tmp_path / "a", KEY, {**META, "protocol": {"repeats": 1, "shard": [0, 2]}})
+    b = ShardedTable(tmp_path / "b", KEY, {**META, "protocol": {"repeats": 1, "shard": [1, 2]}})
+    a.append(_frame(3, 0).to_dict("records"))
+    b.append(_frame(2, 3).to_dict("records"))
+    out = consolidate([tmp_path / "a", tmp_path / "b"], tmp_path / "ab.parquet")
+    merged = read_table(out)
+    assert set(_keys(merged, KEY)) == a.done_keys() | b.done_keys() and len(merged) == 5
+    assert merged.attrs["metadata"]["preset"] == "micro"
+    # overlapping keys across parts are rejected
+    c = ShardedTable(tmp_path / "c", KEY, {**META, "protocol": {"repeats": 1, "shard": [1, 2]}})
+    c.append(_frame(1, 0).to_dict("records"))
+    with pytest.raises(ValueError, match="more than once"):
+        consolidate([tmp_path / "a", tmp_path / "c"], tmp_path / "ac.parquet")
+    # parts of different setups are rejected, naming the field
+    d = ShardedTable(tmp_path / "d", KEY, {**META, "preset": "molmoe-1b"})
+    d.append(_frame(1, 9).to_dict("records"))
+    with pytest.raises(ValueError, match="preset"):
+        consolidate([tmp_path / "a", tmp_path / "d"], tmp_path / "ad.parquet")
+    with pytest.raises(ValueError):
+        consolidate([], tmp_path / "none.parquet")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. resumable sweeps on the micro model
+
+
+def test_request_pool_validation():
+    with pytest.raises(ValueError, match="unknown"):
+        sweeps.RequestPool(families=("tally_qa", "no_such_family"))
+    with pytest.raises(ValueError, match="per_family"):
+        sweeps.RequestPool(per_family=0)
+    samples = sweeps.RequestPool(families=FAMILIES, per_family=PER_FAMILY).samples()
+    assert [s.request_id for s in samples] == [f"{f}/procedural/val/{i}" for f in FAMILIES for i in range(PER_FAMILY)]
+
+
+def test_profile_requests_argument_checks(micro, pool_samples, tmp_path):
+    table = ShardedTable(tmp_path / "t", sweeps.REQUEST_KEY, _metadata(micro, "requests"))
+    with pytest.raises(ValueError, match="repeats"):
+        sweeps.profile_requests(micro, pool_samples, GRID.configs(), table, repeats=0, progress=False)
+    with pytest.raises(ValueError, match="repeat_fraction"):
+        sweeps.profile_requests(micro, pool_samples, GRID.configs(), table, repeat_fraction=1.5, progress=False)
+    with pytest.raises(ValueError, match="shard"):
+        sweeps.profile_requests(micro, pool_samples, GRID.configs(), table, shard=(2, 2), progress=False)
+    assert table.shards() == []
+
+
+@pytest.fixture(scope="module")
+def request_runs(micro, pool_samples, tmp_path_factory):
+    """A sweep stopped after its first shard then resumed, and a complete run, of the same plan."""
+    root = tmp_path_factory.mktemp("requests")
+    kw = dict(repeats=2, repeat_fraction=0.5, progress=False)
+    meta = _metadata(micro, "requests")
+    crashed = ShardedTable(root / "resumed", sweeps.REQUEST_KEY, meta)
+    first = sweeps.profile_requests(micro, pool_samples, GRID.configs(), crashed, shard_rows=5,
+                                    deadline_s=time.time() - 1, **kw)
+    after_crash = {"written": first, "shards": len(crashed.shards()), "keys": crashed.done_keys()}
+    resumed = ShardedTable(root / "resumed", sweeps.REQUEST_KEY, meta)  # a fresh process reopens it
+    second = sweeps.profile_requests(micro, pool_samples, GRID.configs(), resumed, shard_rows=5, **kw)
+    third = sweeps.profile_requests(micro, pool_samples, GRID.configs(), resumed, shard_rows=5, **kw)
+    complete = ShardedTable(root / "complete", sweeps.REQUEST_KEY, meta)
+    n_complete = sweeps.profile_requests(micro, pool_samples, GRID.configs(), complete, **kw)
+    return {"after_crash": after_crash, "second": second, "third": third, "resumed": resumed, "complete": complete,
+            "n_complete": n_complete, "n_shards_before_third": None}
+
+
+def test_profile_requests_crash_then_resume(request_runs, pool_samples):
+    expected = _expected_request_keys(pool_samples, GRID.configs(), repeats=2, repeat_fraction=0.5)
+    assert len(expected) == 8 * (2 * 2 + 2 * 1)  # first request of each family twice, the second once
+    crash = request_runs["after_crash"]
+    assert crash["written"] == 5 and crash["shards"] == 1 and len(crash["keys"]) == 5
+    assert crash["keys"] <= expected
+    assert request_runs["second"] == len(expected) - 5
+    assert request_runs["third"] == 0
+    frame = read_table(request_runs["resumed"].directory)  # raises on any duplicate key
+    keys = _keys(frame, sweeps.REQUEST_KEY)
+    assert len(keys) == len(set(keys)) == len(expected)
+    assert set(keys) == expected
+    assert not list(request_runs["resumed"].directory.glob("*.tmp"))
+
+
+def test_profile_requests_complete_run_matches(request_runs, pool_samples):
+    expected = _expected_request_keys(pool_samples, GRID.configs(), repeats=2, repeat_fraction=0.5)
+    complete = read_table(request_runs["complete"].directory)
+    assert request_runs["n_complete"] == len(complete) == len(expected)
+    assert set(_keys(complete, sweeps.REQUEST_KEY)) == expected == set(_keys(read_table(request_runs["resumed"].directory), sweeps.REQUEST_KEY))
+
+
+def test_profile_requests_rows(request_runs, pool_samples, micro):
+    frame = read_table(request_runs["resumed"].directory)
+    by_id = {s.request_id: s for s in pool_samples}
+    assert frame["quality"].between(0, 1).all()
+    for name in sweeps.LATENCY_COLUMNS:
+        assert (frame[name] >= 0).all() and np.isfinite(frame[name]).all()
+    stage_sum = frame[list(sweeps.LATENCY_COLUMNS[:-1])].sum(axis=1)
+    assert (stage_sum <= frame["total_ms"] + 1e-6).all()
+    assert (frame["input_tokens"] == frame["vision_tokens"] + frame["prompt_tokens"] + frame["layout_tokens"]).all()
+    counter = TokenCounter.for_model(micro)
+    for row in frame.drop_duplicates(["request_id", "crops"]).itertuples():
+        s = by_id[row.request_id]
+        assert row.family == s.family
+        assert counter.request(s.image.size, s.prompt, row.crops)["input_tokens"] == row.input_tokens
+        assert row.quality == score(s, row.answer)
+        assert 1 <= row.output_tokens <= s.max_new_tokens
+    # greedy decoding: the repeats of one (request, config) give the same answer
+    assert (frame.groupby(["request_id", "crops", "top_k", "active_blocks"])["answer"].nunique() == 1).all()
+
+
+def test_profile_requests_shards_are_disjoint_and_cover_the_pool(micro, pool_samples, tmp_path):
+    configs = GRID.configs()[:2]
+    parts = []
+    for index in range(2):
+        protocol = {"shard": [index, 2]}
+        table = ShardedTable(tmp_path / f"shard-{index}", sweeps.REQUEST_KEY, _metadata(micro, "requests", **protocol))
+        sweeps.profile_requests(micro, pool_samples, configs, table, repeats=2, repeat_fraction=0.5,
+                                shard=(index, 2), progress=False)
+        parts.append(table.done_keys())
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == _expected_request_keys(pool_samples, configs, repeats=2, repeat_fraction=0.5)
+    merged = read_table(consolidate([tmp_path / "shard-0", tmp_path / "shard-1"], tmp_path / "merged.parquet"))
+    assert set(_keys(merged, sweeps.REQUEST_KEY)) == parts[0] | parts[1]
+
+
+@pytest.fixture(scope="module")
+def quality_runs(micro, pool_samples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    meta = _metadata(micro, "quality")
+    table = ShardedTable(root / "q", sweeps.QUALITY_KEY, meta)
+    first = sweeps.profile_quality(micro, pool_samples, GRID.configs(), table, batch_size=3,
+                                   deadline_s=time.time() - 1, progress=False)
+    shards_after_crash = [p.name for p in table.shards()]
+    first_keys = table.done_keys()
+    table = ShardedTable(root / "q", sweeps.QUALITY_KEY, meta)
+    second = sweeps.profile_quality(micro, pool_samples, GRID.configs(), table, batch_size=3, progress=False)
+    third = sweeps.profile_quality(micro, pool_samples, GRID.configs(), table, batch_size=3, progress=False)
+    return {"first": first, "first_keys": first_keys, "shards_after_crash": shards_after_crash, "second": second,
+            "third": third, "table": table}
+
+
+def test_profile_quality_crash_then_resume(quality_runs, pool_samples):
+    n = len(pool_samples)
+    assert quality_runs["first"] == n and quality_runs["shards_after_crash"] == ["part-00000.parquet"]
+    # configs are swept in crops order, so the first shard is the first crops=1 config
+    assert {k[1:] for k in quality_runs["first_keys"]} == {(1, 1, 8)}
+    assert quality_runs["second"] == n * (len(GRID) - 1)
+    assert quality_runs["third"] == 0
+    table = quality_runs["table"]
+    assert len(table.shards()) == len(GRID)  # one shard per config
+    frame = read_table(table.directory)
+    expected = {(s.request_id, c.crops, c.top_k, c.active_blocks) for s in pool_samples for c in GRID.configs()}
+    keys = _keys(frame, sweeps.QUALITY_KEY)
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
+
+
+def test_profile_quality_matches_batch_one_generation(quality_runs, pool_samples, micro):
+    frame = read_table(quality_runs["table"].directory).set_index(list(sweeps.QUALITY_KEY))
+    assert frame["quality"].between(0, 1).all()
+    for s in pool_samples:
+        for c in GRID.configs():
+            row = frame.loc[(s.request_id, c.crops, c.top_k, c.active_blocks)]
+            single = micro.generate(s.image, s.prompt, c, max_new_tokens=s.max_new_tokens)
+            assert row["answer"] == single.text, (s.request_id, c)
+            assert row["output_tokens"] == single.tokens.output
+            assert row["quality"] == score(s, single.text)
+            assert row["family"] == s.family
+
+
+def test_profile_quality_skips_keys_already_present(micro, pool_samples, tmp_path):
+    configs = GRID.configs()[:1]
+    meta = _metadata(micro, "quality")
+    table = ShardedTable(tmp_path / "q", sweeps.QUALITY_KEY, meta)
+    sweeps.profile_quality(micro, pool_samples[:2], configs, table, progress=False)
+    written = sweeps.profile_quality(micro, pool_samples, configs, table, progress=False)
+    assert written == len(pool_samples) - 2
+    assert len(read_table(tmp_path / "q")) == len(pool_samples)
+
+
+def test_reopen_with_grid_protocol_resumes(micro, tmp_path):
+    meta = sweeps.table_metadata(micro, "quality", sweeps.grid_protocol(GRID, pool={"families": list(FAMILIES)}))
+    ShardedTable(tmp_path / "q", sweeps.QUALITY_KEY, meta)
+    ShardedTable(tmp_path / "q", sweeps.QUALITY_KEY, meta)  # the same setup must resume
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. stage tables
+
+
+@pytest.fixture(scope="module")
+def stage_run(micro, pool_samples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    pairs = sweeps.stage_plan(micro, pool_samples, GRID.crops)
+    grid = KnobGrid(crops=GRID.crops, top_k=(1, 8), active_blocks=(8, 16))
+    meta = _metadata(micro, "stages")
+    table = ShardedTable(root / "s", sweeps.STAGE_KEY, meta)
+    first = sweeps.profile_stages(micro, pairs, grid, table, repeats=2, output_tokens=4,
+                                  deadline_s=time.time() - 1, progress=False)
+    table = ShardedTable(root / "s", sweeps.STAGE_KEY, meta)
+    second = sweeps.profile_stages(micro, pairs, grid, table, repeats=2, output_tokens=4, progress=False)
+    third = sweeps.profile_stages(micro, pairs, grid, table, repeats=2, output_tokens=4, progress=False)
+    return {"pairs": pairs, "grid": grid, "table": table, "first": first, "second": second, "third": third}
+
+
+def test_stage_plan_covers_the_pool(stage_run, micro, pool_samples):
+    pairs = stage_run["pairs"]
+    counter = TokenCounter.for_model(micro)
+    need = {(c, -(-counter.request(s.image.size, s.prompt, c)["input_tokens"] // 64) * 64)
+            for s in pool_samples for c in GRID.crops}
+    assert set(pairs) == need and pairs == sorted(pairs)
+    assert all(length % 64 == 0 for _, length in pairs)
+
+
+def test_profile_stages_rows(stage_run, micro):
+    pairs, grid = stage_run["pairs"], stage_run["grid"]
+    per_pair = len(grid.top_k) * len(grid.active_blocks) * 2
+    assert stage_run["first"] == per_pair  # the past deadline stops after the first (crops, length)
+    assert stage_run["second"] == per_pair * (len(pairs) - 1)
+    assert stage_run["third"] == 0
+    frame = read_table(stage_run["table"].directory)
+    expected = {(c, n, k, b, r) for c, n in pairs for k in grid.top_k for b in grid.active_blocks for r in range(2)}
+    assert set(_keys(frame, sweeps.STAGE_KEY)) == expected and len(frame) == len(expected)
+    assert (frame["output_tokens"] == 4).all()
+    assert all(len(v) == 3 for v in frame["decode_ms_per_token"])
+    np.testing.assert_allclose([sum(v) for v in frame["decode_ms_per_token"]], frame["decode_ms"], rtol=1e-9, atol=1e-9)
+    stage_sum = frame[list(sweeps.LATENCY_COLUMNS[:-1])].sum(axis=1)
+    assert (frame[list(sweeps.LATENCY_COLUMNS)] > 0).all().all()
+    # the stages tile the request: only the timer's own bookkeeping is outside them
+    assert ((frame["total_ms"] - stage_sum) >= -1e-6).all()
+    assert ((frame["total_ms"] - stage_sum) <= 0.05 * frame["total_ms"] + 1.0).all()
+    # the synthetic request lands in its planned prefill bucket (see test_synthetic_request_stays_in_its_bucket)
+    planned_bucket = np.ceil(frame["input_tokens"] / 64)
+    assert (np.ceil(frame["measured_input_tokens"] / 64) == planned_bucket).all()
+    # a stage model fits the real table and composes finite, positive latencies
+    model = StageModel.fit(frame)
+    composed = model.compose(1, 8, 16, [60, 100], [1, 8])
+    assert composed.shape == (2, 5) and np.isfinite(composed).all() and (composed[:, :4] > 0).all()
+    assert composed[0, 4] == 0 and composed[1, 4] > 0
+
+
+def test_synthetic_request_reaches_the_length(micro):
+    counter = TokenCounter.for_model(micro)
+    for crops, length in [(1, 64), (4, 128)]:
+        image, prompt = sweeps.synthetic_request(micro, crops, length)
+        n = counter.request(image.size, prompt, crops)["input_tokens"]
+        assert micro.prepare(image, prompt, Config(crops=crops)).input_ids.shape[0] == n
+        assert length - 8 < n <= length  # a prompt word is a few micro tokens: at most one word short
+    # a layout longer than the target: the shortest request there is (one prompt word)
+    image, prompt = sweeps.synthetic_request(micro, 12, 8)
+    assert prompt == "count"
+
+
+@pytest.mark.parametrize("crops,length", [(1, 64), (4, 128), (12, 192), (1, 200)])
+def test_synthetic_request_stays_in_its_bucket(micro, crops, length):
+    image, prompt = sweeps.synthetic_request(micro, crops, length)
+    n = TokenCounter.for_model(micro).request(image.size, prompt, crops)["input_tokens"]
+    assert length - 64 < n <= length
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. composition from a synthetic stage table of known structure
+
+PER_CROPS = {1: (1.0, 2.0, 0.5), 4: (3.0, 5.0, 1.25)}  # preprocess, vision encoder, projector
+DECODE = {(1, 8): (0.7, 0.002), (8, 16): (1.9, 0.005)}  # ms at position 0, ms per position
+PREFILL = {  # bucket -> ms, per (top_k, blocks); not linear in the bucket
+    (1, 8): {128: 10.0, 192: 14.0, 320: 30.0},
+    (8, 16): {128: 20.0, 192: 26.0, 320: 50.0},
+}
+REPEAT_FACTORS = (0.9, 1.0, 1.2)
+STEPS = 7  # decode steps recorded per row
+
+
+def _synthetic_stages(repeat_factors=REPEAT_FACTORS) -> pd.DataFrame:
+    rows = []
+    for crops, (pre, vis, proj) in PER_CROPS.items():
+        for length in (128, 192, 320):
+            for (k, b), (a, s) in DECODE.items():
+                per_token = [a + s * (length + i) for i in range(STEPS)]
+                prefill = PREFILL[(k, b)][length]
+                for r, f in enumerate(repeat_factors):
+                    total = (pre + vis + proj + prefill + sum(per_token)) * f
+                    rows.append({
+                        "crops": crops, "input_tokens": length, "top_k": k, "active_blocks": b, "repeat": r,
+                        "measured_input_tokens": length, "vision_tokens": 10 * crops, "output_tokens": STEPS + 1,
+                        "preprocess_ms": pre, "vision_encoder_ms": vis, "projector_ms": proj, "prefill_ms": prefill,
+                        "decode_ms": sum(per_token), "total_ms": total, "decode_ms_per_token": per_token,
+                    })
+    return pd.DataFrame(rows)
+
+
+def _decode_sum(k, b, input_tokens, output_tokens):
+    a, s = DECODE[(k, b)]
+    return sum(a + s * p for p in range(input_tokens, input_tokens + output_tokens - 1))
+
+
+@pytest.fixture(scope="module")
+def stage_model():
+    return StageModel.fit(_synthetic_stages())
+
+
+def test_fit_recovers_the_known_structure(stage_model):
+    assert set(stage_model.per_crops_ms) == {1, 4}
+    for crops, values in PER_CROPS.items():
+        np.testing.assert_allclose(stage_model.per_crops_ms[crops], values)
+    for key, (a, s) in DECODE.items():
+        np.testing.assert_allclose(stage_model.decode_fit[key], (a, s), rtol=1e-7, atol=1e-9)
+        buckets, ms = stage_model.prefill_ms[key]
+        np.testing.assert_array_equal(buckets, [128, 192, 320])
+        np.testing.assert_allclose(ms, [PREFILL[key][n] for n in (128, 192, 320)])
+
+
+@pytest.mark.parametrize("key", list(DECODE))
+def test_compose_decode_is_the_arithmetic_series(stage_model, key):
+    k, b = key
+    inputs = np.array([100, 128, 150, 300, 500])
+    outputs = np.array([1, 2, 8, 33, 64])
+    out = stage_model.compose(4, k, b, inputs, outputs)
+    assert out.shape == (5, 5)
+    expected = [_decode_sum(k, b, n, m) for n, m in zip(inputs, outputs)]
+    np.testing.assert_allclose(out[:, 4], expected, rtol=1e-7, atol=1e-9)
+    assert out[0, 4] == 0.0  # one output token: it comes from prefill, no decode step
+    assert stage_model.compose(1, k, b, [128], [0])[0, 4] == 0.0
+    # vision encoder and projector depend on the crop count only
+    np.testing.assert_allclose(out[:, 1:3], np.tile(PER_CROPS[4][1:], (5, 1)))
+
+
+def test_compose_prefill_interpolates_and_extrapolates(stage_model):
+    ms = PREFILL[(1, 8)]
+    inputs = np.array([128, 129, 192, 250, 320, 60, 400])
+    prefill = stage_model.compose(1, 1, 8, inputs, np.ones(len(inputs), int))[:, 3]
+    low_slope = (ms[192] - ms[128]) / 64
+    high_slope = (ms[320] - ms[192]) / 128
+    expected = [
+        ms[128],  # measured bucket
+        ms[192],  # 129 rounds up into the 192 bucket
+        ms[192],
+        ms[192] + (256 - 192) * high_slope,  # bucket 256, between 192 and 320
+        ms[320],
+        ms[128] + (64 - 128) * low_slope,  # bucket 64, below the table: extrapolated with the end slope
+        ms[320] + (448 - 320) * high_slope,  # bucket 448, above the table
+    ]
+    np.testing.assert_allclose(prefill, expected)
+    assert PREFILL_BUCKET == 64
+
+
+def test_compose_single_bucket_is_constant():
+    frame = _synthetic_stages()
+    frame = frame[frame["input_tokens"] == 192]
+    model = StageModel.fit(frame)
+    np.testing.assert_allclose(model.compose(1, 8, 16, [10, 192, 900], [1, 1, 1])[:, 3], 26.0)
+
+
+def test_compose_preprocess_is_the_known_constant(stage_model):
+    assert stage_model.preprocess_ms_per_input_token == pytest.approx(0.0, abs=1e-12)
+    inputs = [128, 192, 320]
+    out = stage_model.compose(1, 1, 8, inputs, [8, 8, 8])
+    np.testing.assert_allclose(out[:, 0], PER_CROPS[1][0])
+    expected = [sum(PER_CROPS[1]) + PREFILL[(1, 8)][n] + _decode_sum(1, 8, n, 8) for n in inputs]
+    np.testing.assert_allclose(out.sum(axis=1), expected)
+
+
+def test_fit_recovers_a_known_preprocess_slope():
+    frame = _synthetic_stages()
+    slope = 0.01
+    median = frame.groupby("crops")["measured_input_tokens"].transform("median")
+    frame["preprocess_ms"] = frame["preprocess_ms"] + slope * (frame["measured_input_tokens"] - median)
+    model = StageModel.fit(frame)
+    assert model.preprocess_ms_per_input_token == pytest.approx(slope, rel=1e-6)
+    np.testing.assert_allclose(model.compose(4, 8, 16, [92], [1])[0, 0], PER_CROPS[4][0] + slope * (92 - 192))
+
+
+def test_compose_rejects_unmeasured_configs(stage_model):
+    with pytest.raises(ValueError, match="crops=2"):
+        stage_model.compose(2, 1, 8, [128], [4])
+    with pytest.raises(ValueError, match=r"\(top_k, active_blocks\)=\(8, 8\)"):
+        stage_model.compose(1, 8, 8, [128], [4])
+    with pytest.raises(ValueError, match="empty"):
+        StageModel.fit(_synthetic_stages().iloc[:0])
+
+
+def test_noise_matrix(stage_model):
+    grid = KnobGrid(crops=(1, 2, 4), top_k=(1, 8), active_blocks=(8, 16))
+    noise = stage_model.noise_matrix(grid)
+    n_rows = 3 * len(REPEAT_FACTORS)  # three lengths x three repeats per (crops, top_k, blocks)
+    assert noise.shape == (len(grid), n_rows) and noise.dtype == np.float32
+    residuals = np.log(np.array(REPEAT_FACTORS) / np.median(REPEAT_FACTORS))
+    for j, config in enumerate(grid.configs()):
+        key = (config.crops, config.top_k, config.active_blocks)
+        if config.crops == 2 or (config.top_k, config.active_blocks) not in DECODE:
+            assert (noise[j] == 0).all(), key  # not measured: no noise
+        else:
+            np.testing.assert_allclose(np.sort(noise[j]), np.sort(np.tile(residuals, 3)), atol=1e-6)
+    assert stage_model.noise_matrix(grid, width=4).shape == (len(grid), 4)
+    # one repeat per point: no spread to resample
+    single = StageModel.fit(_synthetic_stages(repeat_factors=(1.0,)))
+    assert (single.noise_matrix(grid) == 0).all()
+
+
+def test_error_summary_known_values():
+    summary = error_summary([100.0, 100.0, 100.0, 100.0], [110.0, 90.0, 100.0, 150.0])
+    assert summary["n_requests"] == 4
+    assert summary["median_abs_pct_error"] == pytest.approx(10.0)
+    assert summary["p95_abs_pct_error"] == pytest.approx(44.0)  # numpy's linear percentile of [0, 10, 10, 50]
+    assert summary["max_abs_pct_error"] == pytest.approx(50.0)
+    assert summary["median_signed_pct_error"] == pytest.approx(5.0)
+    exact = error_summary([3.0, 7.0], [3.0, 7.0])
+    assert exact["median_abs_pct_error"] == exact["max_abs_pct_error"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. token counts
+
+
+def _token_images(pool_samples):
+    extra = [
+        (Image.new("RGB", (700, 100), (10, 200, 30)), "What does the banner say?"),
+        (Image.new("RGB", (150, 1000), (0, 0, 0)), "Describe this image."),
+        (Image.new("RGB", (1024, 768), (255, 255, 255)), "Question: which option is right?\nA. one\nB. two"),
+    ]
+    return [(s.image, s.prompt) for s in pool_samples] + extra
+
+
+@pytest.mark.parametrize("crop_rule", ["exact", "native"])
+def test_token_counter_matches_prepare(micro, pool_samples, crop_rule):
+    counter = TokenCounter.for_preset("micro")
+    assert counter.args == micro.args
+    for image, prompt in _token_images(pool_samples):
+        for crops in (1, 2, 3, 4, 6, 9, 12):
+            counts = counter.request(image.size, prompt, crops, crop_rule)
+            prepared = micro.prepare(image, prompt, Config(crops=crops, crop_rule=crop_rule))
+            assert counts["input_tokens"] == prepared.input_ids.shape[0], (image.size, crops)
+            assert counts["vision_tokens"] == prepared.image.vision_tokens
+            assert counts["prompt_tokens"] == prepared.prompt_tokens
+            assert counts["layout_tokens"] == counts["input_tokens"] - counts["vision_tokens"] - counts["prompt_tokens"]
+            assert TokenCounter.for_model(micro).request(image.size, prompt, crops, crop_rule) == counts
+
+
+def test_token_counter_matches_generation(micro, pool_samples):
+    counter = TokenCounter.for_preset("micro")
+    s = pool_samples[0]
+    for config in (Config(crops=1, top_k=1, active_blocks=8), Config(crops=4, top_k=8, active_blocks=16)):
+        result = micro.generate(s.image, s.prompt, config, max_new_tokens=2)
+        counts = counter.request(s.image.size, s.prompt, config.crops)
+        assert counts == {"vision_tokens": result.tokens.vision, "prompt_tokens": result.tokens.prompt,
+                          "layout_tokens": result.tokens.layout, "input_tokens": result.tokens.input}
+
+
+def test_output_tokens_caps_and_adds_eos():
+    counter = TokenCounter.for_preset("micro")
+    assert counter.output_tokens([""], [16]) == [1]  # EOS only
+    long = "A simple drawing with two purple stars and a small black triangle."
+    unlimited = counter.output_tokens(["12", long], [10**9, 10**9])
+    assert unlimited[0] == 4  # the leading space, then single-token digits: ' ', '1', '2', EOS
+    assert unlimited[1] > 10
+    assert counter.output_tokens([long, long, long], [1, 5, 10**9]) == [1, 5, unlimited[1]]
+    assert counter.output_tokens(["12"], [3]) == [3] and counter.output_tokens(["12"], [2]) == [2]
+    molmoe = TokenCounter.for_preset("molmoe-1b")
+    assert molmoe.output_tokens([long], [4]) == [4]
+    assert molmoe.output_tokens([""], [8]) == [1]
+
+
+def test_output_tokens_match_micro_generation(micro, pool_samples):
+    counter = TokenCounter.for_model(micro)
+    for s in pool_samples:
+        result = micro.generate(s.image, s.prompt, Config(crops=1, top_k=8, active_blocks=16), max_new_tokens=s.max_new_tokens)
+        assert counter.output_tokens([result.text], [s.max_new_tokens]) == [result.tokens.output]
+
+
+def test_build_replay_data_measured_from_real_sweeps(request_runs, quality_runs, pool_samples, micro, tmp_path):
+    """The measured latency source over real `profile_requests` and `profile_quality` tables."""
+    if not hasattr(loading, "build_replay_data_measured"):
+        pytest.skip("this checkout has no measured latency source")
+    out = tmp_path / "requests.parquet"
+    cli.write_request_table(cli.RequestTable(families=FAMILIES, per_family=PER_FAMILY, crops=GRID.crops,
+                                             presets=("micro",), out=out))
+    requests, _ = read_parquet(out)
+    answers = read_table(quality_runs["table"].directory)
+    measured = read_table(request_runs["complete"].directory)
+    data = loading.build_replay_data_measured(requests, answers, measured)
+    assert data.grid == GRID and data.request_ids == tuple(s.request_id for s in pool_samples)
+    for (rid, crops, top_k, blocks), runs in measured.groupby(["request_id", "crops", "top_k", "active_blocks"]):
+        i, j = data.request_ids.index(rid), data.config_index(Config(crops=crops, top_k=top_k, active_blocks=blocks))
+        chosen = runs.sort_values("total_ms").iloc[len(runs) // 2]
+        assert data.total_ms[i, j] == np.float32(chosen["total_ms"])
+        np.testing.assert_array_equal(data.stage_ms[i, j], chosen[list(STAGE_COLUMNS)].to_numpy(np.float32))
+        assert data.output_tokens[i, j] == chosen["output_tokens"]
+    # noise: the repeated subset (the first request of each family, twice) pooled per config
+    assert data.noise_log_ratio.shape == (len(GRID), 2 * len(FAMILIES))
+    assert np.isfinite(data.noise_log_ratio).all()
+    for j, config in enumerate(GRID.configs()):
+        at = measured[(measured["crops"] == config.crops) & (measured["top_k"] == config.top_k)
+                      & (measured["active_blocks"] == config.active_blocks) & (measured["request_id"].str.endswith("/0"))]
+        expected = np.log(at["total_ms"] / at.groupby("request_id")["total_ms"].transform("median"))
+        np.testing.assert_allclose(np.sort(data.noise_log_ratio[j]), np.sort(expected.to_numpy()), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="lacks"):
+        loading.build_replay_data_measured(requests, answers, measured[measured["family"] != "doc_qa"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the shipped tables
+
+
+@pytest.fixture(scope="module")
+def replay():
+    return loading.load_replay_data()
+
+
+@pytest.fixture(scope="module")
+def replay_micro():
+    return loading.load_replay_data(latency="micro-h100")
+
+
+def test_replay_data_shapes_and_values(replay, replay_micro):
+    for data in (replay, replay_micro):
+        assert data.grid == KnobGrid() and len(data.grid) == 140
+        assert data.n_requests == 1800 and len(set(data.request_ids)) == 1800
+        assert data.quality.shape == data.answers.shape == data.output_tokens.shape == data.total_ms.shape == (1800, 140)
+        assert data.stage_ms.shape == (1800, 140, len(STAGE_COLUMNS))
+        assert data.prompt_features.shape == (1800, len(PROMPT_FEATURES))
+        assert data.image_features.shape == (1800, len(IMAGE_FEATURES))
+        assert data.noise_log_ratio.shape[0] == 140 and np.isfinite(data.noise_log_ratio).all()
+        assert ((data.quality >= 0) & (data.quality <= 1)).all()
+        assert np.isfinite(data.stage_ms).all() and (data.stage_ms[..., :4] > 0).all() and (data.stage_ms[..., 4] >= 0).all()
+        assert np.isfinite(data.total_ms).all() and (data.total_ms > 0).all()
+        np.testing.assert_allclose(data.total_ms, data.stage_ms.sum(axis=2), rtol=1e-5)
+        assert (data.output_tokens >= 1).all()
+        # one output token: no decode step
+        assert (data.stage_ms[..., 4][data.output_tokens == 1] == 0).all()
+        assert sorted(set(data.families)) == sorted(flexvlm_env.tasks.FAMILIES)
+        assert all(data.families.count(f) == 200 for f in set(data.families))
+    # same quality table, so the same answers and scores
+    np.testing.assert_array_equal(replay.quality, replay_micro.quality)
+    assert replay.metadata["latency_source"] == "molmoe-1b-h100" and replay_micro.metadata["latency_source"] == "micro-h100"
+
+
+def test_replay_latency_structure(replay, replay_micro):
+    median = np.median(replay.total_ms, axis=0).reshape(replay.grid.shape)
+    assert (np.diff(median, axis=0) > 0).all()  # more crops: slower
+    assert (np.diff(median, axis=2) > 0).all()  # more blocks: slower
+    median_micro = np.median(replay_micro.total_ms, axis=0).reshape(replay_micro.grid.shape)
+    assert (np.diff(median_micro, axis=2) > 0).all()
+    assert (replay_micro.total_ms < replay.total_ms).all()  # the micro model is faster everywhere
+    # a single request at fixed (top_k, blocks): latency grows with crops for the median request
+    order = np.argsort(replay.total_ms[:, -1])
+    mid = order[len(order) // 2]
+    per_request = replay.total_ms[mid].reshape(replay.grid.shape)
+    assert (np.diff(per_request[:, -1, -1]) > 0).all()
+
+
+def test_replay_matches_the_raw_tables(replay, replay_micro):
+    raw, _ = read_parquet(loading.profiles_dir() / "micro_quality_val.parquet")
+    requests, _ = read_parquet(loading.profiles_dir() / "requests_val.parquet")
+    rng = np.random.default_rng(1)
+    molmoe = TokenCounter.for_preset("molmoe-1b")
+    max_new = requests.drop_duplicates("request_id").set_index("request_id")["max_new_tokens"]
+    for row in raw.iloc[rng.choice(len(raw), 20, replace=False)].itertuples():
+        i = replay.request_ids.index(row.request_id)
+        j = replay.config_index(Config(crops=row.crops, top_k=row.top_k, active_blocks=row.active_blocks))
+        assert replay.quality[i, j] == np.float32(row.quality)
+        assert replay.answers[i, j] == row.answer
+        assert replay.families[i] == row.family
+        assert replay_micro.output_tokens[i, j] == row.output_tokens  # micro answered: its own counts
+        assert replay.output_tokens[i, j] == molmoe.output_tokens([row.answer], [max_new[row.request_id]])[0]
+
+
+def test_shipped_quality_agrees_with_the_samples(replay):
+    rng = np.random.default_rng(0)
+    requests, _ = read_parquet(loading.profiles_dir() / "requests_val.parquet")
+    counter = TokenCounter.for_preset("micro")
+    for _ in range(5):
+        i, j = int(rng.integers(replay.n_requests)), int(rng.integers(len(replay.grid)))
+        family, source, split, index = replay.request_ids[i].split("/")
+        assert (source, split) == ("procedural", "val")
+        sample = load_samples(family, "procedural", "val", int(index) + 1, seed=0)[int(index)]
+        assert sample.request_id == replay.request_ids[i]
+        assert score(sample, replay.answers[i, j]) == replay.quality[i, j]
+        features = request_features(sample.image, sample.prompt)
+        np.testing.assert_array_equal(replay.prompt_features[i], np.float32([features[k] for k in PROMPT_FEATURES]))
+        np.testing.assert_array_equal(replay.image_features[i], np.float32([features[k] for k in IMAGE_FEATURES]))
+        rows = requests[requests["request_id"] == sample.request_id].set_index("crops")
+        assert rows["max_new_tokens"].iloc[0] == sample.max_new_tokens
+        for crops in (1, 12):
+            assert rows.loc[crops, "micro/input_tokens"] == counter.request(sample.image.size, sample.prompt, crops)["input_tokens"]
+
+
+def test_simulate(replay):
+    config = Config(crops=4, top_k=2, active_blocks=12)
+    request_id = replay.request_ids[7]
+    out = loading.simulate(request_id, config)
+    assert set(out) == {"quality", "answer", "output_tokens", *STAGE_COLUMNS, "total_ms"}
+    j = replay.config_index(config)
+    assert j == (3 * 4 + 1) * 5 + 2
+    assert out["quality"] == float(replay.quality[7, j]) and out["answer"] == replay.answers[7, j]
+    assert out["output_tokens"] == replay.output_tokens[7, j]
+    assert [out[k] for k in STAGE_COLUMNS] == pytest.approx(replay.stage_ms[7, j].tolist())
+    assert out["total_ms"] == pytest.approx(float(replay.total_ms[7, j]))
+    assert out["total_ms"] == pytest.approx(sum(out[k] for k in STAGE_COLUMNS), rel=1e-5)
+    micro = loading.simulate(request_id, config, latency="micro-h100")
+    assert micro["total_ms"] < out["total_ms"] and micro["answer"] == out["answer"]
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="quality='nope'"):
+        loading.load_replay_data(quality="nope")
+    with pytest.raises(ValueError, match="latency='nope'"):
+        loading.load_replay_data(latency="nope")
+    with pytest.raises(ValueError, match="request_id='tally_qa/procedural/val/9999'"):
+        loading.simulate("tally_qa/procedural/val/9999", Config(crops=1, top_k=1, active_blocks=8))
+    with pytest.raises(ValueError, match="crops=5"):
+        loading.simulate("tally_qa/procedural/val/0", Config(crops=5, top_k=1, active_blocks=8))
+    with pytest.raises(ValueError, match="latency"):
+        loading.simulate("tally_qa/procedural/val/0", Config(crops=1, top_k=1, active_blocks=8), latency="gpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. the CLI
+
+POOL_ARGS = ["--preset", "micro", "--families", "tally_qa", "--per-family", "2", "--crops", "1", "4",
+             "--top-k", "1", "8", "--active-blocks", "16", "--no-progress"]
+
+
+def test_cli_quality(tmp_path, capsys):
+    cli.main(["quality", *POOL_ARGS, "--out", str(tmp_path / "q")])
+    summary = _cli_json(capsys)
+    assert summary == {"table": str(tmp_path / "q"), "rows_written_now": 8, "rows_present": 8, "rows_expected": 8,
+                       "complete": True}
+    frame = read_table(tmp_path / "q")
+    assert frame["quality"].between(0, 1).all()
+    meta = frame.attrs["metadata"]
+    assert meta["kind"] == "quality" and meta["preset"] == "micro" and meta["protocol"]["grid"]["crops"] == [1, 4]
+    cli.main(["consolidate", str(tmp_path / "q.parquet"), str(tmp_path / "q")])
+    assert _cli_json(capsys) == {"written": str(tmp_path / "q.parquet")}
+    merged, merged_meta = read_parquet(tmp_path / "q.parquet")
+    assert len(merged) == 8 and merged_meta == meta
+
+
+def test_cli_requests_and_resume(tmp_path, capsys):
+    args = ["requests", *POOL_ARGS, "--repeats", "2", "--repeat-fraction", "0.5", "--out", str(tmp_path / "r")]
+    cli.main(args)
+    first = _cli_json(capsys)
+    assert first["rows_written_now"] == first["rows_present"] == first["rows_expected"] == (2 + 1) * 4
+    assert first["complete"] is True
+    assert len(read_table(tmp_path / "r")) == 12
+
+
+def test_cli_requests_rerun_resumes(tmp_path, capsys):
+    args = ["requests", *POOL_ARGS, "--repeats", "2", "--repeat-fraction", "0.5", "--out", str(tmp_path / "r")]
+    cli.main(args)
+    capsys.readouterr()
+    cli.main(args)
+    again = _cli_json(capsys)
+    assert again["rows_written_now"] == 0 and again["complete"] is True and again["rows_present"] == 12
+
+
+def test_cli_requests_shard_argument(tmp_path):
+    with pytest.raises(ValueError, match="shard"):
+        cli.main(["requests", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="shard"):
+        cli.main(["requests", *POOL_ARGS, "--shard", "x", "--out", str(tmp_path / "r")])
+
+
+def test_cli_stages_and_validate(tmp_path, capsys):
+    cli.main(["stages", *POOL_ARGS, "--repeats", "2", "--output-tokens", "3", "--out", str(tmp_path / "s")])
+    summary = _cli_json(capsys)
+    assert summary["complete"] is True and summary["rows_written_now"] == summary["rows_expected"] > 0
+    frame = read_table(tmp_path / "s")
+    assert (frame["output_tokens"] == 3).all() and all(len(v) == 2 for v in frame["decode_ms_per_token"])
+    assert set(frame["crops"]) == {1, 4} and set(frame["top_k"]) == {1, 8} and set(frame["active_blocks"]) == {16}
+    json_out = tmp_path / "val" / "validation.json"
+    cli.main(["validate-stages", *POOL_ARGS, "--stages", str(tmp_path / "s"), "--n-requests", "2", "--repeats", "1",
+              "--json-out", str(json_out)])
+    result = _cli_json(capsys)
+    assert result["n_requests"] == 2 and result["median_abs_pct_error"] >= 0
+    written = json.loads(json_out.read_text())
+    assert written["preset"] == "micro" and written["n_requests"] == 2
+    assert written["median_abs_pct_error"] == result["median_abs_pct_error"]
+    rows = pd.read_parquet(json_out.with_suffix(".parquet"))
+    assert len(rows) == 2 and rows["crops"].isin([1, 4]).all()
+    np.testing.assert_allclose(rows["composed_total_ms"], rows[[f"composed_{n}" for n in STAGE_COLUMNS]].sum(axis=1))
+
+
+def test_cli_request_table_matches_shipped(tmp_path, capsys):
+    out = tmp_path / "sub" / "requests.parquet"
+    cli.main(["request-table", "--families", "tally_qa", "doc_qa", "--per-family", "2", "--crops", "1", "12",
+              "--no-progress", "--out", str(out)])
+    assert _cli_json(capsys) == {"written": str(out)}
+    frame, meta = read_parquet(out)
+    assert meta["key"] == ["request_id", "crops"] and meta["presets"] == ["micro", "molmoe-1b"]
+    assert len(frame) == 4 * 2 and not frame.duplicated(["request_id", "crops"]).any()
+    shipped, _ = read_parquet(loading.profiles_dir() / "requests_val.parquet")
+    shipped = shipped.set_index(["request_id", "crops"])
+    mine = frame.set_index(["request_id", "crops"])
+    pd.testing.assert_frame_equal(mine, shipped.loc[mine.index, mine.columns], check_dtype=False)
+
+
+def test_cli_rejects_nonpositive_max_minutes(tmp_path):
+    with pytest.raises(ValueError, match="max-minutes"):
+        cli.main(["quality", *POOL_ARGS, "--max-minutes", "0", "--out", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()
