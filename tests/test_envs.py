@@ -642,3 +642,11 @@ def test_bench_replay_script_smoke(tmp_path):
     assert (results["n_requests"], results["n_configs"]) == (1800, 140)
     assert results["single_env_steps_per_s"] > 0 and results["vector_env_steps_per_s"] > 0
     assert {"cpu", "versions", "n_requests", "n_configs"} <= set(results)
+
+
+def test_spec_make_shares_the_live_model(micro):
+    # env.spec.make() (used by check_env and by users re-creating an env) deep-copies the kwargs;
+    # the loaded model must be shared, not copied (on CUDA its graphs cannot be copied at all).
+    env = gym.make("FlexVLM-v0", **live_kwargs(micro))
+    again = env.spec.make()
+    assert again.unwrapped.vlm is micro and env.unwrapped.vlm is micro

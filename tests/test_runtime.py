@@ -426,3 +426,12 @@ def test_molmoe_checkpoint_without_tokenizer_uses_the_shipped_molmoe_tokenizer(t
     assert vlm.tokenizer.special.im_patch == 50282 and vlm.args.n_layers == 2
     for name, param in vlm.module.named_parameters():  # official names and stacked experts round-trip
         assert torch.equal(param, params[name]), name
+
+
+def test_deepcopy_shares_the_loaded_model(tiny_vlm):
+    # Gymnasium deep-copies env kwargs (env.spec.make(), check_env); a VLM there must be shared,
+    # since its CUDA graphs cannot be copied and a copy would duplicate the weights.
+    import copy
+
+    kwargs = copy.deepcopy({"vlm": tiny_vlm, "families": ["tally_qa"]})
+    assert kwargs["vlm"] is tiny_vlm

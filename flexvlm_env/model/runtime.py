@@ -103,6 +103,12 @@ class VLM:
         self._cache: KVCache | None = None
         self._graphs: CudaGraphs | None = None
 
+    def __deepcopy__(self, memo) -> "VLM":
+        # A loaded model is a handle on device memory, its KV cache and captured CUDA graphs (which
+        # cannot be copied), not a value: Gymnasium deep-copies an env's kwargs (env.spec.make(),
+        # the env checker), and those copies must share the model rather than fail or duplicate it.
+        return self
+
     # ----------------------------------------------------------------------------------------
     # knobs
 
