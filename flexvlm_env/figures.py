@@ -81,3 +81,28 @@ def training_curves(log_records: list[dict], path: str | Path) -> Path:
     for axis in (left, right):
         axis.grid(alpha=0.3)
     return _save(fig, path, dpi=110)
+
+
+def replay_tradeoff(summary: dict, path: str | Path) -> Path:
+    """Left: mean quality against median latency of every configuration, per family (from
+    `scripts/analyze_replay.py`). Right: mean reward of the full configuration, the best static
+    configuration, a per-family lookup table and the per-request oracle, against the budget."""
+    plt = _pyplot()
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for family, row in summary["per_family"].items():
+        latency, quality = row["median_latency_ms"], row["mean_quality"]
+        left.scatter(latency, quality, s=8, alpha=0.6, label=family)
+    left.set(title=f"{summary['n_configs']} configurations per family ({summary['quality_source']} quality, "
+                   f"{summary['latency_source']} latency)", xlabel="median latency (ms)", ylabel="mean quality")
+    left.legend(fontsize=7, markerscale=2)
+    fractions = [float(f) for f in summary["by_budget_fraction"]]
+    for policy in ("full", "best_static", "per_family_lut", "oracle"):
+        right.plot(fractions, [summary["by_budget_fraction"][str(f)][policy]["mean_reward"] for f in fractions],
+                   marker="o", label=policy)
+    right.set(title=f"mean reward (lambda = {summary['lam']}) against the budget", xlabel="budget / family full-config latency",
+              ylabel="mean reward")
+    right.legend()
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    return _save(fig, path, dpi=110)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flexvlm_env.figures import roofline, training_curves
+from flexvlm_env.figures import replay_tradeoff, roofline, training_curves
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -17,6 +17,9 @@ def main() -> None:
     if log.exists():
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         print("wrote", training_curves(records, RESULTS / "figures" / "micro_training.png"))
+    headroom = RESULTS / "replay_headroom.json"
+    if headroom.exists():
+        print("wrote", replay_tradeoff(json.loads(headroom.read_text()), RESULTS / "figures" / "replay_tradeoff.png"))
 
 
 if __name__ == "__main__":

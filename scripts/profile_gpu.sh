@@ -4,7 +4,7 @@
 # the tables live under runs/profiles/ (carried between device calls).
 #   [PRESET=micro] scripts/profile_gpu.sh stages  # stage tables + validation of the composition
 #   scripts/profile_gpu.sh quality    # micro answers and scores, every (request, config)
-#   scripts/profile_gpu.sh requests   # micro latency, every (request, config) once + repeats
+#   scripts/profile_gpu.sh requests   # micro latency, every (request, config) once + repeats (all visible GPUs)
 set -uo pipefail
 out=runs/profiles
 mkdir -p "$out"
@@ -26,7 +26,20 @@ case "${1:?step: stages, quality or requests}" in
     timeout $(( ${minutes%.*} * 60 + 120 )) $cli quality --preset micro --device cuda --dtype float32 \
       --out $out/micro_quality --batch-size 1024 --no-progress --max-minutes "$minutes" ;;
   requests)
-    timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests --preset micro --device cuda \
-      --out $out/micro_${card}_requests --no-progress --max-minutes "$minutes" ;;
+    # One process per visible GPU, each timing a disjoint shard of the pool (--shard i/n); merge
+    # the shards with `flexvlm-profile consolidate`. With one GPU this resumes a single table.
+    n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -le 1 ]; then
+      timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests --preset micro --device cuda \
+        --out $out/micro_${card}_requests --no-progress --max-minutes "$minutes"
+    else
+      for i in $(seq 0 $((n - 1))); do
+        CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=4 timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests \
+          --preset micro --device cuda --shard "$i/$n" --out $out/micro_${card}_requests_x$n/shard-$i \
+          --no-progress --max-minutes "$minutes" > $out/shard-$i.log 2>&1 &
+      done
+      wait
+      tail -n 6 $out/shard-*.log
+    fi ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
