@@ -891,3 +891,25 @@ def test_cli_rejects_nonpositive_max_minutes(tmp_path):
     with pytest.raises(ValueError, match="max-minutes"):
         cli.main(["quality", *POOL_ARGS, "--max-minutes", "0", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "q").exists()
+
+
+def test_analyze_replay_script_orders_the_policies(tmp_path):
+    # By construction: the per-request oracle >= the per-family table >= the best single config,
+    # and the best single config >= the full configuration, at every budget.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "analyze_replay.py"
+    spec = importlib.util.spec_from_file_location("analyze_replay", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    summary = module.main(module.Args(out=tmp_path / "headroom.json", fractions=(0.5, 1.0)))
+    assert json.loads((tmp_path / "headroom.json").read_text())["n_configs"] == 140
+    assert (tmp_path / "figures" / "replay_tradeoff.png").stat().st_size > 0
+    for row in summary["by_budget_fraction"].values():
+        rewards = [row[p]["mean_reward"] for p in ("oracle", "per_family_lut", "best_static", "full")]
+        assert rewards == sorted(rewards, reverse=True)
