@@ -650,3 +650,22 @@ def test_spec_make_shares_the_live_model(micro):
     env = gym.make("FlexVLM-v0", **live_kwargs(micro))
     again = env.spec.make()
     assert again.unwrapped.vlm is micro and env.unwrapped.vlm is micro
+
+
+def test_live_env_runs_in_sync_and_async_vector_envs():
+    # Each async worker builds its own model from the arguments (a loaded VLM is not sent to them).
+    kwargs = {"device": "cpu", "families": LIVE_FAMILIES, "requests_per_family": 2, "full_latency_ms": LIVE_FULL_MS,
+              "episode_length": 2, "warmup": "none"}
+    for mode in ("sync", "async"):
+        # torch is not fork-safe once its thread pool has run (the sync pass above): spawn workers.
+        vector_kwargs = {"context": "spawn"} if mode == "async" else {}
+        envs = gym.make_vec("FlexVLM-v0", num_envs=2, vectorization_mode=mode, vector_kwargs=vector_kwargs, **kwargs)
+        try:
+            observations, _ = envs.reset(seed=3)
+            assert observations["family"].shape == (2,)
+            _, rewards, terminated, _, infos = envs.step(np.zeros((2, 3), dtype=np.int64))
+            assert rewards.shape == (2,) and np.isfinite(rewards).all()
+            assert all(0.0 <= q <= 1.0 for q in infos["quality"]) and (infos["latency_ms"] > 0).all()
+            assert infos["config"]["crops"].tolist() == [1, 1]  # Gymnasium batches nested info dicts
+        finally:
+            envs.close()

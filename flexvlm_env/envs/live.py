@@ -92,6 +92,12 @@ class FlexVLMEnv(FlexVLMCoreEnv):
       "auto" (default: "all" on CUDA, "full" on CPU). `env.unwrapped.warmup_s` says what it cost.
     - `render_mode`: None or "ansi".
 
+    **Vector envs.** `gym.make_vec("FlexVLM-v0", num_envs=n, vectorization_mode="sync")` runs the
+    copies in turn. For `"async"`, pass `vector_kwargs={"context": "spawn"}`: torch's CPU thread
+    pool is not fork-safe, so forked workers of a process that has already run the model hang.
+    Each worker builds its own model from the arguments (and, on one GPU, they share it in time,
+    which changes what is measured).
+
     **Latency source.** Measured on this device by the runtime (`result.latency.total_ms`, the
     request's start to its last token; stage boundaries by CUDA events on GPU, `perf_counter` on
     CPU). One run per step: the reward sees the noise a deployed controller would.
