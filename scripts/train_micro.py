@@ -2,6 +2,7 @@
 
     python scripts/train_micro.py --total-steps 20000 --max-minutes 9     # GPU, resumable chunks
     python scripts/train_micro.py --total-steps 20 --batch-size 8 --device cpu   # smoke run
+    torchrun --nproc-per-node 4 scripts/train_micro.py ...                      # data parallel, 4 GPUs
 
 CleanRL-style single file: the `Args` dataclass is the whole interface. Knob-robust ("elastic")
 training is on by default: every batch runs at a drawn (crops, top_k, block plan), see
@@ -20,6 +21,12 @@ alone is skipped, on held-out train-split samples, generated greedily and scored
 family's metric) and the weights are exported in bfloat16 with the ranking to `--export-dir`.
 Logging: `log.jsonl` in the run directory always; Weights & Biases with `--track` (offline unless
 WANDB_MODE / an API key says otherwise).
+
+Data parallel (under torchrun): each process builds its shard of the same global batch
+(`--batch-size` stays the global size), gradients are averaged with one all-reduce per step, and
+rank 0 alone logs, checkpoints and exports. Every process draws the same knobs, so the replicas
+run the same graph; a checksum of the weights is compared across processes at every log step.
+Stop and checkpoint decisions are taken at log steps (where the host reads the device anyway).
 """
 from __future__ import annotations
 
@@ -45,6 +52,9 @@ from flexvlm_env.model.tokenizer import TextTokenizer
 from flexvlm_env.training import (
     ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
     teacher_forced_loss,
+)
+from flexvlm_env.training.parallel import (
+    all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
 )
 
 
@@ -197,7 +207,7 @@ def export(module: MolmoE, args: Args, ranking: dict, progress: dict, model_args
 
 def main(args: Args) -> None:
     started = time.perf_counter()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rank, world, device = setup_processes(args.device, args.batch_size)
     torch.manual_seed(args.seed)
     model_args = preset_args("micro")
     tokenizer = TextTokenizer.from_file(assets_dir("micro"))
@@ -237,14 +247,16 @@ def main(args: Args) -> None:
             print(f"weights-only state: fresh AdamW moments, learning rate re-warmed over {REWARM_STEPS} steps")
         print(f"resumed from step {progress['step']}")
     progress["args"] = asdict(args)
+    broadcast_from_rank0_(module.state_dict().values(), world)  # every process read the same files
 
     knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, n_blocks=model_args.n_layers)
-    spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, family_weights=args.family_weights)
+    spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, family_weights=args.family_weights,
+                          shard_index=rank, shard_count=world)
     special = tokenizer.special
     step = progress["step"]
 
     wandb_run = None
-    if args.track:
+    if args.track and rank == 0:
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
@@ -254,7 +266,7 @@ def main(args: Args) -> None:
                                resume="allow", config=asdict(args), dir=str(run_dir))
 
     if step < args.total_steps:
-        workers = max(1, (os.cpu_count() or 2) - 2) if args.num_workers < 0 else args.num_workers
+        workers = max(1, ((os.cpu_count() or 2) - 2) // world) if args.num_workers < 0 else args.num_workers
         loader = torch.utils.data.DataLoader(
             TrainStream(spec, knobs, model_args, tokenizer, start_step=step), batch_size=None, num_workers=workers,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -289,6 +301,7 @@ def main(args: Args) -> None:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(module, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
             optimizer.step()
             step += 1
@@ -309,40 +322,54 @@ def main(args: Args) -> None:
             family_count.index_add_(0, tensors["family"], torch.ones_like(per_sample))
 
             now = time.perf_counter()
+            out_of_time = save_now = False
             if step % args.log_every == 0 or step == args.total_steps:
                 elapsed = now - window_start
                 record = {"step": step, "lr": lr, "samples_per_s": window_samples / elapsed,
                           "data_wait_frac": data_wait / elapsed, "elapsed_min": (now - started) / 60}
                 for kind, values in draw_stats.items():
-                    stacked = torch.stack(values).mean(0).tolist()
-                    record[f"ce/{kind}"], record[f"grad_norm/{kind}"], record[f"balance/{kind}"] = stacked
+                    stacked = all_reduce_mean_(torch.stack(values).mean(0), world)  # same draw kinds everywhere
+                    record[f"ce/{kind}"], record[f"grad_norm/{kind}"], record[f"balance/{kind}"] = stacked.tolist()
+                all_reduce_mean_(family_sum, world)  # a ratio of means: the same as of sums
+                all_reduce_mean_(family_count, world)
                 for name, value in zip(spec.families, (family_sum / family_count.clamp(min=1)).tolist()):
                     record[f"ce_family/{name}"] = value
-                append_log(log_path, record)
-                if wandb_run is not None:
-                    wandb_run.log(record, step=step)
-                print(f"step {step} ce(full) {record.get('ce/full', float('nan')):.3f} "
-                      f"{record['samples_per_s']:.0f} samples/s (data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
+                check_replicas(module, world)
+                if rank == 0:
+                    append_log(log_path, record)
+                    if wandb_run is not None:
+                        wandb_run.log(record, step=step)
+                    print(f"step {step} ce(full) {record.get('ce/full', float('nan')):.3f} "
+                          f"{record['samples_per_s']:.0f} samples/s (data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
                 draw_stats.clear()
                 family_sum.zero_()
                 family_count.zero_()
                 progress["train_seconds"] += elapsed
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-            out_of_time = args.max_minutes > 0 and (now - started) / 60 >= args.max_minutes
-            if step == args.total_steps or out_of_time or (now - last_checkpoint) / 60 >= args.checkpoint_minutes:
+                # Rank 0's clock decides for everyone, so all processes stop at the same step.
+                decision = torch.tensor([args.max_minutes > 0 and (now - started) / 60 >= args.max_minutes,
+                                         (now - last_checkpoint) / 60 >= args.checkpoint_minutes], dtype=torch.int32, device=device)
+                broadcast_from_rank0_([decision], world)
+                out_of_time, save_now = (bool(v) for v in decision.tolist())
+            if step == args.total_steps or out_of_time or save_now:
                 progress.update(step=step, samples=step * args.batch_size)
-                save_training_state(run_dir / "checkpoint", module, optimizer, progress)
+                if rank == 0:
+                    save_training_state(run_dir / "checkpoint", module, optimizer, progress)
                 last_checkpoint = time.perf_counter()
             if step == args.total_steps or out_of_time:
-                # Weights only (fp32, 15 MB shards): what moves the run to another machine.
-                save_training_state(run_dir / "transfer", module, None, progress)
+                if rank == 0:  # weights only (fp32, 15 MB shards): what moves the run to another machine
+                    save_training_state(run_dir / "transfer", module, None, progress)
                 break
             received = time.perf_counter()
         if step < args.total_steps:
             print(f"stopped at step {step} of {args.total_steps} (time limit); re-run to resume")
             if wandb_run is not None:
                 wandb_run.finish()
+            end_processes(world)
             return
+    end_processes(world)
+    if rank != 0:  # ranking and export are rank 0's
+        return
 
     if not args.finalize:
         if wandb_run is not None:

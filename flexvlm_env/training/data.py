@@ -3,7 +3,9 @@
 Batch `step` is a pure function of (seed, step): the families are drawn from a generator seeded
 with both, and slot i of the batch is sample `step * batch_size + i` of its family's `train`
 split, so no sample repeats within a run and a resumed run continues with exactly the batch it
-would have seen. `TrainStream` is an `IterableDataset` whose DataLoader workers each build every
+would have seen. With several GPUs, shard r of n builds slots [r * B/n, (r + 1) * B/n) of that
+same global batch (each slot's own random draws are seeded by the slot, so a shard needs nothing
+from the others). `TrainStream` is an `IterableDataset` whose DataLoader workers each build every
 `num_workers`-th batch on the CPU (drawing, tokenising, laying out the sequence); only the uint8
 pixels travel to the GPU, where `preprocess_image_batch` tiles same-size images together.
 """
@@ -47,16 +49,31 @@ class TrainBatchSpec:
     family_weights: tuple[float, ...] | None = None
     task_seed: int = 0  # the procedural suite's seed (0: the canonical train split)
     pad_to_multiple: int = 8
+    shard_index: int = 0  # this process's share of the global batch (data parallelism)
+    shard_count: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if not (self.shard_count >= 1 and 0 <= self.shard_index < self.shard_count):
+            raise ValueError(f"shard_index={self.shard_index}, shard_count={self.shard_count}: need 0 <= index < count")
+        if self.batch_size % self.shard_count:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of shard_count={self.shard_count}")
         unknown = set(self.families) - set(FAMILIES)
         if unknown or not self.families:
             raise ValueError(f"families={self.families} must be a non-empty subset of {tuple(FAMILIES)}")
         if self.family_weights is not None:
             if len(self.family_weights) != len(self.families) or min(self.family_weights) < 0 or sum(self.family_weights) <= 0:
                 raise ValueError(f"family_weights={self.family_weights} must be {len(self.families)} non-negative weights with a positive sum")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.shard_count
+
+    @property
+    def local_slots(self) -> range:
+        """Slots of the global batch this shard builds."""
+        return range(self.shard_index * self.local_batch_size, (self.shard_index + 1) * self.local_batch_size)
 
     def probabilities(self) -> np.ndarray:
         weights = np.ones(len(self.families)) if self.family_weights is None else np.asarray(self.family_weights, float)
@@ -74,16 +91,17 @@ def build_batch(step: int, spec: TrainBatchSpec, knobs: ElasticKnobs, args: Mode
       family [B] family indices into spec.families; step; crops.
     """
     rng = np.random.default_rng([spec.seed, step, 0x64617461])
-    family_ids = rng.choice(len(spec.families), size=spec.batch_size, p=spec.probabilities())
+    # The whole global batch's families (every shard draws the same), then this shard's slots.
+    family_ids = rng.choice(len(spec.families), size=spec.batch_size, p=spec.probabilities())[spec.local_slots]
     crops = knobs.draw(spec.seed, step).crops
     special = tokenizer.special
     vision = args.vision
 
     sequences, targets, arrays = [], [], []
-    for slot, family_id in enumerate(family_ids):
+    for slot, family_id in zip(spec.local_slots, family_ids):
         sample = generate_sample(spec.families[family_id], "train", step * spec.batch_size + slot, seed=spec.task_seed)
         arrays.append(to_rgb_array(sample.image))
-        answer = training_target(sample, rng)
+        answer = training_target(sample, np.random.default_rng([spec.seed, step, slot, 0x74617267]))
         sequences.append(tokenizer.encode_prompt(sample.prompt))
         targets.append(tokenizer.encode(" " + answer) + [special.eos])
 
@@ -103,8 +121,8 @@ def build_batch(step: int, spec: TrainBatchSpec, knobs: ElasticKnobs, args: Mode
     length = -(-length // spec.pad_to_multiple) * spec.pad_to_multiple
     if length > args.max_seq_len:
         raise ValueError(f"batch {step} needs {length} tokens; the model's max_seq_len is {args.max_seq_len}")
-    input_ids = torch.full((spec.batch_size, length), special.pad, dtype=torch.long)
-    labels = torch.full((spec.batch_size, length), IGNORE_INDEX, dtype=torch.long)
+    input_ids = torch.full((spec.local_batch_size, length), special.pad, dtype=torch.long)
+    labels = torch.full((spec.local_batch_size, length), IGNORE_INDEX, dtype=torch.long)
     for slot, (ids, target) in enumerate(zip(full, targets)):
         sequence = ids + target
         input_ids[slot, : len(sequence)] = torch.tensor(sequence)
