@@ -1,10 +1,11 @@
-"""`flexvlm-demo`: answer a few procedural requests at several configurations, print stage latencies.
+"""`flexvlm-demo`: answer a few procedural requests at several configurations, then run an episode.
 
-This is the README's main job until the environments and trainers exist: it shows the three knobs
-acting on real requests (answers, scores, vision tokens, per-stage milliseconds) on the local device,
-with the shipped `micro` weights by default. The families shown are ones where micro answers
-correctly at the full configuration often enough to see the knobs act (its per-family quality is
-in the README's model card).
+The README's main job. First it shows the three knobs acting on real requests (answers, scores,
+vision tokens, per-stage milliseconds) on the local device, with the shipped `micro` weights by
+default; then it plays one short `FlexVLM-v0` episode with the same model (random configurations,
+so the budget, overshoot and reward of each step are visible). The families shown are ones where
+micro answers correctly at the full configuration often enough to see the knobs act (its
+per-family quality is in the README's model card).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=None, help="checkpoint dir/hub id, or 'random' (default: the preset's shipped weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--requests", type=int, default=1, help="requests per task family")
+    parser.add_argument("--episode-steps", type=int, default=6, help="steps of the FlexVLM-v0 episode (0: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     weights = args.weights
@@ -59,7 +61,32 @@ def main(argv=None) -> int:
                     f"{lat.decode_ms:8.1f} {lat.total_ms:8.1f}  {score(sample, result.text):.2f}  {result.text[:30]!r} (ref {sample.answers[0]!r})"
                 )
     print("\ntimes in ms; config = (crops, top_k, active_blocks); vis/in/out = vision, input and output tokens")
+    if args.episode_steps > 0:
+        run_episode(vlm, args.episode_steps)
     return 0
+
+
+def run_episode(vlm, steps: int) -> None:
+    """One FlexVLM-v0 episode with random configurations (what an agent's loop looks like)."""
+    import gymnasium as gym
+
+    from . import envs  # noqa: F401  (registers the ids)
+
+    print(f"\nFlexVLM-v0 on {vlm.device}: calibrating budgets (full-configuration latency per family) ...")
+    env = gym.make("FlexVLM-v0", vlm=vlm, families=list(FAMILIES), requests_per_family=4, episode_length=steps)
+    observation, info = env.reset(seed=0)
+    header = f"{'request':30s} {'budget ms':>9s} {'config':>12s} {'latency ms':>10s} {'quality':>7s} {'reward':>7s}"
+    print(header)
+    print("-" * len(header))
+    env.action_space.seed(0)
+    terminated = False
+    while not terminated:
+        budget_ms = float(observation["budget_ms"][0])
+        observation, reward, terminated, _, info = env.step(env.action_space.sample())
+        config = info["config"]
+        print(f"{info['request_id']:30s} {budget_ms:9.1f} {str((config['crops'], config['top_k'], config['active_blocks'])):>12s} "
+              f"{info['latency_ms']:10.1f} {info['quality']:7.2f} {reward:7.2f}" + ("  over budget" if info["violation"] else ""))
+    print("reward = quality - max(0, latency - budget) / budget; see `help(flexvlm_env.envs.FlexVLMEnv)`")
 
 
 if __name__ == "__main__":
