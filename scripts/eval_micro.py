@@ -16,6 +16,11 @@ Three measurements, all greedy generation scored with each family's metric on th
 Then the adaptivity figures: the share of requests that reach their full-configuration quality at
 some configuration whose latency is <= 50% of the full one's, and the share that lose quality at
 every configuration below full; and each quality bar of the issue, checked.
+
+`--quality-table` replaces 1 and 2 by a recorded quality table (`flexvlm-profile quality`, every
+request at every configuration, answered in batches on a GPU in minutes), and `--latency-source`
+replaces 3 by a shipped replay latency source (e.g. `micro-h100`): then the whole evaluation is a
+few seconds on a CPU.
 """
 from __future__ import annotations
 
@@ -63,6 +68,12 @@ class Args:
     """device the quality and latency runs use"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    quality_table: str | None = None
+    """a recorded quality table (directory or Parquet file from `flexvlm-profile quality`) of these
+    weights on this split: used instead of generating (all its requests count for adaptivity)"""
+    latency_source: str | None = None
+    """a shipped replay latency source (flexvlm_env.profiles.LATENCY_SOURCES, e.g. micro-h100): its
+    median latency per configuration instead of timing on this machine"""
 
 
 def table_configs(grid: KnobGrid) -> list[tuple[str, Config]]:
@@ -120,45 +131,85 @@ def check_bars(table: list[dict], adaptivity: dict, grid: KnobGrid) -> dict:
     return bars
 
 
+def table_row(name: str, config: Config, scores: np.ndarray, families: list[str]) -> dict:
+    by_family = per_family(scores, families)
+    return {"name": name, "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
+            "per_family": by_family, "mean": float(np.mean(list(by_family.values())))}
+
+
+def scores_from_table(path: str, weights_sha256: str | None, split: str, seed: int) -> tuple[dict, list[str]]:
+    """{(crops, top_k, blocks): per-request scores} and the requests' families, from a quality table."""
+    from flexvlm_env.profiles.tables import read_table
+
+    frame = read_table(path)
+    meta = frame.attrs.get("metadata", {})
+    pool = meta.get("protocol", {}).get("pool", {})
+    if weights_sha256 and meta.get("weights_sha256") != weights_sha256:
+        raise ValueError(f"--quality-table {path} was answered by weights {meta.get('weights_sha256')}, not {weights_sha256}")
+    if (pool.get("split"), pool.get("task_seed")) != (split, seed):
+        raise ValueError(f"--quality-table {path} covers split {pool.get('split')!r} seed {pool.get('task_seed')}, not {split!r} seed {seed}")
+    frame = frame.sort_values(["request_id"]).reset_index(drop=True)
+    ids = sorted(frame["request_id"].unique())
+    families = [i.split("/")[0] for i in ids]
+    scores = {key: group.set_index("request_id").loc[ids, "quality"].to_numpy()
+              for key, group in frame.groupby(["crops", "top_k", "active_blocks"])}
+    return scores, families
+
+
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     vlm = load_model("micro", args.weights, device=args.device, dtype="float32")
     grid = KnobGrid()
-    samples = [s for f in FAMILIES for s in generate_samples(f, args.split, args.requests_per_family, seed=args.seed)]
-    families = [s.family for s in samples]
-
-    # 1. Quality table.
-    evaluator = QualityEvaluator(vlm, samples, batch_size=args.batch_size)
-    table = []
-    configs = sorted(table_configs(grid), key=lambda item: item[1].crops)  # crops-major: prepare once per value
-    for name, config in configs:
-        by_family = per_family(evaluator.scores(config), families)
-        table.append({"name": name, "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
-                      "per_family": by_family, "mean": float(np.mean(list(by_family.values())))})
-        print(f"{name:18s} mean {table[-1]['mean']:.3f}", flush=True)
-    order = {name: i for i, (name, _) in enumerate(table_configs(grid))}
-    table.sort(key=lambda row: order[row["name"]])
-
-    # 2. Every grid configuration on the adaptivity subset.
-    subset = [s for i, s in enumerate(samples) if i % args.requests_per_family < args.grid_requests_per_family]
-    grid_eval = QualityEvaluator(vlm, subset, batch_size=args.batch_size)
     grid_configs = sorted(grid.configs(), key=lambda c: c.crops)
-    grid_scores = {knob_tuple(c): grid_eval.scores(c) for c in grid_configs}
-    print(f"grid of {len(grid_configs)} configurations on {len(subset)} requests done", flush=True)
+
+    if args.quality_table:
+        # 1 and 2 from the recorded table: every request at every configuration.
+        grid_scores, families = scores_from_table(args.quality_table, vlm.weights_sha256, args.split, args.seed)
+        table = [table_row(name, c, grid_scores[knob_tuple(c)], families) for name, c in table_configs(grid)]
+        requests_per_family = len(families) // len(set(families))
+        samples = subset = None
+    else:
+        samples = [s for f in FAMILIES for s in generate_samples(f, args.split, args.requests_per_family, seed=args.seed)]
+        families = [s.family for s in samples]
+        requests_per_family = args.requests_per_family
+
+        # 1. Quality table.
+        evaluator = QualityEvaluator(vlm, samples, batch_size=args.batch_size)
+        table = []
+        configs = sorted(table_configs(grid), key=lambda item: item[1].crops)  # crops-major: prepare once per value
+        for name, config in configs:
+            table.append(table_row(name, config, evaluator.scores(config), families))
+            print(f"{name:18s} mean {table[-1]['mean']:.3f}", flush=True)
+        order = {name: i for i, (name, _) in enumerate(table_configs(grid))}
+        table.sort(key=lambda row: order[row["name"]])
+
+        # 2. Every grid configuration on the adaptivity subset.
+        subset = [s for i, s in enumerate(samples) if i % args.requests_per_family < args.grid_requests_per_family]
+        grid_eval = QualityEvaluator(vlm, subset, batch_size=args.batch_size)
+        grid_scores = {knob_tuple(c): grid_eval.scores(c) for c in grid_configs}
+        print(f"grid of {len(grid_configs)} configurations on {len(subset)} requests done", flush=True)
 
     # 3. Latency per configuration, relative to full.
-    latency = measure_latency(vlm, subset, grid_configs, args)
+    if args.latency_source:
+        from flexvlm_env.profiles import load_replay_data
+
+        data = load_replay_data("micro", args.latency_source)
+        latency = {knob_tuple(c): float(np.median(data.total_ms[:, data.config_index(c)])) for c in grid_configs}
+    else:
+        if subset is None:
+            subset = [s for f in FAMILIES for s in generate_samples(f, args.split, args.grid_requests_per_family, seed=args.seed)]
+        latency = measure_latency(vlm, subset, grid_configs, args)
     full_key = knob_tuple(grid.full)
     ratio = {k: v / latency[full_key] for k, v in latency.items()}
     full_q = grid_scores[full_key]
     cheap = [k for k in grid_scores if k != full_key and ratio[k] <= 0.5]
     others = [k for k in grid_scores if k != full_key]
-    reaches = np.zeros(len(subset), dtype=bool)
+    reaches = np.zeros(len(full_q), dtype=bool)
     for k in cheap:
         reaches |= grid_scores[k] >= full_q - 1e-9
-    need_full = np.ones(len(subset), dtype=bool)
+    need_full = np.ones(len(full_q), dtype=bool)
     for k in others:
         need_full &= grid_scores[k] < full_q - 1e-9
     answered = full_q > 0
@@ -166,11 +217,15 @@ def main(args: Args) -> None:
         "frac_full_quality_at_half_latency": float(reaches.mean()),
         "frac_full_quality_at_half_latency_among_full_quality_gt_0": float(reaches[answered].mean()) if answered.any() else None,
         "frac_need_full": float(need_full.mean()),
-        "requests": len(subset),
+        "requests": len(full_q),
         "configs_at_half_latency": len(cheap),
-        "latency_source": (f"measured on this machine ({args.device}, {platform.processor() or platform.machine()}, "
+        "latency_source": (f"replay source {args.latency_source}: median over the recorded requests per configuration"
+                           if args.latency_source else
+                           f"measured on this machine ({args.device}, {platform.processor() or platform.machine()}, "
                            f"{torch.get_num_threads()} threads): median end-to-end latency per configuration over "
                            f"{args.latency_requests} requests x {args.latency_repeats} runs, output forced to {args.latency_tokens} tokens"),
+        "quality_source": (f"recorded table {args.quality_table}" if args.quality_table
+                           else f"generated here ({args.device}, float32), {args.grid_requests_per_family} requests per family"),
     }
     result = {
         "model": "micro",
@@ -179,7 +234,7 @@ def main(args: Args) -> None:
         "split": args.split,
         "seed": args.seed,
         "generator_version": GENERATOR_VERSION,
-        "requests_per_family": args.requests_per_family,
+        "requests_per_family": requests_per_family,
         "configs": table,
         "adaptivity": adaptivity,
         "bars": check_bars(table, adaptivity, grid),

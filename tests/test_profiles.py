@@ -913,3 +913,32 @@ def test_analyze_replay_script_orders_the_policies(tmp_path):
     for row in summary["by_budget_fraction"].values():
         rewards = [row[p]["mean_reward"] for p in ("oracle", "per_family_lut", "best_static", "full")]
         assert rewards == sorted(rewards, reverse=True)
+
+
+def test_eval_micro_from_the_recorded_tables(tmp_path):
+    # scripts/eval_micro.py --quality-table --latency-source: the quality bars from the
+    # shipped tables in seconds; the full row equals the table's own mean at (12, 8, 16).
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from flexvlm_env.profiles import load_replay_data
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_micro.py"
+    spec = importlib.util.spec_from_file_location("eval_micro", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    shipped = Path(__file__).resolve().parents[1] / "flexvlm_env" / "assets" / "profiles" / "micro_quality_val.parquet"
+    out = tmp_path / "quality.json"
+    module.main(module.Args(out=str(out), quality_table=str(shipped), latency_source="micro-h100"))
+    result = json.loads(out.read_text())
+    data = load_replay_data("micro", "micro-h100")
+    families = np.asarray(data.families)
+    full = data.quality[:, data.full_index]
+    expected = np.mean([full[families == f].mean() for f in sorted(set(data.families))])
+    assert result["configs"][0]["name"] == "full" and result["configs"][0]["mean"] == pytest.approx(expected)
+    assert result["adaptivity"]["requests"] == data.n_requests and result["requests_per_family"] == 200
+    with pytest.raises(ValueError, match="covers split"):
+        module.main(module.Args(out=str(out), quality_table=str(shipped), latency_source="micro-h100", split="test"))
