@@ -50,7 +50,11 @@ def profiles_dir() -> Path:
 def _resolve(name: str, table: Path | str) -> Path:
     path = profiles_dir() / table
     if not path.exists():
-        raise FileNotFoundError(f"{name}: the shipped table {path} is missing from this install")
+        hint = ""
+        if name == "latency=micro-h100-measured":
+            hint = ("; it is not measured yet: `scripts/profile_gpu.sh requests` then `flexvlm-profile consolidate "
+                    f"{path} runs/profiles/micro_h100_requests` makes it (latency='micro-h100' composes the same from stage tables)")
+        raise FileNotFoundError(f"{name}: the shipped table {path} is missing from this install{hint}")
     return path
 
 
