@@ -68,9 +68,7 @@ def main(argv=None) -> int:
 
 def run_episode(vlm, steps: int) -> None:
     """One FlexVLM-v0 episode with random configurations (what an agent's loop looks like)."""
-    import gymnasium as gym
-
-    from . import envs  # noqa: F401  (registers the ids)
+    import gymnasium as gym  # the ids were registered when flexvlm_env was imported
 
     print(f"\nFlexVLM-v0 on {vlm.device}: calibrating budgets (full-configuration latency per family) ...")
     env = gym.make("FlexVLM-v0", vlm=vlm, families=list(FAMILIES), requests_per_family=4, episode_length=steps)

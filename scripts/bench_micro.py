@@ -25,6 +25,7 @@ import tyro
 import flexvlm_env
 from flexvlm_env import Config, load_model
 from flexvlm_env.benchmarking import device_info, distribution_summary
+from flexvlm_env.model.timing import STAGE_FIELDS
 from flexvlm_env.tasks import FAMILIES
 from flexvlm_env.tasks.procedural import generate_samples
 
@@ -61,7 +62,7 @@ def main(args: Args) -> None:
             result = vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
             records.append(result.latency)
         outputs.append(result.tokens.output)
-    stages = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms")
+    stages = STAGE_FIELDS
     result = {
         "benchmark": "micro request latency on procedural val requests",
         "device": device_info(device),

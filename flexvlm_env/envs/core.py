@@ -24,13 +24,14 @@ from gymnasium import spaces
 
 from ..config import KnobGrid
 from ..features import PROMPT_FEATURES
+from ..model.timing import STAGE_FIELDS
 from ..tasks.families import FAMILIES
 from .rewards import QualityMinusOvershoot
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)  # the order of the `family` observation
 DEFAULT_BUDGET_FRACTIONS = (0.35, 0.5, 0.7, 0.85, 1.0)
 DEFAULT_EPISODE_LENGTH = 16
-STAGE_KEYS = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms")
+STAGE_KEYS = STAGE_FIELDS
 RESET_OPTIONS = ("request_id", "request_index", "budget_ms", "budget_fraction")
 KNOB_NAMES = ("crops", "top_k", "active_blocks")
 

@@ -23,6 +23,7 @@ from ..config import Config, KnobGrid
 from ..features import image_features, prompt_features
 from ..metrics import score
 from ..model.runtime import VLM, load_model
+from ..model.timing import STAGE_FIELDS
 from ..tasks import SPLITS, load_samples
 from .core import (
     DEFAULT_BUDGET_FRACTIONS,
@@ -34,7 +35,6 @@ from .core import (
     check_positive_int,
 )
 
-STAGE_FIELDS = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms")
 WARMUPS = ("auto", "all", "full", "none")
 
 

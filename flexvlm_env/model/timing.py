@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 STAGES = ("preprocess", "vision_encoder", "projector", "prefill", "decode")
+STAGE_FIELDS = tuple(f"{stage}_ms" for stage in STAGES)  # LatencyRecord's per-stage fields, in order
 
 
 @dataclass

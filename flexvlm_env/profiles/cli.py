@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional, Union
 
@@ -169,7 +169,7 @@ Command = Union[
 def run(cmd) -> dict:
     """Execute one parsed command; returns a small summary (also printed by `main`)."""
     from . import sweeps
-    from .tables import ShardedTable, consolidate, write_parquet
+    from .tables import ShardedTable, consolidate
 
     if isinstance(cmd, Consolidate):
         return {"written": str(consolidate(cmd.directories, cmd.out))}
@@ -254,7 +254,7 @@ def validate_stages(cmd: ValidateStages) -> dict:
     import pandas as pd
 
     from ..benchmarking import device_info
-    from ..config import Config
+    from ..model.timing import STAGE_FIELDS
     from .compose import StageModel, error_summary
     from .tables import read_table
 
@@ -277,8 +277,8 @@ def validate_stages(cmd: ValidateStages) -> dict:
         rows.append({"request_id": sample.request_id, "crops": config.crops, "top_k": config.top_k,
                      "active_blocks": config.active_blocks, "input_tokens": result.tokens.input, "output_tokens": n_out,
                      "measured_total_ms": result.latency.total_ms, "composed_total_ms": float(composed.sum()),
-                     **{f"composed_{n}": float(v) for n, v in zip(("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms"), composed)},
-                     **{f"measured_{n}": getattr(result.latency, n) for n in ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms")}})
+                     **{f"composed_{n}": float(v) for n, v in zip(STAGE_FIELDS, composed)},
+                     **{f"measured_{n}": getattr(result.latency, n) for n in STAGE_FIELDS}})
     frame = pd.DataFrame(rows)
     info = device_info(vlm.device)
     summary = {"preset": vlm.args.name, "device": info.get("device_name"), "device_info": info,

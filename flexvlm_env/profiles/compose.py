@@ -53,12 +53,10 @@ class StageModel:
         slope = float(np.polyfit(centered, residual, 1)[0]) if centered.abs().sum() > 0 else 0.0
         preprocess_ref = {int(c): float(g["measured_input_tokens"].median()) for c, g in stages.groupby("crops")}
         stages = stages.assign(bucket=(np.ceil(stages["measured_input_tokens"] / PREFILL_BUCKET) * PREFILL_BUCKET).astype(int))
-        prefill = {}
+        prefill, decode = {}, {}
         for (k, b), g in stages.groupby(["top_k", "active_blocks"]):
             med = g.groupby("bucket")["prefill_ms"].median().sort_index()
             prefill[(int(k), int(b))] = (med.index.to_numpy(np.float64), med.to_numpy(np.float64))
-        decode = {}
-        for (k, b), g in stages.groupby(["top_k", "active_blocks"]):
             positions, times = [], []
             for start, per_token in zip(g["measured_input_tokens"], g["decode_ms_per_token"]):
                 per_token = np.asarray(per_token, dtype=np.float64)
@@ -110,10 +108,17 @@ class StageModel:
         return out
 
     def noise_matrix(self, grid: KnobGrid, width: int | None = None) -> np.ndarray:
-        """Residuals [len(grid), M] in grid order (each config's pool tiled to a common width)."""
-        pools = [self.noise_log_ratio.get((c.crops, c.top_k, c.active_blocks), np.zeros(1)) for c in grid.configs()]
-        width = width or max(len(p) for p in pools)
-        return np.stack([np.resize(p, width) for p in pools]).astype(np.float32)
+        """Residuals [len(grid), M] in grid order (see `residual_matrix`)."""
+        pools = [self.noise_log_ratio.get((c.crops, c.top_k, c.active_blocks), np.zeros(0)) for c in grid.configs()]
+        return residual_matrix(pools, width)
+
+
+def residual_matrix(pools, width: int | None = None) -> np.ndarray:
+    """One row per configuration from its pool of log(repeat / median) residuals, each pool tiled
+    to the longest one's width (a uniform draw from a row is a uniform draw from its pool); a
+    configuration without repeats gets zeros (no noise)."""
+    width = width or max(1, max(len(p) for p in pools))
+    return np.stack([np.resize(p, width) if len(p) else np.zeros(width) for p in pools]).astype(np.float32)
 
 
 def error_summary(measured_ms, composed_ms) -> dict:

@@ -19,6 +19,7 @@ stage tables validated against end-to-end runs (`results/replay_latency_validati
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pandas as pd
 
 from ..config import Config, KnobGrid
 from ..features import IMAGE_FEATURES, PROMPT_FEATURES
-from .compose import StageModel
+from .compose import StageModel, residual_matrix
 from .replay import STAGE_COLUMNS, ReplayData
 from .tables import read_parquet, read_table
 from .tokens import TokenCounter
@@ -86,7 +87,56 @@ def _load(quality: str, latency: str) -> ReplayData:
                              metadata=metadata)
 
 
-def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.DataFrame | None, preset: str | None,
+@dataclass(frozen=True)
+class _Recorded:
+    """The quality table as dense arrays, with the request table's per-request rows: what every
+    latency source shares."""
+
+    grid: KnobGrid
+    ids: np.ndarray
+    per_request: pd.DataFrame  # the request table's first row of each request, in `ids` order
+    quality: np.ndarray
+    texts: np.ndarray
+    answers: pd.DataFrame  # the quality table rows, and their dense (request, config) indices
+    rows: np.ndarray
+    configs: np.ndarray
+
+    @classmethod
+    def of(cls, requests: pd.DataFrame, answers: pd.DataFrame, grid: KnobGrid | None = None) -> "_Recorded":
+        grid = grid or KnobGrid(
+            crops=tuple(sorted(answers["crops"].unique().tolist())),
+            top_k=tuple(sorted(answers["top_k"].unique().tolist())),
+            active_blocks=tuple(sorted(answers["active_blocks"].unique().tolist())),
+        )
+        ids = pd.unique(answers["request_id"])
+        if len(answers) != len(ids) * len(grid):
+            raise ValueError(f"the quality table has {len(answers)} rows; a dense table needs {len(ids)} requests x {len(grid)} configs")
+        r, c = _dense_index(answers, grid, ids)
+        quality = np.zeros((len(ids), len(grid)), np.float32)
+        quality[r, c] = answers["quality"].to_numpy(np.float32)
+        texts = np.empty((len(ids), len(grid)), dtype=object)
+        texts[r, c] = answers["answer"].to_numpy(object)
+        per_request = requests.drop_duplicates("request_id").set_index("request_id").loc[ids]
+        return cls(grid, ids, per_request, quality, texts, answers, r, c)
+
+    def replay_data(self, output_tokens, stage_ms, total_ms, noise_log_ratio, metadata: dict) -> ReplayData:
+        return ReplayData(
+            grid=self.grid,
+            request_ids=tuple(self.ids),
+            families=tuple(self.per_request["family"]),
+            prompt_features=self.per_request[list(PROMPT_FEATURES)].to_numpy(np.float32),
+            image_features=self.per_request[list(IMAGE_FEATURES)].to_numpy(np.float32),
+            quality=self.quality,
+            answers=self.texts,
+            output_tokens=output_tokens,
+            stage_ms=stage_ms,
+            total_ms=total_ms,
+            noise_log_ratio=noise_log_ratio,
+            metadata=metadata,
+        )
+
+
+def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.DataFrame, preset: str,
                       answered_by: str = "micro", metadata: dict | None = None, grid: KnobGrid | None = None) -> ReplayData:
     """Join a request table, a quality table and a stage table into `ReplayData`.
 
@@ -95,58 +145,28 @@ def build_replay_data(requests: pd.DataFrame, answers: pd.DataFrame, stages: pd.
     table's answers re-tokenized with its tokenizer (the quality table's own `output_tokens` when
     the preset is `answered_by`, the model that answered).
     """
-    grid = grid or KnobGrid(
-        crops=tuple(sorted(answers["crops"].unique().tolist())),
-        top_k=tuple(sorted(answers["top_k"].unique().tolist())),
-        active_blocks=tuple(sorted(answers["active_blocks"].unique().tolist())),
-    )
-    ids = pd.unique(answers["request_id"])
-    n_req, n_cfg = len(ids), len(grid)
-    if len(answers) != n_req * n_cfg:
-        raise ValueError(f"the quality table has {len(answers)} rows; a dense table needs {n_req} requests x {n_cfg} configs")
-    r, c = _dense_index(answers, grid, ids)
-    quality = np.zeros((n_req, n_cfg), np.float32)
-    quality[r, c] = answers["quality"].to_numpy(np.float32)
-    texts = np.empty((n_req, n_cfg), dtype=object)
-    texts[r, c] = answers["answer"].to_numpy(object)
-
-    per_request = requests.drop_duplicates("request_id").set_index("request_id").loc[ids]
-    max_new = per_request["max_new_tokens"].to_numpy()
-    if stages is None:  # quality and features only; the caller fills in latency
-        output = np.ones((n_req, n_cfg), np.int32)
-        stage_ms = np.ones((n_req, n_cfg, len(STAGE_COLUMNS)), np.float32)
-        return ReplayData(grid, tuple(ids), tuple(per_request["family"]),
-                          per_request[list(PROMPT_FEATURES)].to_numpy(np.float32),
-                          per_request[list(IMAGE_FEATURES)].to_numpy(np.float32), quality, texts, output, stage_ms,
-                          stage_ms.sum(axis=2), np.zeros((n_cfg, 1), np.float32), dict(metadata or {}))
+    recorded = _Recorded.of(requests, answers, grid)
+    grid, ids = recorded.grid, recorded.ids
+    shape = (len(ids), len(grid))
     if preset == answered_by:
-        output = np.zeros((n_req, n_cfg), np.int32)
-        output[r, c] = answers["output_tokens"].to_numpy(np.int32)
+        output = np.zeros(shape, np.int32)
+        output[recorded.rows, recorded.configs] = answers["output_tokens"].to_numpy(np.int32)
     else:
         counter = TokenCounter.for_preset(preset)
-        unique, inverse = np.unique(texts.astype(str), return_inverse=True)
+        unique, inverse = np.unique(recorded.texts.astype(str), return_inverse=True)
         lengths = np.array(counter.output_tokens(unique, [10**9] * len(unique)), dtype=np.int32)
-        output = np.minimum(lengths[inverse.reshape(n_req, n_cfg)], max_new[:, None]).astype(np.int32)
+        max_new = recorded.per_request["max_new_tokens"].to_numpy()
+        output = np.minimum(lengths[inverse.reshape(shape)], max_new[:, None]).astype(np.int32)
 
     input_tokens = requests.pivot(index="request_id", columns="crops", values=f"{preset}/input_tokens").loc[ids]
     model = StageModel.fit(stages)
-    stage_ms = np.zeros((n_req, n_cfg, len(STAGE_COLUMNS)), np.float32)
+    stage_ms = np.zeros((*shape, len(STAGE_COLUMNS)), np.float32)
     for j, config in enumerate(grid.configs()):
         inputs = input_tokens[config.crops].to_numpy()
         stage_ms[:, j] = model.compose(config.crops, config.top_k, config.active_blocks, inputs, output[:, j])
-    return ReplayData(
-        grid=grid,
-        request_ids=tuple(ids),
-        families=tuple(per_request["family"]),
-        prompt_features=per_request[list(PROMPT_FEATURES)].to_numpy(np.float32),
-        image_features=per_request[list(IMAGE_FEATURES)].to_numpy(np.float32),
-        quality=quality,
-        answers=texts,
-        output_tokens=output,
-        stage_ms=stage_ms,
-        total_ms=stage_ms.sum(axis=2),
-        noise_log_ratio=model.noise_matrix(grid),
-        metadata={**(metadata or {}), "preset": preset, "composition": "stage tables (flexvlm_env.profiles.compose)"},
+    return recorded.replay_data(
+        output, stage_ms, stage_ms.sum(axis=2), model.noise_matrix(grid),
+        {**(metadata or {}), "preset": preset, "composition": "stage tables (flexvlm_env.profiles.compose)"},
     )
 
 
@@ -167,8 +187,8 @@ def build_replay_data_measured(requests: pd.DataFrame, answers: pd.DataFrame, me
     the run with the median total of each (request, config) (the only run for most requests), and
     noise residuals log(repeat / median) from the repeated subset, pooled per config. Quality and
     answers come from the quality table; latency and output lengths from the measured runs."""
-    base = build_replay_data(requests, answers, None, None, metadata=metadata)
-    grid, ids = base.grid, list(base.request_ids)
+    recorded = _Recorded.of(requests, answers)
+    grid, ids = recorded.grid, recorded.ids
     missing = set(ids) - set(measured["request_id"].unique())
     if missing:
         raise ValueError(f"the latency table lacks {len(missing)} requests of the quality table, e.g. {sorted(missing)[:3]}")
@@ -178,28 +198,25 @@ def build_replay_data_measured(requests: pd.DataFrame, answers: pd.DataFrame, me
     size = ordered.groupby(keys, sort=False)["total_ms"].transform("size")
     rank = ordered.groupby(keys, sort=False).cumcount()
     median_runs = ordered[rank == size // 2]
-    if len(median_runs) != base.n_requests * len(grid):
+    if len(median_runs) != len(ids) * len(grid):
         raise ValueError(f"the latency table covers {len(median_runs)} (request, config) pairs; "
-                         f"{base.n_requests} x {len(grid)} are needed")
+                         f"{len(ids)} x {len(grid)} are needed")
     r, c = _dense_index(median_runs, grid, ids)
-    stage_ms = np.zeros_like(base.stage_ms)
+    shape = (len(ids), len(grid))
+    stage_ms = np.zeros((*shape, len(STAGE_COLUMNS)), np.float32)
     stage_ms[r, c] = median_runs[list(STAGE_COLUMNS)].to_numpy(np.float32)
-    total_ms = np.zeros_like(base.total_ms)
+    total_ms = np.zeros(shape, np.float32)
     total_ms[r, c] = median_runs["total_ms"].to_numpy(np.float32)
-    output = np.zeros_like(base.output_tokens)
+    output = np.zeros(shape, np.int32)
     output[r, c] = median_runs["output_tokens"].to_numpy(np.int32)
     repeated = ordered[size > 1]
     log_ratio = np.log(repeated["total_ms"] / repeated.groupby(keys, sort=False)["total_ms"].transform("median"))
     _, config_of = _dense_index(repeated, grid, ids)
-    pools = [log_ratio.to_numpy()[config_of == j] for j in range(len(grid))]
-    width = max(1, max(len(p) for p in pools))
-    noise = np.stack([np.resize(p, width) if len(p) else np.zeros(width) for p in pools]).astype(np.float32)
-    return ReplayData(
-        grid=grid, request_ids=base.request_ids, families=base.families, prompt_features=base.prompt_features,
-        image_features=base.image_features, quality=base.quality, answers=base.answers, output_tokens=output,
-        stage_ms=stage_ms, total_ms=total_ms, noise_log_ratio=noise,
-        metadata={**(metadata or {}), "preset": measured.attrs.get("metadata", {}).get("preset"),
-                  "composition": "measured per (request, config)"},
+    noise = residual_matrix([log_ratio.to_numpy()[config_of == j] for j in range(len(grid))])
+    return recorded.replay_data(
+        output, stage_ms, total_ms, noise,
+        {**(metadata or {}), "preset": measured.attrs.get("metadata", {}).get("preset"),
+         "composition": "measured per (request, config)"},
     )
 
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..config import Config, KnobGrid
 from ..features import IMAGE_FEATURES, PROMPT_FEATURES
+from ..model.timing import STAGE_FIELDS
 from ..tasks.families import FAMILIES
 
-STAGE_COLUMNS = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms")
+STAGE_COLUMNS = STAGE_FIELDS  # column order of `stage_ms`
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,9 +110,3 @@ class ReplayData:
         families = np.asarray(self.families)
         full = self.total_ms[:, self.full_index]
         return {f: float(np.median(full[families == f])) for f in sorted(set(self.families))}
-
-    def sample_latency_ms(self, request: int, config: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
-        """(total ms, stage ms [5]) of one replayed run: the median scaled by a recorded residual."""
-        residuals = self.noise_log_ratio[config]
-        factor = float(np.exp(residuals[rng.integers(residuals.shape[0])]))
-        return float(self.total_ms[request, config]) * factor, self.stage_ms[request, config] * factor

@@ -19,17 +19,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..benchmarking import device_info
 from ..config import Config, KnobGrid
-from ..features import request_features
 from ..metrics import score
 from ..model.runtime import VLM
+from ..model.timing import STAGE_FIELDS
 from ..tasks import load_samples
 from ..tasks.families import FAMILIES
 from ..tasks.sample import Sample
@@ -39,7 +38,7 @@ from .tokens import TokenCounter
 REQUEST_KEY = ("request_id", "crops", "top_k", "active_blocks", "repeat")
 QUALITY_KEY = ("request_id", "crops", "top_k", "active_blocks")
 STAGE_KEY = ("crops", "input_tokens", "top_k", "active_blocks", "repeat")
-LATENCY_COLUMNS = ("preprocess_ms", "vision_encoder_ms", "projector_ms", "prefill_ms", "decode_ms", "total_ms")
+LATENCY_COLUMNS = STAGE_FIELDS + ("total_ms",)
 
 
 @dataclass(frozen=True)
@@ -80,11 +79,6 @@ def table_metadata(vlm: VLM, kind: str, protocol: dict) -> dict:
         "protocol": protocol,
         "created_unix_s": time.time(),
     }
-
-
-def token_counts(vlm: VLM, image: Image.Image, prompt: str, crops: int, crop_rule: str = "exact") -> dict:
-    """Vision, prompt, layout and input tokens of a request at `crops` (no pixels touched)."""
-    return TokenCounter.for_model(vlm).request(image.size, prompt, crops, crop_rule)
 
 
 def _bucket(length: int, bucket: int) -> int:
@@ -139,6 +133,7 @@ def profile_requests(
     n_repeats = repeat_counts(samples, repeats, repeat_fraction)
     samples = shard_of(samples, shard)
     # Prefill bucket of each (request, crops), for the untimed warm-up of each config.
+    counter = TokenCounter.for_model(vlm)
     buckets: dict[tuple[str, int], int] = {}
     done = table.done_keys()
     todo_total = sum(n_repeats[s.request_id] for s in samples) * len(configs) - len(done)
@@ -158,7 +153,7 @@ def profile_requests(
         for sample, _ in pending:
             key = (sample.request_id, config.crops)
             if key not in buckets:
-                counts = token_counts(vlm, sample.image, sample.prompt, config.crops, config.crop_rule)
+                counts = counter.request(sample.image.size, sample.prompt, config.crops, config.crop_rule)
                 buckets[key] = _bucket(counts["input_tokens"], bucket)
             warm.setdefault(buckets[key], sample)
         for sample in warm.values():
@@ -230,20 +225,6 @@ def profile_quality(
     return written
 
 
-def request_table(vlm: VLM, samples: Sequence[Sample], crops_values: Iterable[int]) -> list[dict]:
-    """One row per (request, crops): controller features and the model's token counts there."""
-    rows = []
-    for sample in samples:
-        features = request_features(sample.image, sample.prompt)
-        for crops in crops_values:
-            rows.append({
-                "request_id": sample.request_id, "family": sample.family, "crops": crops,
-                "max_new_tokens": sample.max_new_tokens, **features,
-                **token_counts(vlm, sample.image, sample.prompt, crops),
-            })
-    return rows
-
-
 def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4 / 3,
                       bucket: int = 64) -> tuple[Image.Image, str]:
     """An image and a prompt whose request is as long as possible without exceeding `input_tokens`
@@ -253,8 +234,10 @@ def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4
     height = 288  # the procedural images' typical size (host preprocessing scales with it)
     image = Image.new("RGB", (int(round(height * aspect)), height), (128, 96, 64))
 
+    counter = TokenCounter.for_model(vlm)
+
     def length(words: int) -> int:
-        return token_counts(vlm, image, " ".join(["count"] * words), crops)["input_tokens"]
+        return counter.request(image.size, " ".join(["count"] * words), crops)["input_tokens"]
 
     if length(1) >= input_tokens:
         return image, "count"
@@ -273,10 +256,11 @@ def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4
 def stage_plan(vlm: VLM, samples: Sequence[Sample], crops_values: Sequence[int], bucket: int = 64) -> list[tuple[int, int]]:
     """(crops, input length) pairs a stage table must cover for `samples`: for each crops value,
     one length inside every prefill bucket the requests fall into (the bucket's upper end)."""
+    counter = TokenCounter.for_model(vlm)
     pairs = set()
     for crops in crops_values:
         for sample in samples:
-            n = token_counts(vlm, sample.image, sample.prompt, crops)["input_tokens"]
+            n = counter.request(sample.image.size, sample.prompt, crops)["input_tokens"]
             pairs.add((crops, _bucket(n, bucket)))
     return sorted(pairs)
 

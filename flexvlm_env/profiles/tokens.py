@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from PIL import Image
-
 from ..model.args import ModelArgs, preset_args
 from ..model.preprocess import select_tiling, token_layout
 from ..model.tokenizer import TextTokenizer
