@@ -19,7 +19,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from ..profiles.replay import ReplayData
+from ..profiles.replay import ReplayData, request_split_mask
 from .core import (
     DEFAULT_BUDGET_FRACTIONS,
     DEFAULT_EPISODE_LENGTH,
@@ -61,8 +61,9 @@ class ReplayTables:
     lookups: float64 copies of everything that enters the reward (so the single and the vector env
     do identical float arithmetic) and read-only feature rows that observations copy."""
 
-    def __init__(self, data: ReplayData, families: Sequence[str]):
-        pool = [i for i, family in enumerate(data.families) if family in families]
+    def __init__(self, data: ReplayData, families: Sequence[str], split: str = "all"):
+        in_split = request_split_mask(data.request_ids, data.families, split)
+        pool = [i for i, family in enumerate(data.families) if family in families and in_split[i]]
         if not pool:
             raise ValueError(
                 f"families={list(families)} has no requests in the replay data (it holds {sorted(set(data.families))})"
@@ -123,6 +124,10 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
 
     - `data`: a `ReplayData`; None loads the shipped tables named by `quality` and `latency`
       through `flexvlm_env.profiles.load_replay_data`.
+    - `split`: "all" (default), "train" or "heldout": a fixed half of each family's recorded
+      requests (`flexvlm_env.profiles.replay.request_split_mask`), so that controllers learn from
+      one half and are evaluated on the other. Budgets are fractions of the family's
+      full-configuration latency over the whole table, whichever half is served.
     - `quality`: which recorded answers/qualities (default "micro": the shipped micro model).
     - `latency`: which recorded latencies (default "molmoe-1b-h100": MolmoE-1B on an H100).
     - `families`: families to serve (default: all nine that the data holds).
@@ -184,10 +189,11 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         penalty: str = "linear",
         episode_length: int = DEFAULT_EPISODE_LENGTH,
         render_mode: str | None = None,
+        split: str = "all",
     ):
         data_given = data is not None
         data = resolve_replay_data(data, quality, latency)
-        tables = ReplayTables(data, check_families(families))
+        tables = ReplayTables(data, check_families(families), split)
         self.data = data
         self._tables = tables
         self._setup_core(
@@ -208,6 +214,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
             "quality": None if data_given else quality,
             "latency": None if data_given else latency,
             "families": list(check_families(families)),
+            "split": split,
             "budget_fractions": list(self.budget_fractions),
             "lam": lam,
             "penalty": penalty,
@@ -266,6 +273,7 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         episode_length: int = DEFAULT_EPISODE_LENGTH,
         render_mode: str | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        split: str = "all",
     ):
         self.num_envs = check_positive_int("num_envs", num_envs)
         if render_mode is not None:
@@ -277,7 +285,7 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         if mode != AutoresetMode.NEXT_STEP:
             raise ValueError(f"autoreset_mode={autoreset_mode!r} is not supported; allowed: AutoresetMode.NEXT_STEP ('next_step')")
         self.data = resolve_replay_data(data, quality, latency)
-        self._tables = ReplayTables(self.data, check_families(families))
+        self._tables = ReplayTables(self.data, check_families(families), split)
         self.grid = self.data.grid
         self.budget_fractions = check_budget_fractions(budget_fractions)
         self.episode_length = check_positive_int("episode_length", episode_length)

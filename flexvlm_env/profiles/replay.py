@@ -12,6 +12,8 @@ Config index `c` is the row-major position in `grid.configs()` (crops, top_k, ac
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,30 @@ from ..model.timing import STAGE_FIELDS
 from ..tasks.families import FAMILIES
 
 STAGE_COLUMNS = STAGE_FIELDS  # column order of `stage_ms`
+REQUEST_SPLITS = ("all", "train", "heldout")
+HELDOUT_FRACTION = 0.5
+
+
+def request_split_mask(request_ids: Sequence[str], families: Sequence[str], split: str) -> np.ndarray:
+    """bool[R]: the requests of `split` ("all", "train" or "heldout") of a recorded pool.
+
+    The recorded pool is one procedural split (val), so controllers that learn from profiles need
+    their own train/held-out partition of it. Within each family, requests are ranked by a hash of
+    their id and the first half is held out: the partition is balanced per family, never changes
+    with the order of the table, and the same id is on the same side in every table.
+    """
+    if split not in REQUEST_SPLITS:
+        raise ValueError(f"split={split!r} is not known; allowed: {list(REQUEST_SPLITS)}")
+    mask = np.ones(len(request_ids), dtype=bool)
+    if split == "all":
+        return mask
+    heldout = np.zeros(len(request_ids), dtype=bool)
+    families = np.asarray(families)
+    for family in sorted(set(families.tolist())):
+        members = np.flatnonzero(families == family)
+        order = sorted(members.tolist(), key=lambda i: hashlib.sha256(request_ids[i].encode()).hexdigest())
+        heldout[order[: int(round(len(order) * HELDOUT_FRACTION))]] = True
+    return heldout if split == "heldout" else ~heldout
 
 
 @dataclass(frozen=True, eq=False)

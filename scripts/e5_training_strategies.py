@@ -1,0 +1,224 @@
+"""E5: LUT, supervised, PPO, MaskablePPO, DPO and GRPO on the same env, budgets and env-step budget.
+
+    python scripts/e5_training_strategies.py [--seeds 0 1 2] [--total-env-steps 126000] [--methods ...]
+
+Every (method, seed) is one `flexvlm-train METHOD --seed S --total-env-steps N --no-baselines`
+run on `FlexVLMReplay-v0` (train half of the recorded requests to learn on, held-out half to
+evaluate on); a run whose `final.json` exists is reused, so the script resumes where it stopped.
+The baselines are evaluated once per seed on the same held-out requests.
+
+Outputs (committed):
+- `results/e5_summary.json`: per method and baseline `{method, seeds, env_steps_to_threshold,
+  final: {"<budget fraction>": {quality_retention, violation_rate, p95_latency_ms}},
+  decision_overhead_ms, ...}` (means over seeds; the per-seed values and spreads alongside);
+- `results/e5_curves.json`: every run's held-out curve;
+- `results/figures/e5_learning_curves.png` (mean over seeds, min-max band) and
+  `results/figures/e5_frontiers.png` (P95 latency vs quality retention per budget fraction).
+
+The threshold is E5's: violation rate <= 5% and quality >= 90% of the full configuration's
+(retention >= 0.9), both averaged over the five budget fractions, on the held-out requests.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+METHODS = ("lut", "supervised", "ppo", "maskable_ppo", "dpo", "grpo")
+THRESHOLD = {"violation_rate": 0.05, "quality_retention": 0.90}
+
+
+@dataclass
+class Args:
+    methods: tuple[str, ...] = METHODS
+    """methods to run (`flexvlm-train` names)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds per method"""
+    total_env_steps: int = 126_000
+    """env steps every method gets (profiled executions count for LUT and supervised)"""
+    eval_every_env_steps: int = 12_600
+    """held-out evaluation interval"""
+    runs_dir: Path = Path("runs/e5")
+    """where the runs go (reused when rerun)"""
+    out: Path = Path("results/e5_summary.json")
+    """summary JSON; curves and figures go beside it"""
+    extra: tuple[str, ...] = ()
+    """extra arguments passed to every `flexvlm-train` call"""
+
+
+def find_run(runs_dir: Path, method: str, seed: int) -> Path | None:
+    """The newest finished run of (method, seed), if any."""
+    finished = sorted(runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*/final.json"))
+    return finished[-1].parent if finished else None
+
+
+def unfinished_run(runs_dir: Path, method: str, seed: int) -> Path | None:
+    started = sorted(p for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*") if (p / "checkpoint").exists())
+    return started[-1] if started else None
+
+
+def run_method(args: Args, method: str, seed: int) -> Path:
+    done = find_run(args.runs_dir, method, seed)
+    if done is not None:
+        return done
+    command = [sys.executable, "-m", "trainers.cli", method, "--seed", str(seed), "--total-env-steps",
+               str(args.total_env_steps), "--eval-every-env-steps", str(args.eval_every_env_steps), "--no-wandb",
+               "--no-baselines", "--runs-dir", str(args.runs_dir), *args.extra]
+    partial = unfinished_run(args.runs_dir, method, seed)
+    if partial is not None:
+        command += ["--resume", str(partial)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    found = find_run(args.runs_dir, method, seed)
+    if found is None:
+        raise RuntimeError(f"{method} seed {seed} finished without a final.json in {args.runs_dir}")
+    return found
+
+
+def steps_to_threshold(curve: list[dict]) -> int | None:
+    for record in curve:
+        if (record["eval/violation_rate"] <= THRESHOLD["violation_rate"]
+                and record["eval/quality_retention"] >= THRESHOLD["quality_retention"]):
+            return record["env_steps"]
+    return None
+
+
+def final_table(result: dict) -> dict:
+    return {f: {"quality_retention": m["quality_retention"], "violation_rate": m["violation_rate"],
+                "p95_latency_ms": m["latency_p95_ms"], "quality": m["quality"], "reward": m["reward"]}
+            for f, m in result["by_fraction"].items()}
+
+
+def mean_tables(tables: list[dict]) -> dict:
+    return {f: {k: float(np.mean([t[f][k] for t in tables])) for k in tables[0][f]} for f in tables[0]}
+
+
+def evaluate_baselines(seeds) -> dict[str, list[dict]]:
+    import gymnasium as gym
+
+    import flexvlm_env  # noqa: F401
+    from agents.evaluation import decision_overhead_ms, evaluate
+    from agents.profiles import ProfileTables
+    from baselines import make_baselines
+
+    env = gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
+    out: dict[str, list[dict]] = {}
+    for name, baseline in make_baselines(ProfileTables.load(split="train")).items():
+        for seed in seeds:
+            result = evaluate(baseline, env, seed=seed)
+            result["decision_overhead_ms"] = decision_overhead_ms(baseline, env, seed=seed)
+            out.setdefault(name, []).append(result)
+    return out
+
+
+def plot(curves: dict[str, list[list[dict]]], summary: list[dict], figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("eval/reward", "eval/quality_retention", "eval/violation_rate", "eval/latency_p95_ms")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(18, 3.8))
+    for method, runs in curves.items():
+        steps = sorted({r["env_steps"] for run in runs for r in run})
+        for ax, metric in zip(axes, metrics):
+            values = np.array([[next((r[metric] for r in run if r["env_steps"] == s), np.nan) for s in steps] for run in runs])
+            mean = np.nanmean(values, axis=0)
+            line, = ax.plot(steps, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.2)
+    for ax, metric in zip(axes, metrics):
+        ax.set_xlabel("env steps")
+        ax.set_title(f"held-out {metric.split('/')[1]}")
+        ax.grid(alpha=0.3)
+    axes[2].axhline(THRESHOLD["violation_rate"], color="k", lw=0.8, ls="--")
+    axes[1].axhline(THRESHOLD["quality_retention"], color="k", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("E5: training strategies on FlexVLMReplay-v0 (mean over seeds, min-max band)")
+    fig.tight_layout()
+    fig.savefig(figures / "e5_learning_curves.png", dpi=110)
+    plt.close(fig)
+
+    fractions = list(summary[0]["final"])
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.6), sharey=True)
+    for entry in summary:
+        for ax, f in zip(axes, fractions):
+            m = entry["final"][f]
+            ax.scatter(m["p95_latency_ms"], m["quality_retention"], marker="o" if entry["kind"] == "method" else "x")
+            ax.annotate(entry["method"], (m["p95_latency_ms"], m["quality_retention"]), fontsize=7)
+    for ax, f in zip(axes, fractions):
+        ax.set_title(f"budget fraction {f}")
+        ax.set_xlabel("P95 latency (ms)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("quality retention")
+    fig.tight_layout()
+    fig.savefig(figures / "e5_frontiers.png", dpi=110)
+    plt.close(fig)
+
+
+def main(args: Args) -> None:
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    curves: dict[str, list[list[dict]]] = {}
+    summary = []
+    for method in args.methods:
+        finals, runs = [], []
+        for seed in args.seeds:
+            run_dir = run_method(args, method, seed)
+            final = json.loads((run_dir / "final.json").read_text())
+            curve = [json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()]
+            finals.append(final)
+            runs.append(curve)
+        curves[method] = runs
+        results = [f["results"][method] for f in finals]
+        thresholds = [steps_to_threshold(c) for c in runs]
+        rewards = [r["mean"]["reward"] for r in results]
+        summary.append({
+            "method": method, "kind": "method", "seeds": list(args.seeds),
+            "env_steps_to_threshold": (None if any(t is None for t in thresholds) else float(np.mean(thresholds))),
+            "env_steps_to_threshold_per_seed": thresholds,
+            "final": mean_tables([final_table(r) for r in results]),
+            "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
+            "final_reward_std_over_seeds": float(np.std(rewards)),
+            "decision_overhead_ms": float(np.mean([f["decision_overhead_ms"][method]["median_ms"] for f in finals])),
+            "train_wall_clock_s": float(np.mean([f["wall_clock_s"] for f in finals])),
+            "env_steps": int(np.mean([f["env_steps"] for f in finals])),
+            "runs": [f["run"] for f in finals],
+        })
+    for name, results in evaluate_baselines(args.seeds).items():
+        summary.append({
+            "method": name, "kind": "baseline", "seeds": list(args.seeds), "env_steps_to_threshold": None,
+            "final": mean_tables([final_table(r) for r in results]),
+            "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
+            "final_reward_std_over_seeds": float(np.std([r["mean"]["reward"] for r in results])),
+            "decision_overhead_ms": float(np.mean([r["decision_overhead_ms"]["median_ms"] for r in results])),
+        })
+    import torch
+
+    header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro", "latency_source": "molmoe-1b-h100",
+              "eval": "held-out half of the recorded val pool (900 requests) x budget fractions 0.35/0.5/0.7/0.85/1.0",
+              "total_env_steps": args.total_env_steps, "threshold": THRESHOLD,
+              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))
+    (args.out.parent / "e5_curves.json").write_text(json.dumps(curves))
+    figures = args.out.parent / "figures"
+    figures.mkdir(exist_ok=True)
+    plot(curves, summary, figures)
+    print(f"{'method':14s} {'retain':>7s} {'viol':>6s} {'p95 ms':>7s} {'reward':>7s} {'steps→thr':>10s} {'overhead ms':>11s}")
+    for e in summary:
+        m = e["final_mean"]
+        print(f"{e['method']:14s} {m['quality_retention']:7.3f} {m['violation_rate']:6.3f} {m['latency_p95_ms']:7.2f} "
+              f"{m['reward']:7.3f} {str(e['env_steps_to_threshold']):>10s} {e['decision_overhead_ms']:11.4f}")
+    print(f"wrote {args.out}, {args.out.parent / 'e5_curves.json'}, {figures}/e5_*.png")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,289 @@
+"""Controllers (LUT, supervised, random), baselines, held-out evaluation and the lut/supervised trainers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import flexvlm_env  # noqa: F401
+from agents.base import RandomController, as_batch, load_controller, stack_observations
+from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
+from agents.guardrail import LatencyGuardrail
+from agents.lut import LUTController, budget_buckets
+from agents.profiles import ProfileTables
+from agents.supervised import SupervisedController, oracle_dataset
+from baselines import BASELINES, KnobPathController, knob_path, make_baselines
+from flexvlm_env.config import Config, KnobGrid
+from flexvlm_env.envs.core import FAMILY_NAMES
+from flexvlm_env.envs.synthetic import synthetic_replay_data
+from flexvlm_env.profiles.replay import request_split_mask
+
+
+@pytest.fixture(scope="module")
+def profiles() -> ProfileTables:
+    return ProfileTables.load(split="train")
+
+
+@pytest.fixture(scope="module")
+def heldout_env():
+    return gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
+
+
+def small_tables(quality, latency_ms, families=(0, 0), noise=(1.0,)) -> ProfileTables:
+    """Hand-made profiles on a 2-config grid (crops 1 or 2)."""
+    quality = np.asarray(quality, dtype=np.float64)
+    n = len(quality)
+    return ProfileTables(
+        grid=KnobGrid(crops=(1, 2), top_k=(8,), active_blocks=(16,)), request_ids=tuple(f"r{i}" for i in range(n)),
+        family_index=np.asarray(families, dtype=np.int64), quality=quality,
+        latency_ms=np.asarray(latency_ms, dtype=np.float64), noise_factor=np.tile(np.asarray(noise), (2, 1)),
+        reference_ms=np.full(n, 10.0), prompt_features=np.zeros((n, 4), np.float32),
+        image_features=np.zeros((n, 6), np.float32), metadata={},
+    )
+
+
+# -- request split -------------------------------------------------------------------------------
+
+
+def test_request_split_is_a_balanced_partition_independent_of_order():
+    data = synthetic_replay_data(180)
+    train = request_split_mask(data.request_ids, data.families, "train")
+    heldout = request_split_mask(data.request_ids, data.families, "heldout")
+    assert not (train & heldout).any() and (train | heldout).all()
+    families = np.asarray(data.families)
+    for family in set(data.families):
+        assert heldout[families == family].sum() == (families == family).sum() // 2
+    order = np.random.default_rng(0).permutation(len(data.request_ids))
+    shuffled = request_split_mask([data.request_ids[i] for i in order], [data.families[i] for i in order], "heldout")
+    assert set(np.asarray(data.request_ids)[heldout]) == set(np.asarray(data.request_ids)[order][shuffled])
+    with pytest.raises(ValueError, match="split='test'.*allowed"):
+        request_split_mask(data.request_ids, data.families, "test")
+
+
+def test_replay_env_splits_share_budget_reference():
+    data = synthetic_replay_data(90)
+    train = gym.make("FlexVLMReplay-v0", data=data, split="train").unwrapped
+    heldout = gym.make("FlexVLMReplay-v0", data=data, split="heldout").unwrapped
+    assert not set(train.request_ids) & set(heldout.request_ids)
+    assert len(train.request_ids) + len(heldout.request_ids) == 90
+    reference = data.family_full_latency_ms()
+    for env in (train, heldout):
+        families = [FAMILY_NAMES[i] for i in env._family_index]
+        assert np.allclose(env._full_latency_ms, [reference[f] for f in families])
+
+
+# -- observations --------------------------------------------------------------------------------
+
+
+def test_as_batch_and_stack(heldout_env):
+    observation, _ = heldout_env.reset(seed=0)
+    batch = as_batch(observation)
+    assert batch["family"].shape == (1,) and batch["prompt"].shape == (1, 4) and batch["budget_ms"].shape == (1, 1)
+    stacked = stack_observations([observation, observation])
+    assert stacked["image"].shape == (2, 6)
+    with pytest.raises(ValueError, match="missing.*budget_ms"):
+        as_batch({k: v for k, v in observation.items() if k != "budget_ms"})
+
+
+# -- profiles, oracle, LUT, guardrail --------------------------------------------------------------
+
+
+def test_oracle_targets_known_values():
+    # request 0: both configs right, both fast -> both; request 1: only the slow one is right but it
+    # misses the budget -> the fast one; request 2: nothing meets the budget -> the fastest.
+    tables = small_tables(quality=[[1, 1], [0, 1], [1, 1]], latency_ms=[[2, 4], [2, 20], [30, 40]], families=(0, 0, 0))
+    targets = tables.oracle_targets(np.array([5.0, 5.0, 5.0]))
+    assert targets.tolist() == [[0.5, 0.5], [1.0, 0.0], [1.0, 0.0]]
+
+
+def test_lut_picks_best_feasible_config_per_budget():
+    # family 0: config 1 is better but needs 8 ms; budget 0.5 x 10 ms excludes it, 1.0 x 10 ms allows it.
+    tables = small_tables(quality=[[0.2, 0.9], [0.4, 0.7]], latency_ms=[[3, 8], [3, 8]])
+    lut = LUTController.fit(tables, budget_fractions=(0.5, 1.0))
+    assert lut.table[0].tolist() == [0, 1]
+    batch = {"family": np.array([0, 0, 0]), "budget_fraction": np.array([[0.5], [0.99], [1.2]], np.float32),
+             "budget_ms": np.zeros((3, 1), np.float32), "prompt": np.zeros((3, 4)), "image": np.zeros((3, 6))}
+    # 0.99 maps to the 0.5 bucket (never to a looser budget's choice); 1.2 to the 1.0 bucket
+    assert lut.select_indices(batch).tolist() == [0, 0, 1]
+    assert budget_buckets(np.array([0.1, 0.35, 0.5, 0.84, 5.0]), np.array([0.35, 0.5, 0.85])).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_guardrail_never_empty_and_monotone_in_budget(profiles):
+    guardrail = LatencyGuardrail.from_profiles(profiles)
+    families = np.repeat(np.arange(len(FAMILY_NAMES)), 4)
+    small = guardrail.masks(families, np.full(len(families), 0.1))
+    assert (small.sum(axis=1) == 1).all()  # only the fastest
+    budgets = np.linspace(1, 80, 30)
+    masks = [guardrail.masks(families, np.full(len(families), b)) for b in budgets]
+    for looser, tighter in zip(masks[1:], masks[:-1]):
+        assert (looser >= tighter).all()
+    assert masks[-1].all()
+
+
+# -- baselines -----------------------------------------------------------------------------------
+
+
+def test_knob_paths():
+    grid = KnobGrid()
+    configs = grid.configs()
+    full = Config(12, 8, 16)
+    for name, knobs in BASELINES.items():
+        path = [configs[i] for i in knob_path(grid, knobs)]
+        assert (path[0].crops, path[0].top_k, path[0].active_blocks) == (full.crops, full.top_k, full.active_blocks)
+        assert len(path) == 1 + sum(len(getattr(grid, k)) - 1 for k in knobs)
+    tokens = [configs[i] for i in knob_path(grid, ("crops",))]
+    assert [c.crops for c in tokens] == [12, 9, 6, 4, 3, 2, 1] and {(c.top_k, c.active_blocks) for c in tokens} == {(8, 16)}
+    greedy = [configs[i] for i in knob_path(grid, BASELINES["greedy"])]
+    assert (greedy[-1].crops, greedy[-1].top_k, greedy[-1].active_blocks) == (1, 1, 8)
+    with pytest.raises(ValueError, match="knob='depth'"):
+        knob_path(grid, ("depth",))
+
+
+def test_baselines_meet_predicted_budget(profiles, heldout_env):
+    baselines = make_baselines(profiles)
+    guardrail = LatencyGuardrail.from_profiles(profiles)
+    observations = stack_observations([heldout_env.reset(seed=i)[0] for i in range(50)])
+    assert (baselines["full"].select_indices(observations) == len(profiles.grid) - 1).all()
+    for name in ("tokens_only", "depth_only", "width_only", "greedy"):
+        chosen = baselines[name].select_indices(observations)
+        predicted = guardrail.predicted_ms[observations["family"], chosen]
+        path = baselines[name].path
+        # either the prediction meets the budget, or the baseline is at the end of its path
+        assert np.all((predicted <= observations["budget_ms"][:, 0]) | (chosen == path[-1]))
+    with pytest.raises(ValueError, match="name='fast'"):
+        KnobPathController("fast", guardrail)
+
+
+# -- save / load ------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, profiles, heldout_env):
+    observations = stack_observations([heldout_env.reset(seed=i)[0] for i in range(64)])
+    features, targets = oracle_dataset(profiles.subset(np.arange(50)), (0.5, 1.0))
+    supervised = SupervisedController.create(profiles, hidden=(16,), seed=0)
+    supervised.train_epochs(features, targets, torch.optim.Adam(supervised.net.parameters(), 1e-2), 2, 64,
+                            torch.Generator().manual_seed(0))
+    controllers = {"lut": LUTController.fit(profiles), "supervised": supervised, **make_baselines(profiles)}
+    for name, controller in controllers.items():
+        controller.save(tmp_path / name)
+        assert not list((tmp_path / name).glob("*.pkl")) and not list((tmp_path / name).glob("*.pt"))
+        loaded = load_controller(tmp_path / name)
+        assert type(loaded) is type(controller)
+        assert (loaded.select_indices(observations) == controller.select_indices(observations)).all(), name
+    random = RandomController(seed=3)
+    random.save(tmp_path / "random")
+    assert (load_controller(tmp_path / "random").select_indices(observations) == RandomController(seed=3).select_indices(observations)).all()
+
+
+def test_load_controller_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="controller.json"):
+        load_controller(tmp_path)
+    (tmp_path / "controller.json").write_text(json.dumps({"kind": "oracle", "format_version": 1}))
+    with pytest.raises(ValueError, match="kind='oracle'"):
+        load_controller(tmp_path)
+
+
+def test_select_config_and_action(profiles, heldout_env):
+    lut = LUTController.fit(profiles)
+    observation, _ = heldout_env.reset(seed=0)
+    config = lut.select_config(observation)
+    action = lut.select_action(observation)
+    assert action.shape == (3,)
+    assert config == KnobGrid().config(action)
+
+
+# -- evaluation and learning ---------------------------------------------------------------------------
+
+
+def test_evaluate_full_config_has_full_retention(heldout_env, profiles):
+    full = make_baselines(profiles)["full"]
+    result = evaluate(full, heldout_env, budget_fractions=(0.5, 1.0), n_requests=40, seed=0)
+    assert result["n_requests"] == 40 and set(result["by_fraction"]) == {"0.5", "1"}
+    for metrics in result["by_fraction"].values():
+        assert metrics["quality_retention"] == pytest.approx(1.0) and metrics["n"] == 40
+    # a budget half the median full latency: the full configuration misses (nearly) every one
+    assert result["by_fraction"]["0.5"]["violation_rate"] > 0.95
+    overhead = decision_overhead_ms(full, heldout_env, n=20)
+    assert overhead["median_ms"] > 0
+    assert "full" in format_comparison({"full": result}, (0.5, 1.0))
+
+
+def test_lut_and_supervised_beat_random(profiles, heldout_env):
+    random = evaluate(RandomController(seed=0), heldout_env, n_requests=300, seed=1)
+    lut = evaluate(LUTController.fit(profiles), heldout_env, n_requests=300, seed=1)
+    supervised = SupervisedController.create(profiles, seed=0)
+    features, targets = oracle_dataset(profiles, (0.35, 0.5, 0.7, 0.85, 1.0))
+    supervised.train_epochs(features, targets, torch.optim.AdamW(supervised.net.parameters(), 1e-3), 10, 256,
+                            torch.Generator().manual_seed(0))
+    learned = evaluate(supervised, heldout_env, n_requests=300, seed=1)
+    for result in (lut, learned):
+        assert result["mean"]["reward"] > random["mean"]["reward"] + 0.08
+        assert result["mean"]["violation_rate"] < 0.05 < random["mean"]["violation_rate"]
+
+
+# -- trainers ----------------------------------------------------------------------------------------
+
+
+def train(method, tmp_path, *extra) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "trainers.cli", method, "--no-wandb", "--runs-dir", str(tmp_path), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def run_dirs(tmp_path, method):
+    return sorted(tmp_path.glob(f"FlexVLMReplay-v0__{method}__*"))
+
+
+@pytest.mark.parametrize("method", ["lut", "supervised"])
+def test_trainer_smoke(tmp_path, method):
+    done = train(method, tmp_path, "--total-env-steps", "2800", "--eval-every-env-steps", "1400",
+                 "--eval-requests", "30", "--seed", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = run_dirs(tmp_path, method)
+    assert run.name.startswith(f"FlexVLMReplay-v0__{method}__3__")
+    curves = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert [c["env_steps"] for c in curves] == [1400, 2800]
+    assert {"eval/reward", "eval/quality_retention", "eval/violation_rate", "eval/latency_p95_ms", "wall_clock_s"} <= set(curves[0])
+    final = json.loads((run / "final.json").read_text())
+    assert set(final["results"]) == {method, *BASELINES}
+    assert (run / "learning_curves.png").stat().st_size > 0
+    assert load_controller(run / "controller").kind == method
+    assert "greedy" in done.stdout and "retain" in done.stdout
+
+
+def test_supervised_resume_continues_without_loss_or_duplicates(tmp_path):
+    straight = train("supervised", tmp_path / "a", "--total-env-steps", "4200", "--eval-every-env-steps", "1400",
+                     "--eval-requests", "30", "--no-baselines")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = train("supervised", tmp_path / "b", "--total-env-steps", "2800", "--eval-every-env-steps", "1400",
+                  "--eval-requests", "30", "--no-baselines")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run,) = run_dirs(tmp_path / "b", "supervised")
+    # a crash after the second evaluation's curve line but before its checkpoint: that line must go
+    with (run / "curves.jsonl").open("a") as handle:
+        handle.write(json.dumps({"env_steps": 4200, "wall_clock_s": 0.0, "eval/reward": 9.0}) + "\n")
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["env_steps"] == 2800
+    resumed = train("supervised", tmp_path / "b", "--total-env-steps", "4200", "--eval-every-env-steps", "1400",
+                    "--eval-requests", "30", "--no-baselines", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    curves_a = [json.loads(line) for line in (run_dirs(tmp_path / "a", "supervised")[0] / "curves.jsonl").read_text().splitlines()]
+    curves_b = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert [c["env_steps"] for c in curves_b] == [1400, 2800, 4200]
+    # deterministic training: the resumed run's curve equals the uninterrupted one
+    assert [c["eval/reward"] for c in curves_b] == pytest.approx([c["eval/reward"] for c in curves_a])
+
+
+def test_trainer_bad_input(tmp_path):
+    bad = train("lut", tmp_path, "--total-env-steps", "0")
+    assert bad.returncode != 0 and "--total-env-steps=0" in bad.stderr
+    bad = train("lut", tmp_path, "--env", "CartPole-v1")
+    assert bad.returncode != 0 and "--env='CartPole-v1'" in bad.stderr
+    bad = train("lut", tmp_path, "--resume", str(tmp_path / "nothing"))
+    assert bad.returncode != 0 and "not a run directory" in bad.stderr
+    unknown = subprocess.run([sys.executable, "-m", "trainers.cli", "sarsa"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr

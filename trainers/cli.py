@@ -1,0 +1,40 @@
+"""`flexvlm-train {lut,supervised,ppo,maskable_ppo,dpo,grpo} [--env ...] [--seed N] [--total-env-steps N] ...`
+
+One console script; each method is one readable file in this package (`trainers/<method>.py`)
+with an `Args` dataclass (its `--help` lists every argument) and a `main(args)`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+METHODS = {
+    "lut": "trainers.lut",
+    "supervised": "trainers.supervised",
+    "ppo": "trainers.ppo",
+    "maskable_ppo": "trainers.ppo",
+    "dpo": "trainers.dpo",
+    "grpo": "trainers.grpo",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\nmethods: {', '.join(METHODS)}; `flexvlm-train METHOD --help` lists a method's arguments")
+        raise SystemExit(0 if argv else 2)
+    method, rest = argv[0], argv[1:]
+    if method not in METHODS:
+        print(f"flexvlm-train: method={method!r} is not known; allowed: {list(METHODS)}", file=sys.stderr)
+        raise SystemExit(2)
+    import tyro
+
+    module = importlib.import_module(METHODS[method])
+    args = tyro.cli(module.Args, args=rest, prog=f"flexvlm-train {method}",
+                    default=module.Args(maskable=True) if method == "maskable_ppo" else None)
+    module.main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""What every `flexvlm-train` method shares: arguments, environments, the run directory, logging.
+
+A run lives in `{runs_dir}/{env}__{method}__{seed}__{unix time}` (CleanRL's layout) and holds
+`args.json`, `curves.jsonl` (one line per evaluation: env steps, wall-clock, the held-out metrics
+under `eval/` and the method's training metrics under `train/`), `checkpoint/` (the method's
+resumable state: safetensors + JSON), `controller/` (the final controller, `agents.load_controller`
+reads it), `final.json` (the trained controller and the baselines on the held-out requests) and
+`learning_curves.png`. W&B gets the same records (offline unless `WANDB_API_KEY` or `WANDB_MODE`
+says otherwise; `--no-wandb` turns it off), so curves compare with and without W&B.
+
+Resume: `--resume RUN_DIR` continues a run from its last checkpoint; curve lines logged after that
+checkpoint are dropped first (they are logged again), so nothing is lost or duplicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import flexvlm_env  # noqa: F401  (registers the env ids)
+from agents.base import Controller
+from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
+from agents.profiles import ProfileTables
+from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
+
+ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
+CURVES_FILE = "curves.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class CommonArgs:
+    """Arguments every method takes (each method's Args dataclass adds its own)."""
+
+    env: str = "FlexVLMReplay-v0"
+    """environment id: FlexVLMReplay-v0 (recorded tables, fast) or FlexVLM-v0 (the model runs here)"""
+    seed: int = 0
+    """seed of the method, the env and the evaluation subset"""
+    total_env_steps: int = 100_000
+    """env steps (executions of a request at a configuration, profiled ones included) to train for"""
+    eval_every_env_steps: int = 20_000
+    """evaluate on the held-out requests every this many env steps"""
+    eval_requests: int | None = None
+    """held-out requests per evaluation (None: all of them; the live env defaults to 18)"""
+    budget_fractions: tuple[float, ...] = DEFAULT_BUDGET_FRACTIONS
+    """budget fractions of the full-configuration latency, for training and evaluation"""
+    lam: float = 1.0
+    """reward penalty weight of the relative budget overshoot"""
+    quality: str = "micro"
+    """recorded quality table (replay env and profiles)"""
+    latency: str = "molmoe-1b-h100"
+    """recorded latency source (replay env and profiles)"""
+    requests_per_family: int = 2
+    """live env only: procedural requests per family in each pool"""
+    runs_dir: Path = Path("runs")
+    """where run directories are created"""
+    resume: Path | None = None
+    """a run directory to continue from its last checkpoint"""
+    wandb: bool = True
+    """log to Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE say otherwise)"""
+    wandb_project: str = "flexvlm"
+    """W&B project"""
+    baselines: bool = True
+    """at the end, evaluate the baselines too and print the comparison table"""
+
+    def validate(self) -> None:
+        if self.env not in ENV_IDS:
+            raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
+        for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={value!r} must be >= 1")
+        if self.eval_requests is not None and self.eval_requests < 1:
+            raise ValueError(f"--eval-requests={self.eval_requests!r} must be >= 1 or None")
+        if not self.budget_fractions or any(not 0 < f <= 10 for f in self.budget_fractions):
+            raise ValueError(f"--budget-fractions={self.budget_fractions!r} must be non-empty numbers in (0, 10]")
+        if self.lam < 0:
+            raise ValueError(f"--lam={self.lam!r} must be >= 0")
+        if self.resume is not None and not (Path(self.resume) / "args.json").exists():
+            raise ValueError(f"--resume={self.resume} is not a run directory (no args.json in it)")
+
+
+def make_env(args: CommonArgs, split: str, episode_length: int = 16) -> gym.Env:
+    """The env of `args.env` serving the train or the held-out requests.
+
+    Replay: the two halves of the recorded pool. Live: the procedural train split to learn on and
+    the val split to evaluate on."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}; allowed: 'train', 'heldout'")
+    common = {"budget_fractions": args.budget_fractions, "lam": args.lam, "episode_length": episode_length}
+    if args.env == "FlexVLMReplay-v0":
+        return gym.make(args.env, quality=args.quality, latency=args.latency, split=split, **common)
+    return gym.make(args.env, split="train" if split == "train" else "val",
+                    requests_per_family=args.requests_per_family, **common)
+
+
+def load_profiles(args: CommonArgs) -> ProfileTables:
+    """The recorded train-half profiles (what LUT, supervised, the guardrail and baselines read)."""
+    return ProfileTables.load(quality=args.quality, latency=args.latency, split="train")
+
+
+def eval_requests(args: CommonArgs) -> int | None:
+    return args.eval_requests if args.eval_requests is not None or args.env == "FlexVLMReplay-v0" else 18
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class Run:
+    """The run directory, its curves and W&B (see the module docstring)."""
+
+    def __init__(self, method: str, args: CommonArgs):
+        args.validate()
+        self.method = method
+        self.args = args
+        if args.resume is not None:
+            self.dir = Path(args.resume)
+            saved = json.loads((self.dir / "args.json").read_text())
+            if saved.get("method") != method:
+                raise ValueError(f"--resume={self.dir} is a {saved.get('method')!r} run, not {method!r}")
+        else:
+            name = f"{args.env}__{method}__{args.seed}__{int(time.time())}"
+            self.dir = Path(args.runs_dir) / name
+            self.dir.mkdir(parents=True, exist_ok=False)
+            record = {"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}}
+            (self.dir / "args.json").write_text(json.dumps(record, indent=1))
+        self.name = self.dir.name
+        self.curves_path = self.dir / CURVES_FILE
+        self.checkpoint_dir = self.dir / CHECKPOINT_DIR
+        self.started = time.perf_counter()
+        self.wall_clock_offset_s = 0.0
+        self._wandb = None
+        if args.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+            run_id = f"{method}-" + hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:10]
+            self._wandb = wandb.init(project=args.wandb_project, name=self.name, id=run_id, resume="allow",
+                                     config={"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}},
+                                     dir=str(self.dir), reinit="finish_previous")
+
+    @property
+    def wall_clock_s(self) -> float:
+        return self.wall_clock_offset_s + time.perf_counter() - self.started
+
+    def resumed_from(self, env_steps: int, wall_clock_s: float) -> None:
+        """Record that training continues from a checkpoint at `env_steps`: later curve lines go."""
+        self.wall_clock_offset_s = wall_clock_s
+        if self.curves_path.exists():
+            lines = [line for line in self.curves_path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["env_steps"] <= env_steps]
+            self.curves_path.write_text("".join(line + "\n" for line in lines))
+
+    def log(self, env_steps: int, metrics: Mapping[str, float]) -> dict:
+        record = {"env_steps": int(env_steps), "wall_clock_s": round(self.wall_clock_s, 3), **metrics}
+        with self.curves_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=int(env_steps))
+        return record
+
+    def log_eval(self, env_steps: int, result: dict, train_metrics: Mapping[str, float] | None = None) -> dict:
+        metrics = {f"eval/{k}": v for k, v in result["mean"].items()}
+        for fraction, values in result["by_fraction"].items():
+            metrics[f"eval_by_fraction/{fraction}/quality_retention"] = values["quality_retention"]
+            metrics[f"eval_by_fraction/{fraction}/violation_rate"] = values["violation_rate"]
+        metrics.update({f"train/{k}": v for k, v in (train_metrics or {}).items()})
+        return self.log(env_steps, metrics)
+
+    def curves(self) -> list[dict]:
+        if not self.curves_path.exists():
+            return []
+        return [json.loads(line) for line in self.curves_path.read_text().splitlines() if line.strip()]
+
+    def finish(self, controller: Controller, profiles: ProfileTables | None, heldout_env: gym.Env,
+               env_steps: int) -> dict:
+        """Save the controller, evaluate it (and the baselines) on the held-out requests, print
+        the comparison table, write `final.json` and the learning-curve plot."""
+        args = self.args
+        controller.save(self.dir / "controller", metadata={"run": self.name, "env_steps": env_steps})
+        n = eval_requests(args)
+        results = {self.method: evaluate(controller, heldout_env, args.budget_fractions, n, args.seed)}
+        overhead = {self.method: decision_overhead_ms(controller, heldout_env, seed=args.seed)}
+        if args.baselines:
+            from baselines import make_baselines
+
+            for name, baseline in make_baselines(profiles or load_profiles(args), args.budget_fractions).items():
+                results[name] = evaluate(baseline, heldout_env, args.budget_fractions, n, args.seed)
+                overhead[name] = decision_overhead_ms(baseline, heldout_env, seed=args.seed)
+        table = format_comparison(results, args.budget_fractions)
+        print(f"\n{self.name}: held-out requests ({results[self.method]['n_requests']} x {len(args.budget_fractions)} budgets)"
+              f", quality retention / violation rate / P95 latency per budget fraction\n{table}")
+        final = {"run": self.name, "method": self.method, "env": args.env, "seed": args.seed, "env_steps": env_steps,
+                 "wall_clock_s": self.wall_clock_s, "results": results, "decision_overhead_ms": overhead}
+        (self.dir / "final.json").write_text(json.dumps(final, indent=1))
+        plot_curves([self.curves()], [self.name], self.dir / "learning_curves.png")
+        if self._wandb is not None:
+            self._wandb.summary.update({f"final/{k}": v for k, v in results[self.method]["mean"].items()})
+            self._wandb.finish()
+        print(f"run directory: {self.dir}  (curves.jsonl, final.json, learning_curves.png, controller/)")
+        return final
+
+
+def plot_curves(runs: Sequence[list[dict]], labels: Sequence[str], path: Path,
+                metrics: Sequence[str] = ("eval/reward", "eval/quality_retention", "eval/violation_rate", "eval/latency_p95_ms")) -> Path:
+    """Held-out metrics against env steps, one line per run (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        for records, label in zip(runs, labels):
+            points = [(r["env_steps"], r[metric]) for r in records if metric in r]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set_xlabel("env steps")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def eval_points(total_env_steps: int, every: int, start: int = 0) -> list[int]:
+    """Env-step counts at which to evaluate: every `every` steps after `start`, and the end."""
+    points = list(range(every, total_env_steps, every)) + [total_env_steps]
+    return [p for p in points if p > start]
+
+
+@dataclass
+class Progress:
+    """What a checkpoint records besides the method's tensors."""
+
+    env_steps: int = 0
+    wall_clock_s: float = 0.0
+    extra: dict = field(default_factory=dict)
