@@ -110,7 +110,7 @@ def format_comparison(results: dict[str, dict], budget_fractions: Sequence[float
     """A text table: one row per method, per budget fraction quality retention / violation rate /
     P95 latency, and the mean over the fractions."""
     columns = [f"{float(f):g}" for f in budget_fractions]
-    width = max(len(name) for name in results) + 2
+    width = max(len("method"), *(len(name) for name in results)) + 2
     header = "method".ljust(width) + "".join(f"| {c:^24}" for c in [*columns, "mean"])
     sub = " " * width + "".join("| retain  viol   p95 ms  " for _ in range(len(columns) + 1))
     lines = [header, sub, "-" * len(sub)]

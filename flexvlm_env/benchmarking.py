@@ -41,7 +41,9 @@ def device_info(device: torch.device) -> dict:
 
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
+            ).stdout.strip().splitlines()[:1]
+            # nvidia-smi lists every GPU of the host whatever CUDA_VISIBLE_DEVICES says; one host has one driver.
+            info["driver"] = info["driver"][0] if info["driver"] else None
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     else:

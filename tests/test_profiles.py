@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
@@ -739,6 +740,24 @@ def test_replay_latency_structure(replay, replay_micro):
     mid = order[len(order) // 2]
     per_request = replay.total_ms[mid].reshape(replay.grid.shape)
     assert (np.diff(per_request[:, -1, -1]) > 0).all()
+
+
+def test_shipped_measured_micro_table(replay_micro):
+    """`micro-h100-measured`: every (request, config) timed end-to-end on the H100, 10% repeated 5x."""
+    measured = loading.load_replay_data(latency="micro-h100-measured")
+    raw, metadata = read_parquet(loading.profiles_dir() / "micro_h100_requests.parquet")
+    assert len(raw) == 352_800 and not raw.duplicated(["request_id", "crops", "top_k", "active_blocks", "repeat"]).any()
+    assert "H100" in metadata["device_name"]
+    repeats = raw.groupby("request_id")["repeat"].nunique()
+    assert (repeats.isin([1, 5])).all() and (repeats == 5).sum() == 180
+    assert measured.total_ms.shape == (1800, 140) and (measured.total_ms > 0).all()
+    np.testing.assert_array_equal(measured.quality, replay_micro.quality)
+    # measured and composed micro latency agree in the bulk (results/replay_latency_measured_vs_composed_micro_h100.json)
+    ratio = replay_micro.total_ms / measured.total_ms
+    assert 0.85 < np.median(ratio) < 1.15
+    env = gym.make("FlexVLMReplay-v0", latency="micro-h100-measured", episode_length=4)
+    env.reset(seed=0)
+    assert env.step(env.action_space.sample())[4]["latency_ms"] > 0
 
 
 def test_replay_matches_the_raw_tables(replay, replay_micro):
