@@ -88,14 +88,9 @@ def evaluate(
 
 def decision_overhead_ms(controller: Controller, env: gym.Env, n: int = 200, seed: int = 0) -> dict[str, float]:
     """Batch-1 `select_config` time on this machine (median and P95 over `n` observations, after
-    a warm-up): what one decision adds to a request's latency."""
-    observations = []
-    observation, _ = env.reset(seed=seed)
-    for _ in range(n):
-        observations.append(observation)
-        observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            observation, _ = env.reset()
+    a warm-up): what one decision adds to a request's latency. Observations come from resets
+    only, so nothing is executed (the live env would run the model)."""
+    observations = [env.reset(seed=seed + i)[0] for i in range(n)]
     for observation in observations[:10]:
         controller.select_config(observation)
     times = []

@@ -1,9 +1,12 @@
 """The latency guardrail: which configurations a request's budget allows, from profiled latency.
 
 A configuration is allowed when its predicted latency for the request's family (a high quantile
-over the family's profiled requests and recorded residuals, `ProfileTables.family_latency_ms`) is
-within the budget; when none is, only the family's fastest configuration is, so a mask never
-empties. Used as MaskablePPO's action mask (`DiscreteKnobs(mask_fn=guardrail.mask_fn)`), as the
+over the family's profiled requests and recorded residuals, `ProfileTables.family_latency_fraction`)
+is within the budget; when none is, only the family's fastest configuration is, so a mask never
+empties. Predictions and budgets are both fractions of the family's full-configuration latency:
+on the device the profiles came from this is the same test as in milliseconds, and on another
+device (the live env on a CPU, say) the relative costs of the configurations carry over where
+absolute milliseconds would not. Used as MaskablePPO's action mask (`DiscreteKnobs(mask_fn=guardrail.mask_fn)`), as the
 supervised controller's feasibility filter, and by the single-knob baselines.
 """
 from __future__ import annotations
@@ -21,41 +24,42 @@ from .profiles import DEFAULT_LATENCY_QUANTILE, ProfileTables
 
 
 class LatencyGuardrail:
-    def __init__(self, predicted_ms: np.ndarray, quantile: float = DEFAULT_LATENCY_QUANTILE):
-        predicted_ms = np.asarray(predicted_ms, dtype=np.float64)
-        if predicted_ms.ndim != 2 or predicted_ms.shape[0] != len(FAMILY_NAMES):
-            raise ValueError(f"predicted_ms has shape {predicted_ms.shape}, expected ({len(FAMILY_NAMES)}, n_configs)")
+    def __init__(self, predicted_fraction: np.ndarray, quantile: float = DEFAULT_LATENCY_QUANTILE):
+        predicted = np.asarray(predicted_fraction, dtype=np.float64)
+        if predicted.ndim != 2 or predicted.shape[0] != len(FAMILY_NAMES):
+            raise ValueError(f"predicted_fraction has shape {predicted.shape}, expected ({len(FAMILY_NAMES)}, n_configs)")
         # Families without profiles: predict the slowest family's latency (conservative).
-        fallback = np.nanmax(predicted_ms, axis=0)
-        self.predicted_ms = np.where(np.isnan(predicted_ms), fallback[None], predicted_ms)
+        fallback = np.nanmax(predicted, axis=0)
+        self.predicted_fraction = np.where(np.isnan(predicted), fallback[None], predicted)
         self.quantile = quantile
-        self._fastest = np.argmin(self.predicted_ms, axis=1)
+        self._fastest = np.argmin(self.predicted_fraction, axis=1)
 
     @classmethod
     def from_profiles(cls, profiles: ProfileTables, quantile: float = DEFAULT_LATENCY_QUANTILE) -> LatencyGuardrail:
-        return cls(profiles.family_latency_ms(quantile), quantile)
+        return cls(profiles.family_latency_fraction(quantile), quantile)
 
-    def masks(self, family: np.ndarray, budget_ms: np.ndarray) -> np.ndarray:
-        """bool [B, C]: allowed configurations for a batch of (family index, budget ms)."""
+    def masks(self, family: np.ndarray, budget_fraction: np.ndarray) -> np.ndarray:
+        """bool [B, C]: allowed configurations for a batch of (family index, budget fraction)."""
         family = np.asarray(family, dtype=np.int64).reshape(-1)
-        budget = np.asarray(budget_ms, dtype=np.float64).reshape(-1)
-        allowed = self.predicted_ms[family] <= budget[:, None]
+        budget = np.asarray(budget_fraction, dtype=np.float64).reshape(-1)
+        # float32 observations of a fraction like 0.35 may sit a hair below it
+        allowed = self.predicted_fraction[family] <= budget[:, None] + 1e-6
         empty = ~allowed.any(axis=1)
         allowed[np.flatnonzero(empty), self._fastest[family[empty]]] = True
         return allowed
 
-    def mask(self, family: str | int, budget_ms: float) -> np.ndarray:
+    def mask(self, family: str | int, budget_fraction: float) -> np.ndarray:
         index = FAMILY_NAMES.index(family) if isinstance(family, str) else int(family)
-        return self.masks(np.array([index]), np.array([budget_ms]))[0]
+        return self.masks(np.array([index]), np.array([budget_fraction]))[0]
 
     def mask_fn(self, env: gym.Env) -> np.ndarray:
         """`DiscreteKnobs`'s mask_fn: the mask for the request the env's next action answers."""
         request: Mapping[str, Any] = env.unwrapped.current_request
-        return self.mask(request["family"], request["budget_ms"])
+        return self.mask(request["family"], request["budget_fraction"])
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return {"quantile": self.quantile}, {"guardrail.predicted_ms": torch.from_numpy(self.predicted_ms)}
+        return {"quantile": self.quantile}, {"guardrail.predicted_fraction": torch.from_numpy(self.predicted_fraction)}
 
     @classmethod
     def from_state(cls, config: dict, tensors: Mapping[str, torch.Tensor]) -> LatencyGuardrail:
-        return cls(tensors["guardrail.predicted_ms"].numpy(), config["quantile"])
+        return cls(tensors["guardrail.predicted_fraction"].numpy(), config["quantile"])

@@ -5,7 +5,7 @@ quality and median latency of every request at every configuration, the recorded
 residuals, and each request's budget reference (its family's full-configuration latency over the
 whole pool, which is what the env multiplies budget fractions by). From it come the latency each
 family needs at each configuration (a quantile over its requests and the recorded residuals: the
-guardrail's and the baselines' prediction) and the oracle labels (per request and budget, the
+guardrail's and the baselines' prediction, as a fraction of the budget reference) and the oracle labels (per request and budget, the
 configurations with the best quality that meet the budget).
 
 Reading the tables is profiling: `n_profiled` counts the (request, configuration) executions they
@@ -92,15 +92,17 @@ class ProfileTables:
             "image": self.image_features.copy(),
         }
 
-    def family_latency_ms(self, quantile: float = DEFAULT_LATENCY_QUANTILE) -> np.ndarray:
-        """float64 [F, C]: the `quantile` of latency over a family's requests and the recorded
-        residuals (NaN for families without requests). A budget >= this value is met by that
-        fraction of the family's requests."""
+    def family_latency_fraction(self, quantile: float = DEFAULT_LATENCY_QUANTILE) -> np.ndarray:
+        """float64 [F, C]: the `quantile` of latency / budget reference over a family's requests and
+        the recorded residuals (NaN for families without requests): a budget fraction >= this value
+        is met by that share of the family's requests."""
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile={quantile!r} must be in (0, 1]")
         out = np.full((len(FAMILY_NAMES), len(self.grid)), np.nan)
         for f in np.unique(self.family_index):
-            samples = self.latency_ms[self.family_index == f][:, :, None] * self.noise_factor[None]
+            rows = self.family_index == f
+            relative = self.latency_ms[rows] / self.reference_ms[rows, None]
+            samples = relative[:, :, None] * self.noise_factor[None]
             out[f] = np.quantile(samples.transpose(1, 0, 2).reshape(len(self.grid), -1), quantile, axis=1)
         return out
 

@@ -85,7 +85,7 @@ class SupervisedController(Controller):
     def select_indices(self, observations):
         logits = self.net(torch.from_numpy(observation_features(observations))).numpy()
         if self.guardrail is not None:
-            allowed = self.guardrail.masks(observations["family"], observations["budget_ms"])
+            allowed = self.guardrail.masks(observations["family"], observations["budget_fraction"])
             logits = np.where(allowed, logits, -np.inf)
         return logits.argmax(axis=1)
 

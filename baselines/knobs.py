@@ -2,7 +2,8 @@
 
 Each baseline walks a fixed path through the grid, from the full configuration towards cheaper
 ones, and takes the first configuration on it whose predicted latency for the request's family
-(the guardrail's profiled quantile, `agents.guardrail.LatencyGuardrail`) meets the budget, or the
+(the guardrail's profiled quantile, as a fraction of the family's full-configuration latency:
+`agents.guardrail.LatencyGuardrail`) meets the budget, or the
 path's last one when none does. The path is what distinguishes them:
 
 - `full`: only the full configuration (12 crops, top-8, 16 blocks), whatever the budget;
@@ -60,12 +61,12 @@ class KnobPathController(Controller):
         self.name = name
         self.guardrail = guardrail
         self.path = np.array(knob_path(self.grid, BASELINES[name]), dtype=np.int64)
-        self._path_ms = guardrail.predicted_ms[:, self.path]  # [F, P]
+        self._path_fraction = guardrail.predicted_fraction[:, self.path]  # [F, P]
 
     def select_indices(self, observations):
         family = np.asarray(observations["family"], dtype=np.int64).reshape(-1)
-        budget = np.asarray(observations["budget_ms"], dtype=np.float64).reshape(-1, 1)
-        meets = self._path_ms[family] <= budget
+        budget = np.asarray(observations["budget_fraction"], dtype=np.float64).reshape(-1, 1)
+        meets = self._path_fraction[family] <= budget + 1e-6
         first = np.where(meets.any(axis=1), meets.argmax(axis=1), len(self.path) - 1)
         return self.path[first]
 

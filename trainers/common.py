@@ -133,9 +133,15 @@ class Run:
             if saved.get("method") != method:
                 raise ValueError(f"--resume={self.dir} is a {saved.get('method')!r} run, not {method!r}")
         else:
-            name = f"{args.env}__{method}__{args.seed}__{int(time.time())}"
-            self.dir = Path(args.runs_dir) / name
-            self.dir.mkdir(parents=True, exist_ok=False)
+            stamp = int(time.time())
+            Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+            while True:  # two runs of one (method, seed) started within a second get the next second
+                self.dir = Path(args.runs_dir) / f"{args.env}__{method}__{args.seed}__{stamp}"
+                try:
+                    self.dir.mkdir()
+                    break
+                except FileExistsError:
+                    stamp += 1
             record = {"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}}
             (self.dir / "args.json").write_text(json.dumps(record, indent=1))
         self.name = self.dir.name
@@ -166,6 +172,8 @@ class Run:
             self.curves_path.write_text("".join(line + "\n" for line in lines))
 
     def log(self, env_steps: int, metrics: Mapping[str, float]) -> dict:
+        # NaN (e.g. retention when the full configuration scored 0 on a tiny evaluation) is not JSON
+        metrics = {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}
         record = {"env_steps": int(env_steps), "wall_clock_s": round(self.wall_clock_s, 3), **metrics}
         with self.curves_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,172 @@
+"""PPO and MaskablePPO controllers: a Stable-Baselines3 actor-critic policy as a `Controller`.
+
+Both see the log-scaled observation (`agents.features.ScaledObservation`) through SB3's
+`MultiInputPolicy` (the family one-hot, the budget, the prompt and image features).
+
+- `ppo`: stable-baselines3 `PPO` on the env's own `MultiDiscrete([7, 4, 5])` action: one
+  categorical head per knob (the knobs are chosen independently given the request).
+- `maskable_ppo`: sb3-contrib `MaskablePPO` on the flattened `Discrete(140)` action
+  (`DiscreteKnobs`), masked by the latency guardrail (`agents.guardrail.LatencyGuardrail`): the
+  policy only ever considers configurations whose profiled latency fits the request's budget, in
+  training (the env's `action_masks()`) and at decision time (`guardrail.masks`, on the raw budget fraction).
+
+Deciding does not go through SB3's `predict` (which converts, checks and reshapes per call): it
+scales the batch, runs the policy's feature extractor, actor MLP and action head under
+`torch.inference_mode`, and takes the argmax of the logits (per knob for `ppo`; over the allowed
+configurations for `maskable_ppo`), which is the distribution's mode, i.e. `deterministic=True`.
+
+Saving writes the policy's `state_dict` (safetensors) and a JSON config (net_arch, activation,
+the maskable flag, the guardrail's quantile; its predicted-latency table goes with the tensors).
+Loading rebuilds the SB3 policy class from `scaled_observation_space()` and the grid's action
+space, with a dummy learning-rate schedule: no env, no pickle, and the same decisions.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from flexvlm_env.config import KnobGrid
+
+from .base import Controller
+from .features import scale_observation, scaled_observation_space
+from .guardrail import LatencyGuardrail
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU,
+                                           "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+POLICY_PREFIX = "policy."
+
+
+def policy_kwargs(net_arch: Sequence[int] | Mapping[str, Sequence[int]] = (64, 64), activation: str = "tanh",
+                  share_features_extractor: bool = True) -> dict[str, Any]:
+    """JSON-serialisable policy kwargs (what `save` records); `sb3_policy_kwargs` turns them into
+    the kwargs SB3's policy classes take."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not known; allowed: {sorted(ACTIVATIONS)}")
+    if isinstance(net_arch, Mapping):
+        arch: Any = {key: [int(n) for n in net_arch[key]] for key in ("pi", "vf")}
+        sizes = arch["pi"] + arch["vf"]
+    else:
+        arch = [int(n) for n in net_arch]
+        sizes = arch
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"net_arch={net_arch!r}: layer sizes must be >= 1")
+    return {"net_arch": arch, "activation": activation, "share_features_extractor": bool(share_features_extractor)}
+
+
+def sb3_policy_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """SB3 policy kwargs (activation class, lists) from `policy_kwargs`' JSON form."""
+    arch = config["net_arch"]
+    return {
+        "net_arch": dict(arch) if isinstance(arch, Mapping) else list(arch),
+        "activation_fn": ACTIVATIONS[config["activation"]],
+        "share_features_extractor": config.get("share_features_extractor", True),
+    }
+
+
+def policy_class(maskable: bool) -> type:
+    if maskable:
+        from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
+
+        return MaskableMultiInputActorCriticPolicy
+    from stable_baselines3.common.policies import MultiInputActorCriticPolicy
+
+    return MultiInputActorCriticPolicy
+
+
+def action_space(grid: KnobGrid, maskable: bool) -> spaces.Space:
+    """The action space the policy acts in: Discrete(140) (maskable) or MultiDiscrete([7, 4, 5])."""
+    if maskable:
+        return spaces.Discrete(len(grid))
+    return spaces.MultiDiscrete(np.array(grid.shape, dtype=np.int64))
+
+
+def build_policy(maskable: bool, config: Mapping[str, Any], grid: KnobGrid) -> nn.Module:
+    """A fresh SB3 policy of the saved architecture, without an env (lr schedule: a dummy)."""
+    cls = policy_class(maskable)
+    return cls(scaled_observation_space(), action_space(grid, maskable), lambda _: 0.0, **sb3_policy_kwargs(config))
+
+
+class PPOController(Controller):
+    """An SB3 actor-critic policy deciding deterministically (see the module docstring).
+
+    Args:
+        policy: the SB3 policy (`model.policy` of a `PPO` / `MaskablePPO` with `MultiInputPolicy`
+            on the scaled observation); the controller reads it live, so a controller made
+            before or during training decides with the current weights.
+        policy_config: `policy_kwargs(...)` the policy was built with (recorded by `save`).
+        maskable: True for a MaskablePPO policy over the flat `Discrete(len(grid))` action.
+        guardrail: the latency guardrail whose masks a maskable policy decides under (required
+            when `maskable`; ignored otherwise).
+        grid: the knob grid (default 7x4x5).
+    """
+
+    kind = "ppo"
+
+    def __init__(self, policy: nn.Module, policy_config: Mapping[str, Any], maskable: bool = False,
+                 guardrail: LatencyGuardrail | None = None, grid: KnobGrid | None = None):
+        super().__init__(grid)
+        self.maskable = bool(maskable)
+        self.kind = "maskable_ppo" if self.maskable else "ppo"  # what `save` records
+        if self.maskable and guardrail is None:
+            raise ValueError("maskable=True needs the guardrail its masks come from (guardrail=LatencyGuardrail...)")
+        expected = action_space(self.grid, self.maskable)
+        if getattr(policy, "action_space", None) != expected:
+            raise ValueError(f"policy acts in {getattr(policy, 'action_space', None)}, expected {expected} "
+                             f"({'maskable: the flat config index' if self.maskable else 'the knob indices'})")
+        self.policy = policy
+        self.policy_config = dict(policy_config)
+        self.guardrail = guardrail if self.maskable else None
+        self._nvec = tuple(int(n) for n in self.grid.shape)
+
+    @torch.inference_mode()
+    def logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
+        """float32 [B, n_logits] action logits for a batch of raw observations (`as_batch`):
+        [B, 140] for maskable, [B, 7 + 4 + 5] (one block per knob) otherwise."""
+        from stable_baselines3.common.preprocessing import preprocess_obs
+
+        scaled = scale_observation(observations)
+        policy = self.policy
+        obs = {key: torch.as_tensor(np.asarray(value)) for key, value in scaled.items()}
+        obs["family"] = obs["family"].reshape(-1)
+        features = policy.pi_features_extractor(preprocess_obs(obs, policy.observation_space, normalize_images=False))
+        latent = policy.mlp_extractor.forward_actor(features)
+        return policy.action_net(latent).numpy()
+
+    def select_indices(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
+        logits = self.logits(observations)
+        if self.maskable:
+            masks = self.guardrail.masks(observations["family"], observations["budget_fraction"])  # raw (unscaled)
+            return np.where(masks, logits, -np.inf).argmax(axis=1).astype(np.int64)
+        n0, n1, n2 = self._nvec
+        i = logits[:, :n0].argmax(axis=1)
+        j = logits[:, n0:n0 + n1].argmax(axis=1)
+        k = logits[:, n0 + n1:].argmax(axis=1)
+        return ((i * n1 + j) * n2 + k).astype(np.int64)
+
+    # -- serialization -------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        # Cloned: with a shared feature extractor the state_dict names one module three times
+        # (features_extractor, pi_/vf_features_extractor), and safetensors refuses aliased tensors.
+        tensors = {POLICY_PREFIX + key: value.detach().cpu().clone() for key, value in self.policy.state_dict().items()}
+        config: dict[str, Any] = {"maskable": self.maskable, "policy_kwargs": self.policy_config, "guardrail": None}
+        if self.guardrail is not None:
+            guardrail_config, guardrail_tensors = self.guardrail.state()
+            config["guardrail"] = guardrail_config
+            tensors.update(guardrail_tensors)
+        return config, tensors
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], grid: KnobGrid) -> PPOController:
+        maskable = bool(config["maskable"])
+        policy = build_policy(maskable, config["policy_kwargs"], grid)
+        weights = {key[len(POLICY_PREFIX):]: value for key, value in tensors.items() if key.startswith(POLICY_PREFIX)}
+        policy.load_state_dict(weights, strict=True)
+        policy.set_training_mode(False)
+        guardrail = LatencyGuardrail.from_state(config["guardrail"], tensors) if config.get("guardrail") is not None else None
+        return cls(policy, config["policy_kwargs"], maskable, guardrail, grid)
