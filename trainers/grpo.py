@@ -1,0 +1,344 @@
+"""`flexvlm-train grpo`: a tiny causal LM that writes the configuration, trained with TRL's `GRPOTrainer`.
+
+The policy is `agents.lm.LMController`'s model: a randomly initialised two-layer Llama over a compact vocabulary.
+A prompt is the text rendering of a train-half observation (`agents.lm.render_observation`: family and bucketed
+log-scaled features); the completion names the three knobs (``crops=4 top_k=2 active_blocks=12<eos>``).
+
+1. Format warm start (`agents.lm.format_warm_start`): a few hundred next-token steps on *uniformly random*
+   configurations, so the freshly initialised model writes well-formed answers at all. It learns the grammar
+   and nothing about the task (the labels ignore the prompt; no env step is taken), so it starts GRPO as a
+   near-uniform random policy.
+2. GRPO (`trl.GRPOTrainer` and `trl.GRPOConfig`, unmodified): for each prompt of a batch, `num_generations`
+   completions are sampled; the reward function parses each (`agents.lm.parse_config`) and, when valid, pins
+   the prompt's request and budget in a train-split env (`env.reset(options={"request_id", "budget_fraction"})`)
+   and executes the configuration (`env.step`), whose reward is the completion's. Invalid completions get
+   `invalid_penalty` (below any valid reward) without an env step. Env steps are the completions the env
+   scored; training stops before a batch could take them past `total_env_steps`. The learning rate decays with
+   the env steps spent, and TRL's adaptive entropy bonus keeps the policy exploring: without it, the policy
+   collapsed within 5,000 env steps onto one cheap configuration for every request and budget in our runs.
+3. Every `eval_every_env_steps` the controller (greedy decoding, constrained to the knob tokens) is evaluated on
+   the held-out requests (`agents.evaluation.evaluate`), with the unconstrained invalid-output rate, and a
+   checkpoint is written (Hugging Face Trainer checkpoint: safetensors weights, optimizer and RNG states loaded
+   back with `weights_only=True`; the env-step count and wall-clock travel in its `trainer_state.json`).
+   `--resume RUN_DIR` continues from the last one: the trainer skips the batches it consumed, the env is
+   re-seeded per step from the env-step count, so no env step is lost or repeated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from agents.evaluation import evaluate
+from agents.lm import DEFAULT_BUCKETS, LMController, format_warm_start, pool_observations, quiet_libraries
+
+from .common import CommonArgs, Run, eval_points, eval_requests, make_env
+
+
+@dataclass
+class Args(CommonArgs):
+    total_env_steps: int = 126_000
+    """env steps (completions executed by the env) to train for"""
+    eval_every_env_steps: int = 12_600
+    """evaluate on the held-out requests (and checkpoint) every this many env steps"""
+    learning_rate: float = 1e-3
+    """AdamW learning rate"""
+    lr_scheduler: str = "linear"
+    """learning-rate schedule over the env-step budget (not optimizer steps): linear or cosine (decay to 0), or constant"""
+    prompts_per_step: int = 8
+    """prompts per optimizer step (each answered num_generations times)"""
+    num_generations: int = 8
+    """completions sampled per prompt (the GRPO group)"""
+    temperature: float = 1.0
+    """sampling temperature of the completions"""
+    beta: float = 0.0
+    """KL coefficient to the initial (warm-started) model (0: no reference model)"""
+    entropy_coef: float = 0.02
+    """entropy bonus coefficient (keeps the policy exploring); the initial one with entropy_target"""
+    entropy_target: float | None = 0.8
+    """adaptive entropy control (TRL's use_adaptive_entropy): raise the bonus while the mean per-token entropy is below this"""
+    epsilon: float = 0.2
+    """PPO-style clipping range of the importance ratio"""
+    num_iterations: int = 1
+    """optimizer passes over each generated batch"""
+    loss_type: str = "dapo"
+    """TRL GRPO loss aggregation: grpo, dr_grpo, dapo, bnpo, ..."""
+    scale_rewards: str = "group"
+    """advantage scaling: group (per-prompt std), batch, or none"""
+    invalid_penalty: float | None = None
+    """reward of an invalid completion (None: -(1 + lam * (1.25 / min budget fraction - 1)) - 0.5, below any valid one)"""
+    format_warmup_steps: int = 300
+    """steps of the format warm start (random valid answers; 0 turns it off)"""
+    hidden_size: int = 64
+    """LM hidden size"""
+    num_layers: int = 2
+    """LM decoder layers"""
+    num_heads: int = 4
+    """LM attention heads"""
+    intermediate_size: int = 128
+    """LM MLP width"""
+    n_buckets: int = DEFAULT_BUCKETS
+    """buckets per observation feature in the text rendering"""
+    torch_threads: int = 1
+    """PyTorch CPU threads (a model this small gains little from more; on shared cores more threads can be far slower)"""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("prompts_per_step", "num_iterations", "torch_threads", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
+        if self.num_generations < 2:
+            raise ValueError(f"--num-generations={self.num_generations!r} must be >= 2 (GRPO compares completions of a prompt)")
+        if self.format_warmup_steps < 0:
+            raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"--learning-rate={self.learning_rate!r} must be a finite number > 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"--temperature={self.temperature!r} must be a finite number > 0")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise ValueError(f"--beta={self.beta!r} must be >= 0 and --epsilon={self.epsilon!r} > 0")
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--lr-scheduler={self.lr_scheduler!r}; allowed: linear, cosine, constant")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"--scale-rewards={self.scale_rewards!r}; allowed: group, batch, none")
+        if self.batch_size > self.total_env_steps:
+            raise ValueError(f"--total-env-steps={self.total_env_steps} is less than one batch "
+                             f"(prompts_per_step x num_generations = {self.batch_size})")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def penalty(self) -> float:
+        """The invalid-completion reward. The default is below the reward of any valid configuration whose latency
+        is within 1.25x the family's full-configuration median (the recorded residuals stay under 1.2x)."""
+        if self.invalid_penalty is not None:
+            return float(self.invalid_penalty)
+        return -(1.0 + self.lam * max(0.0, 1.25 / min(self.budget_fractions) - 1.0)) - 0.5
+
+
+class EnvReward:
+    """GRPO's reward function: the env's reward of each valid completion, `penalty` for invalid ones."""
+
+    __name__ = "env_reward"
+
+    def __init__(self, env, controller: LMController, penalty: float, seed: int, env_steps: int = 0, progress=None):
+        self.env, self.controller, self.penalty, self.seed = env, controller, penalty, seed
+        self.env_steps = env_steps
+        self.progress = progress
+        self._actions = controller._actions
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.window = {"completions": 0, "invalid": 0, "reward": 0.0, "quality": 0.0, "violation": 0}
+
+    def __call__(self, prompts, completions, completion_ids, request_id, budget_fraction, **kwargs):
+        rewards = []
+        for ids, rid, fraction in zip(completion_ids, request_id, budget_fraction):
+            index = self.controller.parse(ids)
+            self.window["completions"] += 1
+            if index is None:
+                self.window["invalid"] += 1
+                rewards.append(self.penalty)
+                continue
+            # One seed per env step: the recorded-latency draw depends on the step count only, so a resumed run
+            # draws what the uninterrupted one would have.
+            self.env.reset(seed=self.seed * 1_000_003 + self.env_steps,
+                           options={"request_id": rid, "budget_fraction": float(fraction)})
+            _, reward, _, _, info = self.env.step(self._actions[index])
+            self.env_steps += 1
+            self.window["reward"] += float(reward)
+            self.window["quality"] += float(info["quality"])
+            self.window["violation"] += int(info["violation"])
+            rewards.append(float(reward))
+        if self.progress is not None:
+            self.progress.update(self.env_steps - self.progress.n)
+        return rewards
+
+    def window_metrics(self) -> dict[str, float]:
+        w = self.window
+        valid = w["completions"] - w["invalid"]
+        return {
+            "completions": w["completions"],
+            "invalid_rate": w["invalid"] / max(1, w["completions"]),
+            "reward": w["reward"] / max(1, valid),
+            "quality": w["quality"] / max(1, valid),
+            "violation_rate": w["violation"] / max(1, valid),
+        }
+
+
+def make_callback(args: Args, run: Run, controller: LMController, reward: EnvReward, heldout, heldout_observations,
+                  start_point: int):
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class EnvStepCallback(TrainerCallback, ExportableState):
+        """Stops at the env-step budget, evaluates at the eval points, checkpoints with the env-step count."""
+
+        def __init__(self):
+            self.points = eval_points(args.total_env_steps, args.eval_every_env_steps, start_point)
+            self.trl_logs: dict[str, float] = {}
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"env_steps": reward.env_steps, "wall_clock_s": run.wall_clock_s}}
+
+        def on_step_begin(self, _args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, reward.env_steps)
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.trl_logs[key.replace("/", "_")] = float(value)
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            done = reward.env_steps + args.batch_size > args.total_env_steps
+            if (self.points and reward.env_steps >= self.points[0]) or done:
+                while self.points and reward.env_steps >= self.points[0]:
+                    self.points.pop(0)
+                log_evaluation(args, run, controller, reward, heldout, heldout_observations,
+                               {**self.trl_logs, "optimizer_steps": state.global_step,
+                                "learning_rate": learning_rate(args, reward.env_steps)})
+                control.should_save = True
+            if done:
+                control.should_training_stop = True
+            return control
+
+    return EnvStepCallback()
+
+
+def learning_rate(args: Args, env_steps: int) -> float:
+    """The learning rate after `env_steps` of the budget (`--lr-scheduler`)."""
+    progress = min(1.0, env_steps / args.total_env_steps)
+    if args.lr_scheduler == "linear":
+        return args.learning_rate * (1.0 - progress)
+    if args.lr_scheduler == "cosine":
+        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return args.learning_rate
+
+
+def log_evaluation(args, run, controller, reward, heldout, heldout_observations, extra=None):
+    controller.model.eval()
+    result = evaluate(controller, heldout, args.budget_fractions, eval_requests(args), args.seed)
+    metrics = {**reward.window_metrics(), "unconstrained_invalid_rate": controller.invalid_output_rate(heldout_observations)}
+    metrics.update(extra or {})
+    reward.reset_window()
+    controller.model.train()
+    return run.log_eval(reward.env_steps, result, metrics)
+
+
+def last_checkpoint(run: Run) -> tuple[Path | None, dict]:
+    """The newest complete Trainer checkpoint of the run and its env-step state ((None, {}) if none).
+
+    A checkpoint is complete once its `trainer_state.json` (written last, with the env-step count) exists; the
+    Trainer removes the previous checkpoint only after that, so a crash mid-save leaves the previous one."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not run.checkpoint_dir.exists():
+        return None, {}
+    found = []
+    for path in run.checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if suffix.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(suffix), path))
+    for _, path in sorted(found, reverse=True):
+        saved = TrainerState.load_from_json(str(path / "trainer_state.json")).stateful_callbacks.get("EnvStepCallback")
+        if saved:
+            return path, saved["attributes"]
+    return None, {}
+
+
+def main(args: Args) -> dict:
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    run = Run("grpo", args)
+    torch.set_num_threads(args.torch_threads)
+    quiet_libraries()
+    torch.manual_seed(args.seed)
+    train_env = make_env(args, "train", episode_length=1)
+    heldout = make_env(args, "heldout", episode_length=1)
+    observations, request_ids, fractions = pool_observations(train_env, args.budget_fractions)
+    heldout_observations, _, _ = pool_observations(heldout, args.budget_fractions)
+    controller = LMController.create(observations, kind="grpo", seed=args.seed, n_buckets=args.n_buckets,
+                                     hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+                                     intermediate_size=args.intermediate_size)
+    checkpoint, saved = (None, {})
+    if args.resume is not None:
+        checkpoint, saved = last_checkpoint(run)
+    env_steps = int(saved.get("env_steps", 0))
+    progress = tqdm(total=args.total_env_steps, desc="grpo", unit="env step", initial=env_steps)
+    reward = EnvReward(train_env, controller, args.penalty(), args.seed, env_steps, progress)
+    if checkpoint is not None:
+        run.resumed_from(env_steps, float(saved["wall_clock_s"]))
+    else:
+        if args.resume is not None:
+            run.resumed_from(-1, 0.0)  # no checkpoint yet: start over, dropping every curve line
+        warm = format_warm_start(controller, observations, args.format_warmup_steps, seed=args.seed)
+        log_evaluation(args, run, controller, reward, heldout, heldout_observations, warm)
+
+    if args.beta > 0:
+        # TRL builds the KL reference from the model's path: the warm-started model, saved once per run.
+        reference = run.dir / "reference_model"
+        if not (reference / "config.json").exists():
+            controller.model.save_pretrained(reference)
+        controller.model.config._name_or_path = str(reference)
+
+    texts = controller.render(observations)
+    dataset = Dataset.from_dict({"prompt": texts, "request_id": request_ids, "budget_fraction": fractions})
+    config = GRPOConfig(
+        output_dir=str(run.checkpoint_dir),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        seed=args.seed,
+        data_seed=args.seed,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",  # the callback scales the learning rate by env-step progress
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.num_generations,
+        max_completion_length=4,
+        temperature=args.temperature,
+        beta=args.beta,
+        epsilon=args.epsilon,
+        entropy_coef=args.entropy_coef,
+        use_adaptive_entropy=args.entropy_target is not None,
+        entropy_target=args.entropy_target if args.entropy_target is not None else 0.2,
+        num_iterations=args.num_iterations,
+        loss_type=args.loss_type,
+        scale_rewards=args.scale_rewards,
+        # an upper bound only: the env-step budget stops training (invalid completions take no env step)
+        max_steps=4 * math.ceil(args.total_env_steps / args.batch_size) + 10,
+        save_strategy="no",  # checkpoints are written at the eval points (the callback asks for them)
+        save_total_limit=1,
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    callback = make_callback(args, run, controller, reward, heldout, heldout_observations,
+                             start_point=env_steps)
+    trainer = GRPOTrainer(model=controller.model, reward_funcs=[reward], args=config, train_dataset=dataset,
+                          processing_class=controller.tokenizer, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if reward.env_steps + args.batch_size <= args.total_env_steps:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    elif checkpoint is not None:  # finished before: just restore the final weights
+        from safetensors.torch import load_file
+
+        controller.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    progress.close()
+    controller.model.eval()
+    return run.finish(controller, None, heldout, reward.env_steps)
