@@ -37,14 +37,15 @@ import torch
 from tqdm import tqdm
 
 from agents.evaluation import evaluate
-from agents.lm import DEFAULT_BUCKETS, LMController, format_warm_start, pool_observations, quiet_libraries, render_config
+from agents.lm import LMController, format_warm_start, pool_observations, quiet_libraries, render_config
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_points, eval_requests, make_env
+from .common import Run, eval_points, eval_requests, make_env
+from .lm_args import LMArgs
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(LMArgs):
     total_env_steps: int = 126_000
     """env steps (candidate configurations executed by the env) to train for"""
     eval_every_env_steps: int = 12_600
@@ -74,25 +75,10 @@ class Args(CommonArgs):
     """passes over a round's preference pairs"""
     pairs_per_batch: int = 32
     """preference pairs per optimizer step"""
-    format_warmup_steps: int = 300
-    """steps of the format warm start (random valid answers; 0 turns it off)"""
-    hidden_size: int = 64
-    """LM hidden size"""
-    num_layers: int = 2
-    """LM decoder layers"""
-    num_heads: int = 4
-    """LM attention heads"""
-    intermediate_size: int = 128
-    """LM MLP width"""
-    n_buckets: int = DEFAULT_BUCKETS
-    """buckets per observation feature in the text rendering"""
-    torch_threads: int = 1
-    """PyTorch CPU threads (a model this small gains little from more; on shared cores more threads can be far slower)"""
 
     def validate(self) -> None:
         super().validate()
-        for name in ("round_env_steps", "epochs_per_round", "pairs_per_batch", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "torch_threads"):
+        for name in ("round_env_steps", "epochs_per_round", "pairs_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if self.candidates < 2:
@@ -103,8 +89,6 @@ class Args(CommonArgs):
             raise ValueError(f"--round-env-steps={self.round_env_steps} must be >= --candidates={self.candidates}")
         if self.total_env_steps < self.candidates:
             raise ValueError(f"--total-env-steps={self.total_env_steps} must be >= --candidates={self.candidates}")
-        if self.format_warmup_steps < 0:
-            raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
         for name in ("learning_rate", "temperature", "beta"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):

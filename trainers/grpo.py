@@ -33,13 +33,14 @@ import torch
 from tqdm import tqdm
 
 from agents.evaluation import evaluate
-from agents.lm import DEFAULT_BUCKETS, LMController, format_warm_start, pool_observations, quiet_libraries
+from agents.lm import LMController, format_warm_start, pool_observations, quiet_libraries
 
-from .common import CommonArgs, Run, eval_points, eval_requests, make_env
+from .common import Run, eval_points, eval_requests, make_env
+from .lm_args import LMArgs
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(LMArgs):
     total_env_steps: int = 126_000
     """env steps (completions executed by the env) to train for"""
     eval_every_env_steps: int = 12_600
@@ -70,30 +71,14 @@ class Args(CommonArgs):
     """advantage scaling: group (per-prompt std), batch, or none"""
     invalid_penalty: float | None = None
     """reward of an invalid completion (None: -(1 + lam * (1.25 / min budget fraction - 1)) - 0.5, below any valid one)"""
-    format_warmup_steps: int = 300
-    """steps of the format warm start (random valid answers; 0 turns it off)"""
-    hidden_size: int = 64
-    """LM hidden size"""
-    num_layers: int = 2
-    """LM decoder layers"""
-    num_heads: int = 4
-    """LM attention heads"""
-    intermediate_size: int = 128
-    """LM MLP width"""
-    n_buckets: int = DEFAULT_BUCKETS
-    """buckets per observation feature in the text rendering"""
-    torch_threads: int = 1
-    """PyTorch CPU threads (a model this small gains little from more; on shared cores more threads can be far slower)"""
 
     def validate(self) -> None:
         super().validate()
-        for name in ("prompts_per_step", "num_iterations", "torch_threads", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in ("prompts_per_step", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations={self.num_generations!r} must be >= 2 (GRPO compares completions of a prompt)")
-        if self.format_warmup_steps < 0:
-            raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"--learning-rate={self.learning_rate!r} must be a finite number > 0")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
