@@ -209,16 +209,16 @@ class Run:
             for name, baseline in make_baselines(profiles or load_profiles(args), args.budget_fractions).items():
                 results[name] = evaluate(baseline, heldout_env, args.budget_fractions, n, args.seed)
                 overhead[name] = decision_overhead_ms(baseline, heldout_env, seed=args.seed)
-        table = format_comparison(results, args.budget_fractions)
-        print(f"\n{self.name}: held-out requests ({results[self.method]['n_requests']} x {len(args.budget_fractions)} budgets)"
-              f", quality retention / violation rate / P95 latency per budget fraction\n{table}")
         final = {"run": self.name, "method": self.method, "env": args.env, "seed": args.seed, "env_steps": env_steps,
                  "wall_clock_s": self.wall_clock_s, "results": results, "decision_overhead_ms": overhead}
         (self.dir / "final.json").write_text(json.dumps(final, indent=1))
         plot_curves([self.curves()], [self.name], self.dir / "learning_curves.png")
-        if self._wandb is not None:
+        if self._wandb is not None:  # before the table, so that W&B's own summary does not bury it
             self._wandb.summary.update({f"final/{k}": v for k, v in results[self.method]["mean"].items()})
             self._wandb.finish()
+        table = format_comparison(results, args.budget_fractions)
+        print(f"\n{self.name}: held-out requests ({results[self.method]['n_requests']} x {len(args.budget_fractions)} budgets)"
+              f", quality retention / violation rate / P95 latency per budget fraction\n{table}")
         print(f"run directory: {self.dir}  (curves.jsonl, final.json, learning_curves.png, controller/)")
         return final
 
