@@ -63,3 +63,29 @@ class LatencyGuardrail:
     @classmethod
     def from_state(cls, config: dict, tensors: Mapping[str, torch.Tensor]) -> LatencyGuardrail:
         return cls(tensors["guardrail.predicted_fraction"].numpy(), config["quantile"])
+
+    @classmethod
+    def from_estimator(cls, data, estimator, quantile: float = DEFAULT_LATENCY_QUANTILE, split: str = "train",
+                       output_tokens: np.ndarray | None = None) -> LatencyGuardrail:
+        """A guardrail whose per-family predicted fractions come from a latency estimator
+        (`flexvlm_env.latency.StageLatencyEstimator`) instead of recorded latencies: for each
+        family and config, the `quantile` over the family's `split` requests of the estimator's
+        latency (`flexvlm_env.latency.guardrail.predict_replay_latency`: the request's own input
+        tokens, a predicted output length) over the family's median predicted full-config latency.
+        `data` is a `ReplayData` (its recorded latencies are not read; its output lengths only
+        through the predicted lengths of the train half). Families without requests are NaN, which
+        the constructor replaces by the slowest family's row."""
+        from flexvlm_env.latency.guardrail import predict_replay_latency
+        from flexvlm_env.profiles.replay import request_split_mask
+
+        predicted_ms = predict_replay_latency(data, estimator, output_tokens)
+        in_split = request_split_mask(data.request_ids, data.families, split)
+        families = np.asarray(data.families)
+        fraction = np.full((len(FAMILY_NAMES), predicted_ms.shape[1]), np.nan)
+        for i, family in enumerate(FAMILY_NAMES):
+            rows = (families == family) & in_split
+            if not rows.any():
+                continue
+            full = float(np.median(predicted_ms[rows, data.full_index]))
+            fraction[i] = np.quantile(predicted_ms[rows] / full, quantile, axis=0)
+        return cls(fraction, quantile)
