@@ -79,8 +79,10 @@ class KnobPathController(Controller):
         return cls(config["name"], LatencyGuardrail.from_state(config["guardrail"], tensors), grid)
 
 
-def make_baselines(profiles: ProfileTables, budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS) -> dict[str, Controller]:
-    """Every baseline, predicting latency from `profiles` (`budget_fractions` is unused: baselines
-    read the budget in ms; the argument keeps one signature with the learned methods' builders)."""
-    guardrail = LatencyGuardrail.from_profiles(profiles)
+def make_baselines(profiles: ProfileTables, budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
+                   guardrail: LatencyGuardrail | None = None) -> dict[str, Controller]:
+    """Every baseline, predicting latency with `guardrail` (default: built from `profiles`;
+    `budget_fractions` is unused: baselines read each request's budget fraction; the argument
+    keeps one signature with the learned methods' builders)."""
+    guardrail = guardrail or LatencyGuardrail.from_profiles(profiles)
     return {name: KnobPathController(name, guardrail, profiles.grid) for name in BASELINES}

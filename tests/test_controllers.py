@@ -287,3 +287,23 @@ def test_trainer_bad_input(tmp_path):
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
     unknown = subprocess.run([sys.executable, "-m", "trainers.cli", "sarsa"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr
+
+
+def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):
+    """`--guardrail-estimator`: the supervised filter and the baselines use the estimator's predictions."""
+    from pathlib import Path
+
+    estimator = Path(__file__).resolve().parents[1] / "results" / "e3_estimators" / "molmoe-1b_h100.json"
+    done = train("supervised", tmp_path, "--total-env-steps", "1400", "--eval-every-env-steps", "1400",
+                 "--eval-requests", "30", "--guardrail-estimator", str(estimator))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = run_dirs(tmp_path, "supervised")
+    saved = json.loads((run / "controller" / "controller.json").read_text())
+    assert saved["config"]["guardrail"] is not None
+    loaded = load_controller(run / "controller")
+    from_profiles = LatencyGuardrail.from_profiles(ProfileTables.load(split="train"))
+    # a different prediction than the profiles', and a sane one: the full config is the slowest
+    assert not np.allclose(loaded.guardrail.predicted_fraction, from_profiles.predicted_fraction)
+    assert (loaded.guardrail.predicted_fraction.argmax(axis=1) == len(KnobGrid()) - 1).all()
+    bad = train("supervised", tmp_path, "--guardrail-estimator", str(tmp_path / "missing.json"))
+    assert bad.returncode != 0 and "--guardrail-estimator" in bad.stderr

@@ -29,6 +29,7 @@ import numpy as np
 import flexvlm_env  # noqa: F401  (registers the env ids)
 from agents.base import Controller
 from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
+from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 
@@ -71,6 +72,10 @@ class CommonArgs:
     """W&B project"""
     baselines: bool = True
     """at the end, evaluate the baselines too and print the comparison table"""
+    guardrail_estimator: Path | None = None
+    """a latency estimator JSON (`flexvlm_env.latency.StageLatencyEstimator`, e.g. results/e3_estimators/molmoe-1b_h100.json)
+    whose predictions build the latency guardrail (MaskablePPO masks, supervised filter, baselines) instead of the
+    recorded profiles' latencies"""
 
     def validate(self) -> None:
         if self.env not in ENV_IDS:
@@ -85,6 +90,8 @@ class CommonArgs:
             raise ValueError(f"--budget-fractions={self.budget_fractions!r} must be non-empty numbers in (0, 10]")
         if self.lam < 0:
             raise ValueError(f"--lam={self.lam!r} must be >= 0")
+        if self.guardrail_estimator is not None and not Path(self.guardrail_estimator).is_file():
+            raise ValueError(f"--guardrail-estimator={self.guardrail_estimator} is not a file (a StageLatencyEstimator JSON)")
         if self.resume is not None and not (Path(self.resume) / "args.json").exists():
             raise ValueError(f"--resume={self.resume} is not a run directory (no args.json in it)")
 
@@ -106,6 +113,18 @@ def make_env(args: CommonArgs, split: str, episode_length: int = 16) -> gym.Env:
 def load_profiles(args: CommonArgs) -> ProfileTables:
     """The recorded train-half profiles (what LUT, supervised, the guardrail and baselines read)."""
     return ProfileTables.load(quality=args.quality, latency=args.latency, split="train")
+
+
+def make_guardrail(args: CommonArgs, profiles: ProfileTables) -> LatencyGuardrail:
+    """The latency guardrail: from the train-half profiles, or from `--guardrail-estimator`'s
+    predictions for the same train-half requests (their token counts, predicted output lengths)."""
+    if args.guardrail_estimator is None:
+        return LatencyGuardrail.from_profiles(profiles)
+    from flexvlm_env.latency import StageLatencyEstimator
+    from flexvlm_env.profiles import load_replay_data
+
+    data = load_replay_data(quality=args.quality, latency=args.latency)
+    return LatencyGuardrail.from_estimator(data, StageLatencyEstimator.load(args.guardrail_estimator), split="train")
 
 
 def eval_requests(args: CommonArgs) -> int | None:
@@ -206,7 +225,8 @@ class Run:
         if args.baselines:
             from baselines import make_baselines
 
-            for name, baseline in make_baselines(profiles or load_profiles(args), args.budget_fractions).items():
+            profiles = profiles or load_profiles(args)
+            for name, baseline in make_baselines(profiles, args.budget_fractions, make_guardrail(args, profiles)).items():
                 results[name] = evaluate(baseline, heldout_env, args.budget_fractions, n, args.seed)
                 overhead[name] = decision_overhead_ms(baseline, heldout_env, seed=args.seed)
         final = {"run": self.name, "method": self.method, "env": args.env, "seed": args.seed, "env_steps": env_steps,

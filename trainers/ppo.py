@@ -36,7 +36,7 @@ from agents.ppo import ACTIVATIONS, PPOController, policy_kwargs, sb3_policy_kwa
 from flexvlm_env.envs.wrappers import DiscreteKnobs
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env
+from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env, make_guardrail
 
 
 @dataclass
@@ -179,7 +179,7 @@ def main(args: Args) -> dict:
         print(f"{method}: --total-env-steps={args.total_env_steps} is not a whole number of rollouts "
               f"({args.n_envs} x {args.n_steps} = {rollout}); training for {args.total_env_steps // rollout * rollout}")
     profiles = load_profiles(args)
-    guardrail = LatencyGuardrail.from_profiles(profiles) if args.maskable else None
+    guardrail = make_guardrail(args, profiles) if args.maskable else None
     model, config = build_model(args, partial(make_env, args, "train"), guardrail)
     heldout = make_env(args, "heldout", episode_length=1)
     controller = PPOController(model.policy, config, args.maskable, guardrail, heldout.unwrapped.grid)

@@ -17,7 +17,7 @@ from agents.evaluation import evaluate
 from agents.supervised import SupervisedController, oracle_dataset
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env
+from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env, make_guardrail
 from .lut import profiled_rows
 
 
@@ -50,7 +50,8 @@ def main(args: Args) -> dict:
     order = profiled_rows(profiles.n_requests, args.seed)
     n_configs = len(profiles.grid)
     heldout = make_env(args, "heldout", episode_length=1)
-    controller = SupervisedController.create(profiles, args.hidden, args.guardrail, args.seed)
+    controller = SupervisedController.create(profiles, args.hidden, False, args.seed)
+    controller.guardrail = make_guardrail(args, profiles) if args.guardrail else None
     optimizer = torch.optim.AdamW(controller.net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     done = 0
