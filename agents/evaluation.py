@@ -16,7 +16,7 @@ import numpy as np
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 
-from .base import Controller, as_batch, stack_observations
+from .base import Controller, stack_observations
 
 METRICS = ("reward", "quality", "quality_retention", "violation_rate", "latency_p50_ms", "latency_p95_ms")
 
@@ -117,4 +117,4 @@ def format_comparison(results: dict[str, dict], budget_fractions: Sequence[float
     return "\n".join(lines)
 
 
-__all__ = ["METRICS", "evaluate", "decision_overhead_ms", "evaluation_requests", "format_comparison", "as_batch"]
+__all__ = ["METRICS", "evaluate", "decision_overhead_ms", "evaluation_requests", "format_comparison"]

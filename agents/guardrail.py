@@ -89,3 +89,13 @@ class LatencyGuardrail:
             full = float(np.median(predicted_ms[rows, data.full_index]))
             fraction[i] = np.quantile(predicted_ms[rows] / full, quantile, axis=0)
         return cls(fraction, quantile)
+
+
+def optional_guardrail_state(guardrail: LatencyGuardrail | None) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(config or None, tensors) of a controller's optional guardrail, for its `state()`."""
+    return guardrail.state() if guardrail is not None else (None, {})
+
+
+def optional_guardrail_from_state(config: dict | None, tensors: Mapping[str, torch.Tensor]) -> LatencyGuardrail | None:
+    """The guardrail `optional_guardrail_state` saved (None if there was none)."""
+    return LatencyGuardrail.from_state(config, tensors) if config is not None else None

@@ -34,7 +34,7 @@ from flexvlm_env.config import KnobGrid
 
 from .base import Controller
 from .features import scale_observation, scaled_observation_space
-from .guardrail import LatencyGuardrail
+from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU,
                                            "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
@@ -154,12 +154,9 @@ class PPOController(Controller):
         # Cloned: with a shared feature extractor the state_dict names one module three times
         # (features_extractor, pi_/vf_features_extractor), and safetensors refuses aliased tensors.
         tensors = {POLICY_PREFIX + key: value.detach().cpu().clone() for key, value in self.policy.state_dict().items()}
-        config: dict[str, Any] = {"maskable": self.maskable, "policy_kwargs": self.policy_config, "guardrail": None}
-        if self.guardrail is not None:
-            guardrail_config, guardrail_tensors = self.guardrail.state()
-            config["guardrail"] = guardrail_config
-            tensors.update(guardrail_tensors)
-        return config, tensors
+        guardrail_config, guardrail_tensors = optional_guardrail_state(self.guardrail)
+        config: dict[str, Any] = {"maskable": self.maskable, "policy_kwargs": self.policy_config, "guardrail": guardrail_config}
+        return config, {**tensors, **guardrail_tensors}
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], grid: KnobGrid) -> PPOController:
@@ -168,5 +165,5 @@ class PPOController(Controller):
         weights = {key[len(POLICY_PREFIX):]: value for key, value in tensors.items() if key.startswith(POLICY_PREFIX)}
         policy.load_state_dict(weights, strict=True)
         policy.set_training_mode(False)
-        guardrail = LatencyGuardrail.from_state(config["guardrail"], tensors) if config.get("guardrail") is not None else None
+        guardrail = optional_guardrail_from_state(config.get("guardrail"), tensors)
         return cls(policy, config["policy_kwargs"], maskable, guardrail, grid)

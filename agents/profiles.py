@@ -19,7 +19,8 @@ import numpy as np
 
 from flexvlm_env.config import KnobGrid
 from flexvlm_env.envs.core import FAMILY_NAMES
-from flexvlm_env.profiles.replay import ReplayData, request_split_mask
+from flexvlm_env.envs.replay import ReplayTables
+from flexvlm_env.profiles.replay import ReplayData
 
 DEFAULT_LATENCY_QUANTILE = 0.95
 
@@ -39,19 +40,19 @@ class ProfileTables:
 
     @classmethod
     def from_replay(cls, data: ReplayData, split: str = "train") -> ProfileTables:
-        mask = request_split_mask(data.request_ids, data.families, split)
-        index = np.flatnonzero(mask)
-        reference = data.family_full_latency_ms()
+        # The replay env's own lookup tables for that split: the same requests, family indices,
+        # budget references and float64 latencies that the env steps with.
+        tables = ReplayTables(data, FAMILY_NAMES, split)
         return cls(
             grid=data.grid,
-            request_ids=tuple(data.request_ids[i] for i in index),
-            family_index=np.array([FAMILY_NAMES.index(data.families[i]) for i in index], dtype=np.int64),
-            quality=data.quality[index].astype(np.float64),
-            latency_ms=data.total_ms[index].astype(np.float64),
-            noise_factor=np.exp(data.noise_log_ratio.astype(np.float64)),
-            reference_ms=np.array([reference[data.families[i]] for i in index], dtype=np.float64),
-            prompt_features=data.prompt_features[index].astype(np.float32),
-            image_features=data.image_features[index].astype(np.float32),
+            request_ids=tables.request_ids,
+            family_index=tables.family_index,
+            quality=tables.quality,
+            latency_ms=tables.total_ms,
+            noise_factor=tables.noise_factor,
+            reference_ms=tables.full_latency_ms,
+            prompt_features=tables.prompt,
+            image_features=tables.image,
             metadata={**data.metadata, "split": split},
         )
 

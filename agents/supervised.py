@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from flexvlm_env.config import KnobGrid
-from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 
 from .base import Controller
 from .features import N_FEATURES, observation_features
-from .guardrail import LatencyGuardrail
+from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
 from .profiles import ProfileTables
 
 
@@ -90,20 +89,16 @@ class SupervisedController(Controller):
         return logits.argmax(axis=1)
 
     def state(self):
+        guardrail_config, guardrail_tensors = optional_guardrail_state(self.guardrail)
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        config = {"hidden": self.hidden, "guardrail": None}
-        if self.guardrail is not None:
-            guard_config, guard_tensors = self.guardrail.state()
-            config["guardrail"] = guard_config
-            tensors.update(guard_tensors)
-        return config, tensors
+        return {"hidden": self.hidden, "guardrail": guardrail_config}, {**tensors, **guardrail_tensors}
 
     @classmethod
     def from_state(cls, config, tensors, grid):
         net = make_mlp(len(grid), config["hidden"])
         net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
-        guardrail = LatencyGuardrail.from_state(config["guardrail"], tensors) if config["guardrail"] is not None else None
+        guardrail = optional_guardrail_from_state(config["guardrail"], tensors)
         return cls(net, config["hidden"], guardrail, grid)
 
 
-__all__ = ["SupervisedController", "oracle_dataset", "make_mlp", "DEFAULT_BUDGET_FRACTIONS"]
+__all__ = ["SupervisedController", "oracle_dataset", "make_mlp"]

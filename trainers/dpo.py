@@ -33,15 +33,13 @@ import shutil
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from agents.evaluation import evaluate
-from agents.lm import LMController, format_warm_start, pool_observations, quiet_libraries, render_config
+from agents.lm import LMController, format_warm_start, render_config
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import Run, eval_points, eval_requests, make_env
-from .lm_args import LMArgs
+from .common import Run, eval_points
+from .lm_args import LMArgs, log_lm_evaluation, start_lm_run
 
 
 @dataclass
@@ -290,17 +288,7 @@ def train_round(args: Args, run: Run, controller: LMController, pairs: list[dict
 
 
 def main(args: Args) -> dict:
-    run = Run("dpo", args)
-    torch.set_num_threads(args.torch_threads)
-    quiet_libraries()
-    torch.manual_seed(args.seed)
-    train_env = make_env(args, "train", episode_length=1)
-    heldout = make_env(args, "heldout", episode_length=1)
-    observations, request_ids, fractions = pool_observations(train_env, args.budget_fractions)
-    heldout_observations, _, _ = pool_observations(heldout, args.budget_fractions)
-    controller = LMController.create(observations, kind="dpo", seed=args.seed, n_buckets=args.n_buckets,
-                                     hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                                     intermediate_size=args.intermediate_size)
+    run, train_env, heldout, observations, request_ids, fractions, heldout_observations, controller = start_lm_run(args, "dpo")
     env_steps, round_index = 0, 0
     state_file = run.checkpoint_dir / "state.json"
     if args.resume is not None and state_file.exists():
@@ -312,7 +300,7 @@ def main(args: Args) -> dict:
         if args.resume is not None:
             run.resumed_from(-1, 0.0)  # no checkpoint yet: start over, dropping every curve line
         warm = format_warm_start(controller, observations, args.format_warmup_steps, seed=args.seed)
-        log_evaluation(args, run, controller, heldout, heldout_observations, 0, warm)
+        log_lm_evaluation(args, run, controller, heldout, heldout_observations, 0, warm)
         window = {}
     controller.model.eval()
     profiled = ProfiledPairs(args, train_env) if args.pairs == "profiles" else None
@@ -360,7 +348,7 @@ def main(args: Args) -> dict:
             while points and env_steps + step > points[0]:
                 points.pop(0)
             summary = {k: float(np.nanmean(v)) for k, v in window.items()}
-            log_evaluation(args, run, controller, heldout, heldout_observations, env_steps, {**summary, "rounds": round_index})
+            log_lm_evaluation(args, run, controller, heldout, heldout_observations, env_steps, {**summary, "rounds": round_index})
             window = {}
         save_training_state(run.checkpoint_dir, controller.model, None,
                             {"env_steps": env_steps, "round": round_index, "wall_clock_s": run.wall_clock_s,
@@ -368,9 +356,3 @@ def main(args: Args) -> dict:
     progress.close()
     controller.model.eval()
     return run.finish(controller, None, heldout, env_steps)
-
-
-def log_evaluation(args, run, controller, heldout, heldout_observations, env_steps, extra=None):
-    result = evaluate(controller, heldout, args.budget_fractions, eval_requests(args), args.seed)
-    metrics = {"unconstrained_invalid_rate": controller.invalid_output_rate(heldout_observations), **(extra or {})}
-    return run.log_eval(env_steps, result, metrics)

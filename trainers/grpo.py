@@ -29,14 +29,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from agents.evaluation import evaluate
-from agents.lm import LMController, format_warm_start, pool_observations, quiet_libraries
+from agents.lm import LMController, format_warm_start
 
-from .common import Run, eval_points, eval_requests, make_env
-from .lm_args import LMArgs
+from .common import Run, eval_points
+from .lm_args import LMArgs, log_lm_evaluation, start_lm_run
 
 
 @dataclass
@@ -208,12 +206,11 @@ def learning_rate(args: Args, env_steps: int) -> float:
 
 def log_evaluation(args, run, controller, reward, heldout, heldout_observations, extra=None):
     controller.model.eval()
-    result = evaluate(controller, heldout, args.budget_fractions, eval_requests(args), args.seed)
-    metrics = {**reward.window_metrics(), "unconstrained_invalid_rate": controller.invalid_output_rate(heldout_observations)}
-    metrics.update(extra or {})
+    record = log_lm_evaluation(args, run, controller, heldout, heldout_observations, reward.env_steps,
+                               {**reward.window_metrics(), **(extra or {})})
     reward.reset_window()
     controller.model.train()
-    return run.log_eval(reward.env_steps, result, metrics)
+    return record
 
 
 def last_checkpoint(run: Run) -> tuple[Path | None, dict]:
@@ -243,17 +240,7 @@ def main(args: Args) -> dict:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    run = Run("grpo", args)
-    torch.set_num_threads(args.torch_threads)
-    quiet_libraries()
-    torch.manual_seed(args.seed)
-    train_env = make_env(args, "train", episode_length=1)
-    heldout = make_env(args, "heldout", episode_length=1)
-    observations, request_ids, fractions = pool_observations(train_env, args.budget_fractions)
-    heldout_observations, _, _ = pool_observations(heldout, args.budget_fractions)
-    controller = LMController.create(observations, kind="grpo", seed=args.seed, n_buckets=args.n_buckets,
-                                     hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                                     intermediate_size=args.intermediate_size)
+    run, train_env, heldout, observations, request_ids, fractions, heldout_observations, controller = start_lm_run(args, "grpo")
     checkpoint, saved = (None, {})
     if args.resume is not None:
         checkpoint, saved = last_checkpoint(run)
