@@ -398,7 +398,9 @@ def test_resume_continues_without_losing_or_repeating_env_steps(method, tmp_path
     """Crash right after the third evaluation is logged (its checkpoint not yet written), resume, and compare with
     an uninterrupted run: the same curve, no env step lost or repeated."""
     module, args = tiny_args(method, tmp_path / "crashed")
-    real = module.log_evaluation
+    # the function each trainer logs its evaluations through (grpo wraps the shared one)
+    hook = "log_evaluation" if hasattr(module, "log_evaluation") else "log_lm_evaluation"
+    real = getattr(module, hook)
     calls = []
 
     def log_then_crash(*a, **k):
@@ -408,10 +410,10 @@ def test_resume_continues_without_losing_or_repeating_env_steps(method, tmp_path
             raise Crash
         return record
 
-    monkeypatch.setattr(module, "log_evaluation", log_then_crash)
+    monkeypatch.setattr(module, hook, log_then_crash)
     with pytest.raises(Crash):
         module.main(args)
-    monkeypatch.setattr(module, "log_evaluation", real)
+    monkeypatch.setattr(module, hook, real)
     (run_dir,) = (tmp_path / "crashed").iterdir()
     assert len(curves(run_dir)) == 3
     _, resumed = tiny_args(method, tmp_path / "crashed", resume=run_dir)
