@@ -1,26 +1,53 @@
-"""Regenerate every committed figure from the data under results/ (no model runs)."""
+"""Regenerate every committed figure from the data under results/ (no model runs).
+
+    python scripts/make_figures.py [--only e1 m2 ...]
+"""
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import tyro
+
+from flexvlm_env.experiments import MODULES
 from flexvlm_env.figures import replay_tradeoff, roofline, training_curves
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def main() -> None:
-    source = RESULTS / "bench_runtime_h100.json"
-    if source.exists():
-        print("wrote", roofline(json.loads(source.read_text()), RESULTS / "figures" / "roofline_h100.png"))
-    log = RESULTS / "train_micro_log.jsonl"
-    if log.exists():
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        print("wrote", training_curves(records, RESULTS / "figures" / "micro_training.png"))
-    headroom = RESULTS / "replay_headroom.json"
-    if headroom.exists():
-        print("wrote", replay_tradeoff(json.loads(headroom.read_text()), RESULTS / "figures" / "replay_tradeoff.png"))
+@dataclass
+class Args:
+    results: Path = RESULTS
+    """results directory (data in, figures/ out)"""
+    only: tuple[str, ...] = ()
+    """experiment ids to redo (default: all whose data exist)"""
+
+
+def main(args: Args) -> None:
+    unknown = sorted(set(args.only) - set(MODULES))
+    if unknown:
+        raise SystemExit(f"--only {unknown}: unknown experiment ids; allowed: {sorted(MODULES)}")
+    if not args.only:
+        source = args.results / "bench_runtime_h100.json"
+        if source.exists():
+            print("wrote", roofline(json.loads(source.read_text()), args.results / "figures" / "roofline_h100.png"))
+        log = args.results / "train_micro_log.jsonl"
+        if log.exists():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            print("wrote", training_curves(records, args.results / "figures" / "micro_training.png"))
+        headroom = args.results / "replay_headroom.json"
+        if headroom.exists():
+            print("wrote", replay_tradeoff(json.loads(headroom.read_text()), args.results / "figures" / "replay_tradeoff.png"))
+    for experiment in args.only or MODULES:
+        if not (args.results / f"{experiment}_summary.json").exists():
+            print(f"{experiment}: no {experiment}_summary.json yet, skipped")
+            continue
+        module = importlib.import_module(MODULES[experiment])
+        for path in module.plot_from_results(args.results):
+            print("wrote", path)
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args))

@@ -847,6 +847,25 @@ def test_cli_quality(tmp_path, capsys):
     assert len(merged) == 8 and merged_meta == meta
 
 
+def test_cli_quality_mask_policy(tmp_path, capsys, micro):
+    """--mask-policy runs the sweep under that block mask (M5's tables) and records it; a bad name
+    is refused before any request is answered."""
+    args = ["quality", "--preset", "micro", "--families", "tally_qa", "--per-family", "2", "--crops", "1",
+            "--top-k", "8", "--active-blocks", "8", "--no-progress", "--device", "cpu"]
+    cli.main([*args, "--mask-policy", "random", "--mask-seed", "3", "--out", str(tmp_path / "q")])
+    _cli_json(capsys)
+    frame = read_table(tmp_path / "q")
+    protocol = frame.attrs["metadata"]["protocol"]
+    assert protocol["mask_policy"] == "random" and protocol["mask_seed"] == 3
+    config = Config(crops=1, top_k=8, active_blocks=8, mask_policy="random", mask_seed=3)
+    assert micro.plan(config) != micro.plan(Config(crops=1, top_k=8, active_blocks=8))
+    for s in load_samples("tally_qa", "procedural", "val", 2, 0):
+        row = frame.set_index("request_id").loc[s.request_id]
+        assert row["answer"] == micro.generate(s.image, s.prompt, config, max_new_tokens=s.max_new_tokens).text
+    with pytest.raises(ValueError, match="mask_policy='middle'"):
+        cli.main([*args, "--mask-policy", "middle", "--out", str(tmp_path / "bad")])
+
+
 def test_cli_requests_and_resume(tmp_path, capsys):
     args = ["requests", *POOL_ARGS, "--repeats", "2", "--repeat-fraction", "0.5", "--out", str(tmp_path / "r")]
     cli.main(args)

@@ -105,6 +105,10 @@ class Quality(Common):
     """table directory (created; resumed if it exists)"""
     batch_size: int = 256
     """requests per batch"""
+    mask_policy: str = "importance"
+    """which blocks run at reduced depth: importance, prefix or random (experiment M5; one table per policy)"""
+    mask_seed: int = 0
+    """seed of the random mask policy"""
 
 
 @dataclass
@@ -192,9 +196,12 @@ def run(cmd) -> dict:
                                     repeat_fraction=cmd.repeat_fraction, shard=shard, deadline_s=deadline,
                                     progress=cmd.progress)
     elif isinstance(cmd, Quality):
-        protocol = sweeps.grid_protocol(grid, pool=pool, decoding="greedy, batched, stop at EOS or the family budget")
+        protocol = sweeps.grid_protocol(grid, pool=pool, decoding="greedy, batched, stop at EOS or the family budget",
+                                        mask_policy=cmd.mask_policy, mask_seed=cmd.mask_seed)
         table = ShardedTable(cmd.out, sweeps.QUALITY_KEY, sweeps.table_metadata(vlm, "quality", protocol))
-        n = sweeps.profile_quality(vlm, samples, grid.configs(), table, batch_size=cmd.batch_size,
+        # Config validates the policy name: a clear error before any request is answered.
+        configs = grid.configs(mask_policy=cmd.mask_policy, mask_seed=cmd.mask_seed)
+        n = sweeps.profile_quality(vlm, samples, configs, table, batch_size=cmd.batch_size,
                                    deadline_s=deadline, progress=cmd.progress)
     elif isinstance(cmd, Stages):
         pairs = sweeps.stage_plan(vlm, samples, grid.crops)

@@ -1,0 +1,94 @@
+"""Helpers every experiment shares: run provenance, Pareto frontiers, summary files, figure saving."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..benchmarking import distribution_summary  # noqa: F401  (re-exported: the latency protocol's statistics)
+from ..figures import _pyplot as pyplot  # noqa: F401  (Agg backend: figures are written, never shown)
+from ..figures import _save as save_figure  # noqa: F401
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages results depend on (those importable here)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "pandas", "gymnasium", "stable_baselines3", "sb3_contrib", "trl", "transformers"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        out[name] = getattr(module, "__version__", "unknown")
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """The host a CPU-side analysis ran on (GPU runs record `benchmarking.device_info` instead)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def run_header(experiment: str, args: Any = None, **extra: Any) -> dict[str, Any]:
+    """What every `results/<id>_summary.json` starts with: experiment id, date, machine, versions,
+    the arguments used (a dataclass or dict) and any data sources or devices passed as `extra`."""
+    from dataclasses import asdict, is_dataclass
+
+    arguments = asdict(args) if is_dataclass(args) else (dict(args) if args else {})
+    return {"experiment": experiment, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
+            "args": json.loads(json.dumps(arguments, default=str)), **extra}
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write `payload` as indented JSON (NumPy scalars and arrays converted), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=_to_builtin) + "\n")
+    return path
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def pareto_frontier(latency_ms, quality) -> np.ndarray:
+    """Indices of the non-dominated points (lower latency and higher quality are better), sorted by
+    latency: a point is on the frontier when no other point is at most as slow and strictly better,
+    or strictly faster and at least as good. Ties in both keep the first index."""
+    latency_ms = np.asarray(latency_ms, dtype=float)
+    quality = np.asarray(quality, dtype=float)
+    if latency_ms.shape != quality.shape or latency_ms.ndim != 1:
+        raise ValueError(f"latency_ms and quality must be 1-D of equal length, got {latency_ms.shape} and {quality.shape}")
+    order = np.lexsort((-quality, latency_ms))  # by latency, best quality first among equal latencies
+    frontier, best = [], -np.inf
+    for i in order:
+        if quality[i] > best:
+            frontier.append(int(i))
+            best = quality[i]
+    return np.asarray(frontier, dtype=np.int64)
+
+
+def frontier_quality_at(latency_ms, quality, at_latency_ms) -> np.ndarray:
+    """The frontier's best quality reachable within each latency in `at_latency_ms` (a step
+    function; NaN below the fastest point): how two frontiers are compared 'at equal latency'."""
+    idx = pareto_frontier(latency_ms, quality)
+    lat, q = np.asarray(latency_ms, float)[idx], np.asarray(quality, float)[idx]
+    at = np.atleast_1d(np.asarray(at_latency_ms, dtype=float))
+    pos = np.searchsorted(lat, at, side="right") - 1
+    return np.where(pos >= 0, q[np.clip(pos, 0, None)], np.nan)

@@ -1,0 +1,48 @@
+"""The helpers every experiment shares: Pareto frontiers and comparing frontiers at equal latency."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flexvlm_env.experiments.common import frontier_quality_at, pareto_frontier, run_header, write_json
+
+
+def test_pareto_frontier_known_points():
+    latency = [3.0, 1.0, 2.0, 2.0, 5.0, 4.0]
+    quality = [0.5, 0.2, 0.6, 0.4, 0.9, 0.6]
+    # (2, 0.4) is dominated by (2, 0.6); (3, 0.5) by (2, 0.6); (4, 0.6) ties (2, 0.6) in quality but is slower.
+    assert pareto_frontier(latency, quality).tolist() == [1, 2, 4]
+
+
+def test_pareto_frontier_ties_keep_one_point():
+    assert pareto_frontier([1.0, 1.0, 2.0], [0.5, 0.5, 0.5]).tolist() == [0]
+
+
+def test_pareto_frontier_invariants_random():
+    rng = np.random.default_rng(0)
+    latency, quality = rng.uniform(1, 10, 200), rng.uniform(0, 1, 200)
+    idx = pareto_frontier(latency, quality)
+    assert np.all(np.diff(latency[idx]) > 0) and np.all(np.diff(quality[idx]) > 0)
+    for i in range(200):  # every point is dominated by (or is) a frontier point
+        assert np.any((latency[idx] <= latency[i]) & (quality[idx] >= quality[i]))
+
+
+def test_frontier_quality_at_is_a_step_function():
+    at = frontier_quality_at([3.0, 1.0, 2.0, 5.0], [0.5, 0.2, 0.6, 0.9], [0.5, 1.0, 2.5, 4.99, 5.0, 100.0])
+    assert np.isnan(at[0])
+    assert at[1:].tolist() == [0.2, 0.6, 0.6, 0.9, 0.9]
+
+
+def test_pareto_frontier_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="latency_ms and quality"):
+        pareto_frontier([1.0, 2.0], [0.5])
+
+
+def test_run_header_and_write_json(tmp_path):
+    header = run_header("e0", {"quick": True}, data_sources={"latency": "molmoe-1b-h100"})
+    path = write_json(tmp_path / "x" / "e0_summary.json", {**header, "value": np.float32(0.5), "arr": np.arange(2)})
+    loaded = json.loads(path.read_text())
+    assert loaded["experiment"] == "e0" and loaded["args"] == {"quick": True} and loaded["value"] == 0.5
+    assert loaded["arr"] == [0, 1] and "numpy" in loaded["versions"] and loaded["data_sources"]["latency"] == "molmoe-1b-h100"
