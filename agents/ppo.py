@@ -11,9 +11,13 @@ Both see the log-scaled observation (`agents.features.ScaledObservation`) throug
   training (the env's `action_masks()`) and at decision time (`guardrail.masks`, on the raw budget fraction).
 
 Deciding does not go through SB3's `predict` (which converts, checks and reshapes per call): it
-scales the batch, runs the policy's feature extractor, actor MLP and action head under
-`torch.inference_mode`, and takes the argmax of the logits (per knob for `ppo`; over the allowed
-configurations for `maskable_ppo`), which is the distribution's mode, i.e. `deterministic=True`.
+scales the batch, runs the policy's feature extractor, actor MLP and action head, and takes the
+argmax of the logits (per knob for `ppo`; over the allowed configurations for `maskable_ppo`),
+which is the distribution's mode, i.e. `deterministic=True`. For the MLP policies the trainers
+build (Linear + tanh/ReLU layers over SB3's `CombinedExtractor`) that forward runs in NumPy on
+zero-copy views of the live torch weights: at batch 1 a dozen tiny torch ops cost ~50 us of
+dispatch, several times the arithmetic, and a decision must stay well under 1% of a request
+(experiment M3). Any other architecture takes the torch path; both are tested equal to SB3's `predict`.
 
 Saving writes the policy's `state_dict` (safetensors) and a JSON config (net_arch, activation,
 the maskable flag, the guardrail's quantile; its predicted-latency table goes with the tensors).
@@ -85,6 +89,27 @@ def action_space(grid: KnobGrid, maskable: bool) -> spaces.Space:
     return spaces.MultiDiscrete(np.array(grid.shape, dtype=np.int64))
 
 
+def _numpy_actor_layers(policy: nn.Module) -> list[tuple[str, np.ndarray | None, np.ndarray | None]] | None:
+    """The actor's layers as (kind, weight, bias) NumPy views of the live parameters, or None when
+    the policy is not a plain MLP over SB3's CombinedExtractor (then the torch path decides).
+    Views, not copies: a controller made during training decides with the current weights."""
+    from stable_baselines3.common.torch_layers import CombinedExtractor
+
+    if not isinstance(policy.pi_features_extractor, CombinedExtractor):
+        return None
+    layers: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+    for module in [*policy.mlp_extractor.policy_net, policy.action_net]:
+        if isinstance(module, nn.Linear):
+            layers.append(("linear", module.weight.detach().numpy(), module.bias.detach().numpy()))
+        elif isinstance(module, nn.Tanh):
+            layers.append(("tanh", None, None))
+        elif isinstance(module, nn.ReLU):
+            layers.append(("relu", None, None))
+        else:
+            return None
+    return layers
+
+
 def build_policy(maskable: bool, config: Mapping[str, Any], grid: KnobGrid) -> nn.Module:
     """A fresh SB3 policy of the saved architecture, without an env (lr schedule: a dummy)."""
     cls = policy_class(maskable)
@@ -123,10 +148,38 @@ class PPOController(Controller):
         self.guardrail = guardrail if self.maskable else None
         self._nvec = tuple(int(n) for n in self.grid.shape)
 
-    @torch.inference_mode()
     def logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
         """float32 [B, n_logits] action logits for a batch of raw observations (`as_batch`):
         [B, 140] for maskable, [B, 7 + 4 + 5] (one block per knob) otherwise."""
+        layers = _numpy_actor_layers(self.policy)
+        if layers is None:
+            return self.torch_logits(observations)
+        scaled = scale_observation(observations)
+        parts = []
+        # CombinedExtractor concatenates its sub-extractors in the order of its ModuleDict.
+        for key in self.policy.pi_features_extractor.extractors:
+            space = self.policy.observation_space[key]
+            value = np.asarray(scaled[key])
+            if isinstance(space, spaces.Discrete):  # SB3's preprocess_obs: one-hot
+                index = value.reshape(-1).astype(np.int64)
+                part = np.zeros((index.size, space.n), dtype=np.float32)
+                part[np.arange(index.size), index] = 1.0
+                parts.append(part)
+            else:
+                parts.append(value.reshape(value.shape[0], -1).astype(np.float32, copy=False))
+        x = np.concatenate(parts, axis=1)
+        for kind, weight, bias in layers:
+            if kind == "linear":
+                x = x @ weight.T + bias
+            elif kind == "tanh":
+                np.tanh(x, out=x)
+            else:  # relu
+                np.maximum(x, 0.0, out=x)
+        return x
+
+    @torch.inference_mode()
+    def torch_logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
+        """`logits` through the policy's own torch modules (any architecture; the reference)."""
         from stable_baselines3.common.preprocessing import preprocess_obs
 
         scaled = scale_observation(observations)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flexvlm_env  # noqa: F401  (registers the env ids)
-from agents.base import RandomController, load_controller, stack_observations
+from agents.base import RandomController, as_batch, load_controller, stack_observations
 from agents.evaluation import decision_overhead_ms, evaluate
 from agents.features import ScaledObservation, scale_observation
 from agents.guardrail import LatencyGuardrail
@@ -108,6 +108,19 @@ def test_fast_path_matches_sb3_predict(maskable, guardrail, heldout_batch):
     # batch 1 agrees with the batch
     one = {key: value[3] for key, value in heldout_batch.items()}
     assert controller.select_index(one) == ours[3]
+    # the NumPy forward is the torch forward (float32 rounding apart), on the batch and at batch 1
+    np.testing.assert_allclose(controller.logits(heldout_batch), controller.torch_logits(heldout_batch), rtol=1e-5, atol=1e-5)
+    one_batch = as_batch(one)
+    np.testing.assert_allclose(controller.logits(one_batch), controller.torch_logits(one_batch), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_forward_reads_the_live_weights(guardrail, heldout_batch):
+    """A controller built before or during training decides with the current weights."""
+    controller = random_controller(True, guardrail)
+    before = controller.logits(heldout_batch).copy()
+    with torch.no_grad():
+        controller.policy.action_net.bias.add_(1.0)
+    np.testing.assert_allclose(controller.logits(heldout_batch), before + 1.0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("maskable", [False, True])
