@@ -8,6 +8,9 @@ training configs, and scored on rows at held-out configs of
   (molmoe-1b, random configs and output lengths), the measured requests table (micro on H100 and
   on the CPU), and
 - the stage table itself (32 forced output tokens).
+Fitted on a requests table, the stage estimator weights rows by 1/total (`weighting="total"`:
+picked over 1/stage by 5-fold cross-validation over the training configs of the micro CPU
+requests table); on a stage table by 1/stage.
 
 Recalibration: an estimator fitted on the whole source stage table is moved to the target device
 from N target end-to-end measurements (N random requests of the target's validation set; the rest
@@ -133,7 +136,7 @@ def same_device_sets(args: Args) -> dict[str, dict]:
     if not args.quick:
         req, _ = read_parquet(ASSETS / "micro_h100_requests.parquet")
         req = req.drop(columns=["answer"])
-        entry.update(train=req, train_source="micro_h100_requests.parquet (random subset of the training configs' rows)",
+        entry.update(train=req, train_source="micro_h100_requests.parquet (random subset of the training configs' rows)", weighting="total",
                      primary="requests_table", noise=noise_floor(req, ["request_id", "crops", "top_k", "active_blocks"]))
         entry["tests"]["requests_table"] = _with_measured_prefix(req)
     sets[f"micro@{meta['device_name']}"] = entry
@@ -147,7 +150,7 @@ def same_device_sets(args: Args) -> dict[str, dict]:
             entry["tests"]["requests_table"] = _with_measured_prefix(req)
             # the requests table covers every config (one measurement each): train on its training
             # configs' rows, as for micro on the H100; the stage table (other session) is a test set
-            entry.update(train=req, train_source=args.cpu_requests.name, primary="requests_table")
+            entry.update(train=req, train_source=args.cpu_requests.name, primary="requests_table", weighting="total")
         sets[f"micro@{meta['device_name']}"] = entry
     return sets
 
@@ -172,6 +175,9 @@ def summarize(ape: np.ndarray, ae: np.ndarray) -> dict:
 def same_device(name: str, spec: dict, args: Args, splits: int) -> tuple[dict, dict]:
     train_all = spec["train"]
     configs = np.array(sorted(_config_key(train_all).unique()))
+    # end-to-end requests (their own output lengths): weight stage rows by 1/total, the relative error
+    # of what is predicted; a stage table's forced 32-token decode would distort those weights
+    weighting = spec.get("weighting", "stage")
     pooled: dict = {}  # (model, test, column) -> [ape arrays], [ae arrays]
     scatter = None
     for seed in range(splits):
@@ -182,8 +188,8 @@ def same_device(name: str, spec: dict, args: Args, splits: int) -> tuple[dict, d
             train = train.sample(args.max_train_rows, random_state=seed)
         mlp_rows = train.sample(min(len(train), 10000), random_state=seed)
         models = {
-            "stage_estimator": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"]),
-            "stage_estimator_huber": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"], robust=True),
+            "stage_estimator": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"], weighting=weighting),
+            "stage_estimator_huber": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"], robust=True, weighting=weighting),
             "loglinear_total": LogLinearTotal.fit(train),
             "mlp_total": MLPTotal(seed=seed).fit(mlp_rows, steps=args.mlp_steps),
         }
@@ -205,7 +211,7 @@ def same_device(name: str, spec: dict, args: Args, splits: int) -> tuple[dict, d
                 if model_name == "stage_estimator" and test_name == spec["primary"] and seed == 0:
                     scatter = (held["measured_total_ms"].to_numpy(), cols["total_ms"])
     out: dict = {"train_source": spec["train_source"], "primary_test": spec["primary"], "split_seeds": splits,
-                 "prefill_bucket": spec["bucket"], "repeat_noise_floor_total": spec["noise"],
+                 "prefill_bucket": spec["bucket"], "fit_weighting": weighting, "repeat_noise_floor_total": spec["noise"],
                  "train_fraction": args.train_fraction, "n_configs": len(configs), "models": {}}
     for (model_name, test_name, col), (apes, aes) in pooled.items():
         out["models"].setdefault(model_name, {}).setdefault(test_name, {})[col] = summarize(np.concatenate(apes), np.concatenate(aes))
@@ -381,6 +387,9 @@ def main(args: Args) -> dict:
         "molmoe-1b on the H200: the stage table's host preprocessing medians (3.4-6.6 ms) are far above those of its "
         "own validation runs (~2.2 ms); recalibration uses the validation runs, so per-stage errors are reported in "
         "recalibration_detail.")
+    summary["notes"].append("stage estimator: prefill has a per-expert-hit term B*H(N, k), decode a warm-up term for the first "
+                            "steps after prefill (fitted only where answers have several lengths: the requests tables); "
+                            "detail.fit_weighting says how stage rows were weighted.")
     summary["notes"].append("same_device[*].mape_total is on the primary end-to-end test set at held-out configs (test_set); "
                             "detail.models has every model x test set x stage.")
     summary["elapsed_s"] = round(time.time() - start, 1)

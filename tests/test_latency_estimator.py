@@ -19,7 +19,7 @@ from flexvlm_env.latency import (
     StageLatencyEstimator,
     recalibrate,
 )
-from flexvlm_env.latency.estimator import stage_features, workload
+from flexvlm_env.latency.estimator import decode_warmup, stage_features, workload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,14 @@ TRUE = {
     "preprocess": np.array([1.5, 0.1, 2.0]),
     "vision_encoder": np.array([1.0, 0.8]),
     "projector": np.array([0.02, 0.002]),
-    "prefill": np.array([0.2, 0.25, 0.2, 0.05, 0.03, 0.01, 0.004, 0.008]),
-    "decode": np.array([0.1, 0.05, 0.004, 0.002]),
+    "prefill": np.array([0.2, 0.25, 0.2, 0.05, 0.03, 0.01, 0.004, 0.008, 0.06]),
+    "decode": np.array([0.1, 0.05, 0.004, 0.002, 0.3, 0.02, 0.003]),
 }
+TRUE_WARMUP_RATIO = 0.6  # one of WARMUP_RATIOS: the fit should pick it
 
 
-def synthetic_table(coefficients: dict, n: int = 600, seed: int = 0, noise: float = 0.0, overhead: float = 0.1) -> pd.DataFrame:
+def synthetic_table(coefficients: dict, n: int = 600, seed: int = 0, noise: float = 0.0, overhead: float = 0.1,
+                    warmup_ratio: float = TRUE_WARMUP_RATIO) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({
         "crops": rng.choice([1, 2, 3, 4, 6, 9, 12], n),
@@ -44,7 +46,7 @@ def synthetic_table(coefficients: dict, n: int = 600, seed: int = 0, noise: floa
     w = workload(*(frame[c] for c in ("crops", "input_tokens", "top_k", "active_blocks", "output_tokens")))
     total = np.full(n, overhead)
     for s in STAGES:
-        y = stage_features(s, w) @ coefficients[s] * (1 + noise * rng.standard_normal(n))
+        y = stage_features(s, w, decode_warmup_ratio=warmup_ratio) @ coefficients[s] * (1 + noise * rng.standard_normal(n))
         frame[f"{s}_ms"] = y
         total = total + y
     frame["total_ms"] = total
@@ -60,14 +62,19 @@ def test_recovers_known_coefficients(fitted):
     for s in STAGES:
         np.testing.assert_allclose(fitted.coefficients[s], TRUE[s], rtol=1e-6, atol=1e-9, err_msg=s)
     assert fitted.overhead_ms == pytest.approx(0.1)
+    assert fitted.decode_warmup_ratio == TRUE_WARMUP_RATIO
     # a hand-computed prediction: crops=2, n=500 (bucket 512), k=2, B=10, m=11
     pred = fitted.predict_stages(2, 500, 2, 10, 11)
     assert pred["vision_encoder"][0] == pytest.approx(1.0 + 0.8 * 2)
     big_n = 0.512
-    prefill = 0.2 + 10 * (0.25 + 0.2 * big_n + 0.05 * big_n**2 + 0.03 * 2 * big_n + 0.01 * 1 * big_n + 0.004 * 2 + 0.008 * 1)
+    experts_hit = 1 - (1 - 2 / 64) ** 512
+    prefill = 0.2 + 10 * (0.25 + 0.2 * big_n + 0.05 * big_n**2 + 0.03 * 2 * big_n + 0.01 * 1 * big_n + 0.004 * 2 + 0.008 * 1
+                          + 0.06 * experts_hit)
     assert pred["prefill"][0] == pytest.approx(prefill)
     s, sum_pos = 10, (10 * 500 + 10 * 9 / 2) / 1e3
-    assert pred["decode"][0] == pytest.approx(0.1 * s + 0.05 * s * 10 + 0.004 * s * 10 * 2 + 0.002 * 10 * sum_pos)
+    warm = sum(0.6**j for j in range(s))
+    assert pred["decode"][0] == pytest.approx(0.1 * s + 0.05 * s * 10 + 0.004 * s * 10 * 2 + 0.002 * 10 * sum_pos
+                                              + (0.3 + 0.02 * 10 + 0.003 * 10 * 2) * warm)
 
 
 def test_noisy_fit_is_close(fitted):
@@ -95,15 +102,27 @@ def test_baselines_round_trip(tmp_path):
     np.testing.assert_allclose(mlp2.predict_frame(table), mlp.predict_frame(table))
 
 
+MONOTONE_TABLES = {
+    # GPU stage table (forced 32-token answers: no warm-up term) and the CPU requests table (answers
+    # of 2-8 tokens: the decode warm-up and experts-hit terms are fitted, with weighting="total")
+    "molmoe-1b_h100_stages": (ROOT / "flexvlm_env" / "assets" / "profiles" / "molmoe-1b_h100_stages.parquet", {}),
+    "micro_cpu_requests": (ROOT / "results" / "device_tables" / "micro_cpu_requests.parquet",
+                           {"prefill_bucket": 1, "weighting": "total"}),
+}
+
+
+@pytest.mark.parametrize("table_name", sorted(MONOTONE_TABLES))
 @pytest.mark.parametrize("axis", ["crops", "input_tokens", "top_k", "active_blocks", "output_tokens"])
-def test_monotone(axis):
-    # on a real table too: the constrained fit never lets a growing input shrink the prediction
+def test_monotone(axis, table_name):
+    # on real tables too: the constrained fit never lets a growing input shrink the prediction
     from flexvlm_env.profiles.tables import read_parquet
 
-    table, _ = read_parquet(ROOT / "flexvlm_env" / "assets" / "profiles" / "molmoe-1b_h100_stages.parquet")
-    est = StageLatencyEstimator.fit(table)
-    values = {"crops": [1, 2, 3, 4, 6, 9, 12], "input_tokens": [60, 300, 640, 1000, 1400, 2000],
-              "top_k": [1, 2, 4, 8], "active_blocks": list(range(1, 17)), "output_tokens": [0, 1, 2, 10, 100, 500]}
+    path, fit_kwargs = MONOTONE_TABLES[table_name]
+    table, _ = read_parquet(path)
+    est = StageLatencyEstimator.fit(table, **fit_kwargs)
+    values = {"crops": [1, 2, 3, 4, 6, 9, 12], "input_tokens": [1, 20, 60, 300, 640, 1000, 1400, 2000],
+              "top_k": [1, 2, 3, 4, 8], "active_blocks": list(range(1, 17)),
+              "output_tokens": [0, 1, 2, 3, 4, 5, 7, 10, 100, 500]}
     base = {"crops": 4, "input_tokens": 640, "top_k": 2, "active_blocks": 12, "output_tokens": 20}
     xs = values[axis]
     inputs = {k: np.full(len(xs), v) for k, v in base.items()}
@@ -113,6 +132,79 @@ def test_monotone(axis):
     stages = est.predict_stages(**inputs)
     for s in STAGES:
         assert np.all(np.diff(stages[s]) >= -1e-12), (axis, s, stages[s])
+    for s in STAGES:
+        constrained = [f != "1" for f in FEATURES[s]]
+        assert np.all(est.coefficients[s][constrained] >= 0), (s, est.coefficients[s])
+
+
+def test_decode_warmup_term():
+    steps = np.arange(0, 40)
+    for ratio in (0.0, 0.5, 0.9):
+        warm = decode_warmup(steps, ratio)
+        assert warm[0] == 0 and warm[1] == 1
+        assert np.all(np.diff(warm) >= 0)
+        assert warm[-1] <= 1 / (1 - ratio) + 1e-12  # the excess is bounded: it decays
+    with pytest.raises(ValueError, match="decode_warmup_ratio"):
+        decode_warmup(steps, 1.0)
+    with pytest.raises(ValueError, match="decode_warmup_ratio"):
+        StageLatencyEstimator({s: np.zeros(len(FEATURES[s])) for s in STAGES}, decode_warmup_ratio=-0.1)
+
+
+def test_experts_hit_saturates():
+    # the experts-hit feature: fraction of 64 experts touched, growing in tokens and k towards 1
+    hit = [stage_features("prefill", workload(1, n, k, 1, 1), prefill_bucket=1)[0, -1]
+           for k in (1, 8) for n in (1, 10, 100, 1000)]
+    assert hit[0] == pytest.approx(1 / 64) and hit[4] == pytest.approx(8 / 64)
+    assert np.all(np.diff(hit[:4]) > 0) and np.all(np.diff(hit[4:]) > 0)
+    assert hit[3] == pytest.approx(1.0, abs=1e-6) and all(a <= b for a, b in zip(hit[:4], hit[4:]))
+
+
+def test_warmup_left_out_with_one_output_length():
+    # a stage table forces one answer length: W(s) is collinear with s there, so the fit keeps the
+    # warm-up coefficients at 0 and recovers the per-step ones
+    true = {**TRUE, "decode": np.array([0.1, 0.05, 0.004, 0.002, 0.0, 0.0, 0.0])}
+    table = synthetic_table(true, warmup_ratio=0.0).assign(output_tokens=33)
+    w = workload(*(table[c] for c in ("crops", "input_tokens", "top_k", "active_blocks", "output_tokens")))
+    table["decode_ms"] = stage_features("decode", w) @ true["decode"]
+    table["total_ms"] = sum(table[f"{s}_ms"] for s in STAGES) + 0.1
+    est = StageLatencyEstimator.fit(table)
+    assert est.decode_warmup_ratio == 0.0
+    np.testing.assert_array_equal(est.coefficients["decode"][4:], 0.0)
+    pred = est.predict_stages(2, 500, 2, 10, [2, 11, 100])["decode"]
+    w = workload(2, 500, 2, 10, [2, 11, 100])
+    np.testing.assert_allclose(pred, stage_features("decode", w) @ true["decode"], rtol=1e-6)
+
+
+def test_total_weighting_recovers_known_coefficients():
+    est = StageLatencyEstimator.fit(synthetic_table(TRUE), weighting="total")
+    for s in STAGES:
+        np.testing.assert_allclose(est.coefficients[s], TRUE[s], rtol=1e-6, atol=1e-9, err_msg=s)
+    with pytest.raises(ValueError, match="weighting="):
+        StageLatencyEstimator.fit(synthetic_table(TRUE), weighting="median")
+
+
+def test_files_from_before_the_new_terms_load(fitted, tmp_path):
+    # format-1 files written before the experts-hit and warm-up terms: 8 prefill and 4 decode
+    # coefficients, no decode_warmup_ratio; they load with those terms at 0 and predict as before
+    old = fitted.to_dict()
+    old["features"] = {**old["features"], "prefill": old["features"]["prefill"][:8], "decode": old["features"]["decode"][:4]}
+    old["coefficients"] = {**old["coefficients"], "prefill": TRUE["prefill"][:8].tolist(), "decode": TRUE["decode"][:4].tolist()}
+    del old["decode_warmup_ratio"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = StageLatencyEstimator.load(path)
+    assert loaded.decode_warmup_ratio == 0.0
+    np.testing.assert_array_equal(loaded.coefficients["decode"][4:], 0.0)
+    assert loaded.coefficients["prefill"][8] == 0.0
+    pred = loaded.predict_stages(2, 500, 2, 10, 11)
+    big_n = 0.512
+    assert pred["prefill"][0] == pytest.approx(0.2 + 10 * (0.25 + 0.2 * big_n + 0.05 * big_n**2 + 0.03 * 2 * big_n
+                                                              + 0.01 * 1 * big_n + 0.004 * 2 + 0.008 * 1))
+    s, sum_pos = 10, (10 * 500 + 10 * 9 / 2) / 1e3
+    assert pred["decode"][0] == pytest.approx(0.1 * s + 0.05 * s * 10 + 0.004 * s * 10 * 2 + 0.002 * 10 * sum_pos)
+    # and the committed estimators load
+    for saved in sorted((ROOT / "results" / "e3_estimators").glob("*.json")):
+        assert StageLatencyEstimator.load(saved).predict_total(4, 500, 2, 12, 10)[0] > 0
 
 
 def test_clear_errors(fitted, tmp_path):

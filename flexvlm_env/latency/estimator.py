@@ -8,16 +8,28 @@ Each stage is linear in its coefficients, with features shaped by what the runti
 - vision_encoder (one graph per crop count)         ≈ v0 + v1·crops
 - projector                                          ≈ q0 + q1·crops
 - prefill (graph per 64-token bucket N of n on CUDA; `prefill_bucket=1`: N = n, eager on a CPU)
-         ≈ f0 + B·(a + b·N + c·N² + d(k)·N + e(k)),
-  d(k) = d1·k + d2·log2 k, e(k) = e1·k + e2·log2 k (expert GEMMs and routing; concave in k at small N)
+         ≈ f0 + B·(a + b·N + c·N² + d(k)·N + e(k) + u·H(N, k)),
+  d(k) = d1·k + d2·log2 k, e(k) = e1·k + e2·log2 k (expert GEMMs and routing; concave in k at small N),
+  H(N, k) = 1 - (1 - k/E)^N: the expected fraction of the E = 64 experts that N tokens routed to k
+  each touch. Prefill runs one grouped product per expert hit (CPU: a Python loop of small matmuls;
+  CUDA: one padded tile per expert), so a fixed cost per expert hit saturates in N and k.
 - decode, steps s = output - 1 (the first token comes from prefill), positions n .. n + s - 1:
-  Σ_pos [g + B·(h + h_k·k + h_kv·pos)] = s·g + s·B·h + s·B·k·h_k + B·h_kv·Σpos
+  Σ_pos [g + B·(h + h_k·k + h_kv·pos)] + (w0 + B·w1 + B·k·w2)·W(s),  W(s) = Σ_{j<s} r^j
+  The first steps after prefill are slower and the excess decays: each active block's weights
+  come back into caches that prefill's activations filled (the CPU stage table's first step costs
+  ~20% more than the steady state, fading over ~6 steps; fitted on the CPU requests table: ~0.05 ms
+  per active block at the first step, r = 0.6). r is picked from WARMUP_RATIOS by the fit. A table whose
+  answers all have one length (stage tables: 32 forced tokens) cannot tell W(s) from s, so its
+  fit leaves the warm-up coefficients at 0 (or the prior's).
 - total = Σ stages + overhead (host time outside the stage marks; the median residual).
 
 Token counts enter in thousands (conditioning). Every coefficient but the stage intercepts is
-constrained to be >= 0 (active-set least squares), so the prediction never decreases when crops,
-tokens, top_k, active blocks or output tokens grow. Rows are weighted by 1/measured, i.e. the fit
-minimises relative error (what MAPE measures). Saved as JSON (`save` / `load`), no pickle.
+constrained to be >= 0 (active-set least squares) and H and W grow with their arguments, so the
+prediction never decreases when crops, tokens, top_k, active blocks or output tokens grow. Rows
+are weighted by 1/measured stage time (relative error of each stage) or, with
+`weighting="total"`, by 1/measured total (each stage's share of the total's relative error: for
+end-to-end request tables, whose answers have their natural lengths). Saved as JSON (`save` /
+`load`), no pickle; files written before the H and W terms load with those coefficients at 0.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ STAGES = ("preprocess", "vision_encoder", "projector", "prefill", "decode")
 STAGE_COLUMNS = tuple(f"{s}_ms" for s in STAGES)
 INPUTS = ("crops", "input_tokens", "top_k", "active_blocks", "output_tokens")
 PREFILL_BUCKET = 64
+N_EXPERTS = 64  # routed experts per MoE block of both presets (micro, molmoe-1b)
 FORMAT = "flexvlm-stage-latency-estimator/1"
 
 # feature names per stage; the ones named in FREE are unconstrained (intercepts)
@@ -39,9 +52,11 @@ FEATURES = {
     "preprocess": ("1", "crops", "n"),
     "vision_encoder": ("1", "crops"),
     "projector": ("1", "crops"),
-    "prefill": ("1", "B", "B*N", "B*N^2", "B*k*N", "B*log2k*N", "B*k", "B*log2k"),
-    "decode": ("s", "s*B", "s*B*k", "B*sum_pos"),
+    "prefill": ("1", "B", "B*N", "B*N^2", "B*k*N", "B*log2k*N", "B*k", "B*log2k", "B*experts_hit"),
+    "decode": ("s", "s*B", "s*B*k", "B*sum_pos", "w", "w*B", "w*B*k"),
 }
+# decode's first steps after prefill run slower (see module docstring): w(s) = Σ_{j<s} r^j
+WARMUP_RATIOS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 FREE = {"1"}
 
 
@@ -77,9 +92,20 @@ def workload(crops, input_tokens, top_k, active_blocks, output_tokens) -> dict[s
     return {k: np.broadcast_to(v, shape).astype(np.float64) for k, v in arrays.items()}
 
 
-def stage_features(stage: str, w: dict[str, np.ndarray], prefill_bucket: int = PREFILL_BUCKET) -> np.ndarray:
+def decode_warmup(steps: np.ndarray, ratio: float) -> np.ndarray:
+    """Σ_{j<steps} ratio^j: the decaying extra cost of the first decode steps in units of the
+    first step's extra (0 without decode steps; nondecreasing in `steps` for 0 <= ratio < 1)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"decode_warmup_ratio={ratio!r} must be in [0, 1)")
+    steps = np.asarray(steps, np.float64)
+    return (1.0 - ratio**steps) / (1.0 - ratio) if ratio > 0 else (steps > 0).astype(np.float64)
+
+
+def stage_features(stage: str, w: dict[str, np.ndarray], prefill_bucket: int = PREFILL_BUCKET,
+                   decode_warmup_ratio: float = 0.0) -> np.ndarray:
     """Design matrix [n, len(FEATURES[stage])] of `stage` for workload `w`; prefill runs on the
-    input length rounded up to `prefill_bucket` (64: CUDA graphs; 1: eager, e.g. on a CPU)."""
+    input length rounded up to `prefill_bucket` (64: CUDA graphs; 1: eager, e.g. on a CPU), decode's
+    warm-up term decays with ratio `decode_warmup_ratio`."""
     c, n, k, b, m = (w[name] for name in INPUTS)
     one = np.ones_like(c)
     if stage == "preprocess":
@@ -89,11 +115,13 @@ def stage_features(stage: str, w: dict[str, np.ndarray], prefill_bucket: int = P
     elif stage == "prefill":
         big_n = np.ceil(n / prefill_bucket) * prefill_bucket / 1e3
         lk = np.log2(k)
-        cols = [one, b, b * big_n, b * big_n**2, b * k * big_n, b * lk * big_n, b * k, b * lk]
+        hit = 1.0 - (1.0 - np.minimum(k, N_EXPERTS) / N_EXPERTS) ** (big_n * 1e3)
+        cols = [one, b, b * big_n, b * big_n**2, b * k * big_n, b * lk * big_n, b * k, b * lk, b * hit]
     elif stage == "decode":
         s = np.maximum(m - 1, 0)
         sum_pos = (s * n + s * (s - 1) / 2) / 1e3
-        cols = [s, s * b, s * b * k, b * sum_pos]
+        warm = decode_warmup(s, decode_warmup_ratio)
+        cols = [s, s * b, s * b * k, b * sum_pos, warm, warm * b, warm * b * k]
     else:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     return np.stack(cols, axis=1)
@@ -153,6 +181,26 @@ def _stage_targets(frame: pd.DataFrame, prefix: str = "") -> dict[str, np.ndarra
     return {s: frame[f"{prefix}{s}_ms"].to_numpy(np.float64) for s in STAGES}
 
 
+def _fit_stage(x: np.ndarray, y: np.ndarray, free: np.ndarray, weights: np.ndarray, prior: np.ndarray | None,
+               ridge: float, robust: bool) -> tuple[np.ndarray, float]:
+    """Coefficients of one stage and their weighted squared residual (Huber-reweighted if `robust`)."""
+    scale = None
+    if prior is not None:
+        scale = np.maximum(np.abs(prior), 1e-3 * max(np.abs(prior).max(), 1e-6))
+    theta = constrained_lstsq(x, y, free, weights, prior, ridge if prior is not None else 0.0, scale)
+    w = weights
+    if robust:
+        for _ in range(10):
+            rel = np.abs(x @ theta - y) * weights
+            w = weights * np.sqrt(np.minimum(1.0, 0.05 / np.maximum(rel, 1e-12)))
+            theta = constrained_lstsq(x, y, free, w, prior, ridge if prior is not None else 0.0, scale)
+    return theta, float(np.sum(((x @ theta - y) * w) ** 2))
+
+
+# coefficients per stage of files written before the experts-hit and warm-up terms (appended last)
+_V1_FEATURES = {"preprocess": 3, "vision_encoder": 2, "projector": 2, "prefill": 8, "decode": 4}
+
+
 @dataclass
 class StageLatencyEstimator:
     """Per-stage linear-in-coefficients latency model (see module docstring)."""
@@ -161,15 +209,23 @@ class StageLatencyEstimator:
     overhead_ms: float = 0.0
     metadata: dict = field(default_factory=dict)
     prefill_bucket: int = PREFILL_BUCKET
+    decode_warmup_ratio: float = 0.0
+    """r of the decode warm-up term w(s) = Σ_{j<s} r^j (0: only the first step is slower)"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefill_bucket, (int, np.integer)) or self.prefill_bucket < 1:
             raise ValueError(f"prefill_bucket={self.prefill_bucket!r} must be a positive integer")
         self.prefill_bucket = int(self.prefill_bucket)
+        ratio = float(self.decode_warmup_ratio)
+        if not (np.isfinite(ratio) and 0.0 <= ratio < 1.0):
+            raise ValueError(f"decode_warmup_ratio={self.decode_warmup_ratio!r} must be in [0, 1)")
+        self.decode_warmup_ratio = ratio
         for stage in STAGES:
             if stage not in self.coefficients:
                 raise ValueError(f"coefficients lack stage {stage!r}")
             coef = np.asarray(self.coefficients[stage], np.float64)
+            if coef.shape == (_V1_FEATURES[stage],):
+                coef = np.concatenate([coef, np.zeros(len(FEATURES[stage]) - _V1_FEATURES[stage])])  # files from before the new terms
             if coef.shape != (len(FEATURES[stage]),):
                 raise ValueError(f"{stage}: {coef.shape[0] if coef.ndim else 0} coefficients, expected {len(FEATURES[stage])} {FEATURES[stage]}")
             if not np.all(np.isfinite(coef)):
@@ -180,45 +236,58 @@ class StageLatencyEstimator:
     @classmethod
     def fit(cls, frame: pd.DataFrame, *, prefix: str = "", metadata: dict | None = None,
             prior: StageLatencyEstimator | None = None, ridge: float = 0.0,
-            prefill_bucket: int | None = None, robust: bool = False) -> StageLatencyEstimator:
+            prefill_bucket: int | None = None, robust: bool = False,
+            decode_warmup_ratio: float | None = None, weighting: str = "stage") -> StageLatencyEstimator:
         """Fit every stage on `frame` (columns crops, input_tokens or measured_input_tokens, top_k,
         active_blocks, output_tokens, `<prefix><stage>_ms`, optionally `total_ms` or
         `<prefix>total_ms`). With `prior` and `ridge` > 0 the coefficients are pulled towards the
         prior's (fine-tuning from a few target measurements), relative to their magnitude.
         `robust`: Huber-reweighted fit (relative residuals beyond 5% down-weighted, 10 rounds), for
-        tables with outliers such as runs on a shared, contended CPU."""
+        tables with outliers such as runs on a shared, contended CPU.
+        `decode_warmup_ratio`: r of the decode warm-up term; None picks the one of WARMUP_RATIOS
+        with the smallest weighted residual on `frame` (the prior's with a prior).
+        `weighting`: "stage" weights a stage's rows by 1/stage time (relative error of each stage),
+        "total" by 1/total time (each stage's share of the total's relative error)."""
         if frame is None or len(frame) == 0:
             raise ValueError("cannot fit a latency estimator on an empty table")
+        if weighting not in ("stage", "total"):
+            raise ValueError(f"weighting={weighting!r}; allowed: 'stage', 'total'")
         if prefill_bucket is None:
             prefill_bucket = prior.prefill_bucket if prior is not None else PREFILL_BUCKET
+        if decode_warmup_ratio is None and prior is not None:
+            decode_warmup_ratio = prior.decode_warmup_ratio
+        ratios = WARMUP_RATIOS if decode_warmup_ratio is None else (float(decode_warmup_ratio),)
         w = frame_workload(frame)
         targets = _stage_targets(frame, prefix)
+        total_col = f"{prefix}total_ms" if f"{prefix}total_ms" in frame else ("total_ms" if "total_ms" in frame else None)
+        if weighting == "total":
+            total = frame[total_col].to_numpy(np.float64) if total_col else sum(targets.values())
         coefficients = {}
+        ratio = ratios[0]
         for stage in STAGES:
-            x, y = stage_features(stage, w, prefill_bucket), targets[stage]
+            y = targets[stage]
             free = np.array([f in FREE for f in FEATURES[stage]])
             keep = y > 0 if stage == "decode" else np.ones(len(y), bool)  # one-token answers: no decode
             if stage == "decode" and not keep.any():
                 coefficients[stage] = prior.coefficients[stage].copy() if prior else np.zeros(len(FEATURES[stage]))
                 continue
-            weights = 1.0 / np.maximum(np.abs(y[keep]), 1e-3)
-            if prior is not None and ridge > 0:
-                p0 = prior.coefficients[stage]
-                scale = np.maximum(np.abs(p0), 1e-3 * max(np.abs(p0).max(), 1e-6))
-                coefficients[stage] = constrained_lstsq(x[keep], y[keep], free, weights, p0, ridge, scale)
-            else:
-                coefficients[stage] = constrained_lstsq(x[keep], y[keep], free, weights)
-            if robust:
-                base = weights
-                for _ in range(10):
-                    rel = np.abs(x[keep] @ coefficients[stage] - y[keep]) * base
-                    huber = np.sqrt(np.minimum(1.0, 0.05 / np.maximum(rel, 1e-12)))
-                    if prior is not None and ridge > 0:
-                        coefficients[stage] = constrained_lstsq(x[keep], y[keep], free, base * huber, p0, ridge, scale)
-                    else:
-                        coefficients[stage] = constrained_lstsq(x[keep], y[keep], free, base * huber)
-        est = cls(coefficients, 0.0, dict(metadata or {}), prefill_bucket)
-        total_col = f"{prefix}total_ms" if f"{prefix}total_ms" in frame else ("total_ms" if "total_ms" in frame else None)
+            weights = 1.0 / np.maximum(np.abs(total[keep] if weighting == "total" else y[keep]), 1e-3)
+            p0 = prior.coefficients[stage] if prior is not None and ridge > 0 else None
+            # the warm-up term is told apart from the per-step cost only by answers of several lengths
+            # (a stage table's forced output length makes it collinear with the `s` columns)
+            warm_identifiable = stage == "decode" and len(np.unique(w["output_tokens"][keep])) >= 3
+            best = None
+            for r in (ratio,) if stage != "decode" else ratios if warm_identifiable or len(ratios) == 1 else (0.0,):
+                x = stage_features(stage, w, prefill_bucket, r)[keep]
+                if stage == "decode" and not warm_identifiable:
+                    x[:, list(FEATURES["decode"]).index("w"):] = 0.0  # lstsq leaves these at 0 (or the prior)
+                theta, loss = _fit_stage(x, y[keep], free, weights, p0, ridge, robust)
+                if best is None or loss < best[2]:
+                    best = (theta, r, loss)
+            coefficients[stage] = best[0]
+            if stage == "decode":
+                ratio = best[1]
+        est = cls(coefficients, 0.0, dict(metadata or {}), prefill_bucket, ratio)
         if total_col is not None:
             stage_sum = sum(targets[s] for s in STAGES)
             est.overhead_ms = float(np.median(frame[total_col].to_numpy(np.float64) - stage_sum))  # robust already
@@ -230,7 +299,7 @@ class StageLatencyEstimator:
     def predict_stages(self, crops, input_tokens, top_k, active_blocks, output_tokens) -> dict[str, np.ndarray]:
         """Milliseconds per stage (1-D arrays; inputs broadcast)."""
         w = workload(crops, input_tokens, top_k, active_blocks, output_tokens)
-        return {s: stage_features(s, w, self.prefill_bucket) @ self.coefficients[s] for s in STAGES}
+        return {s: stage_features(s, w, self.prefill_bucket, self.decode_warmup_ratio) @ self.coefficients[s] for s in STAGES}
 
     def predict_total(self, crops, input_tokens, top_k, active_blocks, output_tokens) -> np.ndarray:
         stages = self.predict_stages(crops, input_tokens, top_k, active_blocks, output_tokens)
@@ -239,7 +308,7 @@ class StageLatencyEstimator:
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Predicted `<stage>_ms` and `total_ms` for each row of a table."""
         w = frame_workload(frame)
-        out = {f"{s}_ms": stage_features(s, w, self.prefill_bucket) @ self.coefficients[s] for s in STAGES}
+        out = {f"{s}_ms": stage_features(s, w, self.prefill_bucket, self.decode_warmup_ratio) @ self.coefficients[s] for s in STAGES}
         out["total_ms"] = sum(out.values()) + self.overhead_ms
         return pd.DataFrame(out, index=frame.index)
 
@@ -251,6 +320,7 @@ class StageLatencyEstimator:
             "coefficients": {s: [float(v) for v in self.coefficients[s]] for s in STAGES},
             "overhead_ms": float(self.overhead_ms),
             "prefill_bucket": self.prefill_bucket,
+            "decode_warmup_ratio": self.decode_warmup_ratio,
             "metadata": self.metadata,
         }
 
@@ -258,10 +328,13 @@ class StageLatencyEstimator:
     def from_dict(cls, data: dict) -> StageLatencyEstimator:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a stage latency estimator (expected format {FORMAT!r})")
-        if data.get("features") != {s: list(FEATURES[s]) for s in STAGES}:
+        current = {s: list(FEATURES[s]) for s in STAGES}
+        older = {stage: names[:_V1_FEATURES[stage]] for stage, names in current.items()}
+        if data.get("features") not in (current, older):
             raise ValueError("the saved estimator uses other features than this code")
         return cls({s: np.asarray(v, np.float64) for s, v in data["coefficients"].items()},
-                   float(data.get("overhead_ms", 0.0)), dict(data.get("metadata", {})), int(data.get("prefill_bucket", PREFILL_BUCKET)))
+                   float(data.get("overhead_ms", 0.0)), dict(data.get("metadata", {})), int(data.get("prefill_bucket", PREFILL_BUCKET)),
+                   float(data.get("decode_warmup_ratio", 0.0)))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

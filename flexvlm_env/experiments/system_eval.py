@@ -1,0 +1,527 @@
+"""E4, end-to-end system evaluation: FlexVLM's controller against the baselines at each budget.
+
+Methods: the five baselines of `baselines.knobs` (static full, tokens_only, depth_only,
+width_only, greedy tokens -> depth -> width), FlexVLM (a MaskablePPO controller over all three
+knobs, importance-ranked blocks, masked by the profiled latency guardrail; trained through
+`trainers.ppo` on the latency source's train half) and the LUT as a second learned controller.
+Every controller of a latency source is fitted on that source's train half and saved (safetensors
++ JSON, `agents.base.Controller.save`) under `controllers_dir/<source>/<method>`, so the live run
+on the GPU loads exactly the controllers the replay evaluation used.
+
+Serving protocol (`serve`), the same for the replay and the live env: per (request, budget
+fraction) case the env is reset with both pinned, the controller decides on that one observation
+(timed: `decision_ms`), the env executes the decision once, and the latency record, quality and
+violation are kept. Replay cases are every held-out request x the five fractions; live cases a
+per-family subset of the same held-out requests, served request by request (every method and
+fraction of a request before the next request), so a run stopped by its time limit is balanced.
+
+`summarize` turns records into the metrics per method and fraction: mean quality, retention vs the
+full configuration on the same requests, latency mean/P50/P95/P99, SLO violation rate, P95 of
+latency/budget (budgets differ per family), per-family P95 vs budget, decision overhead and the
+median latency saved vs full. `operating_curve` serves a controller with budget fractions scaled
+(0.8x to 6x), scoring violations against the true budget, which gives its retention at other
+violation levels: `bar_check` uses it to compare with a baseline "at equal or lower violation rate".
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+
+from .common import pareto_frontier, pyplot, save_figure
+
+SOURCES = ("molmoe-1b-h100", "micro-h100-measured")
+LIVE_SOURCE = "micro-h100-measured"
+BASELINES = ("full", "tokens_only", "depth_only", "width_only", "greedy")
+LEARNED = ("flexvlm", "lut")
+METHODS = (*BASELINES, *LEARNED)
+CONTENDERS = ("tokens_only", "depth_only", "width_only", "greedy")  # what the bar compares FlexVLM with
+BAR_FRACTIONS = (0.5, 0.35)
+BUDGET_SCALES = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
+
+
+def fkey(fraction: float) -> str:
+    return f"{float(fraction):g}"
+
+
+# -- controllers -----------------------------------------------------------------------------------
+
+
+def train_controllers(source: str, controllers_dir: Path, runs_dir: Path, seed: int = 0,
+                      total_env_steps: int = 126_000, reuse: bool = True) -> dict[str, Path]:
+    """Fit (or, with `reuse`, find) every method's controller for latency `source`; their dirs.
+
+    FlexVLM is `flexvlm-train maskable_ppo` (trainers.ppo, default hyper-parameters, `seed`,
+    `total_env_steps`, no W&B, one held-out evaluation at the end); the LUT and the baselines are
+    built from the source's train-half profiles."""
+    from agents.base import load_controller
+    from agents.lut import LUTController
+    from agents.profiles import ProfileTables
+    from baselines import make_baselines
+
+    out = Path(controllers_dir) / source
+    dirs = {m: out / m for m in METHODS}
+    if reuse and all((d / "controller.json").exists() for d in dirs.values()):
+        for d in dirs.values():
+            load_controller(d)  # fail now, not on the GPU, if one is unreadable
+        return dirs
+    profiles = ProfileTables.load(latency=source, split="train")
+    meta = {"latency_source": source, "quality_source": "micro", "split": "train"}
+    for name, baseline in make_baselines(profiles).items():
+        baseline.save(dirs[name], metadata=meta)
+    LUTController.fit(profiles).save(dirs["lut"], metadata=meta)
+    from trainers import ppo
+
+    args = ppo.Args(maskable=True, latency=source, seed=seed, total_env_steps=total_env_steps,
+                    eval_every_env_steps=total_env_steps, wandb=False, baselines=False, runs_dir=Path(runs_dir))
+    if total_env_steps < args.n_envs * args.n_steps:  # quick runs: one small rollout
+        args.n_steps = max(2, total_env_steps // args.n_envs)
+        args.batch_size = args.n_envs * args.n_steps
+    final = ppo.main(args)
+    load_controller(Path(runs_dir) / final["run"] / "controller").save(
+        dirs["flexvlm"], metadata={**meta, "trainer": "maskable_ppo", "seed": seed, "env_steps": final["env_steps"],
+                                   "run": final["run"]})
+    return dirs
+
+
+def load_controllers(dirs: dict[str, Path]) -> dict:
+    from agents.base import load_controller
+
+    return {name: load_controller(path) for name, path in dirs.items()}
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def heldout_subset(request_ids: Sequence[str], per_family: int | None, seed: int = 0) -> list[str]:
+    """`per_family` held-out ids per family (seeded draw, kept in pool order), or all of them."""
+    if per_family is None:
+        return list(request_ids)
+    if per_family < 1:
+        raise ValueError(f"per_family={per_family!r} must be >= 1 or None (all held-out requests)")
+    rng = np.random.default_rng(seed)
+    by_family: dict[str, list[str]] = {}
+    for rid in request_ids:
+        by_family.setdefault(rid.split("/")[0], []).append(rid)
+    chosen = set()
+    for family in sorted(by_family):
+        ids = by_family[family]
+        take = rng.choice(len(ids), size=min(per_family, len(ids)), replace=False)
+        chosen.update(ids[i] for i in take)
+    return [rid for rid in request_ids if rid in chosen]
+
+
+def serve_case(controller, env, request_id: str, fraction: float, seed: int, budget_scale: float = 1.0,
+               redo_if=None) -> dict:
+    """One case: reset pinned (the controller sees `fraction x budget_scale`), timed decision, one
+    execution; violation against the true budget (`fraction`). `redo_if(info)` True means the
+    execution paid a one-off cost (a CUDA graph capture) and is executed again."""
+    options = {"request_id": request_id, "budget_fraction": fraction * budget_scale}
+    observation, _ = env.reset(seed=seed, options=options)
+    start = time.perf_counter()
+    action = controller.select_action(observation)
+    decision_ms = (time.perf_counter() - start) * 1e3
+    _, _, _, _, info = env.step(action)
+    redone = 0
+    while redo_if is not None and redo_if(info) and redone < 2:
+        env.reset(seed=seed, options=options)
+        _, _, _, _, info = env.step(action)
+        redone += 1
+    budget_ms = float(info["budget_ms"]) / budget_scale
+    config = info["config"]
+    return {
+        "request_id": request_id, "family": info["family"], "fraction": float(fraction), "budget_scale": budget_scale,
+        "budget_ms": budget_ms, "latency_ms": float(info["latency_ms"]), "quality": float(info["quality"]),
+        "violation": bool(float(info["latency_ms"]) > budget_ms), "crops": config["crops"], "top_k": config["top_k"],
+        "active_blocks": config["active_blocks"], "decision_ms": decision_ms,
+        "features_ms": float(info.get("controller_overhead_ms", 0.0)), "redone": redone,
+        **({"error": info["error"]} if "error" in info else {}),
+    }
+
+
+def serve(controllers: dict, env, request_ids: Sequence[str], fractions: Sequence[float], seed: int = 0,
+          time_limit_s: float | None = None, redo_if=None, shuffle: bool = True) -> tuple[list[dict], bool]:
+    """Every method x fraction for each request in turn (methods in a seeded order per request).
+    Returns (records, finished); with `time_limit_s` it stops after the request in progress."""
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    records = []
+    cases = [(m, f) for m in controllers for f in fractions]
+    for i, request_id in enumerate(request_ids):
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            return records, False
+        order = rng.permutation(len(cases)) if shuffle else range(len(cases))
+        for j in order:
+            method, fraction = cases[j]
+            record = serve_case(controllers[method], env, request_id, fraction, seed + i, redo_if=redo_if)
+            records.append({"method": method, **record})
+    return records, True
+
+
+def operating_curve(controller, env, request_ids: Sequence[str], fractions: Sequence[float],
+                    scales: Sequence[float] = BUDGET_SCALES, seed: int = 0) -> list[dict]:
+    """Records of `controller` told budgets `scale x` the true one (violations against the true one)."""
+    records = []
+    for scale in scales:
+        for f in fractions:
+            for i, request_id in enumerate(request_ids):
+                records.append(serve_case(controller, env, request_id, f, seed + i, budget_scale=scale))
+    return records
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def oracle_reference(source: str, fractions: Sequence[float], split: str = "heldout") -> dict[str, dict]:
+    """Per fraction, what any controller could reach on `source`'s `split` requests with the
+    recorded median latencies: `violation_floor` = share of requests whose fastest configuration
+    already exceeds the budget; `oracle_retention` = mean over requests of the best quality among
+    the configurations within budget (the fastest one's when none is) over the full config's."""
+    from ..profiles import load_replay_data
+    from ..profiles.replay import request_split_mask
+
+    data = load_replay_data(quality="micro", latency=source)
+    rows = request_split_mask(data.request_ids, data.families, split)
+    reference = np.array([data.family_full_latency_ms()[f] for f in data.families])[rows]
+    latency, quality = data.total_ms[rows], data.quality[rows]
+    out = {}
+    for f in fractions:
+        within = latency <= f * reference[:, None]
+        best = np.where(within.any(axis=1), np.where(within, quality, -np.inf).max(axis=1),
+                        quality[np.arange(len(quality)), latency.argmin(axis=1)])
+        out[fkey(f)] = {"violation_floor": float(1 - within.any(axis=1).mean()),
+                        "oracle_retention": float(best.mean() / quality[:, data.full_index].mean()),
+                        "fastest_over_full_median": float(np.median(latency.min(axis=1) / reference))}
+    return out
+
+
+def _p(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def full_quality_by_request(records: list[dict]) -> dict[str, float]:
+    """Per request, the mean quality of the full method's executions (the retention reference)."""
+    acc: dict[str, list[float]] = {}
+    for r in records:
+        if r["method"] == "full":
+            acc.setdefault(r["request_id"], []).append(r["quality"])
+    if not acc:
+        raise ValueError("records hold no 'full' method executions; retention needs them as the reference")
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def metrics(rows: list[dict], full_quality: dict[str, float], full_median_ms: float) -> dict:
+    """The E4 metrics of one method at one budget fraction (see the module docstring)."""
+    if not rows:
+        raise ValueError("no records to summarize")
+    latency = np.array([r["latency_ms"] for r in rows])
+    budget = np.array([r["budget_ms"] for r in rows])
+    quality = np.array([r["quality"] for r in rows])
+    reference = np.array([full_quality[r["request_id"]] for r in rows])
+    families = sorted({r["family"] for r in rows})
+    per_family = {}
+    for family in families:
+        sel = np.array([r["family"] == family for r in rows])
+        per_family[family] = {"p95_latency_ms": _p(latency[sel], 95), "budget_ms": float(np.median(budget[sel])),
+                              "p95_within_budget": bool(_p(latency[sel], 95) <= float(np.median(budget[sel]))),
+                              "violation_rate": float(np.mean(latency[sel] > budget[sel])), "n": int(sel.sum())}
+    decision = np.array([r["decision_ms"] for r in rows])
+    features = np.array([r["features_ms"] for r in rows])
+    median_ms = float(np.median(latency))
+    return {
+        "n": len(rows), "quality": float(quality.mean()), "full_quality": float(reference.mean()),
+        "quality_retention": float(quality.mean() / reference.mean()) if reference.mean() > 0 else float("nan"),
+        "latency_mean_ms": float(latency.mean()), "latency_p50_ms": median_ms, "latency_p95_ms": _p(latency, 95),
+        "latency_p99_ms": _p(latency, 99), "violation_rate": float(np.mean(latency > budget)),
+        "latency_over_budget_p95": _p(latency / budget, 95), "latency_over_budget_p99": _p(latency / budget, 99),
+        "p95_within_budget": bool(_p(latency / budget, 95) <= 1.0),
+        "families_p95_within_budget": int(sum(v["p95_within_budget"] for v in per_family.values())),
+        "n_families": len(families), "per_family": per_family,
+        "budget_ms_median": float(np.median(budget)),
+        "decision_ms_median": float(np.median(decision)), "decision_ms_p95": _p(decision, 95),
+        "features_ms_median": float(np.median(features)),
+        "saved_ms_median": full_median_ms - median_ms,
+        "mean_crops": float(np.mean([r["crops"] for r in rows])), "mean_top_k": float(np.mean([r["top_k"] for r in rows])),
+        "mean_active_blocks": float(np.mean([r["active_blocks"] for r in rows])),
+    }
+
+
+def summarize(records: list[dict], request_ids: Sequence[str] | None = None) -> dict:
+    """{method: {fraction: metrics}} over `records` (restricted to `request_ids` if given)."""
+    if request_ids is not None:
+        keep = set(request_ids)
+        records = [r for r in records if r["request_id"] in keep]
+    full_quality = full_quality_by_request(records)
+    full_median_ms = float(np.median([r["latency_ms"] for r in records if r["method"] == "full"]))
+    out: dict[str, dict] = {}
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    fractions = sorted({r["fraction"] for r in records})
+    for method in methods:
+        out[method] = {}
+        for f in fractions:
+            rows = [r for r in records if r["method"] == method and r["fraction"] == f]
+            if rows:
+                out[method][fkey(f)] = metrics(rows, full_quality, full_median_ms)
+    return out
+
+
+def curve_points(curve_records: list[dict], full_quality: dict[str, float]) -> dict[str, list[dict]]:
+    """Per true fraction, (scale, violation rate, retention, P95) of an operating curve."""
+    out: dict[str, list[dict]] = {}
+    for f in sorted({r["fraction"] for r in curve_records}):
+        for scale in sorted({r["budget_scale"] for r in curve_records}):
+            rows = [r for r in curve_records if r["fraction"] == f and r["budget_scale"] == scale]
+            if not rows:
+                continue
+            q = np.mean([r["quality"] for r in rows])
+            ref = np.mean([full_quality[r["request_id"]] for r in rows])
+            out.setdefault(fkey(f), []).append({
+                "budget_scale": scale, "violation_rate": float(np.mean([r["violation"] for r in rows])),
+                "quality_retention": float(q / ref) if ref > 0 else float("nan"),
+                "latency_p95_ms": _p([r["latency_ms"] for r in rows], 95)})
+    return out
+
+
+def retention_at_violation(points: list[dict], violation_rate: float) -> float | None:
+    """The best retention of an operating curve among its points whose violation rate is at most
+    `violation_rate` (None when every point violates more)."""
+    ok = [p["quality_retention"] for p in points if p["violation_rate"] <= violation_rate + 1e-12]
+    return max(ok) if ok else None
+
+
+def bar_check(summary: dict, curve: dict[str, list[dict]], method: str = "flexvlm",
+              fractions: Sequence[float] = BAR_FRACTIONS, contenders: Sequence[str] = CONTENDERS) -> dict:
+    """The E4 bar for one source. Per fraction and contender:
+    - `strict`: FlexVLM's retention > the contender's and its violation rate <= the contender's;
+    - `at_equal_violation`: FlexVLM's operating curve (budget inflated until its violation rate
+      reaches the contender's) retains more than the contender at a violation rate no higher;
+    the bar holds at a fraction when every contender is beaten by one of the two readings
+    (`strict` alone is reported too). P95 <= budget is checked at every fraction >= 0.5."""
+    out: dict = {"comparisons": {}, "p95_within_budget": {}}
+    holds_equal, holds_strict = True, True
+    for f in fractions:
+        ours = summary[method][fkey(f)]
+        rows = {}
+        for name in contenders:
+            theirs = summary[name][fkey(f)]
+            strict = ours["quality_retention"] > theirs["quality_retention"] and ours["violation_rate"] <= theirs["violation_rate"]
+            at_equal = retention_at_violation(curve.get(fkey(f), []), theirs["violation_rate"])
+            equal = at_equal is not None and at_equal > theirs["quality_retention"]
+            rows[name] = {"retention": theirs["quality_retention"], "violation_rate": theirs["violation_rate"],
+                          "flexvlm_retention": ours["quality_retention"], "flexvlm_violation_rate": ours["violation_rate"],
+                          "flexvlm_retention_at_their_violation": at_equal, "strict": bool(strict),
+                          "at_equal_violation": bool(strict or equal)}
+            holds_strict &= bool(strict)
+            holds_equal &= bool(strict or equal)
+        out["comparisons"][fkey(f)] = rows
+    p95_ok = True
+    for f, m in summary[method].items():
+        if float(f) >= 0.5:
+            out["p95_within_budget"][f] = {"latency_over_budget_p95": m["latency_over_budget_p95"],
+                                           "families_p95_within_budget": m["families_p95_within_budget"],
+                                           "n_families": m["n_families"]}
+            p95_ok &= m["p95_within_budget"]
+    out["retention_bar_strict"] = bool(holds_strict)
+    out["retention_bar_at_equal_violation"] = bool(holds_equal)
+    out["p95_bar"] = bool(p95_ok)
+    return out
+
+
+def compare_live_replay(live: dict, replay: dict) -> dict:
+    """Per method and fraction: live minus replay violation rate, P95 (ms and of latency/budget)
+    and retention, on the same requests."""
+    out: dict = {}
+    for method, by_f in live.items():
+        for f, lm in by_f.items():
+            rm = replay.get(method, {}).get(f)
+            if rm is None:
+                continue
+            out.setdefault(method, {})[f] = {
+                "violation_rate_live": lm["violation_rate"], "violation_rate_replay": rm["violation_rate"],
+                "violation_rate_diff": lm["violation_rate"] - rm["violation_rate"],
+                "latency_p95_ms_live": lm["latency_p95_ms"], "latency_p95_ms_replay": rm["latency_p95_ms"],
+                "latency_p95_ms_diff": lm["latency_p95_ms"] - rm["latency_p95_ms"],
+                "latency_over_budget_p95_live": lm["latency_over_budget_p95"],
+                "latency_over_budget_p95_replay": rm["latency_over_budget_p95"],
+                "quality_retention_live": lm["quality_retention"], "quality_retention_replay": rm["quality_retention"],
+                "quality_retention_diff": lm["quality_retention"] - rm["quality_retention"],
+            }
+    diffs = [v for m in out.values() for v in m.values()]
+    mean_abs = {k: float(np.mean([abs(d[k]) for d in diffs])) for k in
+                ("violation_rate_diff", "latency_p95_ms_diff", "quality_retention_diff")} if diffs else {}
+    return {"by_method": out, "mean_abs_diff": mean_abs}
+
+
+def same_config_latency_ratio(live_records: list[dict], source: str = "micro-h100-measured") -> dict:
+    """Live latency over the replay table's recorded median for the very same (request, config):
+    separates "the device runs slower live than when it was profiled" from "the controller chose
+    differently". Summarised overall, per knob value and per method."""
+    from ..profiles import load_replay_data
+
+    data = load_replay_data(quality="micro", latency=source)
+    row = {rid: i for i, rid in enumerate(data.request_ids)}
+    ratios, diffs, keys = [], [], []
+    for r in live_records:
+        if r["request_id"] not in row:
+            continue
+        c = data.config_index(Config(crops=r["crops"], top_k=r["top_k"], active_blocks=r["active_blocks"]))
+        recorded = float(data.total_ms[row[r["request_id"]], c])
+        ratios.append(r["latency_ms"] / recorded)
+        diffs.append(r["latency_ms"] - recorded)
+        keys.append(r)
+    if not ratios:
+        return {"n": 0}
+    ratios_a, diffs_a = np.asarray(ratios), np.asarray(diffs)
+
+    def by(field: str) -> dict:
+        values = sorted({k[field] for k in keys})
+        return {str(v): float(np.median([x for x, k in zip(ratios, keys) if k[field] == v])) for v in values}
+
+    return {"n": len(ratios), "source": source, "ratio_median": float(np.median(ratios_a)),
+            "ratio_p5": float(np.percentile(ratios_a, 5)), "ratio_p95": float(np.percentile(ratios_a, 95)),
+            "diff_ms_median": float(np.median(diffs_a)), "diff_ms_mean": float(diffs_a.mean()),
+            "ratio_median_by": {f: by(f) for f in ("method", "crops", "top_k", "active_blocks")}}
+
+
+# -- live ------------------------------------------------------------------------------------------
+
+
+def make_live_env(device: str, per_family_pool: int, calibration_requests: int, dtype: str | None = None):
+    """`FlexVLM-v0` (micro) serving the recorded pool's val requests (the same request ids as the
+    replay tables: procedural val, task seed 0), budgets from its own calibration on this device.
+
+    Built twice on one model: the first env's warm-up and calibration run every configuration and
+    the calibration requests once (on CUDA capturing their graphs, whose first use is slow), so
+    the second env, sharing the model, calibrates the full-configuration latency warm."""
+    import gymnasium as gym
+
+    import flexvlm_env  # noqa: F401
+
+    common = {"split": "val", "task_seed": 0, "requests_per_family": per_family_pool, "episode_length": 1,
+              "calibration_requests": calibration_requests}
+    cold = gym.make("FlexVLM-v0", device=device, dtype=dtype, **common)
+    env = gym.make("FlexVLM-v0", vlm=cold.unwrapped.vlm, warmup="none", **common)
+    env.unwrapped.warmup_s = cold.unwrapped.warmup_s  # what the shared model's warm-up cost
+    env.unwrapped.calibration["cold_full_latency_ms"] = dict(cold.unwrapped.full_latency_ms)
+    return env
+
+
+def graph_capture_detector(env):
+    """`redo_if` for `serve`: True when the last step captured a CUDA graph (a one-off cost a warm
+    server never pays: the env's warm-up captures one prefill length bucket per configuration)."""
+    graphs = getattr(env.unwrapped.vlm, "_graphs", None)
+    if graphs is None:
+        return None
+    state = {"n": len(graphs.graphs)}
+
+    def redo(info) -> bool:
+        n = len(graphs.graphs)
+        captured = n != state["n"]
+        state["n"] = n
+        return captured
+
+    return redo
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+COLORS = {"full": "k", "tokens_only": "tab:blue", "depth_only": "tab:orange", "width_only": "tab:green",
+          "greedy": "tab:purple", "flexvlm": "tab:red", "lut": "tab:brown"}
+
+
+def plot_from_results(results_dir: Path) -> list[Path]:
+    """Rebuild E4's figures from `results/e4_summary.json` alone."""
+    results_dir = Path(results_dir)
+    summary = json.loads((results_dir / "e4_summary.json").read_text())
+    figures = results_dir / "figures"
+    written = []
+    panels = [(s, summary["replay"][s]["metrics"], summary["replay"][s].get("oracle")) for s in summary["replay"]]
+    if summary.get("live", {}).get("metrics"):
+        panels.append(("live " + summary["live"]["device"], summary["live"]["metrics"], None))
+
+    def grid_plot(name, title, draw):
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+        for ax, (label, data, oracle) in zip(axes[0], panels):
+            draw(ax, data)
+            if oracle and name == "e4_violation_vs_budget.png":
+                ax.plot([float(f) for f in oracle], [o["violation_floor"] for o in oracle.values()], color="grey",
+                        ls=":", lw=2, label="floor: fastest config over budget")
+            ax.set_title(label, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        written.append(save_figure(fig, figures / name, 120))
+
+    def frontier(ax, data):
+        for method, by_f in data.items():
+            p95 = [m["latency_p95_ms"] for m in by_f.values()]
+            ret = [m["quality_retention"] for m in by_f.values()]
+            ax.scatter(p95, ret, color=COLORS.get(method), s=18, label=method)
+            idx = pareto_frontier(p95, ret)
+            ax.plot(np.asarray(p95)[idx], np.asarray(ret)[idx], color=COLORS.get(method), lw=1)
+        ax.set_xlabel("P95 latency (ms)")
+        ax.set_ylabel("quality retention vs full")
+
+    def versus_budget(key, ylabel, hline=None):
+        def draw(ax, data):
+            for method, by_f in data.items():
+                fr = [float(f) for f in by_f]
+                ax.plot(fr, [m[key] for m in by_f.values()], marker="o", ms=3, color=COLORS.get(method), label=method)
+            if hline is not None:
+                ax.axhline(hline, color="k", lw=0.8, ls="--")
+            ax.set_xlabel("budget fraction of full latency")
+            ax.set_ylabel(ylabel)
+        return draw
+
+    grid_plot("e4_frontiers.png", "E4: P95 latency vs quality retention (one point per budget fraction)", frontier)
+    grid_plot("e4_p95_vs_budget.png", "E4: P95 of latency / budget (solid) per budget fraction; 1 = at the budget",
+              versus_budget("latency_over_budget_p95", "P95 latency / budget", 1.0))
+    grid_plot("e4_p99_vs_budget.png", "E4: P99 of latency / budget per budget fraction",
+              versus_budget("latency_over_budget_p99", "P99 latency / budget", 1.0))
+    grid_plot("e4_violation_vs_budget.png", "E4: SLO violation rate (latency > budget)",
+              versus_budget("violation_rate", "violation rate"))
+    grid_plot("e4_retention_vs_budget.png", "E4: quality retention vs the full configuration",
+              versus_budget("quality_retention", "quality retention"))
+
+    def overhead(ax, data):
+        for method, by_f in data.items():
+            saved = [m["saved_ms_median"] for m in by_f.values()]
+            cost = [m["decision_ms_median"] + m["features_ms_median"] for m in by_f.values()]
+            ax.scatter(saved, cost, color=COLORS.get(method), s=18, label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("median latency saved vs full (ms)")
+        ax.set_ylabel("decision (+ features, live) ms, median")
+
+    grid_plot("e4_overhead_vs_savings.png", "E4: controller overhead vs latency saved", overhead)
+
+    curves = {s: v.get("operating_curve") for s, v in summary["replay"].items() if v.get("operating_curve")}
+    if curves:
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4), squeeze=False)
+        for ax, (source, curve) in zip(axes[0], curves.items()):
+            metrics_ = summary["replay"][source]["metrics"]
+            for i, f in enumerate(BAR_FRACTIONS):
+                pts = curve.get(fkey(f), [])
+                c = f"C{i}"
+                ax.plot([p["violation_rate"] for p in pts], [p["quality_retention"] for p in pts], marker="o", ms=3,
+                        color=c, label=f"FlexVLM, budget told x scale, fraction {f:g}")
+                for name in CONTENDERS:
+                    m = metrics_[name][fkey(f)]
+                    ax.scatter(m["violation_rate"], m["quality_retention"], color=c, marker="x")
+                    ax.annotate(name, (m["violation_rate"], m["quality_retention"]), fontsize=6, color=c)
+            ax.set_xlabel("violation rate (true budget)")
+            ax.set_ylabel("quality retention")
+            ax.set_title(source, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.suptitle("E4: FlexVLM's violation/retention curve vs the baselines (x) at fractions 0.5 and 0.35", fontsize=10)
+        fig.tight_layout()
+        written.append(save_figure(fig, figures / "e4_equal_violation.png", 120))
+    return written
