@@ -34,9 +34,23 @@ def summary(experiment):
     return json.loads((RESULTS / f"{experiment}_summary.json").read_text())
 
 
+def show(path):
+    # Embedded as a reduced JPEG: the full PNGs are in results/figures, and the saved notebooks
+    # stay small enough for the repository.
+    import io
+
+    from PIL import Image as PILImage
+
+    image = PILImage.open(path).convert("RGB")
+    image.thumbnail((1000, 1000))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=70)
+    display(Image(data=buffer.getvalue(), format="jpeg"))
+
+
 def figures(experiment):
     for path in importlib.import_module(MODULES[experiment]).plot_from_results(RESULTS):
-        display(Image(filename=str(path)))
+        show(path)
 """
 
 
@@ -72,11 +86,7 @@ def notebook(title: str, intro: str, sections: list[Section]) -> nbformat.Notebo
 
 def show_pngs(*names: str) -> str:
     """A cell that shows figures another driver made (E3, M4, E5: their drivers draw them)."""
-    return "\n".join(f"display(Image(filename=str(RESULTS / 'figures' / {n!r})))" for n in names)
-
-
-def pct(expr: str) -> str:
-    return f"f'{{100 * ({expr}):.1f}}%'"
+    return "\n".join(f"show(RESULTS / 'figures' / {n!r})" for n in names)
 
 
 NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
