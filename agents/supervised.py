@@ -19,6 +19,7 @@ from flexvlm_env.config import KnobGrid
 from .base import Controller
 from .features import N_FEATURES, observation_features
 from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
+from .numpy_mlp import forward, numpy_layers
 from .profiles import ProfileTables
 
 
@@ -80,13 +81,24 @@ class SupervisedController(Controller):
         self.net.eval()
         return loss_sum
 
-    @torch.inference_mode()
     def select_indices(self, observations):
-        logits = self.net(torch.from_numpy(observation_features(observations))).numpy()
+        logits = self.logits(observations)
         if self.guardrail is not None:
             allowed = self.guardrail.masks(observations["family"], observations["budget_fraction"])
             logits = np.where(allowed, logits, -np.inf)
         return logits.argmax(axis=1)
+
+    def logits(self, observations) -> np.ndarray:
+        """float32 [B, n_configs]: the MLP in NumPy on views of its live weights (`agents.numpy_mlp`;
+        batch-1 decisions are dispatch-bound in torch), or through torch for other module types."""
+        layers = numpy_layers(self.net)
+        if layers is None:
+            return self.torch_logits(observations)
+        return forward(layers, observation_features(observations))
+
+    @torch.inference_mode()
+    def torch_logits(self, observations) -> np.ndarray:
+        return self.net(torch.from_numpy(observation_features(observations))).numpy()
 
     def state(self):
         guardrail_config, guardrail_tensors = optional_guardrail_state(self.guardrail)

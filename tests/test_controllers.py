@@ -162,6 +162,17 @@ def test_baselines_meet_predicted_budget(profiles, heldout_env):
 # -- save / load ------------------------------------------------------------------------------------
 
 
+def test_supervised_numpy_forward_equals_torch_and_reads_live_weights(profiles, heldout_env):
+    observations = stack_observations([heldout_env.reset(seed=i)[0] for i in range(64)])
+    supervised = SupervisedController.create(profiles, hidden=(16, 8), seed=0)
+    np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        supervised.net[-1].bias.add_(2.0)  # a training step's update is seen by the next decision
+    np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-5, atol=1e-5)
+    supervised.net.append(torch.nn.Softplus())  # a layer the NumPy path does not know: the torch path decides
+    np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-6)
+
+
 def test_save_load_round_trip(tmp_path, profiles, heldout_env):
     observations = stack_observations([heldout_env.reset(seed=i)[0] for i in range(64)])
     features, targets = oracle_dataset(profiles.subset(np.arange(50)), (0.5, 1.0))

@@ -435,3 +435,15 @@ def test_deepcopy_shares_the_loaded_model(tiny_vlm):
 
     kwargs = copy.deepcopy({"vlm": tiny_vlm, "families": ["tally_qa"]})
     assert kwargs["vlm"] is tiny_vlm
+
+
+def test_block_plan_memo_follows_the_ranking_and_policy():
+    vlm = make_tiny_vlm(seed=5)
+    n = vlm.args.n_layers
+    first = vlm.plan(Config(active_blocks=2))
+    assert vlm.plan(Config(active_blocks=2)) is first  # memoised
+    vlm.block_ranking = (0, *reversed(range(1, n)))  # a re-measured ranking: no stale plan
+    assert vlm.plan(Config(active_blocks=2)) == (0, n - 1)
+    assert vlm.plan(Config(active_blocks=2, mask_policy="prefix")) == (0, 1)
+    seeds = {vlm.plan(Config(active_blocks=2, mask_policy="random", mask_seed=s)) for s in range(8)}
+    assert len(seeds) > 1

@@ -90,6 +90,7 @@ class VLM:
         self.device, self.dtype = param.device, param.dtype
         n = self.args.n_layers
         self.block_ranking = validate_ranking(block_ranking if block_ranking is not None else range(n), n)
+        self._plans: dict[tuple, tuple[int, ...]] = {}
         self.ranking_source = ranking_source
         self.random_weights = random_weights
         self.weights_sha256 = weights_sha256
@@ -113,7 +114,15 @@ class VLM:
     # knobs
 
     def plan(self, config: Config) -> tuple[int, ...]:
-        return block_plan(config.mask_policy, config.active_blocks, self.args.n_layers, self.block_ranking, config.mask_seed)
+        # Memoised: a controller switches configs every request, and re-deriving the plan (ranking
+        # checks, the random policy's permutation) was most of applying one (experiment M3). The
+        # ranking is part of the key, so assigning a new `block_ranking` can never reuse a stale plan.
+        key = (config.mask_policy, config.active_blocks, config.mask_seed, self.block_ranking)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = block_plan(config.mask_policy, config.active_blocks, self.args.n_layers,
+                                                 self.block_ranking, config.mask_seed)
+        return plan
 
     def check_config(self, config: Config) -> Config:
         if not isinstance(config, Config):
