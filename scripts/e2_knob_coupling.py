@@ -27,11 +27,8 @@ import tyro
 
 from flexvlm_env.experiments import knob_coupling as e2
 from flexvlm_env.experiments.common import run_header, write_json
-from flexvlm_env.profiles.loading import QUALITY_SOURCES, REQUESTS_TABLE, profiles_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-POOL_500_QUALITY = ROOT / "results/device_tables/micro_quality_val_vqa_caption_500.parquet"
-POOL_500_REQUESTS = ROOT / "results/device_tables/requests_val_vqa_caption_500.parquet"
 
 
 @dataclass
@@ -65,24 +62,8 @@ class Args:
 def resolve(args: Args) -> Args:
     """Fill defaults (quick and data paths) and reject bad arguments with a clear message."""
     if args.quick:
-        args.per_family = min(args.per_family or 40, 40)
         args.n_boot = min(args.n_boot, 20)
-    if args.quality_table is None:
-        args.quality_table = (POOL_500_QUALITY if POOL_500_QUALITY.exists() and not args.quick
-                              else profiles_dir() / QUALITY_SOURCES["micro"])
-    if args.requests_table is None:
-        args.requests_table = (POOL_500_REQUESTS if POOL_500_REQUESTS.exists() and not args.quick
-                               else profiles_dir() / REQUESTS_TABLE)
-    for name in ("quality_table", "requests_table"):
-        if not Path(getattr(args, name)).exists():
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: file not found")
-    bad = [s for s in args.latency if s not in e2.LATENCY_CHOICES]
-    if bad or not args.latency:
-        raise SystemExit(f"--latency={list(args.latency)}: allowed values are {list(e2.LATENCY_CHOICES)} (at least one)")
-    if len(args.families) != 2 or len(set(args.families)) != 2:
-        raise SystemExit(f"--families={list(args.families)}: give exactly two different families (QA, captioning)")
-    if args.per_family is not None and args.per_family < 2:
-        raise SystemExit(f"--per-family={args.per_family}: must be >= 2")
+    e2.pool_and_validation(args)
     if args.n_boot < 1:
         raise SystemExit(f"--n-boot={args.n_boot}: must be >= 1")
     if args.bar_points <= 0:

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
@@ -120,8 +119,6 @@ def quick_overrides(args: Args) -> Args:
 
 
 def run_live(args: Args) -> Path:
-    import torch
-
     from flexvlm_env.benchmarking import device_info
 
     dirs = {m: args.controllers_dir / e4.LIVE_SOURCE / m for m in e4.METHODS}

@@ -9,9 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from ..benchmarking import distribution_summary  # noqa: F401  (re-exported: the latency protocol's statistics)
-from ..figures import _pyplot as pyplot  # noqa: F401  (Agg backend: figures are written, never shown)
-from ..figures import _save as save_figure  # noqa: F401
+from ..benchmarking import distribution_summary
+from ..figures import _pyplot as pyplot
+from ..figures import _save as save_figure
+
+# Re-exported so every experiment module takes them from here: the latency protocol's statistics,
+# pyplot on the file-only Agg backend, and the shared figure saver.
+__all__ = ["distribution_summary", "pyplot", "save_figure", "frontier_quality_at", "machine", "pareto_frontier",
+           "run_header", "versions", "write_json"]
 
 
 def versions() -> dict[str, str]:

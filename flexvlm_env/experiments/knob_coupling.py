@@ -40,6 +40,8 @@ import pandas as pd
 from ..config import KnobGrid
 from ..profiles.loading import (
     LATENCY_SOURCES,
+    QUALITY_SOURCES,
+    REQUESTS_TABLE,
     build_replay_data,
     build_replay_data_measured,
     profiles_dir,
@@ -52,6 +54,34 @@ KNOBS = ("crops", "top_k", "active_blocks")
 WORKLOADS = {"coco_2014_vqa": "QA", "coco_caption": "captioning"}
 DEFAULT_FAMILIES = tuple(WORKLOADS)
 LATENCY_CHOICES = ("molmoe-1b-h100", "micro-h100-measured", "micro-h100")
+# The 500-requests-per-family sweep of the two workloads (an H200 run; its first 200 requests per
+# family are the shipped pool's), used by E2 and M1 when present.
+POOL_500_QUALITY = Path(__file__).resolve().parents[2] / "results/device_tables/micro_quality_val_vqa_caption_500.parquet"
+POOL_500_REQUESTS = POOL_500_QUALITY.with_name("requests_val_vqa_caption_500.parquet")
+
+
+def pool_and_validation(args: Any, quick_per_family: int = 40) -> None:
+    """Shared argument handling of the E2 and M1 drivers (`args` has quality_table, requests_table,
+    latency, families, per_family, quick): fills the table defaults (the 500-per-family sweep when
+    present, the shipped tables with --quick or without it) and exits with a clear message on bad input."""
+    if args.quick:
+        args.per_family = min(args.per_family or quick_per_family, quick_per_family)
+    if args.quality_table is None:
+        args.quality_table = (POOL_500_QUALITY if POOL_500_QUALITY.exists() and not args.quick
+                              else profiles_dir() / QUALITY_SOURCES["micro"])
+    if args.requests_table is None:
+        args.requests_table = (POOL_500_REQUESTS if POOL_500_REQUESTS.exists() and not args.quick
+                               else profiles_dir() / REQUESTS_TABLE)
+    for name in ("quality_table", "requests_table"):
+        if not Path(getattr(args, name)).exists():
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: file not found")
+    bad = [s for s in args.latency if s not in LATENCY_CHOICES]
+    if bad or not args.latency:
+        raise SystemExit(f"--latency={list(args.latency)}: allowed values are {list(LATENCY_CHOICES)} (at least one)")
+    if len(args.families) != 2 or len(set(args.families)) != 2:
+        raise SystemExit(f"--families={list(args.families)}: give exactly two different families (QA, captioning)")
+    if args.per_family is not None and args.per_family < 2:
+        raise SystemExit(f"--per-family={args.per_family}: must be >= 2")
 CONFIGS_FILE = "e2_configs.parquet"
 SUMMARY_FILE = "e2_summary.json"
 QUALITY_POINTS = 100.0  # quality is in [0, 1]; "points" are percentage points
