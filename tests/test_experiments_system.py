@@ -232,3 +232,19 @@ def test_same_config_latency_ratio_known_value():
     assert out["n"] == 6
     assert out["ratio_median_by"]["method"] == pytest.approx({"a": 1.2, "b": 1.0})
     assert out["ratio_median"] == pytest.approx(1.1)
+
+
+def test_e4_seeds_collects_the_committed_seed(tmp_path):
+    """`scripts/e4_seeds.py --seeds 0` reads the committed summary only (no training) and keeps its
+    headline and bar verdicts per source."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "e4_seeds.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "e4_seeds.py"), "--seeds", "0", "--out", str(out)], check=True)
+    seeds = json.loads(out.read_text())["seeds"]
+    committed = json.loads((ROOT / "results" / "e4_summary.json").read_text())
+    assert list(seeds) == ["0"] and seeds["0"]["bars"] == committed["bars"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "e4_seeds.py"), "--seeds", "-1", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--seeds" in bad.stderr
