@@ -154,6 +154,7 @@ def main(args: Args) -> dict:
         "switches": switches,
         "depth_mask": mask,
         "portability_gpu": {"results": port, "gains_over_baselines": port_gains, "retained_retention_gain": retained,
+                            "stage_medians": {"h100": e6.stage_medians(data), "h200": e6.stage_medians(target)},
                             "recalibration": {"method": "per_stage_affine (E3)", "n": args.recal_n,
                                               "draws": 1 if args.quick else args.recal_draws,
                                               "measurements": args.h200_validation.name, "source_estimator": f"StageLatencyEstimator fitted on {args.source_stages.name}"}},

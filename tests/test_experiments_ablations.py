@@ -234,3 +234,14 @@ def test_e6_quick(tmp_path):
     assert "not run" in s["portability_other_moe_vlm"]
     assert s["portability_task_family"] is None and s["depth_mask"]["m5_gaps"] is None  # nothing in tmp_path
     assert len(ablations.plot_from_results(tmp_path)) == 3
+
+
+def test_stage_medians_known_values():
+    from flexvlm_env.experiments.ablations import stage_medians
+    from flexvlm_env.profiles import load_replay_data
+
+    data = load_replay_data("micro", "molmoe-1b-h100")
+    out = stage_medians(data)
+    assert out["full_config"]["prefill_ms"] == pytest.approx(float(np.median(data.stage_ms[:, -1, 3])))
+    assert out["smallest_config"]["vision_encoder_ms"] < out["full_config"]["vision_encoder_ms"]
+    assert 0 < out["smallest_over_full_median"] < 1

@@ -140,6 +140,18 @@ def h200_replay_data(stages_path: Path):
                                        "stage_table": Path(stages_path).name})
 
 
+def stage_medians(data) -> dict:
+    """Median stage times (ms) over the requests at the smallest and the full configuration, and
+    the median smallest/full latency ratio: what makes small configs relatively dearer on one GPU
+    than another (e.g. a host preprocessing stage that does not shrink with the crop count)."""
+    from ..profiles.replay import STAGE_COLUMNS
+
+    out = {label: {name: float(np.median(data.stage_ms[:, c, k])) for k, name in enumerate(STAGE_COLUMNS)}
+           for label, c in (("smallest_config", 0), ("full_config", data.full_index))}
+    out["smallest_over_full_median"] = float(np.median(data.total_ms[:, 0] / data.total_ms[:, data.full_index]))
+    return out
+
+
 def replay_calibration_points(data, n: int, seed: int, split: str = "train"):
     """`n` (request, config) points of `data`'s `split` half (a seeded draw) as a calibration
     table (`crops, input_tokens, top_k, active_blocks, output_tokens, measured_<stage>_ms,
