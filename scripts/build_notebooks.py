@@ -193,13 +193,15 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "All three knobs together beat every single knob and pair (the others miss budgets). The family "
                     "input matters; the guardrail matters little for the supervised controller. Moving to an H200 "
                     "keeps the retention gain over greedy but not the violation rate unless the H200's own profiles "
-                    "are used: recalibrating the estimator from 25 points leaves a bias in the latency fraction. No "
+                    "are used: the H200 host's preprocessing stage does not shrink with the crop count, so small "
+                    "configurations cost relatively more there, and 25 recalibration points do not undo that. No "
                     "other MoE VLM is available here.",
                     "h = s['headline']\n"
                     "print('all knobs (LUT):', {k: round(v, 3) for k, v in h['lut_all_knobs_mean'].items()})\n"
                     "print('family off - on (LUT):', h['family_off_minus_on_lut'], '| guardrail off - on:', h['guardrail_off_minus_on'])\n"
                     "for k, v in h['gain_over_greedy'].items():\n"
                     "    print(k, {m: (round(x['quality_retention_delta'], 3), round(x['violation_rate'], 3)) for m, x in v.items()})\n"
+                    "print({gpu: round(v['smallest_over_full_median'], 3) for gpu, v in s['portability_gpu']['stage_medians'].items()}, '(smallest / full latency)')\n"
                     "print(s['portability_other_moe_vlm'])"),
             Section("m5", "M5 - depth mask policy",
                     "The importance ranking shipped with micro does not beat the prefix mask: at 8 blocks it is "
