@@ -1,0 +1,28 @@
+"""`scripts/make_figures.py` rebuilds every committed experiment figure from the data alone."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from flexvlm_env.experiments import MODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_figures_rebuilds_every_experiment_figure_from_data(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "results", results, ignore=shutil.ignore_patterns("figures"))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--results", str(results)],
+                   check=True, capture_output=True)
+    committed = {p.name for p in (ROOT / "results" / "figures").glob("*.png") if p.name.split("_")[0] in MODULES}
+    rebuilt = {p.name for p in (results / "figures").glob("*.png")}
+    assert committed and committed <= rebuilt, sorted(committed - rebuilt)
+    assert {name.split("_")[0] for name in committed} == set(MODULES)
+
+
+def test_make_figures_rejects_unknown_ids(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--only", "e9"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "e9" in out.stderr and "allowed" in out.stderr
