@@ -77,6 +77,10 @@ class Args:
     """live mode: stop serving new requests once the live step (setup included) has run this many seconds"""
     live_records: Path | None = None
     """replay mode: a live run's e4_live_records.json to analyse with the replay results"""
+    recheck_table: Path | None = ROOT / "results/device/e4_profile_recheck_h100.parquet"
+    """replay mode with --live-records: a `flexvlm-profile requests` table re-measured on another GPU
+    instance (column omp_num_threads), compared with the recorded table on the same (request,
+    config) like the live records are: separates the instance from the serving pattern"""
 
     def validate(self) -> None:
         for source in self.sources:
@@ -159,6 +163,19 @@ def run_live(args: Args) -> Path:
     return out
 
 
+def recheck_ratio(path: Path | None) -> dict | None:
+    """`same_config_latency_ratio` of a re-measured profile table, per host-thread setting."""
+    if path is None or not Path(path).is_file():
+        return None
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    records = [{"method": f"profile CLI, {int(r.omp_num_threads)} host threads", "request_id": r.request_id, "crops": int(r.crops),
+                "top_k": int(r.top_k), "active_blocks": int(r.active_blocks), "latency_ms": float(r.total_ms)}
+               for r in frame.itertuples()]
+    return {"table": Path(path).name, **e4.same_config_latency_ratio(records, e4.LIVE_SOURCE)}
+
+
 def read_live_records(path: Path) -> dict:
     """A live run's records: the JSON the GPU run writes, or the gzipped copy kept in results/."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -219,6 +236,7 @@ def main(args: Args) -> dict | Path:
                 "graph_captures_redone": payload["graph_captures_redone"], "metrics": live_metrics,
                 "replay_same_requests": replay_same, "live_minus_replay": e4.compare_live_replay(live_metrics, replay_same),
                 "latency_live_over_recorded_same_config": e4.same_config_latency_ratio(payload["records"], e4.LIVE_SOURCE),
+                "latency_profile_recheck_over_recorded_same_config": recheck_ratio(args.recheck_table),
                 "bar_strict_only": e4.bar_check(live_metrics, {}, fractions=[f for f in e4.BAR_FRACTIONS
                                                                             if e4.fkey(f) in live_metrics.get("flexvlm", {})])}
         kept = args.out_dir / "e4_live_records.json.gz"  # ~10x smaller than the raw JSON the GPU run writes
