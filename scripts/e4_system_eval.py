@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
@@ -77,6 +78,11 @@ class Args:
     """live mode: stop serving new requests once the live step (setup included) has run this many seconds"""
     live_records: Path | None = None
     """replay mode: a live run's e4_live_records.json to analyse with the replay results"""
+    pattern_probe: bool = False
+    """run only the serving-pattern probe (micro on --device; same pairs config-major, switching, and
+    switching with host idle gaps) and write e4_serving_pattern.json to --out-dir"""
+    pattern_file: Path | None = ROOT / "results/device/e4_serving_pattern_h100.json"
+    """replay mode with --live-records: a serving-pattern probe's output to include in the summary"""
     recheck_table: Path | None = ROOT / "results/device/e4_profile_recheck_h100.parquet"
     """replay mode with --live-records: a `flexvlm-profile requests` table re-measured on another GPU
     instance (column omp_num_threads), compared with the recorded table on the same (request,
@@ -163,6 +169,27 @@ def run_live(args: Args) -> Path:
     return out
 
 
+def run_pattern_probe(args: Args) -> Path:
+    """The serving-pattern probe on --device (see `system_eval.serving_pattern_probe`)."""
+    from flexvlm_env import load_model
+    from flexvlm_env.benchmarking import device_info
+    from flexvlm_env.config import KnobGrid
+    from flexvlm_env.tasks import FAMILIES, load_samples
+
+    vlm = load_model("micro", device=args.device, dtype=args.dtype)
+    per_family = 1 if args.quick else 4
+    samples = [s for f in sorted(FAMILIES) for s in load_samples(f, "procedural", "val", per_family, 0)]
+    grid = KnobGrid().configs()
+    rng = np.random.default_rng(args.seed)
+    configs = [grid[i] for i in sorted(rng.choice(len(grid), size=2 if args.quick else 20, replace=False))]
+    probe = e4.serving_pattern_probe(vlm, samples, configs, gap_ms=5.0, seed=args.seed)
+    out = write_json(args.out_dir / "e4_serving_pattern.json", {"experiment": "E4-serving-pattern", "device": device_info(vlm.device),
+                                                                "configs": [[c.crops, c.top_k, c.active_blocks] for c in configs],
+                                                                "samples_per_family": per_family, **probe})
+    print({k: v for k, v in probe["patterns"].items()}, "wrote", out)
+    return out
+
+
 def recheck_ratio(path: Path | None) -> dict | None:
     """`same_config_latency_ratio` of a re-measured profile table, per host-thread setting."""
     if path is None or not Path(path).is_file():
@@ -191,6 +218,8 @@ def main(args: Args) -> dict | Path:
     torch.set_num_threads(1)
     if args.live:
         return run_live(args)
+    if args.pattern_probe:
+        return run_pattern_probe(args)
     import gymnasium as gym
     import pandas as pd
 
@@ -237,6 +266,8 @@ def main(args: Args) -> dict | Path:
                 "replay_same_requests": replay_same, "live_minus_replay": e4.compare_live_replay(live_metrics, replay_same),
                 "latency_live_over_recorded_same_config": e4.same_config_latency_ratio(payload["records"], e4.LIVE_SOURCE),
                 "latency_profile_recheck_over_recorded_same_config": recheck_ratio(args.recheck_table),
+                "serving_pattern_probe": (json.loads(Path(args.pattern_file).read_text())
+                                          if args.pattern_file is not None and Path(args.pattern_file).is_file() else None),
                 "bar_strict_only": e4.bar_check(live_metrics, {}, fractions=[f for f in e4.BAR_FRACTIONS
                                                                             if e4.fkey(f) in live_metrics.get("flexvlm", {})])}
         kept = args.out_dir / "e4_live_records.json.gz"  # ~10x smaller than the raw JSON the GPU run writes

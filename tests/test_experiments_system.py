@@ -247,3 +247,20 @@ def test_e4_seeds_collects_the_committed_seed(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "e4_seeds.py"), "--seeds", "-1", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--seeds" in bad.stderr
+
+
+def test_serving_pattern_probe_structure_and_bad_gap():
+    from flexvlm_env import load_model
+    from flexvlm_env.config import Config
+    from flexvlm_env.experiments.system_eval import serving_pattern_probe
+    from flexvlm_env.tasks import load_samples
+
+    vlm = load_model("micro", device="cpu")
+    samples = load_samples("tally_qa", "procedural", "val", 1, 0)
+    configs = [Config(crops=1, top_k=1, active_blocks=8), Config(crops=2, top_k=2, active_blocks=10)]
+    out = serving_pattern_probe(vlm, samples, configs, gap_ms=1.0)
+    assert out["n_pairs"] == 2 and set(out["patterns"]) == {"config_major", "switching", "switching_with_gap"}
+    assert out["patterns"]["config_major"]["ratio_to_config_major_median"] == 1.0
+    assert all(p["median_ms"] > 0 for p in out["patterns"].values())
+    with pytest.raises(ValueError, match="gap_ms"):
+        serving_pattern_probe(vlm, samples, configs, gap_ms=-1.0)

@@ -388,6 +388,42 @@ def same_config_latency_ratio(live_records: list[dict], source: str = "micro-h10
             "ratio_median_by": {f: by(f) for f in ("method", "crops", "top_k", "active_blocks")}}
 
 
+def serving_pattern_probe(vlm, samples: Sequence, configs: Sequence[Config], gap_ms: float = 5.0, seed: int = 0) -> dict:
+    """The same (request, config) pairs timed end to end under three serving patterns:
+    - `config_major`: each configuration back to back over all requests (how the profiler records);
+    - `switching`: the pairs in a random order, so the configuration changes almost every request;
+    - `switching_with_gap`: the same order with `gap_ms` of host idle time before each request
+      (a serving loop computing features, deciding and scoring between requests).
+    Every pair runs once untimed first (graphs captured, as in a warm server). Returns per pattern
+    the median latency and the median per-pair ratio to `config_major`."""
+    if gap_ms < 0:
+        raise ValueError(f"gap_ms={gap_ms!r} must be >= 0")
+    pairs = [(s, c) for c in configs for s in samples]
+    if not pairs:
+        raise ValueError("serving_pattern_probe needs at least one sample and one config")
+
+    def run(sample, config) -> float:
+        return float(vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens).latency.total_ms)
+
+    for sample, config in pairs:
+        run(sample, config)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    times: dict[str, np.ndarray] = {"config_major": np.array([run(s, c) for s, c in pairs])}
+    switching = np.empty(len(pairs))
+    for i in order:
+        switching[i] = run(*pairs[i])
+    times["switching"] = switching
+    gapped = np.empty(len(pairs))
+    for i in order:
+        time.sleep(gap_ms / 1e3)
+        gapped[i] = run(*pairs[i])
+    times["switching_with_gap"] = gapped
+    base = times["config_major"]
+    return {"n_pairs": len(pairs), "gap_ms": gap_ms,
+            "patterns": {name: {"median_ms": float(np.median(t)), "ratio_to_config_major_median": float(np.median(t / base))}
+                         for name, t in times.items()}}
+
+
 # -- live ------------------------------------------------------------------------------------------
 
 
