@@ -80,13 +80,18 @@ def test_gains_known_values():
     assert g["b"]["0.5"]["violation_rate"] == pytest.approx(-0.5)
 
 
-def test_total_predictor_matches_estimator():
-    from flexvlm_env.latency import recalibrate
-
+def test_recalibrated_predictor_predicts_totals_like_its_frames():
+    """The recalibrated predictor E6 hands to `predict_replay_latency` gives the same totals
+    through `predict_total` as through `predict_frame`, and differs from the source."""
     source = ablations.source_estimator(ROOT / "flexvlm_env/assets/profiles/molmoe-1b_h100_stages.parquet")
-    wrapped = ablations.TotalPredictor(recalibrate(source, pd.DataFrame(), "source_only"), source.metadata)
+    data = ablations.h200_replay_data(ROOT / "results/device_tables/molmoe-1b_h200_stages.parquet")
+    predictor = ablations.recalibrated_predictor(source, ablations.replay_calibration_points(data, 25, 0))
     args = (4, np.array([300.0, 700.0]), 2, 12, np.array([8.0, 40.0]))
-    assert np.allclose(wrapped.predict_total(*args), source.predict_total(*args))
+    frame = pd.DataFrame({"crops": [4, 4], "input_tokens": args[1], "top_k": [2, 2], "active_blocks": [12, 12],
+                          "output_tokens": args[4]})
+    assert np.allclose(predictor.predict_total(*args), predictor.predict_frame(frame)["total_ms"].to_numpy())
+    assert not np.allclose(predictor.predict_total(*args), source.predict_total(*args))
+    assert predictor.metadata == source.metadata
 
 
 # ---------------------------------------------------------------------------- M5 logic

@@ -110,23 +110,6 @@ def compact(result: dict) -> dict:
     return c(result)
 
 
-class TotalPredictor:
-    """`predict_total` (what `predict_replay_latency` calls) of a recalibrated estimator
-    (`flexvlm_env.latency.recalibrate` returns one with `predict_frame` only)."""
-
-    def __init__(self, recalibrated, metadata: Mapping):
-        self.recalibrated, self.metadata = recalibrated, dict(metadata)
-
-    def predict_total(self, crops, input_tokens, top_k, active_blocks, output_tokens) -> np.ndarray:
-        import pandas as pd
-
-        columns = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (crops, input_tokens, top_k, active_blocks, output_tokens)))
-        frame = pd.DataFrame(dict(zip(("crops", "input_tokens", "top_k", "active_blocks", "output_tokens"), (c.ravel() for c in columns))))
-        for name in ("crops", "top_k", "active_blocks"):
-            frame[name] = frame[name].astype(np.int64)
-        return self.recalibrated.predict_frame(frame)["total_ms"].to_numpy()
-
-
 def h200_replay_data(stages_path: Path):
     """MolmoE-1B latency on the H200 composed from its stage table, with the shipped quality."""
     from ..profiles.loading import QUALITY_SOURCES, REQUESTS_TABLE, build_replay_data, profiles_dir
@@ -212,7 +195,7 @@ def recalibrated_predictor(source, calibration):
     """E3's per-stage affine recalibration of the `source` estimator from a calibration table."""
     from ..latency import recalibrate
 
-    return TotalPredictor(recalibrate(source, calibration, "per_stage_affine", prefix="measured_"), source.metadata)
+    return recalibrate(source, calibration, "per_stage_affine", prefix="measured_")
 
 
 def measured_calibration_points(validation_path: Path, n: int, seed: int):

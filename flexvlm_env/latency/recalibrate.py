@@ -41,18 +41,31 @@ class Recalibrated:
     total_affine: tuple[float, float] | None = None
     overhead_ms: float | None = None
 
-    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        out = self.source.predict_frame(frame)
+    @property
+    def metadata(self) -> dict:
+        return self.source.metadata
+
+    def _mapped(self, stages: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The source's per-stage predictions (`<stage>` keys) through the maps, and the total."""
         if self.stage_affine is not None:
-            for s in STAGES:
-                a, b = self.stage_affine[s]
-                out[f"{s}_ms"] = a * out[f"{s}_ms"] + b
+            stages = {s: self.stage_affine[s][0] * stages[s] + self.stage_affine[s][1] for s in STAGES}
             overhead = self.source.overhead_ms if self.overhead_ms is None else self.overhead_ms
-            out["total_ms"] = out[[f"{s}_ms" for s in STAGES]].sum(axis=1) + overhead
+        else:
+            overhead = self.source.overhead_ms
+        total = sum(stages[s] for s in STAGES) + overhead
         if self.total_affine is not None:
-            a, b = self.total_affine
-            out["total_ms"] = a * out["total_ms"] + b
-        return out
+            total = self.total_affine[0] * total + self.total_affine[1]
+        return stages, total
+
+    def predict_total(self, crops, input_tokens, top_k, active_blocks, output_tokens) -> np.ndarray:
+        """Milliseconds (inputs broadcast), as `StageLatencyEstimator.predict_total`: a recalibrated
+        estimator serves wherever the source does (guardrails, `predict_replay_latency`)."""
+        return self._mapped(self.source.predict_stages(crops, input_tokens, top_k, active_blocks, output_tokens))[1]
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        source = self.source.predict_frame(frame)
+        stages, total = self._mapped({s: source[f"{s}_ms"] for s in STAGES})
+        return pd.DataFrame({**{f"{s}_ms": stages[s] for s in STAGES}, "total_ms": total}, index=frame.index)
 
 
 def recalibrate(source: StageLatencyEstimator, calibration: pd.DataFrame, method: str, *, prefix: str = "",
