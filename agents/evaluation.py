@@ -86,18 +86,26 @@ def evaluate(
             "env_steps": len(steps) + len(requests), "n_requests": len(requests)}
 
 
+def time_calls_ms(fn, items: Sequence, warmup: int = 10) -> np.ndarray:
+    """Milliseconds of `fn(item)` for each of `items`, after `fn` ran untimed on the first `warmup`
+    (the protocol of every overhead measurement: warm-up discarded, one timing per call)."""
+    items = list(items)
+    for item in items[:warmup]:
+        fn(item)
+    out = np.empty(len(items))
+    for i, item in enumerate(items):
+        start = time.perf_counter_ns()
+        fn(item)
+        out[i] = (time.perf_counter_ns() - start) / 1e6
+    return out
+
+
 def decision_overhead_ms(controller: Controller, env: gym.Env, n: int = 200, seed: int = 0) -> dict[str, float]:
     """Batch-1 `select_config` time on this machine (median and P95 over `n` observations, after
     a warm-up): what one decision adds to a request's latency. Observations come from resets
     only, so nothing is executed (the live env would run the model)."""
     observations = [env.reset(seed=seed + i)[0] for i in range(n)]
-    for observation in observations[:10]:
-        controller.select_config(observation)
-    times = []
-    for observation in observations:
-        start = time.perf_counter()
-        controller.select_config(observation)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = time_calls_ms(controller.select_config, observations)
     return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "n": n}
 
 

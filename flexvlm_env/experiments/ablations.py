@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import pyplot, save_figure
+from .generalization import average, compact, train_supervised
 
 BLOCKED_MS = 1e9  # finite (quantiles of inf are NaN), far above any budget
 KNOB_SUBSETS: dict[str, tuple[str, ...]] = {
@@ -96,18 +97,6 @@ def blind_controller(inner):
             return inner.select_indices(shown)
 
     return FamilyBlind(inner.grid)
-
-
-def train_supervised(profiles, budget_fractions: Sequence[float], epochs: int, seed: int):
-    from .generalization import train_supervised as train
-
-    return train(profiles, budget_fractions, epochs, seed)
-
-
-def compact(result: dict) -> dict:
-    from .generalization import compact as c
-
-    return c(result)
 
 
 def h200_replay_data(stages_path: Path):
@@ -402,8 +391,6 @@ def portability_gpu(h100_profiles, h100_env, target_data, target_env, budget_fra
     from agents.lut import LUTController
     from agents.profiles import ProfileTables
     from baselines import make_baselines
-
-    from .generalization import average
 
     supervised = supervised or train_supervised(h100_profiles, budget_fractions, epochs, seed)
     trained_guardrail = supervised.guardrail

@@ -27,11 +27,12 @@ request latency each controller controls, the bar being <= 1%.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from agents.evaluation import time_calls_ms
 
 from .common import distribution_summary, pyplot, save_figure
 
@@ -42,23 +43,11 @@ CANDIDATE_COUNTS = (140, 560, 2240)
 BAR_SHARE = 0.01
 
 
-def _time_calls(fn, items: Sequence, warmup: int = 10) -> np.ndarray:
-    """Milliseconds of `fn(item)` for each item (after `warmup` untimed calls)."""
-    for item in list(items)[:warmup]:
-        fn(item)
-    out = np.empty(len(items))
-    for i, item in enumerate(items):
-        start = time.perf_counter_ns()
-        fn(item)
-        out[i] = (time.perf_counter_ns() - start) / 1e6
-    return out
-
-
 def decision_times(controllers: dict, observations: Sequence[dict]) -> dict[str, dict]:
     """distribution_summary (ms) of batch-1 `select_config` per controller on `observations`."""
     if not observations:
         raise ValueError("observations is empty; decision times need at least one observation")
-    return {name: distribution_summary(_time_calls(c.select_config, observations)) for name, c in controllers.items()}
+    return {name: distribution_summary(time_calls_ms(c.select_config, observations)) for name, c in controllers.items()}
 
 
 def replay_observations(source: str, n: int, seed: int = 0, fractions=(0.35, 0.5, 0.7, 0.85, 1.0)) -> list[dict]:
@@ -83,8 +72,8 @@ def feature_times(n_per_family: int = 10, seed: int = 0) -> dict:
     from ..tasks.families import FAMILIES
 
     samples = [s for family in FAMILIES for s in load_samples(family, "procedural", "val", n=n_per_family, seed=seed)]
-    both = _time_calls(lambda s: (prompt_features(s.prompt), image_features(s.image)), samples)
-    prompt = _time_calls(lambda s: prompt_features(s.prompt), samples)
+    both = time_calls_ms(lambda s: (prompt_features(s.prompt), image_features(s.image)), samples)
+    prompt = time_calls_ms(lambda s: prompt_features(s.prompt), samples)
     return {"prompt_and_image": distribution_summary(both), "prompt_only": distribution_summary(prompt),
             "n_requests": len(samples)}
 
@@ -98,7 +87,7 @@ def apply_config_times(vlm, configs: Sequence) -> dict:
         vlm.plan(config)
         config.top_k_per_block(n_layers)
 
-    return distribution_summary(_time_calls(apply, list(configs) * 5))
+    return distribution_summary(time_calls_ms(apply, list(configs) * 5))
 
 
 def switch_penalty(vlm, sample, configs: Sequence, n_pairs: int, seed: int = 0, max_new_tokens: int = 4) -> dict:
@@ -235,11 +224,11 @@ def candidate_scaling(estimator, input_tokens: np.ndarray, output_tokens: float,
             return int(np.argmax(np.where(table[family] <= fraction, logits, -np.inf)))
 
         out[str(n)] = {
-            "lut_lookup": distribution_summary(_time_calls(lambda case: int(lut[case[0], int(case[1] * 4) % 5]), budgets)),
-            "table_filter": distribution_summary(_time_calls(table_filter, budgets)),
-            "estimator_filter": distribution_summary(_time_calls(estimator_filter, budgets)),
-            "estimator_filter_by_budget": distribution_summary(_time_calls(estimator_list, budgets)),
-            "policy_head": distribution_summary(_time_calls(policy_head, budgets)),
+            "lut_lookup": distribution_summary(time_calls_ms(lambda case: int(lut[case[0], int(case[1] * 4) % 5]), budgets)),
+            "table_filter": distribution_summary(time_calls_ms(table_filter, budgets)),
+            "estimator_filter": distribution_summary(time_calls_ms(estimator_filter, budgets)),
+            "estimator_filter_by_budget": distribution_summary(time_calls_ms(estimator_list, budgets)),
+            "policy_head": distribution_summary(time_calls_ms(policy_head, budgets)),
         }
     return out
 

@@ -22,14 +22,15 @@ import numpy as np
 from .estimator import StageLatencyEstimator
 
 
-def _check_margin(margin: float) -> float:
+def _positive(name: str, value: float) -> float:
+    """`value` as a float, or a ValueError naming `name` unless it is a finite number > 0."""
     try:
-        margin = float(margin)
+        number = float(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"margin={margin!r} must be a number") from exc
-    if not np.isfinite(margin) or margin <= 0:
-        raise ValueError(f"margin={margin!r} must be a finite number > 0")
-    return margin
+        raise ValueError(f"{name}={value!r} must be a number") from exc
+    if not np.isfinite(number) or number <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    return number
 
 
 def filter_by_budget(candidates: Sequence, predicted_ms: Sequence[float], budget_ms: float, margin: float = 1.0) -> list:
@@ -61,13 +62,8 @@ def filter_by_budget(candidates: Sequence, predicted_ms: Sequence[float], budget
         raise ValueError(f"{len(candidates)} candidates but {len(predicted)} predicted latencies")
     if not np.all(np.isfinite(predicted)) or np.any(predicted < 0):
         raise ValueError("predicted_ms must be finite and >= 0")
-    try:
-        budget = float(budget_ms)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"budget_ms={budget_ms!r} must be a number") from exc
-    if not np.isfinite(budget) or budget <= 0:
-        raise ValueError(f"budget_ms={budget_ms!r} must be a finite number > 0")
-    keep = budget_mask(predicted[None], np.array([budget]), _check_margin(margin))[0]
+    budget = _positive("budget_ms", budget_ms)
+    keep = budget_mask(predicted[None], np.array([budget]), _positive("margin", margin))[0]
     return [c for c, k in zip(candidates, keep) if k]
 
 
@@ -82,7 +78,7 @@ def budget_mask(predicted_ms: np.ndarray, budget_ms: np.ndarray, margin: float =
         raise ValueError("predicted_ms must be finite and >= 0")
     if not np.all(np.isfinite(budget)) or np.any(budget <= 0):
         raise ValueError("budget_ms must be finite and > 0")
-    margin = _check_margin(margin)
+    margin = _positive("margin", margin)
     allowed = predicted * margin <= budget[:, None]
     empty = np.flatnonzero(~allowed.any(axis=1))
     allowed[empty, np.argmin(predicted[empty], axis=1)] = True
