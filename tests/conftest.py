@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny random-weight model with the MolmoE topology (fast on a CPU)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +41,12 @@ def make_tiny_vlm(seed: int = 0, **kwargs) -> VLM:
 def tiny_vlm() -> VLM:
     torch.set_num_threads(2)
     return make_tiny_vlm()
+
+
+def load_script(name: str):
+    """Import `scripts/<name>.py` as a module (the drivers are files, not package modules)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -2,9 +2,7 @@
 arguments, and each driver's --quick run writing into a temporary folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,9 @@ import pytest
 from flexvlm_env.config import KnobGrid
 from flexvlm_env.envs.core import FAMILY_NAMES
 from flexvlm_env.experiments import ablations, generalization, mask_policy
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_driver(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +173,7 @@ def test_nearest_family_of_a_seen_family_is_itself(profiles):
 # ---------------------------------------------------------------------------- drivers
 
 def test_driver_argument_errors(tmp_path):
-    m5d, m6d, e6d = load_driver("m5_mask_policy"), load_driver("m6_generalization"), load_driver("e6_ablations")
+    m5d, m6d, e6d = load_script("m5_mask_policy"), load_script("m6_generalization"), load_script("e6_ablations")
     with pytest.raises(ValueError, match="--device='tpu'"):
         m5d.validate(m5d.Args(device="tpu"))
     with pytest.raises(ValueError, match="--policies"):
@@ -198,7 +189,7 @@ def test_driver_argument_errors(tmp_path):
 
 
 def test_m5_quick(tmp_path):
-    m5d = load_driver("m5_mask_policy")
+    m5d = load_script("m5_mask_policy")
     m5d.main(m5d.Args(quick=True, out_dir=tmp_path))
     s = json.loads((tmp_path / "m5_summary.json").read_text())
     assert s["experiment"] == "m5"
@@ -212,7 +203,7 @@ def test_m5_quick(tmp_path):
 
 
 def test_m6_quick(tmp_path):
-    m6d = load_driver("m6_generalization")
+    m6d = load_script("m6_generalization")
     m6d.main(m6d.Args(quick=True, out_dir=tmp_path))
     s = json.loads((tmp_path / "m6_summary.json").read_text())
     assert s["experiment"] == "m6" and s["ns"] == [0, 10]
@@ -227,7 +218,7 @@ def test_m6_quick(tmp_path):
 
 
 def test_e6_quick(tmp_path):
-    e6d = load_driver("e6_ablations")
+    e6d = load_script("e6_ablations")
     e6d.main(e6d.Args(quick=True, out_dir=tmp_path))
     s = json.loads((tmp_path / "e6_summary.json").read_text())
     assert s["experiment"] == "e6"

@@ -1,9 +1,7 @@
 """E2 (knob coupling) and M1 (workloads): logic on known values, bad inputs, and the drivers' --quick runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +13,9 @@ from flexvlm_env.experiments import knob_coupling as e2
 from flexvlm_env.experiments import workloads as m1
 from flexvlm_env.features import IMAGE_FEATURES, PROMPT_FEATURES
 from flexvlm_env.profiles.replay import STAGE_COLUMNS, ReplayData
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _driver(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------- E2 logic
@@ -183,7 +174,7 @@ def test_knob_sensitivity_known_values():
 
 
 def test_e2_driver_quick(tmp_path):
-    e2_driver = _driver("e2_knob_coupling")
+    e2_driver = load_script("e2_knob_coupling")
     summary = e2_driver.main(e2_driver.Args(quick=True, out_dir=tmp_path))
     on_disk = json.loads((tmp_path / "e2_summary.json").read_text())
     assert on_disk["experiment"] == "e2" and set(on_disk["data_sources"]) == {"molmoe-1b-h100", "micro-h100-measured"}
@@ -206,7 +197,7 @@ def test_e2_driver_quick(tmp_path):
 
 
 def test_m1_driver_quick(tmp_path):
-    m1_driver = _driver("m1_workloads")
+    m1_driver = load_script("m1_workloads")
     summary = m1_driver.main(m1_driver.Args(quick=True, out_dir=tmp_path))
     assert summary["experiment"] == "m1"
     for verdict in summary["headline"]["expectation"].values():

@@ -11,6 +11,7 @@ import pytest
 
 from flexvlm_env.experiments import overhead as m3
 from flexvlm_env.experiments import system_eval as e4
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,16 +107,6 @@ def test_overhead_table_known_shares():
         m3.decision_times({}, [])
 
 
-def _load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"budget_fractions": (1.5,)}, "budget-fractions"),
     ({"sources": ("nope",)}, "sources"),
@@ -124,7 +115,7 @@ def _load_script(name):
     ({"live_records": Path("/nonexistent.json")}, "live-records"),
 ])
 def test_e4_args_errors(kwargs, match):
-    module = _load_script("e4_system_eval")
+    module = load_script("e4_system_eval")
     with pytest.raises(ValueError, match=match):
         module.Args(**kwargs).validate()
 
@@ -132,7 +123,7 @@ def test_e4_args_errors(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [({"n_pairs": 0}, "n-pairs"), ({"device": "tpu"}, "device"),
                                            ({"device_results": Path("/nonexistent.json")}, "device-results")])
 def test_m3_args_errors(kwargs, match):
-    module = _load_script("m3_overhead")
+    module = load_script("m3_overhead")
     with pytest.raises(ValueError, match=match):
         module.Args(**kwargs).validate()
 

@@ -34,6 +34,7 @@ from flexvlm_env.profiles.tables import (
 )
 from flexvlm_env.profiles.tokens import TokenCounter
 from flexvlm_env.tasks import load_samples
+from conftest import load_script
 
 GRID = KnobGrid(crops=(1, 4), top_k=(1, 8), active_blocks=(8, 16))
 FAMILIES = ("tally_qa", "doc_qa")
@@ -934,17 +935,7 @@ def test_cli_rejects_nonpositive_max_minutes(tmp_path):
 def test_analyze_replay_script_orders_the_policies(tmp_path):
     # By construction: the per-request oracle >= the per-family table >= the best single config,
     # and the best single config >= the full configuration, at every budget.
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "analyze_replay.py"
-    spec = importlib.util.spec_from_file_location("analyze_replay", path)
-    module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("analyze_replay")
     summary = module.main(module.Args(out=tmp_path / "headroom.json", fractions=(0.5, 1.0)))
     assert json.loads((tmp_path / "headroom.json").read_text())["n_configs"] == 140
     assert (tmp_path / "figures" / "replay_tradeoff.png").stat().st_size > 0
@@ -956,18 +947,9 @@ def test_analyze_replay_script_orders_the_policies(tmp_path):
 def test_eval_micro_from_the_recorded_tables(tmp_path):
     # scripts/eval_micro.py --quality-table --latency-source: the quality bars from the
     # shipped tables in seconds; the full row equals the table's own mean at (12, 8, 16).
-    import importlib.util
-    import json
-    import sys
-    from pathlib import Path
-
     from flexvlm_env.profiles import load_replay_data
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_micro.py"
-    spec = importlib.util.spec_from_file_location("eval_micro", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("eval_micro")
     shipped = Path(__file__).resolve().parents[1] / "flexvlm_env" / "assets" / "profiles" / "micro_quality_val.parquet"
     out = tmp_path / "quality.json"
     module.main(module.Args(out=str(out), quality_table=str(shipped), latency_source="micro-h100"))

@@ -17,4 +17,5 @@ MODULES = {
     "e6": "flexvlm_env.experiments.ablations",
     "m5": "flexvlm_env.experiments.mask_policy",
     "m6": "flexvlm_env.experiments.generalization",
+    "lora": "flexvlm_env.experiments.lora",
 }

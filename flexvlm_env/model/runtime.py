@@ -78,6 +78,9 @@ class VLM:
         max_seq_len: int | None = None,
         use_cuda_graphs: bool = True,
         moe_impl: str = "auto",
+        adapter: str | None = None,
+        adapter_sha256: str | None = None,
+        adapter_merged: bool | None = None,
     ):
         if moe_impl not in ("auto", "triton", "reference"):
             raise ValueError(f"moe_impl={moe_impl!r} is not valid; allowed: ('auto', 'triton', 'reference')")
@@ -94,6 +97,9 @@ class VLM:
         self.ranking_source = ranking_source
         self.random_weights = random_weights
         self.weights_sha256 = weights_sha256
+        # Provenance of a LoRA adapter applied by `load_model` (None without one): results name the
+        # weights they came from, and an adapter changes them.
+        self.adapter, self.adapter_sha256, self.adapter_merged = adapter, adapter_sha256, adapter_merged
         # The static KV cache is read whole by every graphed decode step (static shapes), so it is
         # sized for the largest request FlexVLM makes (12 crops + long prompt + 256 output tokens
         # fits in 2048 for molmoe-1b), not the checkpoint's 4096-token limit.
@@ -427,6 +433,8 @@ def load_model(
     max_seq_len: int | None = None,
     use_cuda_graphs: bool = True,
     moe_impl: str = "auto",
+    adapter: str | Path | None = None,
+    merge_adapter: bool = True,
 ) -> VLM:
     """Build a model.
 
@@ -441,6 +449,12 @@ def load_model(
         tokenizer: tokenizer.json(.gz) path (default: from the checkpoint directory; micro: shipped).
         use_cuda_graphs, moe_impl: the fast path (CUDA-graph decode, Triton MoE kernels) is the
             default on CUDA; `use_cuda_graphs=False, moe_impl="reference"` is the plain path.
+        adapter: a LoRA adapter directory written by `flexvlm_env.training.save_adapter`, applied
+            after the base weights load (random weights too: tests). It must fit the model exactly,
+            and an adapter whose metadata names other base weights (`base_weights_sha256`) is refused.
+        merge_adapter: fold the adapter into the base weights (default), so that every fast path
+            runs unchanged and at the base model's cost; False keeps the LoRA layers unmerged (the
+            same outputs up to rounding, slower: for checking the merge or swapping adapters).
     """
     args = preset_args(preset)
     device = _resolve_device(device)
@@ -483,9 +497,11 @@ def load_model(
             ranking_source = "prefix order (no ranking measured for these weights)"
         tokenizer_path = tokenizer or (assets_dir("micro") if preset == "micro" and weights is None else config_dir)
         has_tokenizer = any((config_dir / name).exists() for name in ("tokenizer.json", "tokenizer.json.gz"))
-        if tokenizer is None and preset == "molmoe-1b" and not has_tokenizer:
-            # Some MolmoE exports ship only vocab.json/merges.txt; the shipped file is the official
-            # MolmoE-1B tokenizer (sha256 7bce2ea5... of tokenizer.json, as in the reference fixture).
+        if tokenizer is None and preset in ("micro", "molmoe-1b") and not has_tokenizer:
+            # micro weights are trained with the shipped micro tokenizer (scripts/train_micro.py), so
+            # an exported checkpoint need not carry a copy. Some MolmoE exports ship only
+            # vocab.json/merges.txt; the shipped file is the official MolmoE-1B tokenizer (sha256
+            # 7bce2ea5... of tokenizer.json, as in the reference fixture).
             tokenizer_path = assets_dir(preset)
     else:
         tokenizer_path = tokenizer or assets_dir(preset)
@@ -502,6 +518,20 @@ def load_model(
         load_weights_(module, checkpoint)
         if checkpoint.is_file():
             sha = file_sha256(checkpoint)
+    adapter_sha = None
+    if adapter is not None:
+        # Imported here: the training package (and peft, which it imports lazily) is only needed with an adapter.
+        from ..training.lora import ADAPTER_WEIGHTS, BASE_SHA256_KEY, apply_adapter, read_adapter_metadata
+
+        adapter = Path(adapter).expanduser()
+        trained_on = read_adapter_metadata(adapter).get(BASE_SHA256_KEY) if adapter.is_dir() else None
+        if trained_on and sha and trained_on != sha:
+            raise ValueError(
+                f"adapter {adapter} was trained on base weights with sha256 {trained_on[:12]}..., but the loaded "
+                f"weights have {sha[:12]}...: load the weights it was trained on"
+            )
+        module = apply_adapter(module, adapter, merge=merge_adapter)
+        adapter_sha = file_sha256(adapter / ADAPTER_WEIGHTS)
     return VLM(
         module,
         text_tokenizer,
@@ -512,4 +542,7 @@ def load_model(
         max_seq_len=max_seq_len,
         use_cuda_graphs=use_cuda_graphs,
         moe_impl=moe_impl,
+        adapter=str(adapter) if adapter is not None else None,
+        adapter_sha256=adapter_sha,
+        adapter_merged=merge_adapter if adapter is not None else None,
     )

@@ -30,6 +30,8 @@ class Common:
     """model preset: micro or molmoe-1b"""
     weights: Optional[str] = None
     """checkpoint (directory, .safetensors, hub id), 'random' (latency only), or None (micro: shipped weights)"""
+    adapter: Optional[str] = None
+    """LoRA adapter directory (scripts/finetune_lora.py) applied, merged, on top of the weights"""
     device: Optional[str] = None
     """cpu, cuda, ... (default: CUDA when available)"""
     dtype: Optional[str] = None
@@ -65,7 +67,7 @@ class Common:
     def model(self):
         from ..model.runtime import load_model
 
-        return load_model(self.preset, weights=self.weights, device=self.device, dtype=self.dtype)
+        return load_model(self.preset, weights=self.weights, device=self.device, dtype=self.dtype, adapter=self.adapter)
 
     def deadline(self) -> float | None:
         if self.max_minutes is not None and self.max_minutes <= 0:

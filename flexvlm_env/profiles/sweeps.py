@@ -71,6 +71,7 @@ def table_metadata(vlm: VLM, kind: str, protocol: dict) -> dict:
         "kind": kind,
         "preset": vlm.args.name,
         "weights_sha256": vlm.weights_sha256 or ("random" if vlm.random_weights else None),
+        "adapter_sha256": vlm.adapter_sha256,  # None without a LoRA adapter
         "dtype": str(vlm.dtype).replace("torch.", ""),
         "device_name": info.get("device_name"),
         "device": info,

@@ -38,13 +38,14 @@ def code_version() -> str:
     return (f"{__version__}+g{commit}" + (".dirty" if dirty else "")) if commit else __version__
 
 
-def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict) -> Path:
-    """Write `frame` with `metadata` (JSON) in the schema, atomically (temporary file + rename)."""
+def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict, compression_level: int | None = None) -> Path:
+    """Write `frame` with `metadata` (JSON) in the schema, atomically (temporary file + rename).
+    `compression_level`: zstd level (None: pyarrow's default; 19 for tables committed to the repo)."""
     path = Path(path)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", compression_level=compression_level)
     os.replace(tmp, path)
     return path
 
@@ -70,7 +71,7 @@ class ShardedTable:
             `must_match` fields raises instead of mixing measurements of different setups.
     """
 
-    must_match = ("kind", "preset", "weights_sha256", "device_name", "dtype", "protocol")
+    must_match = ("kind", "preset", "weights_sha256", "adapter_sha256", "device_name", "dtype", "protocol")
 
     def __init__(self, directory: str | Path, key: Sequence[str], metadata: dict):
         self.directory = Path(directory)

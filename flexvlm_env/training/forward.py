@@ -88,7 +88,7 @@ def teacher_forced_loss(
     their pooled, projected features (rows in V-major order) are added to the token embeddings at
     `feature_pos` (flat positions in B*L) from rows `feature_rows`. Attention is causal over the
     right-padded batch (padding only follows real tokens, so it is never attended to). Returns
-    (total loss, {"ce": per-token CE [B, L] (0 off-target), "balance", "z"}).
+    (total loss, {"ce": per-token CE [B, L] (0 off-target), "balance", "z", "logits" [B, L, V] float32}).
     """
     vision = module.vision_backbone
     transformer = module.transformer
@@ -129,4 +129,14 @@ def teacher_forced_loss(
     n_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
     n_blocks = len(plan)
     loss = ce.sum() / n_targets + balance_coef * balance / n_blocks + z_coef * z_loss / n_blocks
-    return loss, {"ce": ce, "balance": balance.detach() / n_blocks, "z": z_loss.detach() / n_blocks}
+    return loss, {"ce": ce, "balance": balance.detach() / n_blocks, "z": z_loss.detach() / n_blocks, "logits": logits}
+
+
+def answer_kl(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens (labels != IGNORE_INDEX) of KL(reference || model) between the
+    next-token distributions: the anchor that keeps a fine-tuned model's answers on a frozen
+    reference's (LoRA fine-tuning keeps the base's full-configuration behaviour with it)."""
+    target = labels != IGNORE_INDEX
+    log_p = torch.log_softmax(logits[target].float(), dim=-1)
+    log_q = torch.log_softmax(reference_logits[target].float(), dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="sum") / target.sum().clamp(min=1)

@@ -72,3 +72,21 @@ class ElasticKnobs:
             return KnobDraw(crops, top_k, tuple(range(blocks)), "prefix")
         rest = rng.permutation(np.arange(1, self.n_blocks))[: blocks - 1]
         return KnobDraw(crops, top_k, tuple(sorted((0, *(int(b) for b in rest)))), "random")
+
+
+MASK_POLICIES = ("importance", "prefix", "random", "mixed")
+
+
+def with_mask_policy(draw: KnobDraw, policy: str, ranking, seed: int = 0) -> KnobDraw:
+    """`draw` with its block plan chosen by a mask policy, so that fine-tuning trains the very
+    plans the model will run: "importance" (the weights' ranking), "prefix", "random" (seeded as
+    `Config(mask_policy="random", mask_seed=seed)`), or "mixed" (the draw's own prefix / random-subset
+    plans, as training from scratch uses before any ranking exists). The depth is kept."""
+    from ..model.blocks import block_plan
+
+    if policy not in MASK_POLICIES:
+        raise ValueError(f"mask_policy={policy!r} is not valid; allowed: {MASK_POLICIES}")
+    if policy == "mixed" or draw.kind == "full":
+        return draw
+    n_blocks = len(ranking)
+    return KnobDraw(draw.crops, draw.top_k, block_plan(policy, len(draw.plan), n_blocks, ranking, seed), draw.kind)

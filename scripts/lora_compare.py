@@ -1,0 +1,132 @@
+"""Issue [lora]: compare full-config-only, LoRA knob-robust and elastic `micro` over the knob grid.
+
+    python scripts/lora_compare.py                       # from the committed tables in results/lora/
+    python scripts/lora_compare.py --pack full-config-only=runs/lora/quality_base.parquet,runs/lora_cpu/base_full ...
+
+Reads one quality table per model (`--tables NAME=PATH`, see `flexvlm_env.experiments.lora`),
+composes each configuration's latency from the replay stage tables with the model's own answer
+lengths, and writes `results/lora_summary.json` (per model and configuration: knobs, mean quality,
+latency; `gap_recovered`, `full_config_delta`, the bars, adapter sizes and training costs) and
+`results/figures/lora_frontiers.png`. `--pack NAME=SRC[,SRC...]` first merges a model's raw
+tables (GPU sweep + CPU fill-in, first source winning) into `results/lora/quality_NAME.parquet`.
+
+How the tables were made (scripts/lora_gpu.sh on a lent 4-GPU machine, then CPU fill-in):
+    torchrun --nproc-per-node 4 scripts/train_micro.py --no-elastic --compile --total-steps 3500 \\
+        --decay-frac 0.3 --run-dir runs/micro_full_only --export-dir runs/micro_full_only/export
+    BASE=runs/micro_full_only/export/model.safetensors scripts/lora_gpu.sh runs/lora
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from flexvlm_env.experiments import lora
+from flexvlm_env.experiments.common import run_header, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ROOT / "results" / "lora"
+
+
+@dataclass
+class Args:
+    tables: tuple[str, ...] = (
+        f"full-config-only={TABLES / 'quality_full-config-only.parquet'}",
+        f"lora-r16={TABLES / 'quality_lora-r16.parquet'}",
+        f"lora-r4={TABLES / 'quality_lora-r4.parquet'}",
+        f"lora-r16+vision={TABLES / 'quality_lora-r16+vision.parquet'}",
+        f"elastic={ROOT / 'flexvlm_env/assets/profiles/micro_quality_val.parquet'}",
+    )
+    """NAME=PATH per model (a Parquet file or a table directory)"""
+    adapters: tuple[str, ...] = (
+        f"lora-r16={TABLES / 'adapters/lora-r16'}",
+        f"lora-r4={TABLES / 'adapters/lora-r4'}",
+        f"lora-r16+vision={TABLES / 'adapters/lora-r16+vision'}",
+    )
+    """NAME=DIR of each adapter (or of its flexvlm_adapter.json): size and training cost"""
+    base_card: Path = TABLES / "full-config-only_model.json"
+    """model.json of the full-config-only base (its training record)"""
+    pack: tuple[str, ...] = ()
+    """NAME=SRC[,SRC...]: merge these raw tables into results/lora/quality_NAME.parquet first"""
+    base: str = "full-config-only"
+    reference: str = "elastic"
+    headline: str = "lora-r16"
+    """the adapter the issue's bars are read on (the others are size / target ablations)"""
+    out_dir: Path = ROOT / "results"
+
+
+def _pairs(entries: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--{option} entry {entry!r} must be NAME=PATH")
+        out[name] = value
+    return out
+
+
+def adapter_record(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path if path.suffix == ".json" else path / "flexvlm_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    weights = meta_file.parent / "adapter_model.safetensors"
+    training = meta["training"]
+    return {"spec": meta["spec"], "parameters": meta["adapter_parameters"],
+            "tensor_bytes_fp32": 4 * meta["adapter_parameters"],
+            # None where the weights are not committed (the repository's size is capped)
+            "file_bytes": weights.stat().st_size if weights.exists() else None,
+            "base_weights_sha256": meta["base_weights_sha256"], "mask_policy": training["args"]["mask_policy"],
+            "steps": training["step"], "requests": training["samples"], "train_seconds": training["train_seconds"],
+            "device": training["device"], "lr": training["args"]["lr"], "batch_size": training["args"]["batch_size"]}
+
+
+def main(args: Args) -> dict:
+    for name, sources in _pairs(args.pack, "pack").items():
+        written = lora.pack_tables(sources.split(","), TABLES / f"quality_{name}.parquet")
+        print(f"packed {name}: {written}")
+    tables = _pairs(args.tables, "tables")
+    adapters = {name: adapter_record(path) for name, path in _pairs(args.adapters, "adapters").items() if name in tables}
+    from flexvlm_env.profiles.loading import LATENCY_SOURCES, REQUESTS_TABLE, profiles_dir
+    from flexvlm_env.profiles.tables import read_table
+
+    requests = read_table(profiles_dir() / REQUESTS_TABLE)
+    stages = read_table(profiles_dir() / LATENCY_SOURCES["micro-h100"][1])
+    models, configs = {}, {}
+    for name, path in tables.items():
+        frame, provenance = lora.load_quality([path])
+        per_config = lora.config_quality(frame).merge(
+            lora.config_latency(frame, lora.composed_latency_ms(frame, requests, stages)), on=lora.KNOBS)
+        configs[name] = per_config
+        merged_from = read_table(path).attrs.get("metadata", {}).get("merged_from")
+        models[name] = {"sources": merged_from or provenance, "adapter": adapters.get(name),
+                        "configs": per_config.to_dict(orient="records")}
+    adapted = [name for name in tables if name not in (args.base, args.reference)]
+    comparison = lora.compare(configs, args.base, args.reference, adapted)
+    # The frontier figure compares the base, the reference and the headline on the configs all three have.
+    shared = sorted(set.intersection(*(set(map(tuple, configs[n][lora.KNOBS].to_numpy().tolist()))
+                                       for n in (args.base, args.reference, args.headline))))
+    head = comparison["per_model"][args.headline]
+    base_card = json.loads(args.base_card.read_text()) if args.base_card.exists() else None
+    summary = {
+        **run_header("lora", args, latency_source="micro-h100 (composed from the H100 stage table, each model's own answer lengths)"),
+        "base": args.base, "reference": args.reference, "headline": args.headline, "adapted": adapted,
+        "full_config": list(lora.FULL), "comparison_configs": [list(c) for c in shared],
+        "gap_recovered": head["gap_recovered"], "full_config_delta": head["full_config_delta"],
+        "bars": {"gap_recovered_at_least_0.5": head["gap_recovered"] >= 0.5,
+                 "full_config_drop_at_most_1_point": head["full_config_delta"] >= -0.01},
+        "comparison": comparison, "sweeps": lora.sweeps(configs),
+        "base_training": base_card and {k: base_card[k] for k in ("sha256", "parameters", "training", "block_ranking") if k in base_card},
+        "models": models,
+    }
+    write_json(args.out_dir / "lora_summary.json", summary)
+    figures = lora.plot_from_results(args.out_dir)
+    print(json.dumps({"per_model": {n: {k: round(v[k], 4) for k in ("gap_recovered", "full_config_delta", "reduced_configs")}
+                                    for n, v in comparison["per_model"].items()},
+                      "full": {n: round(v, 4) for n, v in comparison["full"].items()}, "figures": [str(f) for f in figures]}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
