@@ -99,8 +99,7 @@ def main(args: Args) -> dict:
         per_config = lora.config_quality(frame).merge(
             lora.config_latency(frame, lora.composed_latency_ms(frame, requests, stages)), on=lora.KNOBS)
         configs[name] = per_config
-        merged_from = read_table(path).attrs.get("metadata", {}).get("merged_from")
-        models[name] = {"sources": merged_from or provenance, "adapter": adapters.get(name),
+        models[name] = {"sources": provenance[0].get("merged_from") or provenance, "adapter": adapters.get(name),
                         "configs": per_config.to_dict(orient="records")}
     adapted = [name for name in tables if name not in (args.base, args.reference)]
     comparison = lora.compare(configs, args.base, args.reference, adapted)

@@ -79,7 +79,7 @@ def test_pack_merges_runs_first_source_wins_and_reports_agreement(tmp_path):
     assert meta["overlap"] == {"rows": len(_requests()), "identical_answers": 1.0, "mean_abs_quality_difference": 0.0}
     assert [m["table"] for m in meta["merged_from"]] == [str(gpu), str(cpu)]
     other = _table(tmp_path / "other.parquet", BASE, answer_suffix="x")
-    assert lora.source_agreement([gpu, other])["identical_answers"] == 0.0
+    assert lora.source_agreement([read_table(gpu), read_table(other)])["identical_answers"] == 0.0
     with pytest.raises(ValueError, match="different weights_sha256s"):
         lora.load_quality([gpu, _table(tmp_path / "w2.parquet", BASE, weights="other")])
 

@@ -35,25 +35,29 @@ KNOBS = KEY[1:]
 FULL = (12, 8, 16)
 
 
-def load_quality(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
-    """One model's quality rows from one or more tables (Parquet files or table directories), the
-    first source winning where keys repeat; and each source's provenance. Sources must be answers
-    of the same weights and adapter (their `weights_sha256` / `adapter_sha256` agree)."""
+def read_sources(sources: Sequence[str | Path]) -> list[pd.DataFrame]:
+    """The quality tables (Parquet files or table directories), each with its metadata in attrs."""
     from ..profiles.tables import read_table
 
     if not sources:
         raise ValueError("load_quality needs at least one table")
-    frames, provenance = [], []
-    for source in sources:
-        frame = read_table(source)
+    return [read_table(source) for source in sources]
+
+
+def merge_sources(frames: Sequence[pd.DataFrame], sources: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """`load_quality` on tables already read (`read_sources`)."""
+    provenance = []
+    for source, frame in zip(sources, frames):
         meta = frame.attrs.get("metadata", {})
-        provenance.append({
+        entry = {
             "table": str(source), "rows": len(frame), "device_name": meta.get("device_name"), "dtype": meta.get("dtype"),
             "weights_sha256": meta.get("weights_sha256"), "adapter_sha256": meta.get("adapter_sha256"),
             "configs": int(frame.groupby(KNOBS).ngroups) if len(frame) else 0,
             "mask_policy": meta.get("protocol", {}).get("mask_policy", "importance"),
-        })
-        frames.append(frame)
+        }
+        if meta.get("merged_from"):  # a packed table: the runs it was packed from
+            entry["merged_from"] = meta["merged_from"]
+        provenance.append(entry)
     for name in ("weights_sha256", "adapter_sha256"):
         values = {p[name] for p in provenance}
         if len(values) > 1:
@@ -61,6 +65,14 @@ def load_quality(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict
     merged = pd.concat(frames, ignore_index=True).drop_duplicates(subset=KEY, keep="first")
     merged.attrs = {}
     return merged, provenance
+
+
+def load_quality(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """One model's quality rows from one or more tables (Parquet files or table directories), the
+    first source winning where keys repeat; and each source's provenance (with `merged_from` for a
+    packed table). Sources must be answers of the same weights and adapter (their
+    `weights_sha256` / `adapter_sha256` agree)."""
+    return merge_sources(read_sources(sources), sources)
 
 
 def config_quality(frame: pd.DataFrame) -> pd.DataFrame:
@@ -189,24 +201,22 @@ def plot_from_results(results_dir: Path) -> list[Path]:
 def pack_tables(sources: Sequence[str | Path], out_file: str | Path) -> Path:
     """One model's quality rows from several runs (e.g. a GPU sweep cut short by the device's time
     limit and the configurations answered afterwards on a CPU) as one Parquet file sorted by key,
-    with the first source's metadata and every source's provenance under `merged_from`."""
-    from ..profiles.tables import read_table, write_parquet
+    with the first source's metadata, every source's provenance under `merged_from` and their
+    answers' agreement under `overlap`."""
+    from ..profiles.tables import write_parquet
 
-    frame, provenance = load_quality(sources)
-    metadata = dict(read_table(sources[0]).attrs.get("metadata", {}))
-    metadata["merged_from"] = provenance
-    metadata["overlap"] = source_agreement(sources)
+    frames = read_sources(sources)
+    frame, provenance = merge_sources(frames, sources)
+    metadata = {**frames[0].attrs.get("metadata", {}), "merged_from": provenance, "overlap": source_agreement(frames)}
     # Sorted rows compress about 1.6x better (the repository's size is capped).
     return write_parquet(frame.sort_values(KEY, ignore_index=True), out_file, metadata, compression_level=19)
 
 
-def source_agreement(sources: Sequence[str | Path]) -> dict:
-    """Where several sources answered the same (request, config) (e.g. a GPU and a CPU run of the
+def source_agreement(frames: Sequence[pd.DataFrame]) -> dict:
+    """Where several tables answered the same (request, config) (e.g. a GPU and a CPU run of the
     same model in float32), how often their answers are identical: the check that rows from
     different machines may be mixed."""
-    from ..profiles.tables import read_table
-
-    frames = [read_table(s)[KEY + ["answer", "quality"]] for s in sources]
+    frames = [frame[KEY + ["answer", "quality"]] for frame in frames]
     overlap, same, delta = 0, 0, 0.0
     for i in range(len(frames)):
         for j in range(i + 1, len(frames)):

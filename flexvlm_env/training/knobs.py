@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.blocks import block_plan
+
 
 @dataclass(frozen=True)
 class KnobDraw:
@@ -82,8 +84,6 @@ def with_mask_policy(draw: KnobDraw, policy: str, ranking, seed: int = 0) -> Kno
     plans the model will run: "importance" (the weights' ranking), "prefix", "random" (seeded as
     `Config(mask_policy="random", mask_seed=seed)`), or "mixed" (the draw's own prefix / random-subset
     plans, as training from scratch uses before any ranking exists). The depth is kept."""
-    from ..model.blocks import block_plan
-
     if policy not in MASK_POLICIES:
         raise ValueError(f"mask_policy={policy!r} is not valid; allowed: {MASK_POLICIES}")
     if policy == "mixed" or draw.kind == "full":
