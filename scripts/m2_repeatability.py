@@ -89,8 +89,7 @@ def main(args: Args) -> dict | None:
         path = m2.write_json(Path(args.out_dir) / f"{m2.RAW_PREFIX}{e1.run_key(raw)}.json", raw)
         print(f"wrote {path} ({raw['measure_s']}s, truncated: {raw['truncated'] or 'nothing'})")
     if args.mode in ("analyse", "all"):
-        # defaults that do not exist yet (a fresh --results folder) are skipped; given inputs must exist
-        inputs = args.inputs or tuple(p for p in ((args.results, args.out_dir) if args.mode == "all" else (args.results,)) if Path(p).exists())
+        inputs = e1.raw_inputs(args)
         records = e1.collect_raw(inputs, args.results, m2.RAW_PREFIX, "m2_raw")
         summary, data = m2.analyse(records, args, root=ROOT)
         for path in m2.write_results(summary, data, args.results):

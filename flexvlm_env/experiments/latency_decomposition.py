@@ -506,6 +506,16 @@ def find_raw_files(inputs: Iterable[Path], prefix: str = RAW_PREFIX) -> list[Pat
     return [found[name] for name in sorted(found)]
 
 
+def raw_inputs(args) -> tuple[Path, ...]:
+    """Where a measure/analyse driver (E1, M2) looks for raw files: `--inputs` if given, else the
+    `--results` folder, plus `--out-dir` in mode "all". Defaults that do not exist yet (a fresh
+    results folder) are skipped; given inputs must exist (`collect_raw` says so)."""
+    if args.inputs:
+        return tuple(args.inputs)
+    defaults = (args.results, args.out_dir) if args.mode == "all" else (args.results,)
+    return tuple(p for p in defaults if Path(p).exists())
+
+
 def collect_raw(inputs: Iterable[Path], results_dir: Path, prefix: str, kind: str) -> list[tuple[Path, dict]]:
     """Load the raw device files and copy any that live outside `results_dir` into it (so that the
     committed results hold every raw file an analysis used)."""
