@@ -13,7 +13,12 @@ tables (GPU sweep + CPU fill-in, first source winning) into `results/lora/qualit
 How the tables were made (scripts/lora_gpu.sh on a lent 4-GPU machine, then CPU fill-in):
     torchrun --nproc-per-node 4 scripts/train_micro.py --no-elastic --compile --total-steps 3500 \\
         --decay-frac 0.3 --run-dir runs/micro_full_only --export-dir runs/micro_full_only/export
-    BASE=runs/micro_full_only/export/model.safetensors scripts/lora_gpu.sh runs/lora
+    BASE=runs/micro_full_only/export/model.safetensors scripts/lora_gpu.sh runs/lora     # unanchored variants
+    BASE=... PLAN=anchor scripts/lora_gpu.sh runs/lora_anchor                            # anchored + selection
+    BASE=... PLAN=grid ADAPTER=runs/lora_anchor/r16_anchor4/adapter scripts/lora_gpu.sh runs/lora_anchor
+The headline (`--headline`) is the variant that selection.json names; the variants answered at the
+full configuration only are reported there (`full_only`), and `full_config_paired` gives every
+model's request-paired change at full against the base.
 """
 from __future__ import annotations
 
@@ -34,25 +39,34 @@ TABLES = ROOT / "results" / "lora"
 class Args:
     tables: tuple[str, ...] = (
         f"full-config-only={TABLES / 'quality_full-config-only.parquet'}",
+        f"lora-r16-anchor4={TABLES / 'quality_lora-r16-anchor4.parquet'}",
         f"lora-r16={TABLES / 'quality_lora-r16.parquet'}",
         f"lora-r4={TABLES / 'quality_lora-r4.parquet'}",
         f"lora-r16+vision={TABLES / 'quality_lora-r16+vision.parquet'}",
         f"elastic={ROOT / 'flexvlm_env/assets/profiles/micro_quality_val.parquet'}",
+        f"lora-r16-anchor16={TABLES / 'quality_lora-r16-anchor16.parquet'}",
+        f"lora-r16-anchor64={TABLES / 'quality_lora-r16-anchor64.parquet'}",
+        f"lora-r16-anchor16-pfull40={TABLES / 'quality_lora-r16-anchor16-pfull40.parquet'}",
     )
-    """NAME=PATH per model (a Parquet file or a table directory)"""
+    """NAME=PATH per model (a Parquet file or a table directory); a model answered at the full
+    configuration only (a variant not chosen for the full sweep) is reported there alone"""
     adapters: tuple[str, ...] = (
+        f"lora-r16-anchor4={TABLES / 'adapters/lora-r16-anchor4'}",
         f"lora-r16={TABLES / 'adapters/lora-r16'}",
         f"lora-r4={TABLES / 'adapters/lora-r4'}",
         f"lora-r16+vision={TABLES / 'adapters/lora-r16+vision'}",
     )
     """NAME=DIR of each adapter (or of its flexvlm_adapter.json): size and training cost"""
+    selection: Path | None = TABLES / "anchor_selection.json"
+    """selection.json of `PLAN=anchor scripts/lora_gpu.sh` (how the headline was chosen among the
+    anchored variants, on another request pool); its variant `X_Y` is the model `lora-X-Y` here"""
     base_card: Path = TABLES / "full-config-only_model.json"
     """model.json of the full-config-only base (its training record)"""
     pack: tuple[str, ...] = ()
     """NAME=SRC[,SRC...]: merge these raw tables into results/lora/quality_NAME.parquet first"""
     base: str = "full-config-only"
     reference: str = "elastic"
-    headline: str = "lora-r16"
+    headline: str = "lora-r16-anchor4"
     """the adapter the issue's bars are read on (the others are size / target ablations)"""
     out_dir: Path = ROOT / "results"
 
@@ -82,6 +96,17 @@ def adapter_record(path: str | Path) -> dict:
             "device": training["device"], "lr": training["args"]["lr"], "batch_size": training["args"]["batch_size"]}
 
 
+def _selection(path: Path | None) -> dict | None:
+    if path is None or not Path(path).exists():
+        return None
+    record = json.loads(Path(path).read_text())
+    rename = {name: "lora-" + name.replace("_", "-") for name in record["candidates"]}
+    return {**record, "selected": rename[record["selected"]], "file": str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path),
+            "pool": "procedural val, --task-seed 1 (not the reported pool), 200 requests per family, "
+                    "crops {1, 12} x top_k {1, 8} x active_blocks {8, 16}",
+            "candidates": {rename[name]: value for name, value in record["candidates"].items()}}
+
+
 def main(args: Args) -> dict:
     for name, sources in _pairs(args.pack, "pack").items():
         written = lora.pack_tables(sources.split(","), TABLES / f"quality_{name}.parquet")
@@ -93,15 +118,18 @@ def main(args: Args) -> dict:
 
     requests = read_table(profiles_dir() / REQUESTS_TABLE)
     stages = read_table(profiles_dir() / LATENCY_SOURCES["micro-h100"][1])
-    models, configs = {}, {}
+    models, configs, raw = {}, {}, {}
     for name, path in tables.items():
         frame, provenance = lora.load_quality([path])
+        raw[name] = frame
         per_config = lora.config_quality(frame).merge(
             lora.config_latency(frame, lora.composed_latency_ms(frame, requests, stages)), on=lora.KNOBS)
         configs[name] = per_config
         models[name] = {"sources": provenance[0].get("merged_from") or provenance, "adapter": adapters.get(name),
                         "configs": per_config.to_dict(orient="records")}
-    adapted = [name for name in tables if name not in (args.base, args.reference)]
+    # Variants answered at the full configuration only are reported there, not in the gap.
+    full_only = [name for name in tables if name not in (args.base, args.reference) and len(configs[name]) == 1]
+    adapted = [name for name in tables if name not in (args.base, args.reference, *full_only)]
     comparison = lora.compare(configs, args.base, args.reference, adapted)
     # The frontier figure compares the base, the reference and the headline on the configs all three have.
     shared = sorted(set.intersection(*(set(map(tuple, configs[n][lora.KNOBS].to_numpy().tolist()))
@@ -116,6 +144,10 @@ def main(args: Args) -> dict:
         "bars": {"gap_recovered_at_least_0.5": head["gap_recovered"] >= 0.5,
                  "full_config_drop_at_most_1_point": head["full_config_delta"] >= -0.01},
         "comparison": comparison, "sweeps": lora.sweeps(configs),
+        "full_config_paired": {name: lora.full_config_paired(raw[name], raw[args.base]) for name in tables if name != args.base},
+        "full_only": {name: {"full_quality": comparison["full"][name],
+                             "full_config_delta": comparison["full"][name] - comparison["full"][args.base]} for name in full_only},
+        "variant_selection": _selection(args.selection),
         "base_training": base_card and {k: base_card[k] for k in ("sha256", "parameters", "training", "block_ranking") if k in base_card},
         "models": models,
     }

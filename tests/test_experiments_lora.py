@@ -58,6 +58,28 @@ def test_compare_known_values(tmp_path):
         lora.compare(configs, "base", "elastic", ["missing"])
 
 
+def test_select_variant_rule(tmp_path):
+    """Highest mean quality among the candidates within the allowed full-config drop; if none is
+    within it, the smallest drop; candidates must share their configurations."""
+    def frame(name, quality):
+        return lora.load_quality([_table(tmp_path / f"{name}.parquet", quality)])[0]
+
+    base = frame("base", BASE)
+    strong = frame("strong", ADAPTED)  # full 0.495 (-0.5 point), best reduced configs
+    held = frame("held", {**ADAPTED, (12, 8, 16): 0.50, (1, 1, 8): 0.15})  # full kept, weaker elsewhere
+    out = lora.select_variant({"strong": strong, "held": held}, base, max_full_drop=0.01)
+    assert out["selected"] == "strong"
+    assert out["candidates"]["strong"]["full_config_delta"] == pytest.approx(-0.005)
+    assert out["candidates"]["strong"]["mean_quality"] == pytest.approx((0.495 + 0.25 + 0.30 + 0.45) / 4)
+    assert lora.select_variant({"strong": strong, "held": held}, base, max_full_drop=0.001)["selected"] == "held"
+    dropped = frame("dropped", {**ADAPTED, (12, 8, 16): 0.47})
+    assert lora.select_variant({"strong": strong, "dropped": dropped}, base, max_full_drop=0.0)["selected"] == "strong"
+    with pytest.raises(ValueError, match="different configurations"):
+        lora.select_variant({"strong": strong, "few": frame("few", {(12, 8, 16): 0.5})}, base)
+    with pytest.raises(ValueError, match="max_full_drop=-1"):
+        lora.select_variant({"strong": strong}, base, max_full_drop=-1)
+
+
 def test_config_quality_is_family_balanced_and_drops_incomplete_configs(tmp_path):
     frame, _ = lora.load_quality([_table(tmp_path / "t.parquet", BASE)])
     first = frame["request_id"].iloc[0]
@@ -88,13 +110,18 @@ def test_driver_writes_summary_and_figure(tmp_path):
     pytest.importorskip("matplotlib")
     script = load_script("lora_compare")
     tables = tuple(f"{name}={_table(tmp_path / f'{name}.parquet', q, weights=w)}"
-                   for name, q, w in (("full-config-only", BASE, "b"), ("lora-r16", ADAPTED, "b"), ("elastic", ELASTIC, "e")))
+                   for name, q, w in (("full-config-only", BASE, "b"), ("lora-r16", ADAPTED, "b"), ("elastic", ELASTIC, "e"),
+                                      ("lora-r16-a2", {(12, 8, 16): 0.51}, "b")))  # a variant answered at full only
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "flexvlm_adapter.json").write_text(json.dumps({
         "spec": {"rank": 16}, "adapter_parameters": 100, "base_weights_sha256": "b",
         "training": {"step": 4, "samples": 8, "train_seconds": 1.5, "device": "cpu", "args": {"mask_policy": "importance", "lr": 1e-3, "batch_size": 2}}}))
-    summary = script.main(script.Args(tables=tables, adapters=(f"lora-r16={adapter}",), base_card=tmp_path / "none.json", out_dir=tmp_path))
+    selection = tmp_path / "selection.json"  # as scripts/lora_gpu.sh PLAN=anchor writes it (device names)
+    selection.write_text(json.dumps({"selected": "r16_a2", "rule": "r", "base_full_quality": 0.5,
+                                     "candidates": {"r16_a2": {"full_config_delta": 0.0, "mean_quality": 0.4, "configs": 8}}}))
+    summary = script.main(script.Args(tables=tables, adapters=(f"lora-r16={adapter}",), base_card=tmp_path / "none.json", out_dir=tmp_path,
+                                      headline="lora-r16", selection=selection))
     saved = json.loads((tmp_path / "lora_summary.json").read_text())
     assert saved["gap_recovered"] == pytest.approx(0.6) and saved["full_config_delta"] == pytest.approx(-0.005)
     assert saved["bars"] == {"gap_recovered_at_least_0.5": True, "full_config_drop_at_most_1_point": True}
@@ -104,7 +131,13 @@ def test_driver_writes_summary_and_figure(tmp_path):
     lat = {(r["crops"], r["top_k"], r["active_blocks"]): r["latency_ms_mean"] for r in rows}
     assert lat[(1, 1, 8)] < lat[(12, 8, 16)]  # composed latency follows the knobs
     assert saved["models"]["lora-r16"]["adapter"]["tensor_bytes_fp32"] == 400
-    assert summary["headline"] == "lora-r16"
+    assert summary["headline"] == "lora-r16" and summary["adapted"] == ["lora-r16"]
+    # A full-only variant is reported at the full configuration, outside the gap.
+    assert saved["full_only"] == {"lora-r16-a2": {"full_quality": pytest.approx(0.51), "full_config_delta": pytest.approx(0.01)}}
+    paired = saved["full_config_paired"]["lora-r16"]  # every request 0.495 vs 0.50: a constant change
+    assert paired["delta_mean"] == pytest.approx(-0.005) and paired["delta_se"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["identical_answers"] == 0.0 and paired["requests"] == 8
+    assert saved["variant_selection"]["selected"] == "lora-r16-a2" and list(saved["variant_selection"]["candidates"]) == ["lora-r16-a2"]
     figure = tmp_path / "figures" / "lora_frontiers.png"
     assert figure.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="must be NAME=PATH"):

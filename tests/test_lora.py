@@ -417,3 +417,7 @@ def test_finetune_script_full_config_anchor_runs(tmp_path):
     for step in (0, 1):
         assert logs["anchored"][step]["ce/full"] == pytest.approx(logs["plain"][step]["ce/full"], rel=1e-5)
     assert logs["anchored"][2]["ce/full"] != pytest.approx(logs["plain"][2]["ce/full"], rel=1e-5)
+    # The anchor's KL is logged: zero while the adapter is still the identity, positive once it moved.
+    assert logs["anchored"][0]["anchor_kl/full"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["anchored"][2]["anchor_kl/full"] > 0
+    assert not any("anchor_kl/full" in record for record in logs["plain"])

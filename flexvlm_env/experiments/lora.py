@@ -141,6 +141,59 @@ def compare(configs: Mapping[str, pd.DataFrame], base: str, reference: str, adap
     return out
 
 
+def select_variant(candidates: Mapping[str, pd.DataFrame], base: pd.DataFrame, max_full_drop: float = 0.005) -> dict:
+    """Which adapter the bars are read on, chosen on a selection pool of requests (another
+    `--task-seed` of the val split), so that picking among variants does not fit the reported
+    pool: the highest mean quality over the pool's configurations among the candidates whose
+    full-configuration quality is at most `max_full_drop` below the base's; if none is, the one
+    with the smallest drop.
+
+    candidates: name -> raw quality rows of the selection pool (every candidate on the same
+    configurations, which include FULL); base: the base's rows, at least at FULL."""
+    if not candidates:
+        raise ValueError("select_variant needs at least one candidate")
+    if not max_full_drop >= 0:
+        raise ValueError(f"max_full_drop={max_full_drop} must be >= 0")
+    base_full = config_quality(base).set_index(KNOBS)["mean_quality"]
+    if FULL not in base_full.index:
+        raise ValueError(f"the base has not answered every selection request at the full configuration {FULL}")
+    scores, grids = {}, set()
+    for name, frame in candidates.items():
+        q = config_quality(frame).set_index(KNOBS)["mean_quality"]
+        if FULL not in q.index:
+            raise ValueError(f"candidate {name!r} has not answered every selection request at the full configuration {FULL}")
+        grids.add(tuple(sorted(q.index)))
+        scores[name] = {"full_config_delta": float(q.loc[FULL] - base_full.loc[FULL]), "mean_quality": float(q.mean()),
+                        "configs": len(q)}
+    if len(grids) > 1:
+        raise ValueError(f"the candidates answered different configurations: {sorted(map(len, grids))} configs; compare like with like")
+    within = [name for name, s in scores.items() if s["full_config_delta"] >= -max_full_drop]
+    if within:
+        selected = max(within, key=lambda name: scores[name]["mean_quality"])
+    else:
+        selected = max(scores, key=lambda name: scores[name]["full_config_delta"])
+    return {"selected": selected, "rule": f"highest mean quality among full_config_delta >= -{max_full_drop} (else the smallest drop)",
+            "base_full_quality": float(base_full.loc[FULL]), "candidates": scores}
+
+
+def full_config_paired(frame: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """A model against the base at the full configuration, request by request (raw quality rows
+    of the same pool): the mean quality change with its paired standard error, and the share of
+    answers identical to the base's. With equal requests per family (the tables' pools) the mean
+    change equals the family-balanced `full_config_delta`."""
+    def at_full(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows[(rows["crops"] == FULL[0]) & (rows["top_k"] == FULL[1]) & (rows["active_blocks"] == FULL[2])].set_index("request_id")
+
+    mine, theirs = at_full(frame), at_full(base)
+    shared = mine.index.intersection(theirs.index)
+    if len(shared) < 2:
+        raise ValueError(f"the model and the base share {len(shared)} requests at the full configuration {FULL}; need >= 2")
+    delta = mine.loc[shared, "quality"] - theirs.loc[shared, "quality"]
+    return {"requests": int(len(shared)), "delta_mean": float(delta.mean()),
+            "delta_se": float(delta.std(ddof=1) / np.sqrt(len(shared))),
+            "identical_answers": float((mine.loc[shared, "answer"] == theirs.loc[shared, "answer"]).mean())}
+
+
 def sweeps(configs: Mapping[str, pd.DataFrame]) -> dict:
     """Each knob swept with the other two at full, per model (the configurations present)."""
     out = {}
