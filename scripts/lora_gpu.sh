@@ -12,7 +12,7 @@
 #   reported pool's full configuration; `select_variant` picks the adapter to read the bars on
 #   from the selection pool alone (its rule and scores are written to selection.json).
 # PLAN=grid: one adapter's whole grid over the 4 GPUs, split by cost (about 3 minutes on 4 x H200).
-# Copy OUT_DIR off the machine as one archive (the device returns at most 8 files).
+# Copy OUT_DIR off the machine as one archive (it holds many table shards).
 # Then `python scripts/lora_compare.py --pack NAME=...` for results/lora_summary.json and the figure.
 set -uo pipefail
 base=${BASE:?set BASE to the full-config-only weights (.safetensors)}
