@@ -36,14 +36,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
 
-from flexvlm_env.model.args import preset_args
+from flexvlm_env.model.args import ModelArgs, preset_args
 from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.runtime import VLM, assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
@@ -92,7 +92,12 @@ class Args:
     init_from: str | None = None
     """start a new run from these weights instead of random ones: a FlexVLM .safetensors file (e.g.
     the shipped micro weights) or a training-state directory (e.g. runs/micro/transfer). Use another
-    --seed than the run it continues, so the data stream does not repeat its requests"""
+    --seed than the run it continues, so the data stream does not repeat its requests. A .safetensors
+    file of another --crop-px loads with the ViT position table resampled to the new patch grid"""
+    crop_px: int = 112
+    """micro's crop size (px; a multiple of 28). The shipped micro uses 112, where the reading
+    families' text is 8-14 px tall at 12 crops; 224 doubles it at about 6x the vision tokens
+    (README, the micro model; scripts/reading_probe.py)"""
     device: str = "auto"
     """cuda, cpu or auto"""
     num_workers: int = -1
@@ -119,6 +124,19 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "flexvlm"
     """W&B project"""
+
+    def __post_init__(self) -> None:
+        micro_args(self.crop_px)  # a bad crop size fails here, naming --crop-px
+
+
+def micro_args(crop_px: int) -> ModelArgs:
+    """The micro preset at crop size `crop_px` (everything else as shipped)."""
+    micro = preset_args("micro")
+    try:
+        return replace(micro, vision=replace(micro.vision, crop_px=crop_px))
+    except ValueError as error:
+        raise ValueError(f"--crop-px={crop_px} is not valid ({error}); allowed: a multiple of "
+                         f"{micro.vision.patch_px * micro.vision.pool} px, e.g. 112 (shipped) or 224") from None
 
 
 REWARM_STEPS = 100  # linear re-warmup after resuming without optimizer moments (beta2 = 0.95 re-estimates in ~50 steps)
@@ -190,7 +208,7 @@ def main(args: Args) -> None:
     started = time.perf_counter()
     rank, world, device = setup_processes(args.device, args.batch_size)
     torch.manual_seed(args.seed)
-    model_args = preset_args("micro")
+    model_args = micro_args(args.crop_px)
     tokenizer = TextTokenizer.from_file(assets_dir("micro"))
     module = MolmoE(model_args).to(device)
     init_for_training_(module, args.seed)
@@ -205,19 +223,23 @@ def main(args: Args) -> None:
         if init_path.is_dir():
             load_training_state(init_path, module, None)
         else:
-            from flexvlm_env.model.checkpoint import load_weights_
+            from flexvlm_env.training.geometry import load_across_crop_size_
 
-            load_weights_(module, init_path)
+            resampled = load_across_crop_size_(module, init_path)
             module.float()
+            if resampled:
+                print(f"{init_path} has another crop size: resampled {resampled} to {args.crop_px} px crops")
         print(f"initialised from {init_path}")
     if (run_dir / "checkpoint" / "state.json").exists():
-        saved = load_training_state(run_dir / "checkpoint", module, optimizer)
-        progress.update(saved)
-        saved_args = saved.get("args", {})
-        for key in ("batch_size", "seed", "elastic", "family_weights"):
+        # Checked before loading: another crop size would otherwise fail as a tensor-shape mismatch.
+        saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
+                      **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
+        for key in ("batch_size", "seed", "elastic", "family_weights", "crop_px"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
-                                 f"resuming must keep the data stream (use a new --run-dir to change it)")
+                                 f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
+        saved = load_training_state(run_dir / "checkpoint", module, optimizer)
+        progress.update(saved)
         saved_decay = saved_args.get("decay_frac", args.decay_frac)
         decay_start = int(saved_args.get("total_steps", args.total_steps) * (1 - saved_decay))
         # Changing the planned length changes the schedule only once the decay has begun.
@@ -309,8 +331,9 @@ def main(args: Args) -> None:
                     append_log(log_path, record)
                     if wandb_run is not None:
                         wandb_run.log(record, step=step)
-                    print(f"step {step} ce(full) {record.get('ce/full', float('nan')):.3f} "
-                          f"{record['samples_per_s']:.0f} samples/s (data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
+                    losses = " ".join(f"{key[3:]} {value:.3f}" for key, value in record.items() if key.startswith("ce/"))
+                    print(f"step {step} ce: {losses} | {record['samples_per_s']:.0f} samples/s "
+                          f"(data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
                 progress["train_seconds"] += elapsed
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 # Rank 0's clock decides for everyone, so all processes stop at the same step.

@@ -1,0 +1,74 @@
+"""Changing a trained model's crop size: start a model with larger (or smaller) crops from weights
+trained at another size, as ViTs are fine-tuned at a new resolution.
+
+Every tensor of the MolmoE topology is independent of the crop size except the ViT's absolute
+position table (`positional_embedding`, one row for the class token and one per patch of the crop's
+grid). `resample_positions` resizes the grid part bicubically and keeps the class row;
+`load_across_crop_size_` loads a FlexVLM checkpoint whose model differs from the target only in
+`vision.crop_px` (anything else is refused: a different topology is not a resolution change).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model.args import ModelArgs
+from ..model.molmoe import MolmoE
+
+POSITION_TABLE = "positional_embedding"
+
+
+def resample_positions(table: torch.Tensor, side: int) -> torch.Tensor:
+    """ViT position table [1 + n*n, W] (class row first, patches row-major) -> [1 + side*side, W]."""
+    rows, width = table.shape
+    n = int(round((rows - 1) ** 0.5))
+    if n * n != rows - 1:
+        raise ValueError(f"a position table of {rows} rows is not 1 + a square grid")
+    if side < 1:
+        raise ValueError(f"side={side} must be >= 1")
+    if side == n:
+        return table.clone()
+    grid = table[1:].float().reshape(1, n, n, width).permute(0, 3, 1, 2)
+    # align_corners=False: a patch's position is its centre, so the grid's extent maps onto the new one.
+    resized = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return torch.cat([table[:1].float(), resized.permute(0, 2, 3, 1).reshape(side * side, width)]).to(table.dtype)
+
+
+def checkpoint_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs a FlexVLM .safetensors file records (train_micro / save_flexvlm exports)."""
+    from ..model.checkpoint import read_metadata
+
+    meta = read_metadata(Path(path))
+    if meta.get("format") != "flexvlm" or "args" not in meta:
+        raise ValueError(f"{path} is not a FlexVLM checkpoint with its model args (a .safetensors written by save_flexvlm)")
+    return ModelArgs.from_dict(json.loads(meta["args"]))
+
+
+@torch.no_grad()
+def load_across_crop_size_(model: MolmoE, path: str | Path) -> list[str]:
+    """Copy the FlexVLM checkpoint `path` into `model`, whose args may differ from the checkpoint's
+    in `vision.crop_px` only: every tensor is copied as is except the ViT position table, which is
+    resampled to the model's patch grid. Returns the names of the resampled tensors (empty when
+    the crop sizes agree)."""
+    from ..model.checkpoint import load_weights_
+
+    source_args = checkpoint_args(path)
+    target_args = model.args
+    if replace(source_args, vision=replace(source_args.vision, crop_px=target_args.vision.crop_px)) != target_args:
+        raise ValueError(f"{path} holds another model than the one being trained (beyond its crop size): "
+                         f"checkpoint {source_args.to_dict()} vs {target_args.to_dict()}")
+    source = MolmoE(source_args)
+    load_weights_(source, Path(path))
+    resampled = []
+    sources = dict(source.named_parameters())
+    for name, target in model.named_parameters():
+        tensor = sources[name]
+        if name.endswith(POSITION_TABLE) and tensor.shape != target.shape:
+            tensor = resample_positions(tensor, target_args.vision.patches_per_side)
+            resampled.append(name)
+        target.copy_(tensor)
+    return resampled
