@@ -38,7 +38,7 @@ from flexvlm_env.model.runtime import load_model
 from flexvlm_env.tasks import FAMILIES
 from flexvlm_env.training import (
     MASK_POLICIES, ElasticKnobs, LoraSpec, TrainBatchSpec, TrainStream, WindowStats, adapter_parameter_count, add_lora,
-    answer_kl, append_log, batch_views, load_training_state, save_adapter, save_training_state, teacher_forced_loss, truncate_log,
+    answer_kl, append_log, batch_views, loss_summary, load_training_state, save_adapter, save_training_state, teacher_forced_loss, truncate_log,
     with_mask_policy, wsd_learning_rate,
 )
 
@@ -241,9 +241,8 @@ def main(args: Args) -> None:
                 append_log(log_path, record)
                 if wandb_run is not None:
                     wandb_run.log(record, step=step)
-                losses = " ".join(f"{key[3:]} {value:.3f}" for key, value in record.items() if key.startswith("ce/"))
                 kl = f" anchor_kl {record['anchor_kl/full']:.4f}" if "anchor_kl/full" in record else ""
-                print(f"step {step} ce: {losses}{kl} | {record['samples_per_s']:.0f} samples/s lr {lr:.2e}", flush=True)
+                print(f"step {step} ce: {loss_summary(record)}{kl} | {record['samples_per_s']:.0f} samples/s lr {lr:.2e}", flush=True)
                 progress["train_seconds"] += elapsed
                 window_start, window_samples = time.perf_counter(), 0
                 out_of_time = args.max_minutes > 0 and (now - started) / 60 >= args.max_minutes

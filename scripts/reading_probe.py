@@ -19,6 +19,7 @@ the shipped model: it is evidence for the preset decision (crop size) of micro's
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import string
@@ -72,6 +73,7 @@ class Args:
             raise ValueError(f"--lr={self.lr} must be > 0")
 
 
+@functools.lru_cache(maxsize=None)  # called for every rendered image; the search measures up to 4h glyph boxes
 def font_size_for_height(height_px: int) -> int:
     """The font size whose capital letters' ink is closest to `height_px` tall."""
     return min(range(4, 4 * height_px), key=lambda size: abs(text_ink_size("HXE", size)[1] - height_px))
@@ -209,6 +211,7 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     done = finished_runs(args.out, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**_header(args), "runs": [done[h] for h in sorted(done)]}
     for height in args.heights_px:
         if height in done:
             print(f"h={height:2d} px: finished earlier, kept")
@@ -216,8 +219,6 @@ def main(args: Args) -> dict:
         done[height] = probe(height, args)
         result = {**_header(args), "runs": [done[h] for h in sorted(done)]}
         args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every height: resumable
-    result = {**_header(args), "runs": [done[h] for h in sorted(done)]}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.figure)
     print(json.dumps({f"{r['height_px']} px": {k: round(r["final"][k], 3) for k in ("letter_accuracy", "word_accuracy")}
                       for r in result["runs"]}, indent=1))

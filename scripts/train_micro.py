@@ -51,7 +51,7 @@ from flexvlm_env.training import (
     ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
     teacher_forced_loss,
 )
-from flexvlm_env.training.loop import WindowStats, append_log, truncate_log, wsd_learning_rate
+from flexvlm_env.training.loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
 from flexvlm_env.training.parallel import (
     all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
 )
@@ -331,8 +331,7 @@ def main(args: Args) -> None:
                     append_log(log_path, record)
                     if wandb_run is not None:
                         wandb_run.log(record, step=step)
-                    losses = " ".join(f"{key[3:]} {value:.3f}" for key, value in record.items() if key.startswith("ce/"))
-                    print(f"step {step} ce: {losses} | {record['samples_per_s']:.0f} samples/s "
+                    print(f"step {step} ce: {loss_summary(record)} | {record['samples_per_s']:.0f} samples/s "
                           f"(data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
                 progress["train_seconds"] += elapsed
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0

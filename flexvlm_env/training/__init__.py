@@ -10,12 +10,12 @@ from .data import TrainBatchSpec, TrainStream, batch_views, build_batch, trainin
 from .geometry import load_across_crop_size_, resample_positions
 from .forward import answer_kl, init_for_training_, moe_dense, teacher_forced_loss
 from .knobs import MASK_POLICIES, ElasticKnobs, KnobDraw, with_mask_policy
-from .loop import WindowStats, append_log, truncate_log, wsd_learning_rate
+from .loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
 from .lora import LoraSpec, adapter_parameter_count, add_lora, apply_adapter, read_adapter_metadata, save_adapter
 from .state import load_training_state, save_training_state
 
 __all__ = [
-    "MASK_POLICIES", "ElasticKnobs", "answer_kl", "KnobDraw", "LoraSpec", "WindowStats", "append_log", "truncate_log", "with_mask_policy", "wsd_learning_rate", "TrainBatchSpec", "TrainStream", "adapter_parameter_count", "add_lora", "apply_adapter",
+    "MASK_POLICIES", "ElasticKnobs", "answer_kl", "KnobDraw", "LoraSpec", "WindowStats", "append_log", "loss_summary", "truncate_log", "with_mask_policy", "wsd_learning_rate", "TrainBatchSpec", "TrainStream", "adapter_parameter_count", "add_lora", "apply_adapter",
     "batch_views", "build_batch", "init_for_training_", "load_across_crop_size_", "load_training_state", "moe_dense", "read_adapter_metadata", "resample_positions", "save_adapter",
     "save_training_state", "teacher_forced_loss", "training_target",
 ]

@@ -5,7 +5,8 @@ Every tensor of the MolmoE topology is independent of the crop size except the V
 position table (`positional_embedding`, one row for the class token and one per patch of the crop's
 grid). `resample_positions` resizes the grid part bicubically and keeps the class row;
 `load_across_crop_size_` loads a FlexVLM checkpoint whose model differs from the target only in
-`vision.crop_px` (anything else is refused: a different topology is not a resolution change).
+`vision.crop_px` (anything else is refused: a different topology is not a resolution change);
+checkpoints of the same geometry, or without recorded args, take the plain strict load.
 """
 from __future__ import annotations
 
@@ -38,26 +39,21 @@ def resample_positions(table: torch.Tensor, side: int) -> torch.Tensor:
     return torch.cat([table[:1].float(), resized.permute(0, 2, 3, 1).reshape(side * side, width)]).to(table.dtype)
 
 
-def checkpoint_args(path: str | Path) -> ModelArgs:
-    """The ModelArgs a FlexVLM .safetensors file records (train_micro / save_flexvlm exports)."""
-    from ..model.checkpoint import read_metadata
-
-    meta = read_metadata(Path(path))
-    if meta.get("format") != "flexvlm" or "args" not in meta:
-        raise ValueError(f"{path} is not a FlexVLM checkpoint with its model args (a .safetensors written by save_flexvlm)")
-    return ModelArgs.from_dict(json.loads(meta["args"]))
-
-
 @torch.no_grad()
 def load_across_crop_size_(model: MolmoE, path: str | Path) -> list[str]:
     """Copy the FlexVLM checkpoint `path` into `model`, whose args may differ from the checkpoint's
     in `vision.crop_px` only: every tensor is copied as is except the ViT position table, which is
     resampled to the model's patch grid. Returns the names of the resampled tensors (empty when
     the crop sizes agree)."""
-    from ..model.checkpoint import load_weights_
+    from ..model.checkpoint import load_weights_, read_metadata
 
-    source_args = checkpoint_args(path)
     target_args = model.args
+    meta = read_metadata(Path(path))
+    source_args = ModelArgs.from_dict(json.loads(meta["args"])) if meta.get("format") == "flexvlm" and "args" in meta else None
+    if source_args is None or source_args == target_args:
+        # Same geometry, or an official checkpoint (no recorded args): the plain strict load.
+        load_weights_(model, Path(path))
+        return []
     if replace(source_args, vision=replace(source_args.vision, crop_px=target_args.vision.crop_px)) != target_args:
         raise ValueError(f"{path} holds another model than the one being trained (beyond its crop size): "
                          f"checkpoint {source_args.to_dict()} vs {target_args.to_dict()}")

@@ -28,6 +28,12 @@ def wsd_learning_rate(step: int, peak_lr: float, warmup_steps: int, total_steps:
     return peak_lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def loss_summary(record: dict) -> str:
+    """The console form of a log record's losses: `full 1.063 prefix 1.107 ...`, one entry per
+    configuration kind the window drew (a window need not hold every kind)."""
+    return " ".join(f"{key[3:]} {value:.3f}" for key, value in record.items() if key.startswith("ce/"))
+
+
 def append_log(path: Path, record: dict) -> None:
     with Path(path).open("a") as handle:
         handle.write(json.dumps(record) + "\n")
