@@ -133,6 +133,38 @@ def test_batch_spec_rejects_bad_values():
         TrainBatchSpec(family_weights=(1.0, 2.0))
 
 
+def test_focus_phase_runs_full_config_on_the_focus_families_then_returns_to_the_mix(micro_tokenizer):
+    focus = (0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # only the reading families
+    spec = TrainBatchSpec(batch_size=6, seed=2, focus_steps=3, focus_weights=focus)
+    knobs = ElasticKnobs(full_until_step=3)
+    reading = {spec.families.index(f) for f in ("doc_qa", "text_vqa", "st_qa")}
+    for step in range(3):
+        assert knobs.draw(2, step) == knobs.full
+        assert set(build_batch(step, spec, knobs, MICRO, micro_tokenizer)["family"].tolist()) <= reading
+    # After the phase: the elastic draws and the mixed families, exactly as without a curriculum.
+    plain_spec, plain_knobs = TrainBatchSpec(batch_size=6, seed=2), ElasticKnobs()
+    for step in range(3, 40):
+        assert knobs.draw(2, step) == plain_knobs.draw(2, step)
+        np.testing.assert_array_equal(spec.probabilities(step), plain_spec.probabilities(step))
+    assert any(knobs.draw(2, step) != knobs.full for step in range(3, 40))
+    assert torch.equal(build_batch(5, spec, knobs, MICRO, micro_tokenizer)["family"],
+                       build_batch(5, plain_spec, plain_knobs, MICRO, micro_tokenizer)["family"])
+
+
+def test_focus_phase_rejects_bad_values():
+    with pytest.raises(ValueError, match="focus_steps=2 needs focus_weights"):
+        TrainBatchSpec(focus_steps=2)
+    with pytest.raises(ValueError, match="focus_weights="):
+        TrainBatchSpec(focus_steps=2, focus_weights=(1.0,))
+    with pytest.raises(ValueError, match="full_until_step=-1"):
+        ElasticKnobs(full_until_step=-1)
+    script = load_script("train_micro")
+    with pytest.raises(ValueError, match="--focus-steps=9 must be in 0..--total-steps=5"):
+        script.Args(total_steps=5, focus_steps=9)
+    with pytest.raises(ValueError, match="--focus-weights=\\(1.0, 2.0\\): give 9"):
+        script.Args(focus_weights=(1.0, 2.0))
+
+
 def test_build_batch_is_a_pure_function_of_step(micro_tokenizer):
     spec = TrainBatchSpec(batch_size=4, seed=3)
     knobs = ElasticKnobs()

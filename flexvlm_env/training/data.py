@@ -41,7 +41,10 @@ def training_target(sample: Sample, rng: np.random.Generator) -> str:
 
 @dataclass(frozen=True)
 class TrainBatchSpec:
-    """What a batch holds. `family_weights` (default uniform) are relative sampling weights."""
+    """What a batch holds. `family_weights` (default uniform) are relative sampling weights; the
+    first `focus_steps` steps draw families by `focus_weights` instead (a curriculum, e.g. the
+    reading families first: their loss never leaves the text-only prior when they are a third of
+    mixed, mostly reduced-configuration batches)."""
 
     batch_size: int = 256
     seed: int = 0
@@ -51,6 +54,8 @@ class TrainBatchSpec:
     pad_to_multiple: int = 8
     shard_index: int = 0  # this process's share of the global batch (data parallelism)
     shard_count: int = 1
+    focus_steps: int = 0
+    focus_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -65,6 +70,13 @@ class TrainBatchSpec:
         if self.family_weights is not None:
             if len(self.family_weights) != len(self.families) or min(self.family_weights) < 0 or sum(self.family_weights) <= 0:
                 raise ValueError(f"family_weights={self.family_weights} must be {len(self.families)} non-negative weights with a positive sum")
+        if self.focus_steps < 0:
+            raise ValueError(f"focus_steps={self.focus_steps} must be >= 0")
+        if self.focus_steps and self.focus_weights is None:
+            raise ValueError(f"focus_steps={self.focus_steps} needs focus_weights (one per family of {self.families})")
+        if self.focus_weights is not None:
+            if len(self.focus_weights) != len(self.families) or min(self.focus_weights) < 0 or sum(self.focus_weights) <= 0:
+                raise ValueError(f"focus_weights={self.focus_weights} must be {len(self.families)} non-negative weights with a positive sum")
 
     @property
     def local_batch_size(self) -> int:
@@ -75,8 +87,12 @@ class TrainBatchSpec:
         """Slots of the global batch this shard builds."""
         return range(self.shard_index * self.local_batch_size, (self.shard_index + 1) * self.local_batch_size)
 
-    def probabilities(self) -> np.ndarray:
-        weights = np.ones(len(self.families)) if self.family_weights is None else np.asarray(self.family_weights, float)
+    def probabilities(self, step: int | None = None) -> np.ndarray:
+        """Family sampling probabilities at `step` (None: after the focus phase)."""
+        if step is not None and step < self.focus_steps:
+            weights = np.asarray(self.focus_weights, float)
+        else:
+            weights = np.ones(len(self.families)) if self.family_weights is None else np.asarray(self.family_weights, float)
         return weights / weights.sum()
 
 
@@ -92,7 +108,7 @@ def build_batch(step: int, spec: TrainBatchSpec, knobs: ElasticKnobs, args: Mode
     """
     rng = np.random.default_rng([spec.seed, step, 0x64617461])
     # The whole global batch's families (every shard draws the same), then this shard's slots.
-    family_ids = rng.choice(len(spec.families), size=spec.batch_size, p=spec.probabilities())[spec.local_slots]
+    family_ids = rng.choice(len(spec.families), size=spec.batch_size, p=spec.probabilities(step))[spec.local_slots]
     crops = knobs.draw(spec.seed, step).crops
     special = tokenizer.special
     vision = args.vision

@@ -37,6 +37,7 @@ class ElasticKnobs:
     p_full: float = 0.25
     p_smallest: float = 0.05
     p_prefix: float = 0.35  # share of the other draws whose plan is the prefix (the rest: random subsets)
+    full_until_step: int = 0  # steps before this one all run at the full configuration (a curriculum phase)
 
     def __post_init__(self) -> None:
         for name in ("p_full", "p_smallest", "p_prefix"):
@@ -49,6 +50,8 @@ class ElasticKnobs:
             raise ValueError(f"min_blocks={self.min_blocks} must be in 1..n_blocks={self.n_blocks}")
         if not self.crops_choices or not self.top_k_choices:
             raise ValueError("crops_choices and top_k_choices must be non-empty")
+        if self.full_until_step < 0:
+            raise ValueError(f"full_until_step={self.full_until_step} must be >= 0")
 
     @property
     def full(self) -> KnobDraw:
@@ -59,7 +62,7 @@ class ElasticKnobs:
         return KnobDraw(min(self.crops_choices), min(self.top_k_choices), tuple(range(self.min_blocks)), "smallest")
 
     def draw(self, seed: int, step: int) -> KnobDraw:
-        if not self.enabled:
+        if not self.enabled or step < self.full_until_step:
             return self.full
         rng = np.random.default_rng([seed, step, 0x6B6E6F62])  # stream separate from the data's
         u = rng.random()
