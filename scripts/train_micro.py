@@ -48,6 +48,7 @@ from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.runtime import VLM, assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
 from flexvlm_env.tasks import FAMILIES
+from flexvlm_env.training.reading import TRANSCRIBE
 from flexvlm_env.training import (
     ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
     teacher_forced_loss,
@@ -96,6 +97,12 @@ class Args:
     focus_weights: tuple[float, ...] = (0.5, 0.5, 0.5, 3.0, 0.5, 3.0, 0.5, 3.0, 0.5)
     """family sampling weights during the focus phase, in FAMILIES order (default: doc_qa, text_vqa
     and st_qa 6x the others, which stay in the batches so they are not forgotten)"""
+    transcribe_weight: float = 0.0
+    """sampling weight of the training-only transcribe task (flexvlm_env.training.reading: one
+    clean word, code or number, "What is written in the image?") after the focus phase, relative
+    to --family-weights; 0 leaves it out"""
+    focus_transcribe_weight: float = 0.0
+    """its weight during the focus phase, relative to --focus-weights"""
     seed: int = 0
     """data order, knob draws and initialisation"""
     init_from: str | None = None
@@ -143,6 +150,18 @@ class Args:
             if len(weights) != len(FAMILIES) or min(weights) < 0 or sum(weights) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={weights}: give {len(FAMILIES)} non-negative weights "
                                  f"with a positive sum, one per family {tuple(FAMILIES)}")
+        for name in ("transcribe_weight", "focus_transcribe_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+
+    @property
+    def families(self) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+        """(training families, their weights after and during the focus phase): the nine families,
+        plus the transcribe task when either of its weights is positive."""
+        if self.transcribe_weight == 0 and self.focus_transcribe_weight == 0:
+            return tuple(FAMILIES), tuple(self.family_weights), tuple(self.focus_weights)
+        return ((*FAMILIES, TRANSCRIBE), (*self.family_weights, self.transcribe_weight),
+                (*self.focus_weights, self.focus_transcribe_weight))
 
 
 def micro_args(crop_px: int) -> ModelArgs:
@@ -249,7 +268,8 @@ def main(args: Args) -> None:
         # Checked before loading: another crop size would otherwise fail as a tensor-shape mismatch.
         saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
                       **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
-        for key in ("batch_size", "seed", "elastic", "family_weights", "crop_px", "focus_steps", "focus_weights"):
+        for key in ("batch_size", "seed", "elastic", "family_weights", "crop_px", "focus_steps", "focus_weights",
+                    "transcribe_weight", "focus_transcribe_weight"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
                                  f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
@@ -270,9 +290,9 @@ def main(args: Args) -> None:
 
     knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, n_blocks=model_args.n_layers,
                          full_until_step=args.focus_steps)
-    spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, family_weights=args.family_weights,
-                          shard_index=rank, shard_count=world, focus_steps=args.focus_steps,
-                          focus_weights=args.focus_weights)
+    families, family_weights, focus_weights = args.families
+    spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, families=families, family_weights=family_weights,
+                          shard_index=rank, shard_count=world, focus_steps=args.focus_steps, focus_weights=focus_weights)
     special = tokenizer.special
     step = progress["step"]
 

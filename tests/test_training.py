@@ -21,6 +21,7 @@ from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.preprocess import IGNORE_INDEX, preprocess_image, preprocess_image_batch
 from flexvlm_env.model.runtime import VLM, assets_dir, load_model
 from flexvlm_env.model.tokenizer import TextTokenizer
+from flexvlm_env.tasks import FAMILIES
 from flexvlm_env.tasks.procedural import generate_sample
 from flexvlm_env.training import (
     ElasticKnobs, TrainBatchSpec, batch_views, build_batch, init_for_training_, load_training_state, moe_dense,
@@ -149,6 +150,37 @@ def test_focus_phase_runs_full_config_on_the_focus_families_then_returns_to_the_
     assert any(knobs.draw(2, step) != knobs.full for step in range(3, 40))
     assert torch.equal(build_batch(5, spec, knobs, MICRO, micro_tokenizer)["family"],
                        build_batch(5, plain_spec, plain_knobs, MICRO, micro_tokenizer)["family"])
+
+
+def test_transcribe_task_is_deterministic_and_answers_its_printed_text(micro_tokenizer):
+    from flexvlm_env.training.reading import PROMPT, TRANSCRIBE, transcribe_sample
+
+    a, b, other = transcribe_sample(3, seed=1), transcribe_sample(3, seed=1), transcribe_sample(3, seed=2)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.answers == b.answers
+    assert not np.array_equal(np.asarray(a.image), np.asarray(other.image)) or a.answers != other.answers
+    samples = [transcribe_sample(i) for i in range(60)]
+    assert {s.prompt for s in samples} == {PROMPT} and {s.family for s in samples} == {TRANSCRIBE}
+    for s in samples:
+        (answer,) = s.answers
+        assert answer == answer.lower() and 2 <= len(answer) <= 12 and answer.isalnum()
+        assert 6 <= s.difficulty["font_size_px"] <= 48
+        # Something was printed: the canvas is not one colour.
+        assert len(np.unique(np.asarray(s.image).reshape(-1, 3), axis=0)) > 2
+    # In a batch: the task's samples carry their answer as the training target.
+    spec = TrainBatchSpec(batch_size=4, families=("text_vqa", TRANSCRIBE), family_weights=(0.0, 1.0))
+    batch = build_batch(0, spec, ElasticKnobs(enabled=False), MICRO, micro_tokenizer)
+    assert set(batch["family"].tolist()) == {1}
+    first = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert micro_tokenizer.decode(first[:-1]).strip() == transcribe_sample(0).answers[0]
+
+
+def test_train_script_adds_the_transcribe_task_only_when_weighted():
+    script = load_script("train_micro")
+    assert script.Args().families[0] == tuple(FAMILIES)
+    families, weights, focus = script.Args(transcribe_weight=0.5, focus_transcribe_weight=4.0).families
+    assert families[-1] == "transcribe" and weights[-1] == 0.5 and focus[-1] == 4.0 and len(weights) == len(focus) == 10
+    with pytest.raises(ValueError, match="--transcribe-weight=-1"):
+        script.Args(transcribe_weight=-1)
 
 
 def test_focus_phase_rejects_bad_values():

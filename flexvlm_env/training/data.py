@@ -25,6 +25,7 @@ from ..tasks import FAMILIES
 from ..tasks.procedural import generate_sample
 from ..tasks.sample import Sample
 from .knobs import ElasticKnobs
+from .reading import TRAINING_ONLY_FAMILIES, TRANSCRIBE, transcribe_sample
 
 VQA_STYLE_METRICS = ("vqa_accuracy",)
 
@@ -37,6 +38,13 @@ def training_target(sample: Sample, rng: np.random.Generator) -> str:
     if sample.metric == "cider":
         return sample.answers[int(rng.integers(len(sample.answers)))]
     return sample.answers[0]
+
+
+def training_sample(family: str, index: int, seed: int) -> Sample:
+    """Sample `index` of a family's train split, or of a training-only task (`reading`)."""
+    if family == TRANSCRIBE:
+        return transcribe_sample(index, seed)
+    return generate_sample(family, "train", index, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,9 @@ class TrainBatchSpec:
             raise ValueError(f"shard_index={self.shard_index}, shard_count={self.shard_count}: need 0 <= index < count")
         if self.batch_size % self.shard_count:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of shard_count={self.shard_count}")
-        unknown = set(self.families) - set(FAMILIES)
-        if unknown or not self.families:
-            raise ValueError(f"families={self.families} must be a non-empty subset of {tuple(FAMILIES)}")
+        unknown = set(self.families) - set(FAMILIES) - set(TRAINING_ONLY_FAMILIES)
+        if unknown or not self.families or len(set(self.families)) != len(self.families):
+            raise ValueError(f"families={self.families} must be distinct names from {tuple(FAMILIES) + TRAINING_ONLY_FAMILIES}")
         if self.family_weights is not None:
             if len(self.family_weights) != len(self.families) or min(self.family_weights) < 0 or sum(self.family_weights) <= 0:
                 raise ValueError(f"family_weights={self.family_weights} must be {len(self.families)} non-negative weights with a positive sum")
@@ -115,7 +123,7 @@ def build_batch(step: int, spec: TrainBatchSpec, knobs: ElasticKnobs, args: Mode
 
     sequences, targets, arrays = [], [], []
     for slot, family_id in zip(spec.local_slots, family_ids):
-        sample = generate_sample(spec.families[family_id], "train", step * spec.batch_size + slot, seed=spec.task_seed)
+        sample = training_sample(spec.families[family_id], step * spec.batch_size + slot, spec.task_seed)
         arrays.append(to_rgb_array(sample.image))
         answer = training_target(sample, np.random.default_rng([spec.seed, step, slot, 0x74617267]))
         sequences.append(tokenizer.encode_prompt(sample.prompt))

@@ -1,0 +1,73 @@
+"""`transcribe`: a training-only task that teaches micro to read, before it must read in clutter.
+
+The three reading families (text_vqa, st_qa, doc_qa) ask the model to find text among clutter,
+pick one item by colour or label, and read it, often at 8-14 px. Trained on them alone, micro's
+answer loss on them never left the text-only prior (7 000 mixed steps; 1 200 more at 224 px crops
+with the reading families up-weighted at the full configuration: results/train_micro_log.jsonl,
+BENCHMARKS.md). A dedicated reader with micro's own ViT does learn letters at 14-28 px
+(scripts/reading_probe.py). This task is the short path between the two, the "large, clean text
+first" curriculum: one word, code or number on a plain canvas, 12-48 px, and the question "What is
+written in the image?" with the text itself as the answer (lower case, as the reading families'
+references are). It is not an evaluation family: it exists only in training batches
+(`TrainBatchSpec(families=(..., "transcribe"))`) and draws from its own seeded stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import string
+
+import numpy as np
+
+from ..tasks.procedural.layout import sample_image_size
+from ..tasks.procedural.render import fitting_text_patch, jitter_rgb, paste_patch, text_on
+from ..tasks.procedural.scene import new_background
+from ..tasks.procedural.vocab import CASES, COLOURS_RGB, SCENE_WORDS, styled
+from ..tasks.sample import Sample
+
+TRANSCRIBE = "transcribe"
+TRAINING_ONLY_FAMILIES = (TRANSCRIBE,)
+PROMPT = "What is written in the image?"
+FONT_SIZES_PX = (12, 48)  # inclusive range of the requested font size (shrunk to fit narrow images)
+
+
+def _text(rng: np.random.Generator) -> tuple[str, str]:
+    """(printed text, answer): a scene word in a random case (half), random letters, or a code
+    of letters and digits, as the reading families print them."""
+    kind = rng.random()
+    if kind < 0.5:
+        word = SCENE_WORDS[int(rng.integers(len(SCENE_WORDS)))]
+        return styled(word, CASES[int(rng.integers(len(CASES)))]), word
+    length = int(rng.integers(2, 7))
+    alphabet = string.ascii_uppercase if kind < 0.75 else string.ascii_uppercase + string.digits
+    text = "".join(alphabet[int(i)] for i in rng.integers(len(alphabet), size=length))
+    return text, text.lower()
+
+
+def transcribe_sample(index: int, seed: int = 0) -> Sample:
+    """Training sample `index` of the transcribe task for `seed` (a pure function of both)."""
+    digest = hashlib.blake2b(f"flexvlm-training/{TRANSCRIBE}/{index}/{seed}".encode(), digest_size=16).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    size_wh = sample_image_size(rng)
+    image, _ = new_background(rng, size_wh)
+    printed, answer = _text(rng)
+    if rng.random() < 0.5:  # on a coloured plate, as signs are
+        names = tuple(COLOURS_RGB)
+        plate = jitter_rgb(rng, COLOURS_RGB[names[int(rng.integers(len(names)))]], amount=10)
+        ink, background = text_on(plate), plate
+    else:
+        ink, background = tuple(int(v) for v in rng.integers(0, 90, size=3)), None  # dark ink, pale canvas
+    font_px = int(rng.integers(FONT_SIZES_PX[0], FONT_SIZES_PX[1] + 1))
+    patch, font_px = fitting_text_patch(printed, font_px, (size_wh[0] - 8, size_wh[1] - 8), ink, background=background)
+    x = int(rng.integers(4, max(5, size_wh[0] - patch.width - 3)))
+    y = int(rng.integers(4, max(5, size_wh[1] - patch.height - 3)))
+    paste_patch(image, patch, (x, y))
+    return Sample(
+        request_id=f"{TRANSCRIBE}/training/train/{index}",
+        image=image,
+        prompt=PROMPT,
+        answers=(answer,),
+        family=TRANSCRIBE,
+        metric="exact_match",
+        max_new_tokens=16,
+        difficulty={"font_size_px": font_px, "image_width_px": size_wh[0], "image_height_px": size_wh[1]},
+    )
