@@ -36,10 +36,11 @@ from torch import nn
 
 from flexvlm_env.model.args import preset_args
 from flexvlm_env.model.preprocess import to_patches
-from flexvlm_env.model.vision import VisionTransformer
+from flexvlm_env.model.vision import AttentionPool2d, VisionTransformer
 from flexvlm_env.tasks.procedural.render import draw_text, text_ink_size
 
 LETTERS = string.ascii_uppercase
+READ_FROM = ("patches", "pooled")
 WORD_LENGTH = 3
 
 
@@ -58,6 +59,10 @@ class Args:
     seed: int = 0
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    read_from: str = "patches"
+    """what the letter queries attend over: "patches" (the ViT's two-layer patch features) or
+    "pooled" (after micro's own 2x2 attention pooling, 64 dims per 28 px cell: what the language
+    model receives, up to the projector)"""
     out: Path = Path("results/reading_probe.json")
     figure: Path = Path("results/figures/reading_probe.png")
 
@@ -71,6 +76,8 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"--lr={self.lr} must be > 0")
+        if self.read_from not in READ_FROM:
+            raise ValueError(f"--read-from={self.read_from!r} is not valid; allowed: {READ_FROM}")
 
 
 @functools.lru_cache(maxsize=None)  # called for every rendered image; the search measures up to 4h glyph boxes
@@ -101,14 +108,17 @@ def make_batch(n: int, height_px: int, crop_px: int, rng: np.random.Generator) -
 
 
 class Reader(nn.Module):
-    """micro's ViT, then one learned query per letter attending over its patch features."""
+    """micro's ViT (and, with `read_from="pooled"`, its 2x2 attention pooling), then one learned
+    query per letter attending over the features."""
 
-    def __init__(self):
+    def __init__(self, read_from: str = "patches"):
         super().__init__()
         self.vision = preset_args("micro").vision
         self.vit = VisionTransformer(self.vision)
         nn.init.normal_(self.vit.positional_embedding, std=0.02)  # the checkpoint layout starts them at 0
-        features = 2 * self.vision.width  # two ViT layers' features, as the model uses them
+        self.pool = AttentionPool2d(self.vision) if read_from == "pooled" else None
+        # Two ViT layers' features, as the model uses them; the pooling maps them to the ViT width.
+        features = self.vision.width if self.pool is not None else 2 * self.vision.width
         self.queries = nn.Parameter(torch.randn(WORD_LENGTH, features) * 0.02)
         self.attend = nn.MultiheadAttention(features, num_heads=4, batch_first=True)
         self.head = nn.Linear(features, len(LETTERS))
@@ -120,6 +130,8 @@ class Reader(nn.Module):
         """[B, crop, crop, 3] uint8 -> letter logits [B, 3, 26]."""
         pixels = (images_uint8.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         features = self.vit(to_patches(pixels, self.vision))
+        if self.pool is not None:
+            features = self.pool(features)
         queries = self.queries.expand(len(features), -1, -1)
         read, _ = self.attend(queries, features, features)
         return self.head(read)
@@ -136,7 +148,7 @@ def evaluate(model: Reader, images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def probe(height_px: int, args: Args) -> dict:
     torch.manual_seed(args.seed)
-    model = Reader()
+    model = Reader(args.read_from)
     crop = model.vision.crop_px
     held_out = make_batch(args.eval_images, height_px, crop, np.random.default_rng([args.seed, height_px, 1]))
     eval_images, eval_labels = torch.from_numpy(held_out[0]), torch.from_numpy(held_out[1])
@@ -179,7 +191,7 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-SAME_SETTINGS = ("steps", "batch_size", "lr", "eval_every", "eval_images", "seed")
+SAME_SETTINGS = ("steps", "batch_size", "lr", "eval_every", "eval_images", "seed", "read_from")
 
 
 def _header(args: Args) -> dict:
@@ -200,6 +212,7 @@ def finished_runs(path: Path, args: Args) -> dict[int, dict]:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
+    saved["args"] = {"read_from": "patches", **saved["args"]}  # probes from before --read-from read patches
     if any(saved["args"].get(key) != getattr(args, key) for key in SAME_SETTINGS):
         raise ValueError(f"{path} holds a probe with other settings ({ {k: saved['args'].get(k) for k in SAME_SETTINGS} }); "
                          "use another --out or the same settings")

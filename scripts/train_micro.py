@@ -36,14 +36,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
 
-from flexvlm_env.model.args import ModelArgs, preset_args
 from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.runtime import VLM, assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
@@ -53,6 +52,7 @@ from flexvlm_env.training import (
     ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
     teacher_forced_loss,
 )
+from flexvlm_env.training.geometry import micro_args
 from flexvlm_env.training.loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
 from flexvlm_env.training.parallel import (
     all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
@@ -162,16 +162,6 @@ class Args:
             return tuple(FAMILIES), tuple(self.family_weights), tuple(self.focus_weights)
         return ((*FAMILIES, TRANSCRIBE), (*self.family_weights, self.transcribe_weight),
                 (*self.focus_weights, self.focus_transcribe_weight))
-
-
-def micro_args(crop_px: int) -> ModelArgs:
-    """The micro preset at crop size `crop_px` (everything else as shipped)."""
-    micro = preset_args("micro")
-    try:
-        return replace(micro, vision=replace(micro.vision, crop_px=crop_px))
-    except ValueError as error:
-        raise ValueError(f"--crop-px={crop_px} is not valid ({error}); allowed: a multiple of "
-                         f"{micro.vision.patch_px * micro.vision.pool} px, e.g. 112 (shipped) or 224") from None
 
 
 REWARM_STEPS = 100  # linear re-warmup after resuming without optimizer moments (beta2 = 0.95 re-estimates in ~50 steps)

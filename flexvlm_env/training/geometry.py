@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.args import ModelArgs
+from ..model.args import ModelArgs, preset_args
 from ..model.molmoe import MolmoE
 
 POSITION_TABLE = "positional_embedding"
@@ -68,3 +68,13 @@ def load_across_crop_size_(model: MolmoE, path: str | Path) -> list[str]:
             resampled.append(name)
         target.copy_(tensor)
     return resampled
+
+
+def micro_args(crop_px: int) -> ModelArgs:
+    """The micro preset at crop size `crop_px` (everything else as shipped)."""
+    micro = preset_args("micro")
+    try:
+        return replace(micro, vision=replace(micro.vision, crop_px=crop_px))
+    except ValueError as error:
+        raise ValueError(f"--crop-px={crop_px} is not valid ({error}); allowed: a multiple of "
+                         f"{micro.vision.patch_px * micro.vision.pool} px, e.g. 112 (shipped) or 224") from None

@@ -17,6 +17,8 @@ import hashlib
 import string
 
 import numpy as np
+import torch
+from torch import nn
 
 from ..tasks.procedural.layout import sample_image_size
 from ..tasks.procedural.render import fitting_text_patch, jitter_rgb, paste_patch, text_on
@@ -71,3 +73,42 @@ def transcribe_sample(index: int, seed: int = 0) -> Sample:
         max_new_tokens=16,
         difficulty={"font_size_px": font_px, "image_width_px": size_wh[0], "image_height_px": size_wh[1]},
     )
+
+
+# Reading pretraining of the vision tower (scripts/pretrain_reader.py). Real VLMs start from a
+# pretrained ViT (MolmoE: CLIP ViT-L/14); micro's is trained from scratch, and the answer loss
+# alone never taught it to read (see the module docstring). Its pooled features are first trained
+# to name the characters of the transcribe task's text directly, as the reading probe did.
+CHARACTERS = string.ascii_lowercase + string.digits
+END = len(CHARACTERS)  # class index after the last character (and for every position past it)
+MAX_CHARACTERS = 12
+
+
+def character_targets(answers: list[str], max_characters: int = MAX_CHARACTERS) -> torch.Tensor:
+    """Answers (lower-case letters and digits) -> class indices [N, max_characters], END-padded."""
+    targets = torch.full((len(answers), max_characters), END, dtype=torch.long)
+    for row, answer in enumerate(answers):
+        for column, char in enumerate(answer[:max_characters]):
+            index = CHARACTERS.find(char)
+            if index < 0:
+                raise ValueError(f"answer {answer!r} has {char!r}; the reading head knows {CHARACTERS!r}")
+            targets[row, column] = index
+    return targets
+
+
+class ReadingHead(nn.Module):
+    """One learned query per character position attending over a request's pooled vision
+    features (every view's cells), each read by a linear classifier over CHARACTERS + END."""
+
+    def __init__(self, width: int, n_heads: int = 4, max_characters: int = MAX_CHARACTERS):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(max_characters, width) * 0.02)
+        self.attend = nn.MultiheadAttention(width, num_heads=n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.classify = nn.Linear(width, END + 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, tokens, width] -> logits [N, max_characters, END + 1]."""
+        keys = self.norm(features)
+        read, _ = self.attend(self.queries.expand(len(features), -1, -1).to(keys.dtype), keys, keys)
+        return self.classify(read)
