@@ -92,7 +92,9 @@ def swapped(batch: dict) -> tuple[dict, np.ndarray]:
 @torch.no_grad()
 def check_family(model: MolmoE, tokenizer: TextTokenizer, family: str, args: Args, device) -> dict:
     spec = TrainBatchSpec(batch_size=args.requests, seed=0, families=(family,))
-    batch = build_batch(UNSEEN_STEP, spec, ElasticKnobs(enabled=False), model.args, tokenizer)
+    # Disabled knobs draw their "full" configuration: here (args.crops, args.top_k, every block).
+    knobs = ElasticKnobs(enabled=False, crops_choices=(args.crops,), top_k_choices=(args.top_k,), n_blocks=model.args.n_layers)
+    batch = build_batch(UNSEEN_STEP, spec, knobs, model.args, tokenizer)
     labels = batch["labels"].to(device)
     target = labels != IGNORE_INDEX
     first = target & (target.cumsum(dim=1) == 1)  # the first answer token of each request

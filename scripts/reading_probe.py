@@ -19,7 +19,6 @@ the shipped model: it is evidence for the preset decision (crop size) of micro's
 """
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import string
@@ -31,13 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from PIL import Image, ImageDraw
 from torch import nn
 
 from flexvlm_env.model.args import preset_args
 from flexvlm_env.model.preprocess import to_patches
 from flexvlm_env.model.vision import AttentionPool2d, VisionTransformer
-from flexvlm_env.tasks.procedural.render import draw_text, text_ink_size
+from flexvlm_env.training.reading import font_size_for_height, render_text_crop
 
 LETTERS = string.ascii_uppercase
 READ_FROM = ("patches", "pooled")
@@ -80,25 +78,9 @@ class Args:
             raise ValueError(f"--read-from={self.read_from!r} is not valid; allowed: {READ_FROM}")
 
 
-@functools.lru_cache(maxsize=None)  # called for every rendered image; the search measures up to 4h glyph boxes
-def font_size_for_height(height_px: int) -> int:
-    """The font size whose capital letters' ink is closest to `height_px` tall."""
-    return min(range(4, 4 * height_px), key=lambda size: abs(text_ink_size("HXE", size)[1] - height_px))
-
-
 def render_word(word: str, height_px: int, crop_px: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [crop, crop, 3]: `word` at ink height `height_px`, at a random place, on a noisy
-    background of a random colour, in a contrasting random colour."""
-    background = rng.integers(0, 256, 3)
-    ink = np.where(background.mean() > 127, rng.integers(0, 90, 3), rng.integers(165, 256, 3))
-    image = Image.new("RGB", (crop_px, crop_px), tuple(int(c) for c in background))
-    size = font_size_for_height(height_px)
-    width, height = text_ink_size(word, size)
-    x = int(rng.integers(0, max(1, crop_px - width)))
-    y = int(rng.integers(0, max(1, crop_px - height)))
-    draw_text(ImageDraw.Draw(image), word, (x, y), size, tuple(int(c) for c in ink))
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (crop_px, crop_px, 3))
-    return pixels.clip(0, 255).astype(np.uint8)
+    """uint8 [crop, crop, 3]: `word` at ink height `height_px` (see `render_text_crop`)."""
+    return render_text_crop(word, height_px, crop_px, rng)
 
 
 def make_batch(n: int, height_px: int, crop_px: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

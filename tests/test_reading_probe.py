@@ -88,3 +88,21 @@ def test_probe_resumes_height_by_height(tmp_path, monkeypatch):
     assert second["runs"][0] == first["runs"][0]
     with pytest.raises(ValueError, match="holds a probe with other settings"):
         probe.main(probe.Args(heights_px=(20,), **{**common, "steps": 3}))
+
+
+def test_reader_on_pooled_features_outputs_letter_logits_and_fits():
+    """--read-from pooled reads through micro's own 2x2 attention pooling (64 dims per cell)."""
+    torch.manual_seed(0)
+    model = probe.Reader("pooled")
+    images, labels = probe.make_batch(16, 28, model.vision.crop_px, np.random.default_rng(0))
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    assert model(images).shape == (16, 3, 26)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model(images).reshape(-1, 26), labels.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
+    with pytest.raises(ValueError, match="--read-from='cells' is not valid"):
+        probe.Args(read_from="cells")

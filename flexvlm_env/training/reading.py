@@ -13,6 +13,7 @@ references are). It is not an evaluation family: it exists only in training batc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from ..tasks.procedural.layout import sample_image_size
-from ..tasks.procedural.render import fitting_text_patch, jitter_rgb, paste_patch, text_on
+from PIL import Image, ImageDraw
+
+from ..tasks.procedural.render import draw_text, fitting_text_patch, jitter_rgb, paste_patch, text_ink_size, text_on
 from ..tasks.procedural.scene import new_background
 from ..tasks.procedural.vocab import CASES, COLOURS_RGB, SCENE_WORDS, styled
 from ..tasks.sample import Sample
@@ -45,10 +48,14 @@ def _text(rng: np.random.Generator) -> tuple[str, str]:
     return text, text.lower()
 
 
+def _rng(stream: str, index: int, seed: int) -> np.random.Generator:
+    digest = hashlib.blake2b(f"flexvlm-training/{stream}/{index}/{seed}".encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
 def transcribe_sample(index: int, seed: int = 0) -> Sample:
     """Training sample `index` of the transcribe task for `seed` (a pure function of both)."""
-    digest = hashlib.blake2b(f"flexvlm-training/{TRANSCRIBE}/{index}/{seed}".encode(), digest_size=16).digest()
-    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    rng = _rng(TRANSCRIBE, index, seed)
     size_wh = sample_image_size(rng)
     image, _ = new_background(rng, size_wh)
     printed, answer = _text(rng)
@@ -75,6 +82,39 @@ def transcribe_sample(index: int, seed: int = 0) -> Sample:
     )
 
 
+@functools.lru_cache(maxsize=None)  # called for every rendered image; the search measures up to 4h glyph boxes
+def font_size_for_height(height_px: int) -> int:
+    """The font size whose capital letters' ink is closest to `height_px` tall."""
+    return min(range(4, 4 * height_px), key=lambda size: abs(text_ink_size("HXE", size)[1] - height_px))
+
+
+def render_text_crop(text: str, height_px: int, crop_px: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [crop, crop, 3]: `text` with capitals `height_px` tall (smaller if it would not fit
+    the width), at a random place, on a noisy background of a random colour, in a contrasting
+    random colour: one crop as the vision tower sees it."""
+    background = rng.integers(0, 256, 3)
+    ink = np.where(background.mean() > 127, rng.integers(0, 90, 3), rng.integers(165, 256, 3))
+    image = Image.new("RGB", (crop_px, crop_px), tuple(int(c) for c in background))
+    size = font_size_for_height(height_px)
+    while size > 6 and text_ink_size(text, size)[0] > crop_px - 2:
+        size -= 1
+    width, height = text_ink_size(text, size)
+    x = int(rng.integers(0, max(1, crop_px - width)))
+    y = int(rng.integers(0, max(1, crop_px - height)))
+    draw_text(ImageDraw.Draw(image), text, (x, y), size, tuple(int(c) for c in ink))
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (crop_px, crop_px, 3))
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def reading_crop(index: int, seed: int, crop_px: int, heights_px: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Crop `index` of the vision tower's reading pretraining: (uint8 [crop, crop, 3], answer),
+    the transcribe task's texts at a capital height drawn from `heights_px` (inclusive)."""
+    rng = _rng("reading-crop", index, seed)
+    printed, answer = _text(rng)
+    height_px = int(rng.integers(heights_px[0], heights_px[1] + 1))
+    return render_text_crop(printed, height_px, crop_px, rng), answer
+
+
 # Reading pretraining of the vision tower (scripts/pretrain_reader.py). Real VLMs start from a
 # pretrained ViT (MolmoE: CLIP ViT-L/14); micro's is trained from scratch, and the answer loss
 # alone never taught it to read (see the module docstring). Its pooled features are first trained
@@ -97,18 +137,43 @@ def character_targets(answers: list[str], max_characters: int = MAX_CHARACTERS) 
 
 
 class ReadingHead(nn.Module):
-    """One learned query per character position attending over a request's pooled vision
-    features (every view's cells), each read by a linear classifier over CHARACTERS + END."""
+    """One learned query per character position attending over a crop's pooled vision features,
+    each read by a linear classifier over CHARACTERS + END. The keys carry a learned embedding of
+    their cell, so the queries can tell left from right (the order of the characters)."""
 
-    def __init__(self, width: int, n_heads: int = 4, max_characters: int = MAX_CHARACTERS):
+    def __init__(self, width: int, cells: int, n_heads: int = 4, max_characters: int = MAX_CHARACTERS):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(max_characters, width) * 0.02)
-        self.attend = nn.MultiheadAttention(width, num_heads=n_heads, batch_first=True)
+        self.cell_embedding = nn.Parameter(torch.randn(cells, width) * 0.02)
         self.norm = nn.LayerNorm(width)
+        self.attend = nn.MultiheadAttention(width, num_heads=n_heads, batch_first=True)
         self.classify = nn.Linear(width, END + 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [N, tokens, width] -> logits [N, max_characters, END + 1]."""
-        keys = self.norm(features)
+        """features [N, cells, width] -> logits [N, max_characters, END + 1]."""
+        keys = self.norm(features) + self.cell_embedding.to(features.dtype)
         read, _ = self.attend(self.queries.expand(len(features), -1, -1).to(keys.dtype), keys, keys)
         return self.classify(read)
+
+
+class ReadingCropStream(torch.utils.data.IterableDataset):
+    """Batches `start_step, start_step + 1, ...` of reading crops: {"step", "pixels" uint8
+    [B, crop, crop, 3], "targets" [B, MAX_CHARACTERS]}; crop i of batch s is `reading_crop(s * B + i)`,
+    so a resumed run continues with the very batch it stopped at. DataLoader workers build every
+    `num_workers`-th batch."""
+
+    def __init__(self, batch_size: int, seed: int, crop_px: int, heights_px: tuple[int, int], start_step: int = 0):
+        self.batch_size, self.seed, self.crop_px, self.heights_px, self.start_step = batch_size, seed, crop_px, heights_px, start_step
+
+    def batch(self, step: int) -> dict:
+        crops = [reading_crop(step * self.batch_size + i, self.seed, self.crop_px, self.heights_px) for i in range(self.batch_size)]
+        return {"step": step, "pixels": torch.from_numpy(np.stack([c for c, _ in crops])),
+                "targets": character_targets([answer for _, answer in crops])}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers
