@@ -8,7 +8,8 @@ prompt gives away) when it sees the request's own image, and a high one when it 
 request's image of the same size. A model that answers from the prompt's prior scores both alike.
 For each family this teacher-forces `--requests` unseen train-split requests at the full
 configuration (or `--crops`) and reports, for the real and the swapped images, the first answer
-token's cross-entropy and top-1 accuracy and the mean over all answer tokens. The swap rolls the
+token's cross-entropy and top-1 accuracy, the mean over all answer tokens, and the whole answer's
+negative log-likelihood (the first token is sometimes a fixed prefix: a space before spelled digits). The swap rolls the
 images inside each same-size group of the batch (requests alone in their size keep their image and
 are left out of both columns). Writes a JSON with the device, versions and sizes.
 """
@@ -113,9 +114,14 @@ def check_family(model: MolmoE, tokenizer: TextTokenizer, family: str, args: Arg
             "first_token_ce": float(ce[first_rows].mean()),
             "first_token_accuracy": float(correct.sum() / first_rows.sum()),
             "answer_ce": float(ce[target & keep[:, None]].mean()),
+            # The whole answer's negative log-likelihood (nats): where the first token is a fixed
+            # prefix (a space before spelled digits, a format), the image shows up later.
+            "answer_nll": float((ce * target).sum(dim=1)[keep].mean()),
         }
+    own, other = columns["own_image"], columns["other_image"]
     return {"family": family, "requests": int(moved.sum()), **columns,
-            "first_token_ce_gain": columns["other_image"]["first_token_ce"] - columns["own_image"]["first_token_ce"]}
+            "first_token_ce_gain": other["first_token_ce"] - own["first_token_ce"],
+            "answer_nll_gain": other["answer_nll"] - own["answer_nll"]}
 
 
 def main(args: Args) -> dict:
@@ -129,8 +135,8 @@ def main(args: Args) -> dict:
         rows.append(check_family(model, tokenizer, family, args, device))
         r = rows[-1]
         print(f"{family:15s} first-token CE own {r['own_image']['first_token_ce']:.2f} vs other {r['other_image']['first_token_ce']:.2f} "
-              f"(accuracy {r['own_image']['first_token_accuracy']:.2f} vs {r['other_image']['first_token_accuracy']:.2f}), "
-              f"{r['requests']} requests", flush=True)
+              f"(accuracy {r['own_image']['first_token_accuracy']:.2f} vs {r['other_image']['first_token_accuracy']:.2f}); "
+              f"answer NLL {r['own_image']['answer_nll']:.2f} vs {r['other_image']['answer_nll']:.2f}; {r['requests']} requests", flush=True)
     result = {"weights": source, "crop_px": model.args.vision.crop_px, "config": {"crops": args.crops, "top_k": args.top_k,
               "active_blocks": model.args.n_layers}, "families": rows, "args": {k: str(v) for k, v in asdict(args).items()},
               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

@@ -107,6 +107,8 @@ def test_reading_check_on_the_shipped_weights_writes_both_columns(tmp_path):
         for column in ("own_image", "other_image"):
             assert np.isfinite(row[column]["first_token_ce"]) and 0 <= row[column]["first_token_accuracy"] <= 1
         assert row["first_token_ce_gain"] == pytest.approx(row["other_image"]["first_token_ce"] - row["own_image"]["first_token_ce"])
+        assert row["answer_nll_gain"] == pytest.approx(row["other_image"]["answer_nll"] - row["own_image"]["answer_nll"])
+        assert row["own_image"]["answer_nll"] >= row["own_image"]["first_token_ce"] - 1e-6  # a sum of non-negative terms
     with pytest.raises(ValueError, match="--families 'ocr' is not valid"):
         check.Args(families=("ocr",))
 
