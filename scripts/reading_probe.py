@@ -34,11 +34,13 @@ from torch import nn
 
 from flexvlm_env.model.args import preset_args
 from flexvlm_env.model.preprocess import to_patches
+from flexvlm_env.model.runtime import load_model
 from flexvlm_env.model.vision import AttentionPool2d, VisionTransformer
 from flexvlm_env.training.reading import font_size_for_height, render_text_crop
 
 LETTERS = string.ascii_uppercase
 READ_FROM = ("patches", "pooled")
+INITS = ("random", "shipped")
 WORD_LENGTH = 3
 
 
@@ -61,6 +63,9 @@ class Args:
     """what the letter queries attend over: "patches" (the ViT's two-layer patch features) or
     "pooled" (after micro's own 2x2 attention pooling, 64 dims per 28 px cell: what the language
     model receives, up to the projector)"""
+    init: str = "random"
+    """the vision tower's starting weights: "random" or "shipped" (micro's trained ViT and pooling,
+    which never learned to read: does it start ahead of a random one, or behind?)"""
     out: Path = Path("results/reading_probe.json")
     figure: Path = Path("results/figures/reading_probe.png")
 
@@ -76,6 +81,8 @@ class Args:
             raise ValueError(f"--lr={self.lr} must be > 0")
         if self.read_from not in READ_FROM:
             raise ValueError(f"--read-from={self.read_from!r} is not valid; allowed: {READ_FROM}")
+        if self.init not in INITS:
+            raise ValueError(f"--init={self.init!r} is not valid; allowed: {INITS}")
 
 
 def render_word(word: str, height_px: int, crop_px: int, rng: np.random.Generator) -> np.ndarray:
@@ -131,6 +138,11 @@ def evaluate(model: Reader, images: torch.Tensor, labels: torch.Tensor) -> dict:
 def probe(height_px: int, args: Args) -> dict:
     torch.manual_seed(args.seed)
     model = Reader(args.read_from)
+    if args.init == "shipped":
+        shipped = load_model("micro", device="cpu").module.vision_backbone
+        model.vit.load_state_dict(shipped.image_vit.state_dict())
+        if model.pool is not None:
+            model.pool.load_state_dict(shipped.image_pooling_2d.state_dict())
     crop = model.vision.crop_px
     held_out = make_batch(args.eval_images, height_px, crop, np.random.default_rng([args.seed, height_px, 1]))
     eval_images, eval_labels = torch.from_numpy(held_out[0]), torch.from_numpy(held_out[1])
@@ -173,7 +185,7 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-SAME_SETTINGS = ("steps", "batch_size", "lr", "eval_every", "eval_images", "seed", "read_from")
+SAME_SETTINGS = ("steps", "batch_size", "lr", "eval_every", "eval_images", "seed", "read_from", "init")
 
 
 def _header(args: Args) -> dict:
@@ -194,7 +206,7 @@ def finished_runs(path: Path, args: Args) -> dict[int, dict]:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    saved["args"] = {"read_from": "patches", **saved["args"]}  # probes from before --read-from read patches
+    saved["args"] = {"read_from": "patches", "init": "random", **saved["args"]}  # the settings before those options
     if any(saved["args"].get(key) != getattr(args, key) for key in SAME_SETTINGS):
         raise ValueError(f"{path} holds a probe with other settings ({ {k: saved['args'].get(k) for k in SAME_SETTINGS} }); "
                          "use another --out or the same settings")

@@ -45,13 +45,17 @@ def test_reader_can_fit_a_small_set_of_words():
     model = probe.Reader()
     images, labels = probe.make_batch(16, 28, model.vision.crop_px, np.random.default_rng(0))
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    fit(model, images, labels, steps=150)
+    assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
+
+
+def fit(model, images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(model(images).reshape(-1, 26), labels.reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
 
 
 def test_probe_writes_its_curves_and_figure(tmp_path):
@@ -97,12 +101,30 @@ def test_reader_on_pooled_features_outputs_letter_logits_and_fits():
     images, labels = probe.make_batch(16, 28, model.vision.crop_px, np.random.default_rng(0))
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     assert model(images).shape == (16, 3, 26)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        loss = torch.nn.functional.cross_entropy(model(images).reshape(-1, 26), labels.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, images, labels, steps=200)
     assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
     with pytest.raises(ValueError, match="--read-from='cells' is not valid"):
         probe.Args(read_from="cells")
+
+
+def test_probe_can_start_from_the_shipped_vision_tower(tmp_path):
+    from flexvlm_env.model.runtime import load_model
+
+    seen = {}
+    real_reader = probe.Reader
+
+    def spy(read_from):
+        seen["model"] = real_reader(read_from)
+        return seen["model"]
+
+    probe.Reader = spy
+    try:
+        probe.main(probe.Args(heights_px=(20,), steps=1, batch_size=2, eval_every=1, eval_images=4, read_from="pooled",
+                              init="shipped", lr=1e-9, out=tmp_path / "p.json", figure=tmp_path / "p.png"))
+    finally:
+        probe.Reader = real_reader
+    shipped = load_model("micro").module.vision_backbone
+    torch.testing.assert_close(seen["model"].pool.wq.weight, shipped.image_pooling_2d.wq.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["model"].vit.patch_embedding.weight, shipped.image_vit.patch_embedding.weight, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="--init='clip' is not valid"):
+        probe.Args(init="clip")
