@@ -47,16 +47,15 @@ from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.runtime import VLM, assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
 from flexvlm_env.tasks import FAMILIES
-from flexvlm_env.training.reading import TRANSCRIBE
 from flexvlm_env.training import (
-    ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, save_training_state,
-    teacher_forced_loss,
+    ElasticKnobs, TrainBatchSpec, TrainStream, batch_views, init_for_training_, load_training_state, micro_args,
+    save_training_state, teacher_forced_loss,
 )
-from flexvlm_env.training.geometry import micro_args
 from flexvlm_env.training.loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
 from flexvlm_env.training.parallel import (
     all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
 )
+from flexvlm_env.training.reading import TRANSCRIBE
 
 
 @dataclass

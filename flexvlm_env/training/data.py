@@ -41,7 +41,7 @@ def training_target(sample: Sample, rng: np.random.Generator) -> str:
 
 
 def training_sample(family: str, index: int, seed: int) -> Sample:
-    """Sample `index` of a family's train split, or of a training-only task (`reading`)."""
+    """Sample `index` of a family's train split, or of a training-only task (`reading.TRANSCRIBE`)."""
     if family == TRANSCRIBE:
         return transcribe_sample(index, seed)
     return generate_sample(family, "train", index, seed=seed)
@@ -75,16 +75,14 @@ class TrainBatchSpec:
         unknown = set(self.families) - set(FAMILIES) - set(TRAINING_ONLY_FAMILIES)
         if unknown or not self.families or len(set(self.families)) != len(self.families):
             raise ValueError(f"families={self.families} must be distinct names from {tuple(FAMILIES) + TRAINING_ONLY_FAMILIES}")
-        if self.family_weights is not None:
-            if len(self.family_weights) != len(self.families) or min(self.family_weights) < 0 or sum(self.family_weights) <= 0:
-                raise ValueError(f"family_weights={self.family_weights} must be {len(self.families)} non-negative weights with a positive sum")
+        for name in ("family_weights", "focus_weights"):
+            weights = getattr(self, name)
+            if weights is not None and (len(weights) != len(self.families) or min(weights) < 0 or sum(weights) <= 0):
+                raise ValueError(f"{name}={weights} must be {len(self.families)} non-negative weights with a positive sum")
         if self.focus_steps < 0:
             raise ValueError(f"focus_steps={self.focus_steps} must be >= 0")
         if self.focus_steps and self.focus_weights is None:
             raise ValueError(f"focus_steps={self.focus_steps} needs focus_weights (one per family of {self.families})")
-        if self.focus_weights is not None:
-            if len(self.focus_weights) != len(self.families) or min(self.focus_weights) < 0 or sum(self.focus_weights) <= 0:
-                raise ValueError(f"focus_weights={self.focus_weights} must be {len(self.families)} non-negative weights with a positive sum")
 
     @property
     def local_batch_size(self) -> int:
