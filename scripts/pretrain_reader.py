@@ -40,10 +40,11 @@ from torch import nn
 
 from flexvlm_env.model.checkpoint import save_flexvlm
 from flexvlm_env.model.molmoe import MolmoE
-from flexvlm_env.model.preprocess import to_patches
+from flexvlm_env.model.preprocess import normalise, to_patches
 from flexvlm_env.model.runtime import assets_dir
 from flexvlm_env.training import init_for_training_, load_across_crop_size_, load_training_state, micro_args, save_training_state
 from flexvlm_env.training.loop import append_log, truncate_log
+from flexvlm_env.training.parallel import resolve_device
 from flexvlm_env.training.reading import END, ReadingCropStream, ReadingHead
 
 
@@ -97,9 +98,7 @@ def reading_loss(module: MolmoE, head: ReadingHead, batch: dict, device) -> tupl
     """(loss, character accuracy, whole-answer accuracy) of one batch of crops."""
     vision_args = module.args.vision
     pixels = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(vision_args.mean, device=device)[:, None, None]
-    std = torch.tensor(vision_args.std, device=device)[:, None, None]
-    patches = to_patches((pixels - mean) / std, vision_args)
+    patches = to_patches(normalise(pixels, vision_args), vision_args)
     masks = torch.ones(patches.shape[:2], device=device)  # every patch is image
     pooled = module.vision_backbone.encode(patches, masks)  # [crops, cells, W]
     targets = batch["targets"].to(device, non_blocking=True)
@@ -113,7 +112,7 @@ def reading_loss(module: MolmoE, head: ReadingHead, batch: dict, device) -> tupl
 
 def main(args: Args) -> None:
     started = time.perf_counter()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model_args = micro_args(args.crop_px)
     module = MolmoE(model_args)

@@ -18,21 +18,21 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
 
-from flexvlm_env.model.args import ModelArgs, preset_args
+from flexvlm_env.model.args import ModelArgs
 from flexvlm_env.model.checkpoint import load_weights_, read_metadata
 from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.preprocess import IGNORE_INDEX
 from flexvlm_env.model.runtime import assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
 from flexvlm_env.tasks import FAMILIES
-from flexvlm_env.training import load_training_state
+from flexvlm_env.training import load_training_state, micro_args
 from flexvlm_env.training.data import TrainBatchSpec, batch_views, build_batch
 from flexvlm_env.training.forward import teacher_forced_loss
 from flexvlm_env.training.knobs import ElasticKnobs
@@ -68,9 +68,7 @@ def load(weights: str | None) -> tuple[MolmoE, str]:
     path = Path(weights) if weights else assets_dir("micro") / "model.safetensors"
     if path.is_dir():
         state = json.loads((path / "state.json").read_text())["progress"]
-        micro = preset_args("micro")
-        args = replace(micro, vision=replace(micro.vision, crop_px=state.get("args", {}).get("crop_px", 112)))
-        model = MolmoE(args)
+        model = MolmoE(micro_args(state.get("args", {}).get("crop_px", 112)))  # runs before --crop-px: 112
         load_training_state(path, model, None)
         return model, f"training state at step {state['step']}"
     model = MolmoE(ModelArgs.from_dict(json.loads(read_metadata(path)["args"])))
@@ -102,12 +100,12 @@ def check_family(model: MolmoE, tokenizer: TextTokenizer, family: str, args: Arg
     plan = tuple(range(model.args.n_layers))
     columns = {}
     swap, moved = swapped(batch)
+    keep = torch.from_numpy(moved).to(device)
     for name, b in (("own_image", batch), ("other_image", swap)):
         images, masks = batch_views(b, args.crops, model.args.vision, tokenizer.special, device)
         tensors = [b[k].to(device) for k in ("input_ids", "labels", "feature_pos", "feature_rows")]
         _, parts = teacher_forced_loss(model, images, masks, *tensors, plan, args.top_k, tokenizer.special.pad)
         ce, logits = parts["ce"], parts["logits"]
-        keep = torch.from_numpy(moved).to(device)
         first_rows = first & keep[:, None]
         correct = (logits.argmax(-1) == labels) & first_rows
         columns[name] = {

@@ -33,7 +33,7 @@ import tyro
 from torch import nn
 
 from flexvlm_env.model.args import preset_args
-from flexvlm_env.model.preprocess import to_patches
+from flexvlm_env.model.preprocess import normalise, to_patches
 from flexvlm_env.model.runtime import load_model
 from flexvlm_env.model.vision import AttentionPool2d, VisionTransformer
 from flexvlm_env.training.reading import font_size_for_height, render_text_crop
@@ -111,13 +111,10 @@ class Reader(nn.Module):
         self.queries = nn.Parameter(torch.randn(WORD_LENGTH, features) * 0.02)
         self.attend = nn.MultiheadAttention(features, num_heads=4, batch_first=True)
         self.head = nn.Linear(features, len(LETTERS))
-        mean, std = self.vision.mean, self.vision.std
-        self.register_buffer("mean", torch.tensor(mean)[:, None, None])
-        self.register_buffer("std", torch.tensor(std)[:, None, None])
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """[B, crop, crop, 3] uint8 -> letter logits [B, 3, 26]."""
-        pixels = (images_uint8.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        pixels = normalise(images_uint8.permute(0, 3, 1, 2).float() / 255.0, self.vision)
         features = self.vit(to_patches(pixels, self.vision))
         if self.pool is not None:
             features = self.pool(features)

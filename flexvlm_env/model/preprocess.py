@@ -156,9 +156,14 @@ def resize_and_pad(
     canvas[:, :, top : top + new_h, left : left + new_w] = pixels
     mask = torch.zeros(target_h, target_w, dtype=torch.float32, device=device)
     mask[top : top + new_h, left : left + new_w] = 1.0
-    mean, std = _normalisation(vision.mean, vision.std, device)
-    canvas = (canvas - mean) / std
+    canvas = normalise(canvas, vision)
     return (canvas if batched else canvas[0]), mask
+
+
+def normalise(pixels: torch.Tensor, vision: VisionArgs) -> torch.Tensor:
+    """RGB in [0, 1], channels first ([..., 3, H, W], float32) -> the ViT's normalised input."""
+    mean, std = _normalisation(vision.mean, vision.std, pixels.device)
+    return (pixels - mean) / std
 
 
 @functools.lru_cache(maxsize=16)

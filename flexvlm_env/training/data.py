@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from ..model.args import ModelArgs, VisionArgs
 from ..model.preprocess import IGNORE_INDEX, SpecialTokens, preprocess_image_batch, select_tiling, to_rgb_array, token_layout
@@ -25,6 +24,7 @@ from ..tasks import FAMILIES
 from ..tasks.procedural import generate_sample
 from ..tasks.sample import Sample
 from .knobs import ElasticKnobs
+from .loop import StepStream
 from .reading import TRAINING_ONLY_FAMILIES, TRANSCRIBE, transcribe_sample
 
 VQA_STYLE_METRICS = ("vqa_accuracy",)
@@ -189,17 +189,11 @@ def batch_views(batch: dict, crops: int, vision: VisionArgs, special: SpecialTok
     return torch.cat(images), torch.cat(masks)
 
 
-class TrainStream(IterableDataset):
-    """Batches `start_step, start_step + 1, ...` (forever); with DataLoader workers, worker w builds
-    the steps congruent to w and the loader interleaves them back into step order."""
+class TrainStream(StepStream):
+    """`build_batch` for steps `start_step, start_step + 1, ...` (see `loop.StepStream`)."""
 
     def __init__(self, spec: TrainBatchSpec, knobs: ElasticKnobs, args: ModelArgs, tokenizer: TextTokenizer, start_step: int = 0):
         self.spec, self.knobs, self.args, self.tokenizer, self.start_step = spec, knobs, args, tokenizer, start_step
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + worker
-        while True:
-            yield build_batch(step, self.spec, self.knobs, self.args, self.tokenizer)
-            step += workers
+    def batch(self, step: int) -> dict:
+        return build_batch(step, self.spec, self.knobs, self.args, self.tokenizer)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 
 def wsd_learning_rate(step: int, peak_lr: float, warmup_steps: int, total_steps: int, decay_frac: float, min_lr_frac: float) -> float:
@@ -83,3 +84,22 @@ class WindowStats:
         self.family_sum.zero_()
         self.family_count.zero_()
         return record
+
+
+class StepStream(IterableDataset):
+    """Batches `start_step, start_step + 1, ...` (forever) of a pure function `batch(step)`; with
+    DataLoader workers, worker w builds the steps congruent to w and the loader interleaves them
+    back into step order, so a resumed run continues with the very batch it stopped at."""
+
+    start_step: int = 0
+
+    def batch(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers

@@ -16,10 +16,15 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(device: str) -> torch.device:
+    """"cuda", "cpu", ... or "auto" (CUDA when available) -> a torch device."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def setup_processes(device: str, global_batch_size: int) -> tuple[int, int, torch.device]:
     """(rank, world size, device): one process per GPU under torchrun (gloo between CPU processes),
     else (0, 1, `device`). `device` is "cuda", "cpu" or "auto"."""
-    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    resolved = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, resolved

@@ -33,6 +33,7 @@ from ..tasks.procedural.render import draw_text, fitting_text_patch, jitter_rgb,
 from ..tasks.procedural.scene import new_background
 from ..tasks.procedural.vocab import CASES, COLOURS_RGB, SCENE_WORDS, styled
 from ..tasks.sample import Sample
+from .loop import StepStream
 
 TRANSCRIBE = "transcribe"
 TRAINING_ONLY_FAMILIES = (TRANSCRIBE,)
@@ -161,11 +162,9 @@ class ReadingHead(nn.Module):
         return self.classify(read)
 
 
-class ReadingCropStream(torch.utils.data.IterableDataset):
-    """Batches `start_step, start_step + 1, ...` of reading crops: {"step", "pixels" uint8
-    [B, crop, crop, 3], "targets" [B, MAX_CHARACTERS]}; crop i of batch s is `reading_crop(s * B + i)`,
-    so a resumed run continues with the very batch it stopped at. DataLoader workers build every
-    `num_workers`-th batch."""
+class ReadingCropStream(StepStream):
+    """Batches of reading crops: {"step", "pixels" uint8 [B, crop, crop, 3], "targets"
+    [B, MAX_CHARACTERS]}; crop i of batch s is `reading_crop(s * B + i)` (see `loop.StepStream`)."""
 
     def __init__(self, batch_size: int, seed: int, crop_px: int, heights_px: tuple[int, int], start_step: int = 0):
         self.batch_size, self.seed, self.crop_px, self.heights_px, self.start_step = batch_size, seed, crop_px, heights_px, start_step
@@ -175,10 +174,3 @@ class ReadingCropStream(torch.utils.data.IterableDataset):
         return {"step": step, "pixels": torch.from_numpy(np.stack([c for c, _ in crops])),
                 "targets": character_targets([answer for _, answer in crops])}
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += workers
