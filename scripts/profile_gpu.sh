@@ -3,7 +3,7 @@
 # each stop cleanly before the device's 10-minute command limit. Rerun the same step to resume it;
 # the tables live under runs/profiles/ (carried between device calls).
 #   [PRESET=micro] scripts/profile_gpu.sh stages  # stage tables + validation of the composition
-#   scripts/profile_gpu.sh quality    # micro answers and scores, every (request, config)
+#   [WEIGHTS=...] scripts/profile_gpu.sh quality  # micro answers and scores, every (request, config) (all visible GPUs)
 #   scripts/profile_gpu.sh requests   # micro latency, every (request, config) once + repeats (all visible GPUs)
 set -uo pipefail
 out=runs/profiles
@@ -23,8 +23,22 @@ case "${1:?step: stages, quality or requests}" in
     timeout 120 $cli validate-stages --preset "$preset" $weights --device cuda \
       --stages $out/${preset}_${card}_stages --json-out $out/replay_latency_validation_${preset}_${card}.json --no-progress ;;
   quality)
-    timeout $(( ${minutes%.*} * 60 + 120 )) $cli quality --preset micro --device cuda --dtype float32 \
-      --out $out/micro_quality --batch-size 1024 --no-progress --max-minutes "$minutes" ;;
+    # WEIGHTS=path answers with another micro checkpoint (default: the shipped weights). As for
+    # requests: one process per visible GPU, each on a disjoint shard; merge with consolidate.
+    weights=${WEIGHTS:+--weights $WEIGHTS}
+    n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -le 1 ]; then
+      timeout $(( ${minutes%.*} * 60 + 120 )) $cli quality --preset micro $weights --device cuda --dtype float32 \
+        --out $out/micro_quality --batch-size 1024 --cache-gib 32 --no-progress --max-minutes "$minutes"
+    else
+      for i in $(seq 0 $((n - 1))); do
+        CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=4 timeout $(( ${minutes%.*} * 60 + 120 )) $cli quality --preset micro \
+          $weights --device cuda --dtype float32 --shard "$i/$n" --out $out/micro_quality_x$n/shard-$i \
+          --batch-size 1024 --cache-gib 32 --no-progress --max-minutes "$minutes" > $out/quality-shard-$i.log 2>&1 &
+      done
+      wait
+      tail -n 6 $out/quality-shard-*.log
+    fi ;;
   requests)
     # One process per visible GPU, each timing a disjoint shard of the pool (--shard i/n); merge
     # the shards with `flexvlm-profile consolidate`. With one GPU this resumes a single table.

@@ -846,6 +846,26 @@ def test_cli_quality(tmp_path, capsys):
     assert _cli_json(capsys) == {"written": str(tmp_path / "q.parquet")}
     merged, merged_meta = read_parquet(tmp_path / "q.parquet")
     assert len(merged) == 8 and merged_meta == meta
+    # --shard i/n answers every n-th request (one process per GPU); the merged shards are the table.
+    for i in range(2):
+        cli.main(["quality", *POOL_ARGS, "--shard", f"{i}/2", "--out", str(tmp_path / f"q{i}")])
+        assert _cli_json(capsys)["rows_expected"] == 4
+    cli.main(["consolidate", str(tmp_path / "sharded.parquet"), str(tmp_path / "q0"), str(tmp_path / "q1")])
+    _cli_json(capsys)
+    sharded, sharded_meta = read_parquet(tmp_path / "sharded.parquet")
+    columns = ["request_id", "crops", "top_k", "active_blocks", "quality", "answer"]
+    assert sharded[columns].sort_values(columns[:4]).reset_index(drop=True).equals(
+        merged[columns].sort_values(columns[:4]).reset_index(drop=True))
+    assert sharded_meta["protocol"]["shard"] == "merged"
+    with pytest.raises(ValueError, match="shard"):
+        cli.main(["quality", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--cache-gib=-1.0 must be >= 0"):
+        cli.main(["quality", *POOL_ARGS, "--cache-gib", "-1", "--out", str(tmp_path / "bad")])
+    # Keeping no prepared request (every batch prepared when answered) answers alike.
+    cli.main(["quality", *POOL_ARGS, "--cache-gib", "0", "--out", str(tmp_path / "streamed")])
+    _cli_json(capsys)
+    assert read_table(tmp_path / "streamed")[columns].sort_values(columns[:4]).reset_index(drop=True).equals(
+        merged[columns].sort_values(columns[:4]).reset_index(drop=True))
 
 
 def test_cli_quality_mask_policy(tmp_path, capsys, micro):
@@ -962,3 +982,21 @@ def test_eval_micro_from_the_recorded_tables(tmp_path):
     assert result["adaptivity"]["requests"] == data.n_requests and result["requests_per_family"] == 200
     with pytest.raises(ValueError, match="covers split"):
         module.main(module.Args(out=str(out), quality_table=str(shipped), latency_source="micro-h100", split="test"))
+
+
+def test_quality_evaluator_answers_alike_with_or_without_kept_requests(micro, pool_samples):
+    from flexvlm_env.evaluation import QualityEvaluator, prepared_bytes
+
+    samples = pool_samples[:5]
+    config = Config(2, 8, 16)
+    kept = QualityEvaluator(micro, samples, batch_size=2)
+    streamed = QualityEvaluator(micro, samples, batch_size=2, max_cached_bytes=0)
+    assert kept.answers(config) == streamed.answers(config)
+    # Within the budget the requests are kept for the next configuration of the same crops value;
+    # past it (here 0 bytes) none is kept, and memory stays at one batch.
+    assert len(samples) > 2 and len(kept._prepared) == len(samples)
+    assert kept._prepared_key == (2, config.crop_rule)
+    assert streamed._prepared == [] and streamed._prepared_key is None
+    assert prepared_bytes(kept._prepared[0]) > kept._prepared[0].image.images.numel() * 4 - 1
+    with pytest.raises(ValueError, match="max_cached_bytes=-1 must be >= 0"):
+        QualityEvaluator(micro, samples, max_cached_bytes=-1)

@@ -26,6 +26,7 @@ def test_character_targets_known_values_and_bad_characters():
     assert targets.shape == (2, MAX_CHARACTERS)
     assert targets[0, :4].tolist() == [0, 1, CHARACTERS.index("9"), END] and (targets[1] == END).all()
     assert character_targets(["x" * 20])[0].tolist() == [CHARACTERS.index("x")] * MAX_CHARACTERS  # cut, not refused
+    assert character_targets(["420.20"])[0, :7].tolist() == [CHARACTERS.index(c) for c in "420.20"] + [END]
     with pytest.raises(ValueError, match="answer 'a b' has ' '"):
         character_targets(["a b"])
 

@@ -76,15 +76,7 @@ class Common:
 
 
 @dataclass
-class Requests(Common):
-    """Time every (request, config) at batch 1 with stage timing."""
-
-    out: Path = Path("profiles/requests")
-    """table directory (created; resumed if it exists)"""
-    repeats: int = 5
-    """measurements of each (request, config) in the repeated subset"""
-    repeat_fraction: float = 0.1
-    """fraction of requests (every k-th of each family) measured `repeats` times; the rest once"""
+class Sharded(Common):
     shard: str = "0/1"
     """INDEX/COUNT: measure every COUNT-th request from INDEX (one process per GPU, e.g.
     CUDA_VISIBLE_DEVICES=i ... --shard i/4 --out DIR/shard-i; merge with `consolidate`)"""
@@ -100,7 +92,19 @@ class Requests(Common):
 
 
 @dataclass
-class Quality(Common):
+class Requests(Sharded):
+    """Time every (request, config) at batch 1 with stage timing."""
+
+    out: Path = Path("profiles/requests")
+    """table directory (created; resumed if it exists)"""
+    repeats: int = 5
+    """measurements of each (request, config) in the repeated subset"""
+    repeat_fraction: float = 0.1
+    """fraction of requests (every k-th of each family) measured `repeats` times; the rest once"""
+
+
+@dataclass
+class Quality(Sharded):
     """Answer and score every (request, config) in batches."""
 
     out: Path = Path("profiles/quality")
@@ -111,6 +115,15 @@ class Quality(Common):
     """which blocks run at reduced depth: importance, prefix or random (experiment M5; one table per policy)"""
     mask_seed: int = 0
     """seed of the random mask policy"""
+    cache_gib: float = 4.0
+    """memory (GiB, on the model's device) for prepared requests kept across the configurations
+    of one crops value; past it each batch is prepared when it is answered (a 224 px micro request
+    at 12 crops holds about 8 MB)"""
+
+    def max_cached_bytes(self) -> int:
+        if not self.cache_gib >= 0:
+            raise ValueError(f"--cache-gib={self.cache_gib} must be >= 0 (0: keep nothing)")
+        return int(self.cache_gib * 2**30)
 
 
 @dataclass
@@ -198,13 +211,16 @@ def run(cmd) -> dict:
                                     repeat_fraction=cmd.repeat_fraction, shard=shard, deadline_s=deadline,
                                     progress=cmd.progress)
     elif isinstance(cmd, Quality):
+        shard, cache_bytes = cmd.shard_tuple(), cmd.max_cached_bytes()  # both refused before any request is answered
         protocol = sweeps.grid_protocol(grid, pool=pool, decoding="greedy, batched, stop at EOS or the family budget",
-                                        mask_policy=cmd.mask_policy, mask_seed=cmd.mask_seed)
+                                        mask_policy=cmd.mask_policy, mask_seed=cmd.mask_seed,
+                                        # recorded only when sharded: unsharded tables made before --shard still resume
+                                        **({"shard": list(shard)} if shard != (0, 1) else {}))
         table = ShardedTable(cmd.out, sweeps.QUALITY_KEY, sweeps.table_metadata(vlm, "quality", protocol))
         # Config validates the policy name: a clear error before any request is answered.
         configs = grid.configs(mask_policy=cmd.mask_policy, mask_seed=cmd.mask_seed)
-        n = sweeps.profile_quality(vlm, samples, configs, table, batch_size=cmd.batch_size,
-                                   deadline_s=deadline, progress=cmd.progress)
+        n = sweeps.profile_quality(vlm, sweeps.shard_of(samples, shard), configs, table, batch_size=cmd.batch_size,
+                                   deadline_s=deadline, progress=cmd.progress, max_cached_bytes=cache_bytes)
     elif isinstance(cmd, Stages):
         pairs = sweeps.stage_plan(vlm, samples, grid.crops)
         protocol = sweeps.grid_protocol(grid, pool=pool, repeats=cmd.repeats, output_tokens=cmd.output_tokens,
@@ -227,7 +243,9 @@ def _expected_rows(cmd, samples, grid, table) -> int:
         counts = repeat_counts(samples, cmd.repeats, cmd.repeat_fraction)
         return sum(counts[s.request_id] for s in shard_of(samples, cmd.shard_tuple())) * len(grid)
     if isinstance(cmd, Quality):
-        return len(samples) * len(grid)
+        from .sweeps import shard_of
+
+        return len(shard_of(samples, cmd.shard_tuple())) * len(grid)
     pairs = table.metadata["protocol"]["pairs"]
     return len(pairs) * len(grid.top_k) * len(grid.active_blocks) * cmd.repeats
 
