@@ -18,15 +18,11 @@ variants=("--batch-size 256 --lr 1e-3" "--batch-size 512 --lr 2e-3" "--batch-siz
 count=$(( gpus < ${#variants[@]} ? gpus : ${#variants[@]} ))
 workers=$(( ($(nproc) - 2) / count ))
 for (( i = 0; i < count; i++ )); do
-  (
-    common="--run-dir $run/reader$i --out $run/reader$i.safetensors --fresh-vision --crop-px 224 ${variants[$i]}"
-    # --steps far beyond reach: the chunk stops on time, then exports at the step it reached.
-    CUDA_VISIBLE_DEVICES=$i timeout 585 python3 scripts/pretrain_reader.py $common --steps 1000000 \
-      --max-minutes "$minutes" --num-workers "$workers" > "$run/reader$i.out" 2>&1
-    step=$(python3 -c "import json; print(json.load(open('$run/reader$i/checkpoint/state.json'))['progress']['step'])")
-    CUDA_VISIBLE_DEVICES=$i python3 scripts/pretrain_reader.py $common --steps "$step" >> "$run/reader$i.out" 2>&1
-    cp "$run/reader$i/log.jsonl" "$out/reader${i}_log.jsonl"
-  ) &
+  # Each variant is one `train_micro_gpu.sh reader` step on its own GPU; --steps far beyond reach:
+  # the chunk stops on time, then exports at the step it reached.
+  ( RUN="$run/reader$i" OUT_DIR="$run/reader$i" GPU=$i WORKERS=$workers MINUTES=$minutes scripts/train_micro_gpu.sh reader \
+      --fresh-vision --crop-px 224 ${variants[$i]} --steps 1000000 > "$run/reader$i.out" 2>&1
+    cp "$run/reader$i/reader_log.jsonl" "$out/reader${i}_log.jsonl" ) &
 done
 wait
 best=$(python3 - "$run" "$count" "${variants[@]}" <<'EOF' | tee "$out/reader_choice.txt" | tail -n 1
@@ -34,11 +30,11 @@ import json, sys
 run, count, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 final = {}
 for i in range(count):
-    lines = open(f"{run}/reader{i}/log.jsonl").read().splitlines()
+    lines = open(f"{run}/reader{i}/reader_log.jsonl").read().splitlines()
     final[i] = json.loads(lines[-1])
     print(f"reader{i} {variants[i]}: step {final[i]['step']} characters {final[i]['character_accuracy']:.3f} "
           f"answers {final[i]['answer_accuracy']:.3f} {final[i]['samples_per_s']:.0f} crops/s")
-print(f"{run}/reader{max(final, key=lambda i: final[i]['character_accuracy'])}.safetensors")
+print(f"{run}/reader{max(final, key=lambda i: final[i]['character_accuracy'])}/reader.safetensors")
 EOF
 )
 echo "reading pretraining chosen: $best"

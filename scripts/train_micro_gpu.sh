@@ -30,12 +30,14 @@ case "${1:?step: train or eval}" in
     true ;;
   reader)
     shift
-    CUDA_VISIBLE_DEVICES=0 timeout 585 python3 scripts/pretrain_reader.py --run-dir "$run/reader" \
-      --out "$run/reader.safetensors" --max-minutes "${MINUTES:-8.3}" --num-workers $(( $(nproc) - 2 )) "$@" 2>&1 | tail -n 40
+    # GPU (default 0) and WORKERS (default: CPU count - 2) let several readers share one host.
+    CUDA_VISIBLE_DEVICES=${GPU:-0} timeout 585 python3 scripts/pretrain_reader.py --run-dir "$run/reader" \
+      --out "$run/reader.safetensors" --max-minutes "${MINUTES:-8.3}" --num-workers "${WORKERS:-$(( $(nproc) - 2 ))}" \
+      "$@" 2>&1 | tail -n 40
     # A chunk that stopped on time exports what it has: rerun at the step reached (nothing left to train).
     step=$(python3 -c "import json; print(json.load(open('$run/reader/checkpoint/state.json'))['progress']['step'])")
-    [ -f "$run/reader.safetensors" ] || python3 scripts/pretrain_reader.py --run-dir "$run/reader" \
-      --out "$run/reader.safetensors" "$@" --steps "$step" 2>&1 | tail -n 1  # the last --steps wins
+    [ -f "$run/reader.safetensors" ] || CUDA_VISIBLE_DEVICES=${GPU:-0} python3 scripts/pretrain_reader.py \
+      --run-dir "$run/reader" --out "$run/reader.safetensors" "$@" --steps "$step" 2>&1 | tail -n 1  # the last --steps wins
     cp "$run/reader/log.jsonl" "$out/reader_log.jsonl" ;;
   eval)
     # One evaluation per GPU at once: the quality table on GPU 0 (200 requests per family), the

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..benchmarking import device_info
 from ..config import Config, KnobGrid
+from ..evaluation import DEFAULT_MAX_CACHED_BYTES, QualityEvaluator
 from ..metrics import score
 from ..model.runtime import VLM
 from ..model.timing import STAGE_FIELDS
@@ -194,25 +195,20 @@ def profile_quality(
     batch_size: int = 256,
     deadline_s: float | None = None,
     progress: bool = True,
-    max_cached_bytes: int | None = None,
+    max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
 ) -> int:
     """Answer and score every (request, config) in batches; one shard per config.
-    `max_cached_bytes` bounds the prepared requests kept across one crops value's configurations
-    (default: `evaluation.DEFAULT_MAX_CACHED_BYTES`)."""
-    from ..evaluation import DEFAULT_MAX_CACHED_BYTES, QualityEvaluator
-
-    cache = {"max_cached_bytes": DEFAULT_MAX_CACHED_BYTES if max_cached_bytes is None else max_cached_bytes}
-
+    `max_cached_bytes` bounds the prepared requests kept across one crops value's configurations."""
     done = table.done_keys()
     ordered = sorted(configs, key=lambda c: (c.crops, c.crop_rule))  # prepare each request once per crops value
-    evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size, **cache)
+    evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size, max_cached_bytes=max_cached_bytes)
     written = 0
     for config in tqdm(ordered, desc=f"quality {vlm.args.name}", unit="config", disable=not progress):
         missing = [s for s in samples if (s.request_id, config.crops, config.top_k, config.active_blocks) not in done]
         if not missing:
             continue
         if len(missing) < len(samples):  # a pool that grew since the last run: answer only what is missing
-            part = QualityEvaluator(vlm, missing, batch_size=batch_size, **cache)
+            part = QualityEvaluator(vlm, missing, batch_size=batch_size, max_cached_bytes=max_cached_bytes)
             results, answered = part.results(config), missing
         else:
             results, answered = evaluator.results(config), samples
