@@ -86,6 +86,10 @@ class Args:
     """draw (crops, top_k, block plan) per batch; --no-elastic trains the full configuration only"""
     p_full: float = 0.25
     """share of elastic batches at the full configuration"""
+    p_smallest: float = 0.05
+    """share of elastic batches at the smallest configuration (1, 1, 8): the slimmable-network
+    "sandwich rule". 0 leaves the low end to the uniform draws, which train it less: the knobs then
+    cost more quality, as in a model trained at one configuration"""
     family_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.0, 1.5, 1.0)
     """sampling weights in FAMILIES order (reading families, harder, get more)"""
     focus_steps: int = 0
@@ -149,6 +153,11 @@ class Args:
             if len(weights) != len(FAMILIES) or min(weights) < 0 or sum(weights) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={weights}: give {len(FAMILIES)} non-negative weights "
                                  f"with a positive sum, one per family {tuple(FAMILIES)}")
+        for name in ("p_full", "p_smallest"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be in [0, 1]")
+        if self.p_full + self.p_smallest > 1.0:
+            raise ValueError(f"--p-full + --p-smallest = {self.p_full + self.p_smallest} must be <= 1")
         for name in ("transcribe_weight", "focus_transcribe_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
@@ -257,8 +266,8 @@ def main(args: Args) -> None:
         # Checked before loading: another crop size would otherwise fail as a tensor-shape mismatch.
         saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
                       **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
-        for key in ("batch_size", "seed", "elastic", "family_weights", "crop_px", "focus_steps", "focus_weights",
-                    "transcribe_weight", "focus_transcribe_weight"):
+        for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "family_weights", "crop_px", "focus_steps",
+                    "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
                                  f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
@@ -277,7 +286,7 @@ def main(args: Args) -> None:
     progress["args"] = asdict(args)
     broadcast_from_rank0_(module.state_dict().values(), world)  # every process read the same files
 
-    knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, n_blocks=model_args.n_layers,
+    knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, p_smallest=args.p_smallest, n_blocks=model_args.n_layers,
                          full_until_step=args.focus_steps)
     families, family_weights, focus_weights = args.families
     spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, families=families, family_weights=family_weights,

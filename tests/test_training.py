@@ -185,6 +185,15 @@ def test_train_script_adds_the_transcribe_task_only_when_weighted():
         script.Args(transcribe_weight=-1)
 
 
+def test_train_script_checks_the_elastic_shares():
+    script = load_script("train_micro")
+    assert script.Args(p_full=0.5, p_smallest=0.0).p_smallest == 0.0
+    with pytest.raises(ValueError, match="--p-smallest=-0.1 must be in"):
+        script.Args(p_smallest=-0.1)
+    with pytest.raises(ValueError, match="--p-full \\+ --p-smallest = 1.05"):
+        script.Args(p_full=1.0, p_smallest=0.05)
+
+
 def test_focus_phase_rejects_bad_values():
     with pytest.raises(ValueError, match="focus_steps=2 needs focus_weights"):
         TrainBatchSpec(focus_steps=2)
