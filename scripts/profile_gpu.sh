@@ -4,7 +4,9 @@
 # the tables live under runs/profiles/ (carried between device calls).
 #   [PRESET=micro] scripts/profile_gpu.sh stages  # stage tables + validation of the composition
 #   [WEIGHTS=...] scripts/profile_gpu.sh quality  # micro answers and scores, every (request, config) (all visible GPUs)
-#   scripts/profile_gpu.sh requests   # micro latency, every (request, config) once + repeats (all visible GPUs)
+#   [WEIGHTS=...] scripts/profile_gpu.sh requests # micro latency, every (request, config) once + repeats (all visible GPUs)
+# WEIGHTS=path profiles another micro checkpoint than the shipped one (a retrained micro, e.g. at
+# 224 px crops, has other token counts: its latency tables must be measured with it).
 set -uo pipefail
 out=runs/profiles
 mkdir -p "$out"
@@ -15,9 +17,9 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -E 
 card=${card:-gpu}
 case "${1:?step: stages, quality or requests}" in
   stages)
-    # PRESET=micro measures the shipped micro weights; molmoe-1b uses random weights (latency only).
+    # PRESET=micro measures the shipped micro weights (or WEIGHTS); molmoe-1b uses random weights (latency only).
     preset=${PRESET:-molmoe-1b}
-    weights=$([ "$preset" = micro ] && echo "" || echo "--weights random")
+    weights=$([ "$preset" = micro ] && echo "${WEIGHTS:+--weights $WEIGHTS}" || echo "--weights random")
     timeout 300 $cli stages --preset "$preset" $weights --device cuda --out $out/${preset}_${card}_stages \
       --no-progress --max-minutes "$minutes"
     timeout 120 $cli validate-stages --preset "$preset" $weights --device cuda \
@@ -40,16 +42,17 @@ case "${1:?step: stages, quality or requests}" in
       tail -n 6 $out/quality-shard-*.log
     fi ;;
   requests)
+    weights=${WEIGHTS:+--weights $WEIGHTS}
     # One process per visible GPU, each timing a disjoint shard of the pool (--shard i/n); merge
     # the shards with `flexvlm-profile consolidate`. With one GPU this resumes a single table.
     n=$(nvidia-smi -L | wc -l)
     if [ "$n" -le 1 ]; then
-      timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests --preset micro --device cuda \
+      timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests --preset micro $weights --device cuda \
         --out $out/micro_${card}_requests --no-progress --max-minutes "$minutes"
     else
       for i in $(seq 0 $((n - 1))); do
         CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=4 timeout $(( ${minutes%.*} * 60 + 120 )) $cli requests \
-          --preset micro --device cuda --shard "$i/$n" --out $out/micro_${card}_requests_x$n/shard-$i \
+          --preset micro $weights --device cuda --shard "$i/$n" --out $out/micro_${card}_requests_x$n/shard-$i \
           --no-progress --max-minutes "$minutes" > $out/shard-$i.log 2>&1 &
       done
       wait

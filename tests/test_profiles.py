@@ -1000,3 +1000,31 @@ def test_quality_evaluator_answers_alike_with_or_without_kept_requests(micro, po
     assert prepared_bytes(kept._prepared[0]) > kept._prepared[0].image.images.numel() * 4 - 1
     with pytest.raises(ValueError, match="max_cached_bytes=-1 must be >= 0"):
         QualityEvaluator(micro, samples, max_cached_bytes=-1)
+
+
+def test_check_quality_table_reanswers_and_finds_a_changed_answer(tmp_path, capsys):
+    check = load_script("check_quality_table")
+    cli.main(["quality", *POOL_ARGS, "--out", str(tmp_path / "q")])
+    cli.main(["consolidate", str(tmp_path / "q.parquet"), str(tmp_path / "q")])
+    capsys.readouterr()
+    args = check.Args(table=str(tmp_path / "q.parquet"), per_family=2, configs=("4,8,16", "1,1,16"),
+                      out=str(tmp_path / "report.json"))
+    report = check.main(args)
+    # Same weights, same float32 CPU path: every answer of the table comes back.
+    assert report["answers_compared"] == 4 and report["answer_agreement"] == 1.0
+    assert json.loads((tmp_path / "report.json").read_text())["configs"][0]["scores_equal"] == 2
+    # One recorded answer changed: the check names that request and configuration.
+    frame, meta = read_parquet(tmp_path / "q.parquet")
+    row = frame.index[(frame["crops"] == 1) & (frame["top_k"] == 1)][0]
+    frame.loc[row, "answer"] = "not what micro said"
+    write_parquet(frame, tmp_path / "changed.parquet", meta)
+    report = check.main(check.Args(table=str(tmp_path / "changed.parquet"), per_family=2, configs=("1,1,16",)))
+    assert report["answer_agreement"] == 0.5
+    assert report["configs"][0]["mismatches"] == [
+        {"request_id": frame.loc[row, "request_id"], "table": "not what micro said", "here": report["configs"][0]["mismatches"][0]["here"]}]
+    with pytest.raises(ValueError, match="--configs entry '12,8' must be crops,top_k,active_blocks"):
+        check.Args(table="t", configs=("12,8",))
+    with pytest.raises(ValueError, match="--configs 12,8,16 is not in --table"):
+        check.main(check.Args(table=str(tmp_path / "q.parquet"), per_family=1, configs=("12,8,16",)))
+    with pytest.raises(ValueError, match="was answered by"):
+        check.main(check.Args(table=str(tmp_path / "q.parquet"), weights="random", per_family=1))
