@@ -2,6 +2,7 @@
 
     python scripts/bench_micro.py --out results/bench_micro_cpu.json             # this CPU
     python scripts/bench_micro.py --device cuda --out results/bench_micro_h100.json
+    python scripts/bench_micro.py --weights runs/micro224/export/model.safetensors --out ...  # another checkpoint
 
 Unlike `bench_runtime.py` (one synthetic image, forced output length), this serves what the
 environment serves: `--requests-per-family` procedural `val` requests of every family at one
@@ -36,6 +37,8 @@ class Args:
     """where to write the JSON results"""
     device: str = "cpu"
     """cpu or cuda"""
+    weights: str | None = None
+    """a micro checkpoint (.safetensors) to time instead of the shipped weights"""
     crops: int = 12
     top_k: int = 8
     active_blocks: int = 16
@@ -51,7 +54,7 @@ def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    vlm = load_model("micro", device=device)
+    vlm = load_model("micro", args.weights, device=device)
     config = Config(args.crops, args.top_k, args.active_blocks)
     samples = [s for f in FAMILIES for s in generate_samples(f, "val", args.requests_per_family)]
     records, outputs = [], []
