@@ -90,6 +90,12 @@ class Args:
     """share of elastic batches at the smallest configuration (1, 1, 8): the slimmable-network
     "sandwich rule". 0 leaves the low end to the uniform draws, which train it less: the knobs then
     cost more quality, as in a model trained at one configuration"""
+    top_k_choices: tuple[int, ...] = (1, 2, 4, 8)
+    """top_k values the elastic draws pick from, uniformly; 8 (the full configuration's) must be one.
+    Leaving 1 out makes top-1 a width the model never trains at, as every reduced configuration is
+    for MolmoE, which was trained at one configuration"""
+    min_blocks: int = 8
+    """fewest active blocks an elastic draw runs (uniform over min_blocks..16)"""
     family_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.0, 1.5, 1.0)
     """sampling weights in FAMILIES order (reading families, harder, get more)"""
     focus_steps: int = 0
@@ -158,6 +164,13 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be in [0, 1]")
         if self.p_full + self.p_smallest > 1.0:
             raise ValueError(f"--p-full + --p-smallest = {self.p_full + self.p_smallest} must be <= 1")
+        micro = micro_args(self.crop_px)
+        if (not self.top_k_choices or max(self.top_k_choices) != micro.top_k
+                or min(self.top_k_choices) < 1 or len(set(self.top_k_choices)) != len(self.top_k_choices)):
+            raise ValueError(f"--top-k-choices={self.top_k_choices}: give distinct values in 1..{micro.top_k} "
+                             f"that include {micro.top_k} (the full configuration's top_k)")
+        if not 1 <= self.min_blocks <= micro.n_layers:
+            raise ValueError(f"--min-blocks={self.min_blocks} must be in 1..{micro.n_layers}")
         for name in ("transcribe_weight", "focus_transcribe_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
@@ -266,8 +279,8 @@ def main(args: Args) -> None:
         # Checked before loading: another crop size would otherwise fail as a tensor-shape mismatch.
         saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
                       **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
-        for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "family_weights", "crop_px", "focus_steps",
-                    "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
+        for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "top_k_choices", "min_blocks", "family_weights",
+                    "crop_px", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
                                  f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
@@ -286,7 +299,8 @@ def main(args: Args) -> None:
     progress["args"] = asdict(args)
     broadcast_from_rank0_(module.state_dict().values(), world)  # every process read the same files
 
-    knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, p_smallest=args.p_smallest, n_blocks=model_args.n_layers,
+    knobs = ElasticKnobs(enabled=args.elastic, p_full=args.p_full, p_smallest=args.p_smallest,
+                         top_k_choices=tuple(args.top_k_choices), min_blocks=args.min_blocks, n_blocks=model_args.n_layers,
                          full_until_step=args.focus_steps)
     families, family_weights, focus_weights = args.families
     spec = TrainBatchSpec(batch_size=args.batch_size, seed=args.seed, families=families, family_weights=family_weights,

@@ -192,6 +192,16 @@ def test_train_script_checks_the_elastic_shares():
         script.Args(p_smallest=-0.1)
     with pytest.raises(ValueError, match="--p-full \\+ --p-smallest = 1.05"):
         script.Args(p_full=1.0, p_smallest=0.05)
+    # A narrower elastic range: top-1 and fewer than 10 blocks are never drawn, the full config still is.
+    args = script.Args(top_k_choices=(2, 4, 8), min_blocks=10, p_smallest=0.0)
+    knobs = ElasticKnobs(top_k_choices=args.top_k_choices, min_blocks=args.min_blocks, p_smallest=args.p_smallest)
+    draws = [knobs.draw(0, step) for step in range(300)]
+    assert {d.top_k for d in draws} == {2, 4, 8} and min(len(d.plan) for d in draws) == 10
+    assert any(d.kind == "full" for d in draws) and knobs.full.top_k == 8
+    with pytest.raises(ValueError, match="--top-k-choices=\\(1, 2, 4\\): give distinct values in 1..8 that include 8"):
+        script.Args(top_k_choices=(1, 2, 4))
+    with pytest.raises(ValueError, match="--min-blocks=0 must be in 1..16"):
+        script.Args(min_blocks=0)
 
 
 def test_focus_phase_rejects_bad_values():
