@@ -87,8 +87,8 @@ class Args:
     p_full: float = 0.25
     """share of elastic batches at the full configuration"""
     p_smallest: float = 0.05
-    """share of elastic batches at the smallest configuration (1, 1, 8): the slimmable-network
-    "sandwich rule". 0 leaves the low end to the uniform draws, which train it less: the knobs then
+    """share of elastic batches at the smallest configuration of the drawn range ((1, 1, 8) by
+    default): the slimmable-network "sandwich rule". 0 leaves the low end to the uniform draws, which train it less: the knobs then
     cost more quality, as in a model trained at one configuration"""
     top_k_choices: tuple[int, ...] = (1, 2, 4, 8)
     """top_k values the elastic draws pick from, uniformly; 8 (the full configuration's) must be one.
