@@ -86,9 +86,8 @@ def main(args: Args) -> dict:
     if vlm.weights_sha256 != meta.get("weights_sha256"):
         raise ValueError(f"--weights answer as {vlm.weights_sha256}, but --table {args.table} was answered by "
                          f"{meta.get('weights_sha256')}: pass the weights that answered it")
-    pool_meta = meta["protocol"]["pool"]
-    pool = RequestPool(families=tuple(pool_meta["families"]), split=pool_meta["split"],
-                       per_family=pool_meta["per_family"], task_seed=pool_meta["task_seed"])
+    pool_meta = meta["protocol"]["pool"]  # RequestPool's fields, as the table recorded them
+    pool = RequestPool(**{**pool_meta, "families": tuple(pool_meta["families"])})
     samples = pool.samples()
     chosen = set()
     for family in pool.families:

@@ -151,7 +151,7 @@ class Args:
     """W&B project"""
 
     def __post_init__(self) -> None:
-        micro_args(self.crop_px)  # a bad crop size fails here, naming --crop-px
+        micro = micro_args(self.crop_px)  # a bad crop size fails here, naming --crop-px
         if not 0 <= self.focus_steps <= self.total_steps:
             raise ValueError(f"--focus-steps={self.focus_steps} must be in 0..--total-steps={self.total_steps}")
         for name in ("family_weights", "focus_weights"):
@@ -164,7 +164,6 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be in [0, 1]")
         if self.p_full + self.p_smallest > 1.0:
             raise ValueError(f"--p-full + --p-smallest = {self.p_full + self.p_smallest} must be <= 1")
-        micro = micro_args(self.crop_px)
         if (not self.top_k_choices or max(self.top_k_choices) != micro.top_k
                 or min(self.top_k_choices) < 1 or len(set(self.top_k_choices)) != len(self.top_k_choices)):
             raise ValueError(f"--top-k-choices={self.top_k_choices}: give distinct values in 1..{micro.top_k} "

@@ -237,14 +237,12 @@ def run(cmd) -> dict:
 
 
 def _expected_rows(cmd, samples, grid, table) -> int:
-    if isinstance(cmd, Requests):
-        from .sweeps import repeat_counts, shard_of
+    from .sweeps import repeat_counts, shard_of
 
+    if isinstance(cmd, Requests):
         counts = repeat_counts(samples, cmd.repeats, cmd.repeat_fraction)
         return sum(counts[s.request_id] for s in shard_of(samples, cmd.shard_tuple())) * len(grid)
     if isinstance(cmd, Quality):
-        from .sweeps import shard_of
-
         return len(shard_of(samples, cmd.shard_tuple())) * len(grid)
     pairs = table.metadata["protocol"]["pairs"]
     return len(pairs) * len(grid.top_k) * len(grid.active_blocks) * cmd.repeats
