@@ -1,7 +1,7 @@
 """Request latency of the shipped `micro` model on real procedural requests (JSON out).
 
     python scripts/bench_micro.py --out results/bench_micro_cpu.json             # this CPU
-    python scripts/bench_micro.py --device cuda --out results/bench_micro_h100.json
+    python scripts/bench_micro.py --device cuda --out results/bench_micro_h200.json
     python scripts/bench_micro.py --weights runs/micro224/export/model.safetensors --out ...  # another checkpoint
 
 Unlike `bench_runtime.py` (one synthetic image, forced output length), this serves what the

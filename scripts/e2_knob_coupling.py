@@ -42,9 +42,9 @@ class Args:
     results/device_tables/ if present (a superset of the shipped pool's two families), else the shipped one"""
     families: tuple[str, ...] = e2.DEFAULT_FAMILIES
     """the two workloads compared (QA first, captioning second)"""
-    latency: tuple[str, ...] = ("molmoe-1b-h100", "micro-h100-measured")
-    """latency sources: molmoe-1b-h100 (composed, the main one), micro-h100-measured (measured where
-    recorded, else composed), micro-h100 (composed)"""
+    latency: tuple[str, ...] = ("molmoe-1b-h100", "micro-h200-measured")
+    """latency sources: molmoe-1b-h100 (composed, the main one), micro-h200-measured (measured where
+    recorded, else composed), micro-h200 (composed)"""
     per_family: int | None = None
     """use each family's first N requests of the pool (default: all of them)"""
     n_boot: int = 1000

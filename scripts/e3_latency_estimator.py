@@ -18,6 +18,14 @@ is the test set; `--recal-seeds` draws): source only, global affine, per-stage a
 (ridge prior towards the source coefficients). Reference: an estimator fitted on the full target
 stage table.
 
+micro here is the retired 112-px micro (weights b47291b9, the shipped default until 2026-11-28):
+its H100 and H200 stage tables, validation runs and CPU tables are archived under
+`results/device_tables/` and `results/replay_latency_validation_micro112_*`. Its 352,800-row H100
+requests table was too large to keep beside the shipped one; `--micro112-requests` reads it from a
+checkout of it (`git show b3fa873:flexvlm_env/assets/profiles/micro_h100_requests.parquet > FILE`).
+The estimator of the shipped micro is also fitted on its own H200 stage table
+(`results/e3_estimators/micro_h200.json`, what M3 loads).
+
 `--quick`: stage tables only as training data for micro on the H100 (no 352,800-row requests
 table), one split, 3 recalibration draws, a short MLP; runs in well under a minute on a CPU and
 writes `results/e3_summary_quick.json` unless `--out` is given. Writes `<out>` (JSON), figures under `--figures`, and the
@@ -47,6 +55,10 @@ from flexvlm_env.profiles.tables import read_parquet
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "flexvlm_env" / "assets" / "profiles"
 RESULTS = ROOT / "results"
+DEVICE_TABLES = RESULTS / "device_tables"
+# Stage tables of the H100 -> H200 recalibration pairs: molmoe-1b's shipped one, the retired micro's archive.
+H100_STAGES = {"molmoe-1b": ASSETS / "molmoe-1b_h100_stages.parquet", "micro": DEVICE_TABLES / "micro112_h100_stages.parquet"}
+H200_NAMES = {"molmoe-1b": "molmoe-1b_h200", "micro": "micro112_h200"}
 NS = (10, 25, 50, 100)
 
 
@@ -66,8 +78,11 @@ class Args:
     mlp_steps: int = 1500
     max_train_rows: int = 40000
     """rows of a requests table used for training (random subset)"""
-    cpu_stages: Path = RESULTS / "device_tables" / "micro_cpu_stages.parquet"
-    cpu_requests: Path = RESULTS / "device_tables" / "micro_cpu_requests.parquet"
+    cpu_stages: Path = RESULTS / "device_tables" / "micro112_cpu_stages.parquet"
+    cpu_requests: Path = RESULTS / "device_tables" / "micro112_cpu_requests.parquet"
+    micro112_requests: Path = DEVICE_TABLES / "micro112_h100_requests.parquet"
+    """the retired micro's H100 requests table (not in the tree; see the module docstring); without
+    it the micro@H100 set trains and tests on its stage table alone, as --quick does"""
 
 
 # ---------------------------------------------------------------------------- data
@@ -128,15 +143,15 @@ def same_device_sets(args: Args) -> dict[str, dict]:
     sets[f"molmoe-1b@{meta['device_name']}"] = {
         "train": st, "bucket": _bucket(meta), "noise": noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]), "train_source": "molmoe-1b_h100_stages.parquet",
         "tests": {"validation_requests": val, "stage_table": _with_measured_prefix(st)}, "primary": "validation_requests"}
-    st, meta = read_parquet(ASSETS / "micro_h100_stages.parquet")
-    val, _ = _validation(RESULTS / "replay_latency_validation_micro_h100.parquet")
-    entry = {"train": st, "train_source": "micro_h100_stages.parquet", "bucket": _bucket(meta),
+    st, meta = read_parquet(H100_STAGES["micro"])
+    val, _ = _validation(RESULTS / "replay_latency_validation_micro112_h100.parquet")
+    entry = {"train": st, "train_source": H100_STAGES["micro"].name, "bucket": _bucket(meta),
              "noise": noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]),
              "tests": {"validation_requests": val, "stage_table": _with_measured_prefix(st)}, "primary": "validation_requests"}
-    if not args.quick:
-        req, _ = read_parquet(ASSETS / "micro_h100_requests.parquet")
+    if not args.quick and args.micro112_requests.exists():
+        req, _ = read_parquet(args.micro112_requests)
         req = req.drop(columns=["answer"])
-        entry.update(train=req, train_source="micro_h100_requests.parquet (random subset of the training configs' rows)", weighting="total",
+        entry.update(train=req, train_source=f"{args.micro112_requests.name} (random subset of the training configs' rows)", weighting="total",
                      primary="requests_table", noise=noise_floor(req, ["request_id", "crops", "top_k", "active_blocks"]))
         entry["tests"]["requests_table"] = _with_measured_prefix(req)
     sets[f"micro@{meta['device_name']}"] = entry
@@ -237,13 +252,14 @@ def same_device(name: str, spec: dict, args: Args, splits: int) -> tuple[dict, d
 def recal_pairs(args: Args) -> list[dict]:
     pairs = []
     for preset in ("molmoe-1b", "micro"):
-        src, src_meta = read_parquet(ASSETS / f"{preset}_h100_stages.parquet")
-        target, target_device = _validation(RESULTS / f"replay_latency_validation_{preset}_h200.parquet")
-        tgt_table, _ = read_parquet(RESULTS / "device_tables" / f"{preset}_h200_stages.parquet")
+        src, src_meta = read_parquet(H100_STAGES[preset])
+        name = H200_NAMES[preset]
+        target, target_device = _validation(RESULTS / f"replay_latency_validation_{name}.parquet")
+        tgt_table, _ = read_parquet(DEVICE_TABLES / f"{name}_stages.parquet")
         pairs.append({"key": f"{preset}@{src_meta['device_name']}->{preset}@{target_device}", "source": src, "target_bucket": 64,
-                      "target": target, "target_table": tgt_table, "target_set": f"replay_latency_validation_{preset}_h200.parquet"})
+                      "target": target, "target_table": tgt_table, "target_set": f"replay_latency_validation_{name}.parquet"})
     if args.cpu_requests.exists() and args.cpu_stages.exists():
-        src, src_meta = read_parquet(ASSETS / "micro_h100_stages.parquet")
+        src, src_meta = read_parquet(H100_STAGES["micro"])
         req, req_meta = read_parquet(args.cpu_requests)
         tgt_table, _ = read_parquet(args.cpu_stages)
         pairs.append({"key": f"micro@{src_meta['device_name']}->micro@{req_meta['device_name']}", "source": src,
@@ -371,16 +387,18 @@ def main(args: Args) -> dict:
         summary["recalibration_detail"][pair["key"]] = detail
     # Estimators fitted on whole source tables (what a guardrail would load).
     saved = {}
-    for preset, path in (("molmoe-1b", ASSETS / "molmoe-1b_h100_stages.parquet"), ("micro", ASSETS / "micro_h100_stages.parquet"),
-                         ("molmoe-1b", RESULTS / "device_tables" / "molmoe-1b_h200_stages.parquet"),
-                         ("micro", RESULTS / "device_tables" / "micro_h200_stages.parquet"), ("micro", args.cpu_stages)):
+    for preset, path in (("molmoe-1b", H100_STAGES["molmoe-1b"]), ("micro", H100_STAGES["micro"]),
+                         ("molmoe-1b", DEVICE_TABLES / "molmoe-1b_h200_stages.parquet"),
+                         ("micro", DEVICE_TABLES / "micro112_h200_stages.parquet"), ("micro", args.cpu_stages),
+                         ("micro", ASSETS / "micro_h200_stages.parquet")):
         if not path.exists():
             continue
         table, meta = read_parquet(path)
         est = StageLatencyEstimator.fit(table, prefill_bucket=_bucket(meta), metadata={"preset": preset, "device_name": meta.get("device_name"),
                                                          "fitted_on": path.name, "rows": len(table)})
         out = args.estimators / f"{path.stem.replace('_stages', '')}.json"
-        saved[f"{preset}@{meta.get('device_name')}"] = _rel(est.save(out))
+        # keyed by the file's stem: the retired and the shipped micro share a device name
+        saved[f"{out.stem} ({preset}@{meta.get('device_name')})"] = _rel(est.save(out))
     summary["estimators"] = saved
     summary["figures"] = [_rel(p) for p in figures(args, scatters, summary["recalibration_detail"])]
     summary["notes"].append(

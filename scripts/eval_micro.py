@@ -19,7 +19,7 @@ every configuration below full; and each quality bar of the issue, checked.
 
 `--quality-table` replaces 1 and 2 by a recorded quality table (`flexvlm-profile quality`, every
 request at every configuration, answered in batches on a GPU in minutes), and `--latency-source`
-replaces 3 by a shipped replay latency source (e.g. `micro-h100`): then the whole evaluation is a
+replaces 3 by a shipped replay latency source (e.g. `micro-h200`): then the whole evaluation is a
 few seconds on a CPU.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Args:
     """a recorded quality table (directory or Parquet file from `flexvlm-profile quality`) of these
     weights on this split: used instead of generating (all its requests count for adaptivity)"""
     latency_source: str | None = None
-    """a shipped replay latency source (flexvlm_env.profiles.LATENCY_SOURCES, e.g. micro-h100): its
+    """a shipped replay latency source (flexvlm_env.profiles.LATENCY_SOURCES, e.g. micro-h200): its
     median latency per configuration instead of timing on this machine"""
 
 

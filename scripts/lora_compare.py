@@ -19,6 +19,12 @@ How the tables were made (scripts/lora_gpu.sh on a lent 4-GPU machine, then CPU 
 The headline (`--headline`) is the variant that selection.json names; the variants answered at the
 full configuration only are reported there (`full_only`), and `full_config_paired` gives every
 model's request-paired change at full against the base.
+
+The study belongs to the first micro (112-px crops, weights b47291b9, the default until
+2026-11-28): its elastic model's quality table, the request table with its token counts and its
+H100 stage table are archived beside the LoRA tables (`results/lora/quality_elastic-micro112.parquet`,
+`results/lora/requests_val_micro112.parquet`, `results/device_tables/micro112_h100_stages.parquet`), so
+the comparison reproduces without the shipped (224-px) micro's tables.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ from flexvlm_env.experiments.common import run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "results" / "lora"
+REQUESTS_MICRO112 = TABLES / "requests_val_micro112.parquet"
+STAGES_MICRO112 = ROOT / "results" / "device_tables" / "micro112_h100_stages.parquet"
 
 
 @dataclass
@@ -43,7 +51,7 @@ class Args:
         f"lora-r16={TABLES / 'quality_lora-r16.parquet'}",
         f"lora-r4={TABLES / 'quality_lora-r4.parquet'}",
         f"lora-r16+vision={TABLES / 'quality_lora-r16+vision.parquet'}",
-        f"elastic={ROOT / 'flexvlm_env/assets/profiles/micro_quality_val.parquet'}",
+        f"elastic={TABLES / 'quality_elastic-micro112.parquet'}",
         f"lora-r16-anchor16={TABLES / 'quality_lora-r16-anchor16.parquet'}",
         f"lora-r16-anchor64={TABLES / 'quality_lora-r16-anchor64.parquet'}",
         f"lora-r16-anchor16-pfull40={TABLES / 'quality_lora-r16-anchor16-pfull40.parquet'}",
@@ -113,11 +121,10 @@ def main(args: Args) -> dict:
         print(f"packed {name}: {written}")
     tables = _pairs(args.tables, "tables")
     adapters = {name: adapter_record(path) for name, path in _pairs(args.adapters, "adapters").items() if name in tables}
-    from flexvlm_env.profiles.loading import LATENCY_SOURCES, REQUESTS_TABLE, profiles_dir
     from flexvlm_env.profiles.tables import read_table
 
-    requests = read_table(profiles_dir() / REQUESTS_TABLE)
-    stages = read_table(profiles_dir() / LATENCY_SOURCES["micro-h100"][1])
+    requests = read_table(REQUESTS_MICRO112)
+    stages = read_table(STAGES_MICRO112)
     models, configs, raw = {}, {}, {}
     for name, path in tables.items():
         frame, provenance = lora.load_quality([path])
@@ -137,7 +144,7 @@ def main(args: Args) -> dict:
     head = comparison["per_model"][args.headline]
     base_card = json.loads(args.base_card.read_text()) if args.base_card.exists() else None
     summary = {
-        **run_header("lora", args, latency_source="micro-h100 (composed from the H100 stage table, each model's own answer lengths)"),
+        **run_header("lora", args, latency_source="micro-h100 of the first micro (composed from its H100 stage table, each model's own answer lengths)"),
         "base": args.base, "reference": args.reference, "headline": args.headline, "adapted": adapted,
         "full_config": list(lora.FULL), "comparison_configs": [list(c) for c in shared],
         "gap_recovered": head["gap_recovered"], "full_config_delta": head["full_config_delta"],

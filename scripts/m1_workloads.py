@@ -42,9 +42,9 @@ class Args:
     """request table of the same pool; default: the 500-per-family one if present, else the shipped one"""
     families: tuple[str, ...] = e2.DEFAULT_FAMILIES
     """QA family first, captioning family second"""
-    latency: tuple[str, ...] = ("molmoe-1b-h100", "micro-h100-measured", "micro-h100")
-    """latency sources (see knob_coupling.LATENCY_CHOICES); micro-h100 (composed) is free of the
-    per-config measurement noise of micro-h100-measured"""
+    latency: tuple[str, ...] = ("molmoe-1b-h100", "micro-h200-measured", "micro-h200")
+    """latency sources (see knob_coupling.LATENCY_CHOICES); micro-h200 (composed) is free of the
+    per-config measurement noise of micro-h200-measured"""
     per_family: int | None = None
     """use each family's first N requests of the pool (default: all)"""
     nine_families: bool = True

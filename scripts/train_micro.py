@@ -119,9 +119,10 @@ class Args:
     the shipped micro weights) or a training-state directory (e.g. runs/micro/transfer). Use another
     --seed than the run it continues, so the data stream does not repeat its requests. A .safetensors
     file of another --crop-px loads with the ViT position table resampled to the new patch grid"""
-    crop_px: int = 112
-    """micro's crop size (px; a multiple of 28). The shipped micro uses 112, where the reading
-    families' text is 8-14 px tall at 12 crops; 224 doubles it at about 6x the vision tokens
+    crop_px: int = 224
+    """micro's crop size (px; a multiple of 28). The shipped micro uses 224: at 112 the reading
+    families' text is only 8-14 px tall at 12 crops and reading stayed near chance; 224 doubles it
+    at about 6x the vision tokens
     (README, the micro model; scripts/reading_probe.py)"""
     device: str = "auto"
     """cuda, cpu or auto"""

@@ -37,13 +37,13 @@ def test_resample_positions_keeps_class_row_and_smooth_grids():
 
 
 def test_load_across_crop_size_changes_only_the_position_table():
-    model = MolmoE(script.micro_args(224))
+    model = MolmoE(script.micro_args(112))  # the shipped micro has 224-px crops (16 x 16 patches)
     resampled = load_across_crop_size_(model, SHIPPED)
     assert resampled == ["model.vision_backbone.image_vit.positional_embedding"]
     shipped = load_model("micro").module
     for (name, p), q in zip(model.named_parameters(), shipped.parameters()):
         if name in resampled:
-            assert p.shape == (1 + 16 * 16, 64) and torch.equal(p[0], q[0].to(p.dtype))
+            assert p.shape == (1 + 8 * 8, 64) and torch.equal(p[0], q[0].to(p.dtype))
         else:
             assert torch.equal(p, q.to(p.dtype)), name
     other = preset_args("micro")

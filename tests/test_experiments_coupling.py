@@ -177,7 +177,7 @@ def test_e2_driver_quick(tmp_path):
     e2_driver = load_script("e2_knob_coupling")
     summary = e2_driver.main(e2_driver.Args(quick=True, out_dir=tmp_path))
     on_disk = json.loads((tmp_path / "e2_summary.json").read_text())
-    assert on_disk["experiment"] == "e2" and set(on_disk["data_sources"]) == {"molmoe-1b-h100", "micro-h100-measured"}
+    assert on_disk["experiment"] == "e2" and set(on_disk["data_sources"]) == {"molmoe-1b-h100", "micro-h200-measured"}
     h = summary["headline"]
     assert h["bar_met"] == (h["largest_gap_points"] >= h["bar_points"])
     assert h["largest_gap_points"] == max(h["gap_points_by_case"].values()) or np.isclose(h["largest_gap_points"], max(h["gap_points_by_case"].values()), atol=0.01)
@@ -185,7 +185,7 @@ def test_e2_driver_quick(tmp_path):
     configs = pd.read_parquet(tmp_path / "e2_configs.parquet")
     assert len(configs) == 2 * 2 * 140 and (configs["n_requests"] == 40).all()
     assert configs["quality"].between(0, 1).all() and (configs["latency_mean_ms"] > 0).all()
-    assert on_disk["data_sources"]["micro-h100-measured"]["n_measured_requests"] == 80
+    assert on_disk["data_sources"]["micro-h200-measured"]["n_measured_requests"] == 80
     figures = sorted(p.name for p in (tmp_path / "figures").glob("e2_*.png"))
     assert "e2_scatter_frontier.png" in figures and "e2_cases.png" in figures and len(figures) == 5
     with pytest.raises(SystemExit, match="--latency"):

@@ -152,7 +152,7 @@ def test_e4_quick_smoke(tmp_path):
     # the saved controllers reload
     from agents.base import load_controller
 
-    assert load_controller(tmp_path / "runs" / "controllers_quick" / "micro-h100-measured" / "flexvlm").kind == "maskable_ppo"
+    assert load_controller(tmp_path / "runs" / "controllers_quick" / "micro-h200-measured" / "flexvlm").kind == "maskable_ppo"
 
 
 @pytest.mark.slow
@@ -210,7 +210,7 @@ def test_same_config_latency_ratio_known_value():
     from flexvlm_env.experiments.system_eval import same_config_latency_ratio
     from flexvlm_env.profiles import load_replay_data
 
-    data = load_replay_data(quality="micro", latency="micro-h100-measured")
+    data = load_replay_data(quality="micro", latency="micro-h200-measured")
     records = []
     for i, rid in enumerate(data.request_ids[:6]):
         c = data.grid.configs()[i * 7]

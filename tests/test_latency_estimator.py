@@ -106,7 +106,7 @@ MONOTONE_TABLES = {
     # GPU stage table (forced 32-token answers: no warm-up term) and the CPU requests table (answers
     # of 2-8 tokens: the decode warm-up and experts-hit terms are fitted, with weighting="total")
     "molmoe-1b_h100_stages": (ROOT / "flexvlm_env" / "assets" / "profiles" / "molmoe-1b_h100_stages.parquet", {}),
-    "micro_cpu_requests": (ROOT / "results" / "device_tables" / "micro_cpu_requests.parquet",
+    "micro_cpu_requests": (ROOT / "results" / "device_tables" / "micro112_cpu_requests.parquet",
                            {"prefill_bucket": 1, "weighting": "total"}),
 }
 

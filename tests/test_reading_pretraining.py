@@ -102,7 +102,7 @@ def test_swap_rolls_images_inside_same_size_groups_only():
 def test_reading_check_on_the_shipped_weights_writes_both_columns(tmp_path):
     result = check.main(check.Args(families=("text_vqa", "transcribe"), requests=8, crops=2, out=tmp_path / "r.json"))
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["families"] == result["families"] and saved["crop_px"] == 112
+    assert saved["families"] == result["families"] and saved["crop_px"] == 224
     for row in saved["families"]:
         assert 2 <= row["requests"] <= 8
         for column in ("own_image", "other_image"):

@@ -70,7 +70,7 @@ def test_probe_writes_its_curves_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"heights_px": (3,)}, "--heights-px 3 is not valid; allowed: 6 to 56"),
+    ({"heights_px": (3,)}, r"--heights-px 3 is not valid; allowed: 6 to 112 \(the crop is 224 px\)"),
     ({"steps": 0}, "--steps=0 must be >= 1"),
     ({"lr": 0.0}, "--lr=0.0 must be > 0"),
 ])

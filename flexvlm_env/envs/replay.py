@@ -148,9 +148,10 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
       (its tiling, its prompt, and micro's answer re-tokenized as the output), which matches
       end-to-end runs of requests the tables never saw within 1.2% median, 6.3% P95
       (`results/replay_latency_validation.json`);
-    - `latency="micro-h100"` instead replays the micro model itself on the H100 (same method;
-      7.2% median, 22% P95 error: micro's ~7 ms requests are mostly host work, which varies
-      between runs and machines).
+    - `latency="micro-h200"` instead replays the micro model itself on an H200 (same method;
+      8.4% median, 20% P95 error: micro's ~5 ms requests are mostly host work, which varies
+      between runs and machines); `latency="micro-h200-measured"` replays every (request,
+      configuration) as timed end to end on an H200, with no composition.
 
     Each step multiplies that median by exp of one recorded residual log(repeat / median) of the
     configuration, drawn with the env's RNG. `data.metadata` names the device, driver, torch,

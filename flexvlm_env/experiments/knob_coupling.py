@@ -22,9 +22,9 @@ three knobs reduced) at equal or lower mean latency.
 
 Data sources (`load_pool`): a quality table (the shipped `micro_quality_val.parquet`, 200 per
 family, or a larger sweep of the same pool), the request table of that pool (token counts), and a
-latency source: `molmoe-1b-h100` / `micro-h100` (stage tables composed with each request's token
-counts, `profiles.loading.build_replay_data`), or `micro-h100-measured` (the per-(request, config)
-H100 measurements where the request was measured, the `micro-h100` composition for the others;
+latency source: `molmoe-1b-h100` / `micro-h200` (stage tables composed with each request's token
+counts, `profiles.loading.build_replay_data`), or `micro-h200-measured` (the per-(request, config)
+H200 measurements where the request was measured, the `micro-h200` composition for the others;
 the summary says how many of each).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from .common import frontier_quality_at, pareto_frontier, pyplot, save_figure
 KNOBS = ("crops", "top_k", "active_blocks")
 WORKLOADS = {"coco_2014_vqa": "QA", "coco_caption": "captioning"}
 DEFAULT_FAMILIES = tuple(WORKLOADS)
-LATENCY_CHOICES = ("molmoe-1b-h100", "micro-h100-measured", "micro-h100")
+LATENCY_CHOICES = ("molmoe-1b-h100", "micro-h200-measured", "micro-h200")
 # The 500-requests-per-family sweep of the two workloads (an H200 run; its first 200 requests per
 # family are the shipped pool's), used by E2 and M1 when present.
 POOL_500_QUALITY = Path(__file__).resolve().parents[2] / "results/device_tables/micro_quality_val_vqa_caption_500.parquet"
@@ -128,17 +128,17 @@ def load_pool(quality_table: str | Path, requests_table: str | Path, families=DE
     info: dict[str, Any] = {"latency_source": latency, "quality_table": str(quality_table), "requests_table": str(requests_table),
                             "quality_table_meta": _brief(quality_meta), "requests_table_meta": _brief(requests_meta),
                             "families": list(families), "n_requests": len(ids)}
-    composed_name = "micro-h100" if latency == "micro-h100-measured" else latency
+    composed_name = "micro-h200" if latency == "micro-h200-measured" else latency
     preset, stage_file, _ = LATENCY_SOURCES[composed_name]
     stages = read_table(profiles_dir() / stage_file)
     info["stage_table"] = stage_file
     info["stage_table_device"] = stages.attrs.get("metadata", {}).get("device_name")
     data = build_replay_data(requests, answers, stages, preset, answered_by=answered_by,
                              metadata={"latency_source": latency, "quality_table": str(quality_table)})
-    if latency != "micro-h100-measured":
+    if latency != "micro-h200-measured":
         info.update(n_measured_requests=0, n_composed_requests=len(ids))
         return data, info
-    _, measured_file, _ = LATENCY_SOURCES["micro-h100-measured"]
+    _, measured_file, _ = LATENCY_SOURCES["micro-h200-measured"]
     measured = read_table(profiles_dir() / measured_file)
     info["measured_table"] = measured_file
     info["measured_table_device"] = measured.attrs.get("metadata", {}).get("device_name")
@@ -419,8 +419,8 @@ def headline(analysis: dict, tables: dict[tuple[str, str], pd.DataFrame], bar_po
 
 # ----------------------------------------------------------------------------- figures
 
-SOURCE_LABELS = {"molmoe-1b-h100": "MolmoE-1B H100 (composed)", "micro-h100-measured": "micro H100 (measured/composed)",
-                 "micro-h100": "micro H100 (composed)"}
+SOURCE_LABELS = {"molmoe-1b-h100": "MolmoE-1B H100 (composed)", "micro-h200-measured": "micro H200 (measured/composed)",
+                 "micro-h200": "micro H200 (composed)"}
 MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
 
 

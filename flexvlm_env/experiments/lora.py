@@ -15,7 +15,7 @@ the configurations every compared model has complete (all requests answered). He
   (a ratio of grid averages, so configs where the two bases tie cannot blow it up);
 - `full_config_delta` = LoRA - full-only at the full configuration (the adapter must not cost
   quality where the base was trained).
-The frontier's latency is the replay `micro-h100` composition (stage tables measured on an H100)
+The frontier's latency is the first micro's `micro-h100` composition (its H100 stage table, archived in results/device_tables/)
 of each model's own answer lengths: a merged adapter leaves the architecture, so only the number
 of generated tokens can move latency between models.
 """
@@ -230,7 +230,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         axes[0].scatter(lat, q, s=8, alpha=0.25, color=color[name])
         idx = pareto_frontier(lat, q)
         axes[0].step(lat[idx], q[idx], where="post", color=color[name], label=name)
-    axes[0].set(xlabel="mean latency (ms, replay micro-h100, composed)", ylabel="mean quality (9 families)",
+    axes[0].set(xlabel="mean latency (ms, first micro, H100 stage table, composed)", ylabel="mean quality (9 families)",
                 title=f"quality-latency frontier ({len(shared)} configurations)")
     axes[0].legend(fontsize=8)
     full = tuple(summary["full_config"])

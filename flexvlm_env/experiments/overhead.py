@@ -36,9 +36,9 @@ from agents.evaluation import time_calls_ms
 
 from .common import distribution_summary, pyplot, save_figure
 
-SOURCES = ("molmoe-1b-h100", "micro-h100-measured")
+SOURCES = ("molmoe-1b-h100", "micro-h200-measured")
 ESTIMATORS = {"molmoe-1b-h100": "results/e3_estimators/molmoe-1b_h100.json",
-              "micro-h100-measured": "results/e3_estimators/micro_h100.json"}
+              "micro-h200-measured": "results/e3_estimators/micro_h200.json"}
 CANDIDATE_COUNTS = (140, 560, 2240)
 BAR_SHARE = 0.01
 

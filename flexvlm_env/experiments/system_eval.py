@@ -35,8 +35,8 @@ from ..config import Config
 
 from .common import pareto_frontier, pyplot, save_figure
 
-SOURCES = ("molmoe-1b-h100", "micro-h100-measured")
-LIVE_SOURCE = "micro-h100-measured"
+SOURCES = ("molmoe-1b-h100", "micro-h200-measured")
+LIVE_SOURCE = "micro-h200-measured"
 BASELINES = ("full", "tokens_only", "depth_only", "width_only", "greedy")
 LEARNED = ("flexvlm", "lut")
 METHODS = (*BASELINES, *LEARNED)
@@ -357,7 +357,7 @@ def compare_live_replay(live: dict, replay: dict) -> dict:
     return {"by_method": out, "mean_abs_diff": mean_abs}
 
 
-def same_config_latency_ratio(live_records: list[dict], source: str = "micro-h100-measured") -> dict:
+def same_config_latency_ratio(live_records: list[dict], source: str = "micro-h200-measured") -> dict:
     """Live latency over the replay table's recorded median for the very same (request, config):
     separates "the device runs slower live than when it was profiled" from "the controller chose
     differently". Summarised overall, per knob value and per method."""

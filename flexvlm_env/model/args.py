@@ -142,7 +142,7 @@ PRESETS: dict[str, ModelArgs] = {
         max_seq_len=1024,
         vision=VisionArgs(
             width=64, n_layers=6, n_heads=4, head_dim=16, mlp_dim=256, vit_layers=(-1, -4),
-            crop_px=112, patch_px=14, pool=2, margin_patches=2,
+            crop_px=224, patch_px=14, pool=2, margin_patches=2,
         ),
     ),
 }

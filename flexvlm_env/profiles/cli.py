@@ -1,6 +1,6 @@
 """`flexvlm-profile`: measure and build the recorded tables the replay environment reads.
 
-    flexvlm-profile requests  --preset micro --out profiles/micro_h100      # every (request, config), timed
+    flexvlm-profile requests  --preset micro --out profiles/micro_mygpu     # every (request, config), timed
     flexvlm-profile quality   --preset micro --out profiles/micro_quality   # answers and scores, batched
     flexvlm-profile stages    --preset molmoe-1b --weights random --out profiles/molmoe_stages
     flexvlm-profile validate-stages --preset molmoe-1b --weights random --stages profiles/molmoe_stages

@@ -11,10 +11,10 @@ Shipped tables (`flexvlm_env/assets/profiles/`, Parquet with provenance in the m
 
 Latency sources (`latency=`): `molmoe-1b-h100` (default: what a MolmoE-1B deployment on an H100
 would take for these requests, with output lengths from re-tokenizing micro's answers with the
-MolmoE tokenizer) and `micro-h100` (the micro model itself on an H100), both compositions of
+MolmoE tokenizer) and `micro-h200` (the micro model itself on an H200), both compositions of
 stage tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
-`micro-h100-measured`, every (request, config) timed once on an H100 plus repeats of a 10% subset
-(`flexvlm-profile requests`; `micro_h100_requests.parquet`, shipped once measured).
+`micro-h200-measured`, every (request, config) timed once on an H200 plus repeats of a 10% subset
+(`flexvlm-profile requests`; `micro_h200_requests.parquet`, shipped once measured).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ QUALITY_SOURCES = {"micro": "micro_quality_val.parquet"}
 # per (request, config) by `flexvlm-profile requests`)
 LATENCY_SOURCES = {
     "molmoe-1b-h100": ("molmoe-1b", "molmoe-1b_h100_stages.parquet", "composed"),
-    "micro-h100": ("micro", "micro_h100_stages.parquet", "composed"),
-    "micro-h100-measured": ("micro", "micro_h100_requests.parquet", "measured"),
+    "micro-h200": ("micro", "micro_h200_stages.parquet", "composed"),
+    "micro-h200-measured": ("micro", "micro_h200_requests.parquet", "measured"),
 }
 REQUESTS_TABLE = "requests_val.parquet"
 
@@ -52,9 +52,9 @@ def _resolve(name: str, table: Path | str) -> Path:
     path = profiles_dir() / table
     if not path.exists():
         hint = ""
-        if name == "latency=micro-h100-measured":
+        if name == "latency=micro-h200-measured":
             hint = ("; it is not measured yet: `scripts/profile_gpu.sh requests` then `flexvlm-profile consolidate "
-                    f"{path} runs/profiles/micro_h100_requests` makes it (latency='micro-h100' composes the same from stage tables)")
+                    f"{path} runs/profiles/micro_h200_requests` makes it (latency='micro-h200' composes the same from stage tables)")
         raise FileNotFoundError(f"{name}: the shipped table {path} is missing from this install{hint}")
     return path
 
@@ -64,7 +64,7 @@ def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") ->
 
     Args:
         quality: `micro` (the shipped model's answers and scores).
-        latency: `molmoe-1b-h100` or `micro-h100` (see module docstring).
+        latency: `molmoe-1b-h100` or `micro-h200` (see module docstring).
     """
     if quality not in QUALITY_SOURCES:
         raise ValueError(f"quality={quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")

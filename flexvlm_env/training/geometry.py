@@ -77,4 +77,4 @@ def micro_args(crop_px: int) -> ModelArgs:
         return replace(micro, vision=replace(micro.vision, crop_px=crop_px))
     except ValueError as error:
         raise ValueError(f"--crop-px={crop_px} is not valid ({error}); allowed: a multiple of "
-                         f"{micro.vision.patch_px * micro.vision.pool} px, e.g. 112 (shipped) or 224") from None
+                         f"{micro.vision.patch_px * micro.vision.pool} px, e.g. 224 (shipped) or 112") from None

@@ -3,7 +3,7 @@
 Each scene holds 2..7 objects with distinct (colour, shape) pairs, so "the red circle" names one
 object. Questions ask an object's colour, shape or size class, whether an object exists, whether one
 object is left of/above another, or which object is furthest in a direction. Objects are mostly
-large, so many questions are answerable from the 112 px global view; scenes with small objects
+large, so many questions are answerable from micro's global view (112 px in the design, 224 px shipped); scenes with small objects
 and line clutter need crops. References: 10 VQA-style annotator answers.
 """
 from __future__ import annotations

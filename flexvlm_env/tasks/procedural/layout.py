@@ -13,8 +13,9 @@ import numpy as np
 
 from .render import Box
 
-# (width, height) in pixels. Long sides 256..384 px: the model's global view is 112 px and its
-# crops together see up to about 224x280 px, so small content needs crops while large does not.
+# (width, height) in pixels. Long sides 256..384 px: designed for the first micro, whose global view was
+# 112 px and whose crops together saw up to about 224x280 px, so small content needed crops while large
+# did not. The shipped micro's crops are 224 px (twice the canvas for the same crop count).
 IMAGE_SIZES_PX: tuple[tuple[int, int], ...] = (
     (320, 240), (384, 288),  # 4:3
     (240, 320), (288, 384),  # 3:4

@@ -3,7 +3,7 @@
 1..4 upright signs of distinct colours each carry a different word from `vocab.SCENE_WORDS`
 (~290 common short words), printed in upper, lower or title case; clutter (shapes and lines)
 surrounds them. The question picks a sign by colour. Text size spans 9..40 px (font size), so large
-signs are readable from the 112 px global view and small ones need several crops. References:
+signs are readable from micro's global view (112 px in the design, 224 px shipped) and small ones need several crops. References:
 10 VQA-style annotator answers, the word in lower case.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything a procedural sample names comes from these tables, so each family's answer vocabulary
 is finite and enumerable (`answer_vocabulary`). Colours are chosen to stay distinguishable after
-the model's 112 px global-view downscale; backgrounds are pale so every object colour contrasts.
+micro's global-view downscale (designed for the first micro's 112 px view; the shipped one's is 224 px); backgrounds are pale so every object colour contrasts.
 """
 from __future__ import annotations
 
