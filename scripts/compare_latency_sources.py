@@ -2,9 +2,10 @@
 
     python scripts/compare_latency_sources.py   # micro-h200 (stage tables) vs micro-h200-measured
 
-Relative error |composed / measured - 1| of the per-(request, config) latencies the replay uses
-(measured: median of the repeats where the request was repeated, its single run otherwise), over
-all pairs, per family and per stage (medians), written to `--out` (JSON) and printed.
+Percent error |composed - measured| / measured of the per-(request, config) latencies the replay
+uses (measured: median of the repeats where the request was repeated, its single run otherwise),
+over all pairs and per family (`profiles.compose.error_summary`, so `n_requests` counts pairs
+here), and each stage's median, written to `--out` (JSON) and printed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import tyro
 
 from flexvlm_env.profiles import load_replay_data
+from flexvlm_env.profiles.compose import error_summary
 from flexvlm_env.profiles.replay import STAGE_COLUMNS
 
 
@@ -28,25 +30,18 @@ class Args:
     out: Path = Path("results/replay_latency_measured_vs_composed_micro_h200.json")
 
 
-def _errors(composed: np.ndarray, measured: np.ndarray) -> dict:
-    error = np.abs(composed / measured - 1.0)
-    return {"n": int(error.size), "median_abs_rel_error": float(np.median(error)),
-            "p95_abs_rel_error": float(np.percentile(error, 95)),
-            "median_signed_rel_error": float(np.median(composed / measured - 1.0))}
-
-
 def main(args: Args) -> dict:
     composed = load_replay_data("micro", args.composed)
     measured = load_replay_data("micro", args.measured)
     families = np.asarray(measured.families)
     result = {
-        "what": f"composed latency source {args.composed!r} vs measured {args.measured!r}: relative error of the "
-                "per-(request, config) latencies",
+        "what": f"composed latency source {args.composed!r} vs measured {args.measured!r}: percent error of the "
+                "per-(request, config) latencies (n_requests counts (request, config) pairs)",
         "composed_table": composed.metadata["latency_table"].get("device_name"),
         "measured_table": measured.metadata["latency_table"].get("device_name"),
         "requests": measured.n_requests, "configs": len(measured.grid),
-        "all": _errors(composed.total_ms, measured.total_ms),
-        "per_family": {f: _errors(composed.total_ms[families == f], measured.total_ms[families == f])
+        "all": error_summary(measured.total_ms.ravel(), composed.total_ms.ravel()),
+        "per_family": {f: error_summary(measured.total_ms[families == f].ravel(), composed.total_ms[families == f].ravel())
                        for f in dict.fromkeys(families.tolist())},
         "stage_median_ms": {stage: {"composed": float(np.median(composed.stage_ms[..., i])),
                                     "measured": float(np.median(measured.stage_ms[..., i]))}
