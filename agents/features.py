@@ -29,7 +29,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 N_FEATURES = len(FEATURE_NAMES)
 
 
-def _scaled_parts(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def scaled_parts(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float32 budget_fraction [B, 1], log1p budget_ms [B, 1], log1p prompt features [B, P] and image
+    features [B, I] (the width, height and aspect log1p-scaled), as the networks see them."""
     budget_fraction = np.asarray(batch["budget_fraction"], dtype=np.float32).reshape(-1, 1)
     budget_ms = np.log1p(np.asarray(batch["budget_ms"], dtype=np.float32).reshape(-1, 1))
     prompt = np.log1p(np.asarray(batch["prompt"], dtype=np.float32))
@@ -43,12 +45,12 @@ def observation_features(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     family = np.asarray(batch["family"], dtype=np.int64).reshape(-1)
     one_hot = np.zeros((len(family), len(FAMILY_NAMES)), dtype=np.float32)
     one_hot[np.arange(len(family)), family] = 1.0
-    return np.concatenate([one_hot, *_scaled_parts(batch)], axis=1)
+    return np.concatenate([one_hot, *scaled_parts(batch)], axis=1)
 
 
 def scale_observation(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The observation Dict with log-scaled values (same keys and shapes; batch or single)."""
-    fraction, budget_ms, prompt, image = _scaled_parts(batch)
+    fraction, budget_ms, prompt, image = scaled_parts(batch)
     single = np.ndim(batch["family"]) == 0
     if single:
         return {"family": batch["family"], "budget_fraction": fraction[0], "budget_ms": budget_ms[0],

@@ -41,11 +41,13 @@ class LatencyGuardrail:
     def masks(self, family: np.ndarray, budget_fraction: np.ndarray) -> np.ndarray:
         """bool [B, C]: allowed configurations for a batch of (family index, budget fraction)."""
         family = np.asarray(family, dtype=np.int64).reshape(-1)
-        budget = np.asarray(budget_fraction, dtype=np.float64).reshape(-1)
+        budget = np.asarray(budget_fraction, dtype=np.float64).reshape(-1, 1)
         # float32 observations of a fraction like 0.35 may sit a hair below it
-        allowed = self.predicted_fraction[family] <= budget[:, None] + 1e-6
-        empty = ~allowed.any(axis=1)
-        allowed[np.flatnonzero(empty), self._fastest[family[empty]]] = True
+        allowed = self.predicted_fraction[family] <= budget + 1e-6
+        some = allowed.any(axis=1)
+        if not some.all():  # tested first: the fix-up's indexing is most of a batch-1 call's cost
+            empty = np.flatnonzero(~some)
+            allowed[empty, self._fastest[family[empty]]] = True
         return allowed
 
     def mask(self, family: str | int, budget_fraction: float) -> np.ndarray:

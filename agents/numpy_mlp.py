@@ -5,7 +5,9 @@ the few-layer MLPs our controllers use, a dozen tiny torch ops cost tens of micr
 dispatch at batch 1, several times the arithmetic; NumPy on zero-copy views of the same parameters
 does the arithmetic alone. Views, not copies: a controller made before or during training decides
 with the current weights. Anything but Linear/Tanh/ReLU layers returns None and the caller keeps
-its torch path (the reference the tests compare against).
+its torch path (the reference the tests compare against). `LiveLayers` keeps the views between
+decisions (building them is a third of a batch-1 decision) and rebuilds them when a parameter
+moves to new memory (a device or dtype change; optimizer steps and `load_state_dict` write in place).
 """
 from __future__ import annotations
 
@@ -31,6 +33,24 @@ def numpy_layers(modules: Iterable[nn.Module]) -> list[Layer] | None:
         else:
             return None
     return layers
+
+
+class LiveLayers:
+    """`numpy_layers(modules)`, cached until one of the modules' parameters changes its memory."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.modules = list(modules)
+        self._key: tuple[int, ...] | None = None
+        self._layers: list[Layer] | None = None
+
+    def get(self) -> list[Layer] | None:
+        # Read from the modules each time (not kept): a Parameter replaced by assignment or by
+        # `load_state_dict(..., assign=True)` is new memory too. `_parameters` is the module's own
+        # registry; `module.weight` goes through `Module.__getattr__`, four times slower here.
+        key = tuple(p.data_ptr() for m in self.modules for p in m._parameters.values() if p is not None)
+        if key != self._key:
+            self._layers, self._key = numpy_layers(self.modules), key
+        return self._layers
 
 
 def forward(layers: list[Layer], x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,8 @@ scales the batch, runs the policy's feature extractor, actor MLP and action head
 argmax of the logits (per knob for `ppo`; over the allowed configurations for `maskable_ppo`),
 which is the distribution's mode, i.e. `deterministic=True`. For the MLP policies the trainers
 build (Linear + tanh/ReLU layers over SB3's `CombinedExtractor`) that forward runs in NumPy on
-views of the live weights (`agents.numpy_mlp`; 54 -> 32 us per batch-1 decision on our CPU). Any
+views of the live weights (`agents.numpy_mlp`; with the views and the input layout kept between
+decisions, 54 -> 13 us per batch-1 decision on our CPU). Any
 other architecture takes the torch path; both are tested equal to SB3's `predict`.
 
 Saving writes the policy's `state_dict` (safetensors) and a JSON config (net_arch, activation,
@@ -36,9 +37,9 @@ from torch import nn
 from flexvlm_env.config import KnobGrid
 
 from .base import Controller
-from .features import scale_observation, scaled_observation_space
+from .features import scale_observation, scaled_observation_space, scaled_parts
 from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
-from .numpy_mlp import forward, numpy_layers
+from .numpy_mlp import LiveLayers, forward
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU,
                                            "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
@@ -89,15 +90,47 @@ def action_space(grid: KnobGrid, maskable: bool) -> spaces.Space:
     return spaces.MultiDiscrete(np.array(grid.shape, dtype=np.int64))
 
 
-def _numpy_actor_layers(policy: nn.Module) -> list | None:
-    """The actor (MLP and action head) as NumPy layers (`agents.numpy_mlp`), or None when the policy
-    is not a plain MLP over SB3's CombinedExtractor (then the torch path decides)."""
-    from stable_baselines3.common.torch_layers import CombinedExtractor
+# Index in (family, *scaled_parts(...)) of each observation key.
+SCALED_PARTS = {"family": 0, "budget_fraction": 1, "budget_ms": 2, "prompt": 3, "image": 4}
 
-    if not isinstance(policy.pi_features_extractor, CombinedExtractor):
-        return None
-    return numpy_layers([*policy.mlp_extractor.policy_net, policy.action_net])
 
+class NumpyActor:
+    """The policy's actor (MLP and action head) in NumPy (`agents.numpy_mlp.LiveLayers`) with the
+    input layout of SB3's CombinedExtractor, or `layers() is None` when the policy is not a plain
+    MLP over that extractor (then the torch path decides)."""
+
+    def __init__(self, policy: nn.Module):
+        from stable_baselines3.common.torch_layers import CombinedExtractor
+
+        self.policy = policy
+        self.live = None
+        if isinstance(policy.pi_features_extractor, CombinedExtractor):
+            self.live = LiveLayers([*policy.mlp_extractor.policy_net, policy.action_net])
+        # CombinedExtractor concatenates its sub-extractors in the order of its ModuleDict; a
+        # Discrete one is one-hot (SB3's preprocess_obs): a row of an identity table here.
+        self.layout: list[tuple[int, int, np.ndarray | None]] = []  # (start, stop, one-hot table)
+        start = 0
+        for key in policy.pi_features_extractor.extractors:
+            space = policy.observation_space[key]
+            if key not in SCALED_PARTS:
+                raise ValueError(f"policy reads observation key {key!r}; the controller knows {sorted(SCALED_PARTS)}")
+            width = int(space.n) if isinstance(space, spaces.Discrete) else int(np.prod(space.shape))
+            table = np.eye(width, dtype=np.float32) if isinstance(space, spaces.Discrete) else None
+            self.layout.append((SCALED_PARTS[key], start, start + width, table))
+            start += width
+        self.width = start
+
+    def layers(self) -> list | None:
+        return self.live.get() if self.live is not None else None
+
+    def inputs(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
+        """float32 [B, width]: the extractor's output for a batch of raw observations."""
+        family = np.asarray(observations["family"], dtype=np.int64).reshape(-1)
+        parts = (family, *scaled_parts(observations))
+        x = np.empty((len(family), self.width), dtype=np.float32)
+        for part, start, stop, table in self.layout:
+            x[:, start:stop] = parts[part] if table is None else table[parts[part]]
+        return x
 
 def build_policy(maskable: bool, config: Mapping[str, Any], grid: KnobGrid) -> nn.Module:
     """A fresh SB3 policy of the saved architecture, without an env (lr schedule: a dummy)."""
@@ -136,27 +169,17 @@ class PPOController(Controller):
         self.policy_config = dict(policy_config)
         self.guardrail = guardrail if self.maskable else None
         self._nvec = tuple(int(n) for n in self.grid.shape)
+        self._actor: NumpyActor | None = None  # built on the first decision, for the policy then assigned
 
     def logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
         """float32 [B, n_logits] action logits for a batch of raw observations (`as_batch`):
         [B, 140] for maskable, [B, 7 + 4 + 5] (one block per knob) otherwise."""
-        layers = _numpy_actor_layers(self.policy)
+        if self._actor is None or self._actor.policy is not self.policy:
+            self._actor = NumpyActor(self.policy)
+        layers = self._actor.layers()
         if layers is None:
             return self.torch_logits(observations)
-        scaled = scale_observation(observations)
-        parts = []
-        # CombinedExtractor concatenates its sub-extractors in the order of its ModuleDict.
-        for key in self.policy.pi_features_extractor.extractors:
-            space = self.policy.observation_space[key]
-            value = np.asarray(scaled[key])
-            if isinstance(space, spaces.Discrete):  # SB3's preprocess_obs: one-hot
-                index = value.reshape(-1).astype(np.int64)
-                part = np.zeros((index.size, space.n), dtype=np.float32)
-                part[np.arange(index.size), index] = 1.0
-                parts.append(part)
-            else:
-                parts.append(value.reshape(value.shape[0], -1).astype(np.float32, copy=False))
-        return forward(layers, np.concatenate(parts, axis=1))
+        return forward(layers, self._actor.inputs(observations))
 
     @torch.inference_mode()
     def torch_logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -19,7 +19,7 @@ from flexvlm_env.config import KnobGrid
 from .base import Controller
 from .features import N_FEATURES, observation_features
 from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
-from .numpy_mlp import forward, numpy_layers
+from .numpy_mlp import LiveLayers, forward
 from .profiles import ProfileTables
 
 
@@ -51,6 +51,7 @@ class SupervisedController(Controller):
                  grid: KnobGrid | None = None):
         super().__init__(grid)
         self.net = net.eval()
+        self._live: LiveLayers | None = None  # NumPy views of `net`, built on the first decision
         self.hidden = list(hidden)
         self.guardrail = guardrail
 
@@ -91,7 +92,9 @@ class SupervisedController(Controller):
     def logits(self, observations) -> np.ndarray:
         """float32 [B, n_configs]: the MLP in NumPy on views of its live weights (`agents.numpy_mlp`;
         batch-1 decisions are dispatch-bound in torch), or through torch for other module types."""
-        layers = numpy_layers(self.net)
+        if self._live is None or self._live.modules != list(self.net):
+            self._live = LiveLayers(self.net)
+        layers = self._live.get()
         if layers is None:
             return self.torch_logits(observations)
         return forward(layers, observation_features(observations))

@@ -69,6 +69,41 @@ def measure_copy_bandwidth_gbps(device: torch.device, size_mb: int = 1024, repea
     return 2 * src.numel() / seconds / 1e9
 
 
+def median_ms_host(step, repeats) -> float:
+    """CPU (dry run) timing: median of host wall-clock times."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def median_ms_graph(step, replays) -> float:
+    """Capture `step` in a CUDA graph and return the median time of its replays, by device events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles triton kernels) off the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def decode_bytes_per_token(args: ModelArgs, top_k: Sequence[int], plan: Sequence[int], context_len: int, dtype_bytes: int) -> int:
     """Bytes one decode step must read: active blocks' attention, norms, router and top_k experts,
     the LM head, one embedding row and the KV of `context_len` positions per active block."""

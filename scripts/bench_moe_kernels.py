@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import tyro
 import torch.nn.functional as F
 
 
+from flexvlm_env.benchmarking import median_ms_graph, median_ms_host  # noqa: E402
 from flexvlm_env.model.moe_kernels import moe_decode_triton, moe_prefill_triton, moe_reference  # noqa: E402
 
 
@@ -131,41 +131,6 @@ def prefill_torch_grouped_mm(x, topk_ids, topk_weights, w_gate_up, w_down):
 def relative_error(fn, inputs) -> float:
     ref = moe_reference(*(t.double() if t.is_floating_point() else t for t in inputs))
     return ((fn(*inputs).double() - ref).norm() / ref.norm()).item()
-
-
-def median_ms_host(step, repeats) -> float:
-    """CPU (dry run) timing: median of host wall-clock times."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def median_ms_graph(step, replays) -> float:
-    """Capture `step` in a CUDA graph and return the median time of its replays, by device events."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compiles triton kernels) off the capture
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def copy_bandwidth_gbps() -> float:

@@ -30,9 +30,10 @@ def main(args: Args) -> None:
     if unknown:
         raise SystemExit(f"--only {unknown}: unknown experiment ids; allowed: {sorted(MODULES)}")
     if not args.only:
-        source = args.results / "bench_runtime_h100.json"
-        if source.exists():
-            print("wrote", roofline(json.loads(source.read_text()), args.results / "figures" / "roofline_h100.png"))
+        for card in ("h100", "h200"):  # one runtime benchmark per card (issue [fast-runtime])
+            source = args.results / f"bench_runtime_{card}.json"
+            if source.exists():
+                print("wrote", roofline(json.loads(source.read_text()), args.results / "figures" / f"roofline_{card}.png"))
         log = args.results / "train_micro_log.jsonl"
         if log.exists():
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -169,6 +169,8 @@ def test_supervised_numpy_forward_equals_torch_and_reads_live_weights(profiles, 
     with torch.no_grad():
         supervised.net[-1].bias.add_(2.0)  # a training step's update is seen by the next decision
     np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-5, atol=1e-5)
+    supervised.net[0].weight = torch.nn.Parameter(supervised.net[0].weight.detach() * 3.0)  # new memory
+    np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-5, atol=1e-5)
     supervised.net.append(torch.nn.Softplus())  # a layer the NumPy path does not know: the torch path decides
     np.testing.assert_allclose(supervised.logits(observations), supervised.torch_logits(observations), rtol=1e-6)
 

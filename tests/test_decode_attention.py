@@ -4,8 +4,12 @@ dispatch, the split-KV Triton kernels in Triton's interpreter (subprocess) and, 
 in bf16, captured in a CUDA graph and timed against masked SDPA."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,9 +109,20 @@ def test_bad_arguments_name_the_argument(change, argument):
         decode_attention_auto(**attention_args(**change))
 
 
+
+def test_bench_script_dry_run(tmp_path):
+    """scripts/bench_decode_attention.py end to end on the CPU reference path: rows per split count."""
+    root = Path(__file__).resolve().parents[1]
+    out_path = tmp_path / "attn.json"
+    subprocess.run([sys.executable, str(root / "scripts" / "bench_decode_attention.py"), "--dry-run",
+                    "--out", str(out_path)], cwd=root, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out_path.read_text())["rows"]
+    assert [(r["chunk"], r["num_splits"]) for r in rows] == [(64, 16), (16, 64)]  # micro: 1024 slots
+    assert all(r["max_abs_err_vs_reference"] == 0.0 and r["us_per_call"] > 0 for r in rows)
+
 def test_split_plan_and_preallocated_buffers_are_checked():
-    assert split_plan(2048, 128) == (16, 128, 64)  # the decoder's shape: 16 x 16 heads = 256 programs
-    assert split_plan(200, 32) == (2, 100, 128)
+    assert split_plan(2048, 128) == (32, 64, 64)  # the decoder's shape: 32 x 16 heads = 512 one-tile programs
+    assert split_plan(200, 32) == (4, 50, 64)
     assert split_plan(64, 32, 24) == (24, 3, 16)
     for bad in (0, 65, 2.0):
         with pytest.raises(ValueError, match="num_splits"):

@@ -123,6 +123,21 @@ def test_numpy_forward_reads_the_live_weights(guardrail, heldout_batch):
     np.testing.assert_allclose(controller.logits(heldout_batch), before + 1.0, rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_forward_follows_replaced_parameters_and_policies(guardrail, heldout_batch):
+    """The kept NumPy views are rebuilt when a parameter is new memory (assignment, `assign=True`
+    loads) and when the controller is given another policy; they never decide with stale weights."""
+    controller = random_controller(True, guardrail)
+    controller.logits(heldout_batch)  # views built
+    net = controller.policy.action_net
+    net.weight = torch.nn.Parameter(net.weight.detach() * 2.0)
+    np.testing.assert_allclose(controller.logits(heldout_batch), controller.torch_logits(heldout_batch), rtol=1e-5, atol=1e-5)
+    other = random_controller(True, guardrail, seed=1).policy
+    controller.policy.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    np.testing.assert_allclose(controller.logits(heldout_batch), controller.torch_logits(heldout_batch), rtol=1e-5, atol=1e-5)
+    controller.policy = random_controller(True, guardrail, seed=2).policy
+    np.testing.assert_allclose(controller.logits(heldout_batch), controller.torch_logits(heldout_batch), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("maskable", [False, True])
 def test_save_load_round_trip_gives_identical_decisions(maskable, guardrail, heldout_batch, tmp_path):
     controller = random_controller(maskable, guardrail, seed=1)

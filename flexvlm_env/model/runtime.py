@@ -94,6 +94,7 @@ class VLM:
         n = self.args.n_layers
         self.block_ranking = validate_ranking(block_ranking if block_ranking is not None else range(n), n)
         self._plans: dict[tuple, tuple[int, ...]] = {}
+        self._valid_configs: set[Config] = set()
         self.ranking_source = ranking_source
         self.random_weights = random_weights
         self.weights_sha256 = weights_sha256
@@ -133,7 +134,11 @@ class VLM:
     def check_config(self, config: Config) -> Config:
         if not isinstance(config, Config):
             raise ValueError(f"config must be a flexvlm_env.Config, got {type(config).__name__}")
-        config.validate_for(n_experts=self.args.n_experts, n_blocks=self.args.n_layers, max_crops=self.args.max_crops)
+        # Memoised like `plan`: checking 16 per-block top_k values was most of what applying a
+        # config costs the host (M3); a Config is frozen and this model's sizes are fixed.
+        if config not in self._valid_configs:
+            config.validate_for(n_experts=self.args.n_experts, n_blocks=self.args.n_layers, max_crops=self.args.max_crops)
+            self._valid_configs.add(config)
         return config
 
     # ----------------------------------------------------------------------------------------
