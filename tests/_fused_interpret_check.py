@@ -23,7 +23,10 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
+    new_router_counter,
     qk_norm_rope_kv_reference,
+    router_topk,
+    router_topk_reference,
     softmax_topk,
     softmax_topk_reference,
 )
@@ -122,6 +125,38 @@ def softmax_topk_case(report, num_tokens, num_experts, top_k, dtype):
     report.check(f"softmax_topk T={num_tokens} E={num_experts} k={top_k} {dtype}", problems)
 
 
+def router_topk_case(report, d, num_experts, top_k, dtype):
+    """The one-launch router against `router_topk_reference` (`MoE.route`): twice through one counter
+    (each launch must leave it at zero), ids exact where the reference's top k + 1 logits are apart,
+    weights within the dtype's tolerance. The logits are summed in another order than torch's and, in
+    bfloat16, rounded by the interpreter's truncating cast: an ulp of the logit at most."""
+    for _ in range(50):
+        h = nonzero_randn(1, d).to(dtype)
+        weight = (torch.randn(num_experts, d) * 3 * d ** -0.5).to(dtype)
+        logits = torch.nn.functional.linear(h.double(), weight.double())[0].sort(descending=True).values
+        if top_k == num_experts or float((logits[:top_k] - logits[1:top_k + 1]).min()) > 0.05:
+            break
+    ref_w, ref_ids = router_topk_reference(h, weight, top_k)
+    counter = new_router_counter("cpu")
+    problems = []
+    for launch in range(2):
+        out_w = torch.full((1, top_k), float("nan"))
+        out_ids = torch.full((1, top_k), -1, dtype=torch.int64)
+        weights, ids = router_topk(h, weight, top_k, counter, out_weights=out_w, out_ids=out_ids)
+        if weights is not out_w or ids is not out_ids:
+            problems.append("outputs are not the given buffers")
+        if int(counter.item()) != 0:
+            problems.append(f"launch {launch} left the counter at {int(counter.item())}")
+        if not torch.equal(ids, ref_ids):
+            problems.append(f"launch {launch}: ids {ids.tolist()} != {ref_ids.tolist()}")
+        # One bfloat16 ulp of a logit (<= 2^-7 of the largest) moves a weight by up to ~2 ulps relative
+        # (its own logit and the softmax's normaliser).
+        tol = 1e-5 if dtype == F32 else 2.5 * 2 ** -7 * float(logits.abs().max())
+        if not torch.allclose(weights, ref_w, rtol=tol, atol=1e-6):
+            problems.append(f"launch {launch}: weights max err {float((weights - ref_w).abs().max()):.3g}")
+    report.check(f"router_topk d={d} E={num_experts} k={top_k} {dtype}", problems)
+
+
 def main() -> int:
     report, _ = start(__doc__)
     for dtype in (F32, F16, BF16):
@@ -148,6 +183,9 @@ def main() -> int:
     for dtype in (F32, BF16):
         for num_experts, top_k in ((8, 1), (8, 8), (64, 1), (64, 8), (64, 64), (100, 3)):
             softmax_topk_case(report, 3, num_experts, top_k, dtype)
+    for dtype in (F32, BF16):
+        for d, num_experts, top_k in ((2048, 64, 8), (2048, 64, 1), (200, 16, 4), (96, 100, 3), (64, 8, 8)):
+            router_topk_case(report, d, num_experts, top_k, dtype)
     return report.finish()
 
 

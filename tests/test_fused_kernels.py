@@ -3,7 +3,11 @@ and against direct float64 formulas, argument errors and dispatch, the Triton ke
 interpreter (subprocess) and, with a GPU, compiled in bf16 and captured in a CUDA graph."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +23,11 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
+    new_router_counter,
     qk_norm_rope_kv_reference,
+    router_topk,
+    router_topk_auto,
+    router_topk_reference,
     softmax_topk,
     softmax_topk_auto,
     softmax_topk_reference,
@@ -185,6 +193,8 @@ def test_auto_on_cpu_is_the_reference_and_impl_is_checked():
             fused_qk_norm_rope_kv(**args)
         with pytest.raises(ValueError, match="CUDA"):
             softmax_topk(x, 2)
+        with pytest.raises(ValueError, match="CUDA"):
+            router_topk(x[:1], torch.ones(4, 64), 2, new_router_counter("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,6 +311,57 @@ def test_decode_kernels_replay_in_cuda_graph_with_new_inputs():
         assert torch.allclose(out_w, ref_w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.gpu
+@gpu
+def test_router_topk_in_cuda_graph_bf16():
+    """MolmoE's router shape (d 2048, 64 experts) in bf16, captured in a graph with all 16 blocks' launches
+    sharing one counter: every replay with new inputs gives the reference's ids (no near-ties), weights
+    within a logit's bf16 rounding, the same outputs when replayed again, and leaves the counter at 0."""
+    d, num_experts, blocks = 2048, 64, 16
+    torch.manual_seed(0)
+    hs = [torch.empty(1, d, dtype=torch.bfloat16, device="cuda") for _ in range(blocks)]
+    weights = [(torch.randn(num_experts, d, device="cuda") * 3 * d ** -0.5).bfloat16() for _ in range(blocks)]
+    counter = new_router_counter("cuda")
+    outs = [(torch.empty(1, 8, device="cuda"), torch.empty(1, 8, dtype=torch.long, device="cuda")) for _ in range(blocks)]
+
+    def step():
+        for h, w, (out_w, out_ids) in zip(hs, weights, outs):
+            router_topk(h, w, 8, counter, out_weights=out_w, out_ids=out_ids)
+
+    for h in hs:
+        h.copy_(nonzero_randn(1, d))
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    def separated_input(w):
+        """h whose top 9 logits are apart by more than two bf16 roundings of the largest logit: another
+        summation order can then not reorder the ids."""
+        for _ in range(500):
+            h = nonzero_randn(1, d).bfloat16().cuda()
+            logits = F.linear(h, w).float()
+            top = logits.topk(9, dim=-1).values
+            if (top[:, :-1] - top[:, 1:]).min() > 2 * 2 ** -8 * logits.abs().max():
+                return h
+        raise RuntimeError("could not draw router inputs without near-ties")
+
+    for _ in range(5):
+        for h, w in zip(hs, weights):
+            h.copy_(separated_input(w))
+        graph.replay()
+        first = [(w.clone(), i.clone()) for w, i in outs]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(counter.item()) == 0
+        for h, w, (out_w, out_ids), (w0, i0) in zip(hs, weights, outs, first):
+            assert torch.equal(out_w, w0) and torch.equal(out_ids, i0)  # deterministic: no float atomics
+            logits = F.linear(h, w).float()
+            ref_w, ref_ids = router_topk_reference(h, w, 8)
+            torch.testing.assert_close(out_w, ref_w, rtol=2.5 * 2 ** -8 * logits.abs().max().item(), atol=1e-6)
+            assert torch.equal(out_ids, ref_ids)
+
+
 def test_softmax_topk_reference_is_moe_route():
     """The decode path's router (gate projection, then softmax_topk) is MoE.route, bit for bit."""
     torch.manual_seed(0)
@@ -312,6 +373,45 @@ def test_softmax_topk_reference_is_moe_route():
             ref_w, ref_ids = moe.route(h, k)
             w, ids = softmax_topk_auto(moe.gate(h), k)
             assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+def test_router_topk_reference_is_moe_route():
+    """The one-launch router's reference (and its CPU dispatch) is MoE.route, bit for bit."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        moe = MoE(ModelArgs(d_model=64, n_heads=4, n_experts=16, expert_hidden=8, top_k=4)).to(dtype)
+        torch.nn.init.normal_(moe.gate.weight, std=0.5)
+        h = torch.randn(1, 64).to(dtype)
+        for k in (1, 4, 16):
+            ref_w, ref_ids = moe.route(h, k)
+            for w, ids in (router_topk_reference(h, moe.gate.weight, k),
+                           router_topk_auto(h, moe.gate.weight, k, new_router_counter("cpu"))):
+                assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"h": torch.randn(2, 64)}, "h must be one token"),
+    ({"gate_weight": torch.randn(16, 32)}, "gate_weight must be"),
+    ({"gate_weight": torch.randn(16, 64).half()}, "gate_weight must be contiguous"),
+    ({"gate_weight": torch.randn(64, 16).t()}, "gate_weight must be contiguous"),
+    ({"top_k": 17}, "top_k=17"),
+    ({"counter": torch.zeros(1, dtype=torch.int64)}, "counter must be"),
+])
+def test_router_topk_rejects_bad_arguments(change, message):
+    args = {"h": torch.randn(1, 64), "gate_weight": torch.randn(16, 64), "top_k": 2, "counter": new_router_counter("cpu")}
+    with pytest.raises(ValueError, match=message):
+        router_topk(**{**args, **change})
+
+
+def test_bench_router_script_dry_run(tmp_path):
+    """scripts/bench_router.py end to end on the CPU references: both methods, ids as the reference's."""
+    root = Path(__file__).resolve().parents[1]
+    out_path = tmp_path / "router.json"
+    subprocess.run([sys.executable, str(root / "scripts" / "bench_router.py"), "--dry-run", "--out", str(out_path)],
+                   cwd=root, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out_path.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gemv+softmax_topk", "router_topk"]
+    assert all(r["ids_equal_reference"] == "2/2" and r["counter_after"] == 0 and r["us_per_block"] > 0 for r in rows)
 
 
 def test_softmax_topk_rejects_bad_arguments():

@@ -312,6 +312,32 @@ def test_save_adapter_is_atomic_and_never_deletes_foreign_files(tmp_path, monkey
         save_adapter(_base(), tmp_path / "other")
 
 
+def test_fused_decode_step_runs_the_unmerged_router_adapter():
+    """The fused decode step (CUDA graphs' path; torch references here) calls a LoRA-wrapped router gate as
+    a module: its one-launch router reads a plain gate's weight, which would drop the adapter's delta."""
+    from flexvlm_env.model.decoder import KVCache
+    from flexvlm_env.model.generate import decode_one_token
+
+    peft_model = add_lora(_base(), SPEC)
+    _perturb_(peft_model)
+    module = peft_model.base_model.model.eval()
+    assert type(module.transformer.blocks[0].mlp.gate) is not nn.Linear  # the adapter wraps the gate
+    plan, top_k, max_seq, slot = tuple(range(MICRO.n_layers)), (2,) * MICRO.n_layers, 32, 20
+    generator = torch.Generator().manual_seed(3)
+    keys = [torch.randn(1, MICRO.n_heads, max_seq, MICRO.head_dim, generator=generator) for _ in range(MICRO.n_layers)]
+    values = [torch.randn(1, MICRO.n_heads, max_seq, MICRO.head_dim, generator=generator) for _ in range(MICRO.n_layers)]
+    logits = {}
+    with torch.inference_mode():
+        for fused in (False, True):
+            cache = KVCache.allocate(MICRO, 1, max_seq, "cpu", torch.float32)
+            for i in plan:
+                cache.keys[i].copy_(keys[i])
+                cache.values[i].copy_(values[i])
+            logits[fused] = decode_one_token(module, torch.tensor([[7]]), torch.tensor([slot]), plan, top_k, cache,
+                                             slot_range=torch.arange(max_seq), fused=fused, return_logits=True)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_unmerged_adapter_on_the_cuda_fast_path(adapted):

@@ -48,17 +48,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Static per-block key/value buffers [B, heads, max_seq, head_dim]; skipped blocks stay unused."""
+    """Static per-block key/value buffers [B, heads, max_seq, head_dim]; skipped blocks stay unused.
+
+    It also holds the decode step's other static state: the arrival counter of the one-launch router
+    (`fused_kernels.router_topk`), which every block's router launch uses in turn and leaves at zero.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    router_counter: torch.Tensor
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
+        from .fused_kernels import new_router_counter
+
         shape = (batch, args.n_heads, max_seq, args.head_dim)
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
+            new_router_counter(device),
         )
 
     @property
@@ -208,11 +216,11 @@ def decode_forward_fused(
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
     norm, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write are one kernel, and the
-    router's softmax and top-k are one kernel after the cuBLAS gate projection: about 10 launches
-    per block instead of about 30.
+    router (gate projection, softmax, top-k) is one kernel: 10 launches per block instead of about
+    30.
     """
     from .decode_attention import decode_attention_auto
-    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, softmax_topk_auto
+    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, router_topk_auto, softmax_topk_auto
 
     args = transformer.args
     d, eps = args.d_model, args.norm_eps
@@ -232,9 +240,14 @@ def decode_forward_fused(
         out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl)
         attn_out = attn.attn_out(out.reshape(1, d))
         h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
-        # The gate projection as in MoE.route (cuBLAS GEMV, logits rounded to the activation dtype),
-        # then softmax and top-k in one small kernel.
-        weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
+        # MoE.route in one launch: the gate projection split over the d-columns (cuBLAS took ~5 us
+        # for this 256 KB GEMV), logits rounded to the activation dtype, softmax and top-k. A gate
+        # wrapped by an unmerged LoRA adapter is not a plain Linear: it runs as a module, then
+        # softmax and top-k, so the adapter's delta is applied.
+        if type(mlp.gate) is nn.Linear:
+            weights, ids = router_topk_auto(h, mlp.gate.weight, top_k[i], cache.router_counter, impl=impl)
+        else:
+            weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
         next_norm = transformer.blocks[plan[n + 1]].attn.attn_norm if n + 1 < len(plan) else transformer.ln_f
         h, residual = fused_add_rms_norm_auto(y, residual, next_norm.weight, eps, impl=impl)
