@@ -16,7 +16,7 @@ argmax of the logits (per knob for `ppo`; over the allowed configurations for `m
 which is the distribution's mode, i.e. `deterministic=True`. For the MLP policies the trainers
 build (Linear + tanh/ReLU layers over SB3's `CombinedExtractor`) that forward runs in NumPy on
 views of the live weights (`agents.numpy_mlp`; with the views and the input layout kept between
-decisions, 54 -> 13 us per batch-1 decision on our CPU). Any
+decisions, 54 -> 20 us per batch-1 `select_config` on our CPU, experiment M3). Any
 other architecture takes the torch path; both are tested equal to SB3's `predict`.
 
 Saving writes the policy's `state_dict` (safetensors) and a JSON config (net_arch, activation,
@@ -131,6 +131,7 @@ class NumpyActor:
         for part, start, stop, table in self.layout:
             x[:, start:stop] = parts[part] if table is None else table[parts[part]]
         return x
+
 
 def build_policy(maskable: bool, config: Mapping[str, Any], grid: KnobGrid) -> nn.Module:
     """A fresh SB3 policy of the saved architecture, without an env (lr schedule: a dummy)."""

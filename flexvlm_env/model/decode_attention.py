@@ -36,9 +36,10 @@ except ImportError:  # CPU-only installs: the reference path still works
 
 MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulator) in registers
 # Keys per split: 16 heads x 2048 slots -> 512 programs of one 64-key tile. Measured on an H200
-# (MolmoE-1B shapes, bf16, `results/bench_decode_attention_h200.json`): 9.6 us per call at 64 keys
-# against 12.6 at 128 with 1280 visible keys, 7.2 against 10.4 with 336; 43 and 32 keys are no
-# faster (the combine reads more partials). Issuing V's load with K's measured no gain.
+# (MolmoE-1B shapes, bf16, `scripts/bench_decode_attention.py`, results/bench_decode_attention_h200.json):
+# 9.7 us per call at 64 keys against 12.7 at 128 with 1280 visible keys, 7.7 against 10.5 with 336.
+# Shorter chunks win 0.2-0.7 us at 336 keys but lose 1.4-2.3 at 1280 (the combine reads more
+# partials). Issuing V's load together with K's measured no gain.
 DEFAULT_CHUNK = 64
 TILE_ELEMENTS = 8192  # a [BLOCK_N, head_dim] K/V tile: 64 float32 values a thread with 4 warps
 

@@ -409,7 +409,8 @@ def router_topk_reference(h, gate_weight, top_k: int):
     return softmax_topk_reference(F.linear(h, gate_weight), top_k)
 
 
-def check_router_args(h, gate_weight, top_k, counter) -> None:
+def check_router_args(h, gate_weight, top_k, counter, block_k: int = ROUTER_BLOCK_K, num_warps: int = ROUTER_WARPS) -> None:
+    """Raise a ValueError naming the argument, its shape, dtype or value and what is expected."""
     if h.dim() != 2 or h.shape[0] != 1 or not 1 <= h.shape[1] <= MAX_D:
         raise ValueError(f"h must be one token [1, d <= {MAX_D}], got {tuple(h.shape)}")
     _check_float("h", h)
@@ -422,6 +423,10 @@ def check_router_args(h, gate_weight, top_k, counter) -> None:
     if counter.dtype != torch.int32 or counter.numel() != 1:
         raise ValueError(f"counter must be a 1-element int32 tensor (new_router_counter), got {counter.dtype} {tuple(counter.shape)}")
     _check_same_device(h=h, gate_weight=gate_weight, counter=counter)
+    if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k!r} must be a power of two >= 16 (d-columns per program)")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
 
 
 if triton is not None:
@@ -469,12 +474,12 @@ def router_topk(h, gate_weight, top_k: int, counter, *, out_weights=None, out_id
 
     `counter` (`new_router_counter`) is the arrival counter of the launch's programs; launches that
     share one must not run concurrently (on one stream they do not). `workspace` (contiguous float32,
-    >= ceil(d / ROUTER_BLOCK_K) * next_power_of_2(num_experts) elements) and the outputs avoid
+    >= ceil(d / block_k) * next_power_of_2(max(num_experts, 16)) elements) and the outputs avoid
     allocation. Logits are summed in float32 in another order than cuBLAS's GEMV, so a logit may
     round to the neighbouring value of h's dtype; ids tie to the lower index. `block_k` (d-columns per
     program) and `num_warps` are tuning knobs (see ROUTER_BLOCK_K).
     """
-    check_router_args(h, gate_weight, top_k, counter)
+    check_router_args(h, gate_weight, top_k, counter, block_k, num_warps)
     _check_triton_ready(h, "router")
     out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
     num_experts, d = gate_weight.shape
