@@ -26,7 +26,7 @@ from flexvlm_env.benchmarking import device_info, median_ms_graph, median_ms_hos
 from flexvlm_env.model.fused_kernels import (
     ROUTER_BLOCK_K,
     ROUTER_WARPS,
-    new_router_counter,
+    new_arrival_counter,
     router_topk,
     router_topk_reference,
     softmax_topk,
@@ -74,7 +74,7 @@ def main() -> None:
     hs = [torch.randn(1, d, device=device, generator=generator).to(dtype) for _ in range(args.blocks)]
     weights = [(torch.randn(experts, d, device=device, generator=generator) * 3 * d ** -0.5).to(dtype)
                for _ in range(args.blocks)]
-    counter = new_router_counter(device)
+    counter = new_arrival_counter(device)
     time_ms = (lambda step: median_ms_graph(step, args.replays)) if on_gpu else (lambda step: median_ms_host(step, args.replays))
     rows = []
     for k in args.top_k:

@@ -23,7 +23,9 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
-    new_router_counter,
+    greedy_token,
+    greedy_token_reference,
+    new_arrival_counter,
     qk_norm_rope_kv_reference,
     router_topk,
     router_topk_reference,
@@ -137,7 +139,7 @@ def router_topk_case(report, d, num_experts, top_k, dtype):
         if top_k == num_experts or float((logits[:top_k] - logits[1:top_k + 1]).min()) > 0.05:
             break
     ref_w, ref_ids = router_topk_reference(h, weight, top_k)
-    counter = new_router_counter("cpu")
+    counter = new_arrival_counter("cpu")
     problems = []
     for launch in range(2):
         out_w = torch.full((1, top_k), float("nan"))
@@ -155,6 +157,33 @@ def router_topk_case(report, d, num_experts, top_k, dtype):
         if not torch.allclose(weights, ref_w, rtol=tol, atol=1e-6):
             problems.append(f"launch {launch}: weights max err {float((weights - ref_w).abs().max()):.3g}")
     report.check(f"router_topk d={d} E={num_experts} k={top_k} {dtype}", problems)
+
+
+def greedy_token_case(report, vocab, dtype, block_v, where=None):
+    """The one-launch argmax against torch's: twice through one counter (left at zero each time).
+    `where` plants the maximum: "tie" puts it at two indices in different programs (the first must
+    win), "last" at the final logit (the partial block's masked tail), "first" at index 0."""
+    logits = nonzero_randn(1, vocab).to(dtype)
+    top = float(logits.abs().max()) + 1.0
+    if where == "tie":
+        logits[0, [vocab // 2 + 1, vocab - 2]] = top
+    elif where == "last":
+        logits[0, -1] = top
+    elif where == "first":
+        logits[0, 0] = top
+    ref = greedy_token_reference(logits)
+    counter = new_arrival_counter("cpu")
+    problems = []
+    for launch in range(2):
+        out = torch.full((1, 1), -1, dtype=torch.int64)
+        got = greedy_token(logits, counter, out=out, block_v=block_v)
+        if got is not out:
+            problems.append("out is not the given buffer")
+        if not torch.equal(got, ref):
+            problems.append(f"launch {launch}: token {got.tolist()} != {ref.tolist()}")
+        if int(counter.item()) != 0:
+            problems.append(f"launch {launch} left the counter at {int(counter.item())}")
+    report.check(f"greedy_token V={vocab} block_v={block_v} {dtype} {where or 'random'}", problems)
 
 
 def main() -> int:
@@ -186,6 +215,11 @@ def main() -> int:
     for dtype in (F32, BF16):
         for d, num_experts, top_k in ((2048, 64, 8), (2048, 64, 1), (200, 16, 4), (96, 100, 3), (64, 8, 8)):
             router_topk_case(report, d, num_experts, top_k, dtype)
+    for dtype in (F32, BF16):
+        for vocab, block_v in ((50304, 2048), (1000, 256), (300, 16), (16, 16), (1, 16)):
+            greedy_token_case(report, vocab, dtype, block_v)
+        for where in ("tie", "last", "first"):
+            greedy_token_case(report, 1000, dtype, 64, where)
     return report.finish()
 
 

@@ -23,7 +23,10 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
-    new_router_counter,
+    greedy_token,
+    greedy_token_auto,
+    greedy_token_reference,
+    new_arrival_counter,
     qk_norm_rope_kv_reference,
     router_topk,
     router_topk_auto,
@@ -194,7 +197,7 @@ def test_auto_on_cpu_is_the_reference_and_impl_is_checked():
         with pytest.raises(ValueError, match="CUDA"):
             softmax_topk(x, 2)
         with pytest.raises(ValueError, match="CUDA"):
-            router_topk(x[:1], torch.ones(4, 64), 2, new_router_counter("cpu"))
+            router_topk(x[:1], torch.ones(4, 64), 2, new_arrival_counter("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ def test_router_topk_in_cuda_graph_bf16():
     torch.manual_seed(0)
     hs = [torch.empty(1, d, dtype=torch.bfloat16, device="cuda") for _ in range(blocks)]
     weights = [(torch.randn(num_experts, d, device="cuda") * 3 * d ** -0.5).bfloat16() for _ in range(blocks)]
-    counter = new_router_counter("cuda")
+    counter = new_arrival_counter("cuda")
     outs = [(torch.empty(1, 8, device="cuda"), torch.empty(1, 8, dtype=torch.long, device="cuda")) for _ in range(blocks)]
 
     def step():
@@ -362,6 +365,42 @@ def test_router_topk_in_cuda_graph_bf16():
             assert torch.equal(out_ids, ref_ids)
 
 
+@pytest.mark.gpu
+@gpu
+def test_greedy_token_in_cuda_graph_bf16():
+    """MolmoE-1B's vocabulary (50,304 bf16 logits), 16 launches sharing one counter in a graph: each
+    replay with new logits (ties planted across programs in one of them) gives torch's argmax and
+    leaves the counter at 0."""
+    vocab, launches = 50304, 16
+    torch.manual_seed(0)
+    logits = [torch.empty(1, vocab, dtype=torch.bfloat16, device="cuda") for _ in range(launches)]
+    outs = [torch.empty(1, 1, dtype=torch.long, device="cuda") for _ in range(launches)]
+    counter = new_arrival_counter("cuda")
+
+    def step():
+        for x, out in zip(logits, outs):
+            greedy_token(x, counter, out=out)
+
+    for x in logits:
+        x.normal_()
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(4):
+        for n, x in enumerate(logits):
+            x.normal_()
+            if n == replay:
+                x[0, [3, 40_000, vocab - 1]] = 100.0  # the first of three tied maxima must win
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(counter.item()) == 0
+        for x, out in zip(logits, outs):
+            assert torch.equal(out, x.argmax(dim=-1, keepdim=True))
+        assert outs[replay].item() == 3
+
+
 def test_router_references_are_moe_route():
     """The decode path's routers are MoE.route, bit for bit: the gate projection then softmax_topk (any
     number of tokens), and the one-launch router's reference and CPU dispatch (one token)."""
@@ -377,7 +416,7 @@ def test_router_references_are_moe_route():
             # one token against MoE.route of that token (a 1-row GEMM may round unlike a 3-row one)
             ref_w, ref_ids = moe.route(h[:1], k)
             for w, ids in (router_topk_reference(h[:1], moe.gate.weight, k),
-                           router_topk_auto(h[:1], moe.gate.weight, k, new_router_counter("cpu"))):
+                           router_topk_auto(h[:1], moe.gate.weight, k, new_arrival_counter("cpu"))):
                 assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
 
 
@@ -392,9 +431,33 @@ def test_router_references_are_moe_route():
     ({"num_warps": 3}, "num_warps=3"),
 ])
 def test_router_topk_rejects_bad_arguments(change, message):
-    args = {"h": torch.randn(1, 64), "gate_weight": torch.randn(16, 64), "top_k": 2, "counter": new_router_counter("cpu")}
+    args = {"h": torch.randn(1, 64), "gate_weight": torch.randn(16, 64), "top_k": 2, "counter": new_arrival_counter("cpu")}
     with pytest.raises(ValueError, match=message):
         router_topk(**{**args, **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"logits": torch.randn(2, 64)}, "logits must be one token"),
+    ({"logits": torch.randn(64)}, "logits must be one token"),
+    ({"logits": torch.zeros(1, 64, dtype=torch.int64)}, "logits must be one of"),
+    ({"logits": torch.randn(1, 64, dtype=torch.float64)}, "logits must be one of"),
+    ({"counter": torch.zeros(2, dtype=torch.int32)}, "counter must be"),
+    ({"block_v": 100}, "block_v=100"),
+    ({"block_v": 8}, "block_v=8"),
+])
+def test_greedy_token_rejects_bad_arguments(change, message):
+    args = {"logits": torch.randn(1, 64), "counter": new_arrival_counter("cpu"), "block_v": 16}
+    with pytest.raises(ValueError, match=message):
+        greedy_token(**{**args, **change})
+
+
+def test_greedy_token_reference_is_torch_argmax_and_auto_dispatches():
+    logits = torch.randn(1, 300)
+    logits[0, [7, 200]] = 9.0  # a tie: the first index wins
+    assert greedy_token_reference(logits).tolist() == [[7]]
+    assert torch.equal(greedy_token_auto(logits, new_arrival_counter("cpu")), greedy_token_reference(logits))
+    with pytest.raises(ValueError, match="impl"):
+        greedy_token_auto(logits, new_arrival_counter("cpu"), impl="cuda")
 
 
 def test_bench_router_script_dry_run(tmp_path):

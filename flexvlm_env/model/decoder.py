@@ -51,22 +51,23 @@ class KVCache:
     """Static per-block key/value buffers [B, heads, max_seq, head_dim]; skipped blocks stay unused.
 
     It also holds the decode step's other static state: the arrival counter of the one-launch router
-    (`fused_kernels.router_topk`), which every block's router launch uses in turn and leaves at zero.
+    (`fused_kernels.router_topk`) and of the greedy argmax (`fused_kernels.greedy_token`), which each
+    launch uses in turn and leaves at zero.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    router_counter: torch.Tensor
+    arrival_counter: torch.Tensor
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
-        from .fused_kernels import new_router_counter
+        from .fused_kernels import new_arrival_counter
 
         shape = (batch, args.n_heads, max_seq, args.head_dim)
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
-            new_router_counter(device),
+            new_arrival_counter(device),
         )
 
     @property
@@ -215,40 +216,55 @@ def decode_forward_fused(
 
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
-    norm, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write are one kernel, and the
-    router (gate projection, softmax, top-k) is one kernel: 10 launches per block instead of about
-    30.
+    norm inside its q/k/v projection, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write
+    are one kernel, and the router (gate projection, softmax, top-k) is one kernel: 9 launches per
+    block instead of about 30.
     """
     from .decode_attention import decode_attention_auto
+    from .decode_gemv import decode_gemv_auto
     from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, router_topk_auto, softmax_topk_auto
 
     args = transformer.args
     d, eps = args.d_model, args.norm_eps
-    residual = x.reshape(1, d)
-    first = transformer.blocks[plan[0]].attn.attn_norm
-    h = F.rms_norm(residual, (d,), first.weight.to(residual.dtype), eps)
-    for n, i in enumerate(plan):
+    # `y` is the last sublayer's output, not yet added to `residual` (None before the first block: the
+    # embedding is y and the first norm reads it alone).
+    y, residual = x.reshape(1, d), None
+    for i in plan:
         block = transformer.blocks[i]
         attn, mlp = block.attn, block.mlp
-        qkv = attn.att_proj(h)
+        # Projections of plain Linears run as `decode_gemv` (faster than cuBLAS's one-row GEMM on an
+        # H200: BENCHMARKS.md), the residual add and attention norm inside the q/k/v one; a LoRA-wrapped
+        # projection runs as a module, so that its adapter's delta is applied.
+        if type(attn.att_proj) is nn.Linear:
+            qkv, new_residual = decode_gemv_auto(y, attn.att_proj.weight, residual=residual,
+                                                 norm_weight=attn.attn_norm.weight, eps=eps, impl=impl)
+            residual = y if residual is None else new_residual
+        else:
+            if residual is None:
+                h, residual = F.rms_norm(y, (d,), attn.attn_norm.weight.to(y.dtype), eps), y
+            else:
+                h, residual = fused_add_rms_norm_auto(y, residual, attn.attn_norm.weight, eps, impl=impl)
+            qkv = attn.att_proj(h)
         q = fused_qk_norm_rope_kv_auto(
             qkv, attn.q_norm.weight, attn.k_norm.weight, cos.reshape(1, -1), sin.reshape(1, -1),
             cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
         )
         # Split-KV "flash-decoding": many programs, each reading only visible keys (slots <= slot),
         # instead of masked SDPA's one program per head over the whole static buffer.
-        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl)
-        attn_out = attn.attn_out(out.reshape(1, d))
+        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl).reshape(1, d)
+        if type(attn.attn_out) is nn.Linear:
+            attn_out, _ = decode_gemv_auto(out, attn.attn_out.weight, impl=impl)
+        else:
+            attn_out = attn.attn_out(out)
         h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
         # MoE.route in one launch: the gate projection split over the d-columns (cuBLAS took ~5 us
         # for this 256 KB GEMV), logits rounded to the activation dtype, softmax and top-k. A gate
         # wrapped by an unmerged LoRA adapter is not a plain Linear: it runs as a module, then
         # softmax and top-k, so the adapter's delta is applied.
         if type(mlp.gate) is nn.Linear:
-            weights, ids = router_topk_auto(h, mlp.gate.weight, top_k[i], cache.router_counter, impl=impl)
+            weights, ids = router_topk_auto(h, mlp.gate.weight, top_k[i], cache.arrival_counter, impl=impl)
         else:
             weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
-        next_norm = transformer.blocks[plan[n + 1]].attn.attn_norm if n + 1 < len(plan) else transformer.ln_f
-        h, residual = fused_add_rms_norm_auto(y, residual, next_norm.weight, eps, impl=impl)
+    h, _ = fused_add_rms_norm_auto(y, residual, transformer.ln_f.weight, eps, impl=impl)
     return h.reshape(1, 1, d)

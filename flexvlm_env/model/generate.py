@@ -13,6 +13,7 @@ import time
 import torch
 
 from .decoder import KVCache, decode_forward_fused, rope_tables
+from .fused_kernels import greedy_token_auto
 from .molmoe import MolmoE
 
 
@@ -54,7 +55,8 @@ def decode_one_token(
     With `slot_range` (CUDA graphs: static shapes) attention covers the whole buffer under a mask
     computed on the device; without it (eager) it covers the first `cache_len` = slot + 1 slots.
     `fused` (CUDA path) runs `decode_forward_fused`: same arithmetic, a third of the launches, and
-    attention that reads only the filled slots whatever the buffer size.
+    attention that reads only the filled slots whatever the buffer size; its argmax is
+    `fused_kernels.greedy_token` (the same token: the first index of the largest logit).
     `return_logits` returns the logits [1, V] instead of the greedy token (tests, analysis).
     """
     embeds = model.transformer.wte(token)
@@ -69,7 +71,12 @@ def decode_one_token(
             embeds, slot[None], plan, top_k, cache=cache, cache_index=slot, mask=mask, attend_cache=True, cache_len=cache_len
         )
     logits = model.lm_head(hidden[:, -1])
-    return logits if return_logits else logits.argmax(dim=-1, keepdim=True)
+    if return_logits:
+        return logits
+    if fused:
+        # The argmax read by the whole GPU, one launch (torch's reduces the row in one thread block).
+        return greedy_token_auto(logits, cache.arrival_counter)
+    return logits.argmax(dim=-1, keepdim=True)
 
 
 def _round_up(value: int, multiple: int) -> int:

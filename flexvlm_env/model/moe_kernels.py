@@ -13,6 +13,7 @@ up_proj, each an nn.Linear weight [out, in]) and `w_down` [E, d, H].
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -122,16 +123,39 @@ class DecodeConfig:
     block_out: int = 8  # output rows (of d_model) per program of the down kernel
     block_hk: int = 1024  # hidden columns per step of the down kernel
     num_warps: int = 8
+    down_warps: int | None = None  # warps of the down kernel; None: num_warps
 
 
-def default_decode_config(top_k: int) -> DecodeConfig:
-    # Picked from a sweep on an H100 at E=64, d=2048, H=1024 (bf16): few experts need small row
-    # blocks to spread the reads over all SMs; more experts prefer bigger blocks, fewer programs.
-    if top_k <= 2:
-        return DecodeConfig(block_h=4, block_d=1024, block_out=4, block_hk=1024, num_warps=4)
-    if top_k <= 4:
-        return DecodeConfig(block_h=8, block_d=256, block_out=8, block_hk=1024, num_warps=8)
-    return DecodeConfig(block_h=32, block_d=256, block_out=8, block_hk=1024, num_warps=8)
+# Tiles per card and top_k (the smallest listed k >= the request's), each kernel's best of a sweep
+# at E=64, d=2048, H=1024 (bf16), 16 weight sets in a CUDA graph. H100: few experts need small row
+# blocks to spread the reads over all SMs, more experts prefer bigger blocks. H200
+# (scripts/bench_decode_kernels.py, results/bench_decode_kernels_h200.json): two rows per gate/up
+# program at every k; gate/up at top_k 1 took 4.63 us against 5.96 with the H100's tile, 18.2 against
+# 19.9 at top_k 8.
+_DECODE_CONFIGS = {
+    "H100": {
+        2: DecodeConfig(block_h=4, block_d=1024, block_out=4, block_hk=1024, num_warps=4),
+        4: DecodeConfig(block_h=8, block_d=256, block_out=8, block_hk=1024, num_warps=8),
+        None: DecodeConfig(block_h=32, block_d=256, block_out=8, block_hk=1024, num_warps=8),
+    },
+    "H200": {
+        1: DecodeConfig(block_h=2, block_d=2048, block_out=8, block_hk=1024, num_warps=4, down_warps=8),
+        4: DecodeConfig(block_h=2, block_d=1024, block_out=2, block_hk=1024, num_warps=2, down_warps=4),
+        None: DecodeConfig(block_h=2, block_d=1024, block_out=8, block_hk=1024, num_warps=2, down_warps=8),
+    },
+}
+
+
+def default_decode_config(top_k: int, card: str = "H100") -> DecodeConfig:
+    """The tiles measured best for `card` ("H100" or "H200"; other cards get the H100's) at top_k."""
+    table = _DECODE_CONFIGS.get(card, _DECODE_CONFIGS["H100"])
+    return next(config for k, config in table.items() if k is None or top_k <= k)
+
+
+@functools.lru_cache(maxsize=None)
+def card_of(device: torch.device) -> str:
+    """"H200" for an H200 (by its name), otherwise "H100": the cards with measured tile tables."""
+    return "H200" if device.type == "cuda" and "H200" in torch.cuda.get_device_name(device) else "H100"
 
 
 if triton is not None:
@@ -199,7 +223,7 @@ def moe_decode_triton(x, topk_ids, topk_weights, w_gate_up, w_down, *, out=None,
         raise ValueError(f"moe_decode_triton takes one token, got topk_ids {tuple(topk_ids.shape)}")
     num_experts, two_hidden, d_model = w_gate_up.shape
     hidden, top_k = two_hidden // 2, topk_ids.shape[1]
-    config = config or default_decode_config(top_k)
+    config = config or default_decode_config(top_k, card_of(x.device))
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
@@ -216,7 +240,8 @@ def moe_decode_triton(x, topk_ids, topk_weights, w_gate_up, w_down, *, out=None,
         BLOCK_H=config.block_h, BLOCK_D=config.block_d, num_warps=config.num_warps)
     _decode_down_kernel[(triton.cdiv(d_model, config.block_out),)](
         workspace, topk_ids, w_down, out, d_model, hidden, w_down.stride(0), w_down.stride(1),
-        TOP_K=top_k, BLOCK_OUT=config.block_out, BLOCK_HK=config.block_hk, num_warps=config.num_warps)
+        TOP_K=top_k, BLOCK_OUT=config.block_out, BLOCK_HK=config.block_hk,
+        num_warps=config.down_warps or config.num_warps)
     return out
 
 

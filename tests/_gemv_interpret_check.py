@@ -1,0 +1,72 @@
+"""Runs the decode GEMV kernel in Triton's CPU interpreter against the torch reference and float64.
+
+Started by tests/test_decode_gemv.py in a subprocess with TRITON_INTERPRET=1, which must be set before
+triton is first imported. Outputs are poisoned with NaN first, so an element left unwritten shows.
+Cases: plain W @ x; the RMSNorm of x alone in front (the first block); the residual add and RMSNorm
+in front, with the new residual written; tiles that do not divide the shapes; reused buffers. Exits
+non-zero, naming the case, if anything is off.
+
+The kernel applies 1/RMS to its sums instead of rounding the normalised vector to the storage dtype
+first (see decode_gemv.py), so in bfloat16 an output may differ from the reference by about an ulp;
+the interpreter's truncating float32 -> bfloat16 casts add one more (the tolerances of
+_interpret.compare allow a few). The new residual is exact in float32.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from _interpret import BF16, F32, compare, nonzero_randn, start
+
+from flexvlm_env.model.decode_gemv import GemvConfig, decode_gemv, decode_gemv_auto, decode_gemv_reference
+
+EPS = 1e-5
+
+
+def float64_reference(x, weight, residual, norm_weight):
+    h = x.double() if residual is None else x.double() + residual.double()
+    if norm_weight is not None:
+        h = h / torch.sqrt((h * h).mean(-1, keepdim=True) + EPS) * norm_weight.double()
+    return h @ weight.double().T
+
+
+def gemv_case(report, n, k, dtype, config, mode):
+    x = nonzero_randn(1, k).to(dtype)
+    weight = (torch.randn(n, k) * k ** -0.5).to(dtype)
+    residual = nonzero_randn(1, k).to(dtype) if mode == "add+norm" else None
+    norm_weight = nonzero_randn(k).to(dtype) if mode != "plain" else None
+    ref, ref_residual = decode_gemv_reference(x, weight, residual=residual, norm_weight=norm_weight, eps=EPS)
+    # float64 from the rounded sum, as both paths norm the dtype-rounded residual + x.
+    ref64 = float64_reference(ref_residual if residual is not None else x, weight, None, norm_weight)
+    out = torch.full((1, n), float("nan"), dtype=dtype)
+    residual_out = torch.full((1, k), float("nan"), dtype=dtype) if residual is not None else None
+    problems = []
+    for launch in range(2):  # the same buffers twice, as a replayed graph uses them
+        got, got_residual = decode_gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=EPS, out=out,
+                                        residual_out=residual_out, config=config)
+        if got is not out or got_residual is not residual_out:
+            problems.append("outputs are not the given buffers")
+        compare(f"out (launch {launch})", got, ref, ref64, dtype, problems)
+        if residual is not None and not (torch.equal(got_residual, ref_residual) if dtype == F32
+                                         else torch.allclose(got_residual.float(), ref_residual.float(), rtol=2 ** -7)):
+            problems.append(f"residual_out max diff {(got_residual.float() - ref_residual.float()).abs().max():.2e}")
+    report.check(f"decode_gemv N={n} K={k} {dtype} {mode} {config}", problems)
+
+
+def main() -> int:
+    report, _ = start(__doc__)
+    for dtype in (F32, BF16):
+        for mode in ("plain", "norm", "add+norm"):
+            gemv_case(report, 96, 200, dtype, GemvConfig(8, 64, 4), mode)  # tiles that do not divide N or K
+            gemv_case(report, 384, 2048, dtype, GemvConfig(2, 512, 2), mode)  # MolmoE's K, the H200 tile
+            gemv_case(report, 5, 33, dtype, GemvConfig(4, 16, 1), mode)
+    x, weight = nonzero_randn(1, 64), torch.randn(48, 64)
+    got, _ = decode_gemv_auto(x, weight, impl="triton")
+    problems = []
+    compare("out", got, decode_gemv_reference(x, weight)[0], None, F32, problems)
+    report.check("decode_gemv_auto impl=triton, default config", problems)
+    return report.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
