@@ -24,7 +24,13 @@ import tyro
 
 from flexvlm_env.benchmarking import device_info, median_ms_graph, median_ms_host
 from flexvlm_env.model.args import PRESETS
-from flexvlm_env.model.decode_attention import DEFAULT_CHUNK, decode_attention_auto, decode_attention_reference, split_plan
+from flexvlm_env.model.decode_attention import (
+    DEFAULT_CHUNK,
+    DEFAULT_WARPS,
+    decode_attention,
+    decode_attention_reference,
+    split_plan,
+)
 from flexvlm_env.model.runtime import DEFAULT_MAX_SEQ_LEN
 
 
@@ -38,6 +44,8 @@ class Args:
     """visible keys (slot + 1) per point; capped at max_seq"""
     chunks: tuple[int, ...] = (128, 64, 43, 32)
     """keys per split (num_splits = ceil(max_seq / chunk))"""
+    num_warps: tuple[int, ...] = (DEFAULT_WARPS,)
+    """warps per split program"""
     num_caches: int = 16
     """separate caches rotated through per replay (a decode step's blocks)"""
     replays: int = 50
@@ -55,6 +63,8 @@ class Args:
             raise ValueError(f"--presets {unknown} unknown; allowed: {sorted(PRESETS)}")
         if any(v < 1 for v in self.visible) or any(c < 1 for c in self.chunks):
             raise ValueError(f"--visible {self.visible} and --chunks {self.chunks} must be >= 1")
+        if any(w not in (1, 2, 4, 8, 16) for w in self.num_warps):
+            raise ValueError(f"--num-warps {self.num_warps}: each must be one of 1, 2, 4, 8, 16")
 
 
 def bench_preset(args: Args, preset: str, device: str, dtype: torch.dtype, on_gpu: bool) -> list[dict]:
@@ -73,26 +83,34 @@ def bench_preset(args: Args, preset: str, device: str, dtype: torch.dtype, on_gp
         slot = torch.tensor([visible - 1], device=device)
         reference = decode_attention_reference(q, *caches[0], slot).float()
         for chunk in args.chunks:
-            num_splits, chunk_keys, block_n = split_plan(max_seq, head_dim, -(-max_seq // chunk))
-            workspace = torch.empty(heads, num_splits, head_dim + 2, device=device, dtype=torch.float32)
-            out = torch.empty_like(q)
-            impl = "triton" if on_gpu else "reference"
-            decode_attention_auto(q, *caches[0], slot, impl=impl, num_splits=num_splits, workspace=workspace, out=out)
-            error = float((out.float() - reference).abs().max())
+            for warps in args.num_warps:
+                num_splits, chunk_keys, block_n = split_plan(max_seq, head_dim, -(-max_seq // chunk))
+                workspace = torch.empty(heads, num_splits, head_dim + 2, device=device, dtype=torch.float32)
+                out = torch.empty_like(q)
 
-            def step():
-                for key_cache, value_cache in caches:
-                    decode_attention_auto(q, key_cache, value_cache, slot, impl=impl, num_splits=num_splits,
-                                          workspace=workspace, out=out)
+                def call(key_cache, value_cache):
+                    if on_gpu:
+                        decode_attention(q, key_cache, value_cache, slot, num_splits=num_splits, workspace=workspace,
+                                         out=out, num_warps=warps)
+                    else:
+                        out.copy_(decode_attention_reference(q, key_cache, value_cache, slot))
 
-            ms = median_ms_graph(step, args.replays) if on_gpu else median_ms_host(step, args.replays)
-            us = ms * 1e3 / len(caches)
-            nbytes = 2 * heads * visible * head_dim * dtype.itemsize
-            rows.append(dict(preset=preset, heads=heads, head_dim=head_dim, max_seq=max_seq, visible_keys=visible,
-                             chunk=chunk_keys, num_splits=num_splits, block_n=block_n, default=chunk == DEFAULT_CHUNK,
-                             us_per_call=us, achieved_GBps=nbytes / us / 1e3, max_abs_err_vs_reference=error))
-            print(f"{preset:9s} keys={visible:5d} chunk={chunk_keys:4d} splits={num_splits:3d} {us:7.2f} us/call "
-                  f"{rows[-1]['achieved_GBps']:6.0f} GB/s  max err {error:.1e}", flush=True)
+                call(*caches[0])
+                error = float((out.float() - reference).abs().max())
+
+                def step():
+                    for key_cache, value_cache in caches:
+                        call(key_cache, value_cache)
+
+                ms = median_ms_graph(step, args.replays) if on_gpu else median_ms_host(step, args.replays)
+                us = ms * 1e3 / len(caches)
+                nbytes = 2 * heads * visible * head_dim * dtype.itemsize
+                rows.append(dict(preset=preset, heads=heads, head_dim=head_dim, max_seq=max_seq, visible_keys=visible,
+                                 chunk=chunk_keys, num_splits=num_splits, block_n=block_n, num_warps=warps,
+                                 default=chunk == DEFAULT_CHUNK and warps == DEFAULT_WARPS,
+                                 us_per_call=us, achieved_GBps=nbytes / us / 1e3, max_abs_err_vs_reference=error))
+                print(f"{preset:9s} keys={visible:5d} chunk={chunk_keys:4d} splits={num_splits:3d} warps={warps} "
+                      f"{us:7.2f} us/call {rows[-1]['achieved_GBps']:6.0f} GB/s  max err {error:.1e}", flush=True)
     return rows
 
 
@@ -105,7 +123,8 @@ def main() -> None:
     if not on_gpu and not args.dry_run:
         raise SystemExit("no CUDA device: run on a GPU, or pass --dry-run to check the script on CPU")
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
-    meta = dict(args=dataclasses.asdict(args), dtype=str(dtype), default_chunk=DEFAULT_CHUNK, python=platform.python_version(),
+    meta = dict(args=dataclasses.asdict(args), dtype=str(dtype), default_chunk=DEFAULT_CHUNK, default_warps=DEFAULT_WARPS,
+                python=platform.python_version(),
                 device=device_info(torch.device(device)), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 timing="CUDA-graph replay of num_caches calls over num_caches caches, median per call")
     if on_gpu:

@@ -136,6 +136,8 @@ def test_split_plan_and_preallocated_buffers_are_checked():
         decode_attention_auto(**args, impl="triton", out=torch.empty(1, 4, 1, 32).half())
     with pytest.raises(ValueError, match="out"):
         decode_attention_auto(**args, out=torch.empty(1, 4, 32))
+    with pytest.raises(ValueError, match="num_warps=3"):
+        decode_attention(**args, num_warps=3)
 
 
 def test_auto_on_cpu_is_the_reference_and_impl_is_checked():

@@ -41,6 +41,9 @@ MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulat
 # Shorter chunks win 0.2-0.7 us at 336 keys but lose 1.4-2.3 at 1280 (the combine reads more
 # partials). Issuing V's load together with K's measured no gain.
 DEFAULT_CHUNK = 64
+# Warps per split program: at 64 keys and 1280 visible, 9.6 us with 4 against 10.7 with 2 and 10.8
+# with 8 (H200; results/device/session9/call6_bench_decode_attention_h200.json).
+DEFAULT_WARPS = 4
 TILE_ELEMENTS = 8192  # a [BLOCK_N, head_dim] K/V tile: 64 float32 values a thread with 4 warps
 
 
@@ -167,12 +170,14 @@ def _output(q, out):
     return out
 
 
-def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None):
+def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None,
+                     num_warps: int | None = None):
     """Triton: as `decode_attention_reference`, in two launches (splits, then their combination).
 
     `slot` is read on the device; a slot >= max_seq attends the whole cache. `num_splits` defaults to
-    one split per `DEFAULT_CHUNK` cache slots. `workspace` (contiguous float32 [heads, num_splits, head_dim + 2])
-    and `out` (contiguous, shaped and typed like q) avoid allocation.
+    one split per `DEFAULT_CHUNK` cache slots, `num_warps` (per split program) to `DEFAULT_WARPS`.
+    `workspace` (contiguous float32 [heads, num_splits, head_dim + 2]) and `out` (contiguous, shaped
+    and typed like q) avoid allocation.
     """
     check_decode_attention_args(q, key_cache, value_cache, slot)
     _, n_heads, max_seq, head_dim = key_cache.shape
@@ -181,12 +186,15 @@ def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, worksp
     workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
     _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
     out = _output(q, out)
+    num_warps = DEFAULT_WARPS if num_warps is None else num_warps
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
     _check_triton_ready(q, "decode attention")
     block_d = _next_power_of_2(head_dim)
     _decode_attention_split_kernel[(n_heads, num_splits)](
         q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk,
         math.log2(math.e) / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     _decode_attention_combine_kernel[(n_heads,)](
         workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
         BLOCK_D=block_d, num_warps=4)
