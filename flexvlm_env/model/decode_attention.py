@@ -42,7 +42,7 @@ MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulat
 # partials). Issuing V's load together with K's measured no gain.
 DEFAULT_CHUNK = 64
 # Warps per split program: at 64 keys and 1280 visible, 9.6 us with 4 against 10.7 with 2 and 10.8
-# with 8 (H200; results/device/session9/call6_bench_decode_attention_h200.json).
+# with 8 (H200; results/device/session9/call6_bench_decode_attention_h200.json.gz).
 DEFAULT_WARPS = 4
 TILE_ELEMENTS = 8192  # a [BLOCK_N, head_dim] K/V tile: 64 float32 values a thread with 4 warps
 
