@@ -3,8 +3,11 @@
 Started by tests/test_decode_gemv.py in a subprocess with TRITON_INTERPRET=1, which must be set before
 triton is first imported. Outputs are poisoned with NaN first, so an element left unwritten shows.
 Cases: plain W @ x; the RMSNorm of x alone in front (the first block); the residual add and RMSNorm
-in front, with the new residual written; tiles that do not divide the shapes; reused buffers. Exits
-non-zero, naming the case, if anything is off.
+in front, with the new residual written; tiles that do not divide the shapes; reused buffers. Then
+the whole fused decode step (`decoder.decode_forward_fused`) of a small float32 decoder with every
+kernel on its Triton path (projections, q/k norm + RoPE + KV write, split-KV attention, router, MoE
+decode) against `Transformer.forward` of the same token, block plans with skipped blocks and mixed
+top_k included. Exits non-zero, naming the case, if anything is off.
 
 The kernel applies 1/RMS to its sums instead of rounding the normalised vector to the storage dtype
 first (see decode_gemv.py), so in bfloat16 an output may differ from the reference by about an ulp;
@@ -18,7 +21,9 @@ import sys
 import torch
 from _interpret import BF16, F32, compare, nonzero_randn, start
 
+from flexvlm_env.model.args import ModelArgs
 from flexvlm_env.model.decode_gemv import GemvConfig, decode_gemv, decode_gemv_auto, decode_gemv_reference
+from flexvlm_env.model.decoder import KVCache, Transformer, decode_forward_fused, rope_tables
 
 EPS = 1e-5
 
@@ -53,6 +58,44 @@ def gemv_case(report, n, k, dtype, config, mode):
     report.check(f"decode_gemv N={n} K={k} {dtype} {mode} {config}", problems)
 
 
+def fused_decode_case(report, plan, top_k):
+    """One decode token through `decode_forward_fused(impl="triton")` with the Triton MoE, against the
+    plain `Transformer.forward` over the same cache (float32: equal to a few ulps)."""
+    args = ModelArgs(name="tiny", d_model=64, n_layers=4, n_heads=4, n_experts=8, expert_hidden=32, top_k=4,
+                     embedding_size=50, additional_vocab_size=0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    max_seq, slot = 40, 29
+    caches = [KVCache.allocate(args, 1, max_seq, "cpu", torch.float32) for _ in range(2)]
+    for i in range(args.n_layers):
+        k, v = torch.randn(1, args.n_heads, max_seq, args.head_dim), torch.randn(1, args.n_heads, max_seq, args.head_dim)
+        for cache in caches:
+            cache.keys[i].copy_(k)
+            cache.values[i].copy_(v)
+    x = nonzero_randn(1, 1, args.d_model)
+    slot_t = torch.tensor([slot])
+    problems = []
+    with torch.inference_mode():
+        mask = (torch.arange(max_seq) <= slot)[None, None, None, :]
+        ref = model(x, slot_t[None], plan, top_k, cache=caches[0], cache_index=slot_t, mask=mask, attend_cache=True)
+        model.moe_impl = "triton"
+        cos, sin = rope_tables(slot_t[None], args.head_dim, args.rope_theta)
+        got = decode_forward_fused(model, x, cos, sin, caches[1], slot_t, plan, top_k, impl="triton")
+    compare("hidden", got, ref, None, F32, problems)
+    for i in plan:
+        # Values are the projection's raw output: equal up to the GEMV's summation order.
+        compare(f"keys[{i}]", caches[1].keys[i], caches[0].keys[i], None, F32, problems)
+        compare(f"values[{i}]", caches[1].values[i], caches[0].values[i], None, F32, problems)
+    for i in set(range(args.n_layers)) - set(plan):
+        if not torch.equal(caches[1].keys[i], caches[0].keys[i]) or not torch.equal(caches[1].values[i], caches[0].values[i]):
+            problems.append(f"skipped block {i}'s cache was written")
+    if int(caches[1].arrival_counter.item()) != 0:
+        problems.append("the router left the arrival counter non-zero")
+    report.check(f"decode_forward_fused impl=triton plan={plan} top_k={top_k}", problems)
+
+
 def main() -> int:
     report, _ = start(__doc__)
     for dtype in (F32, BF16):
@@ -65,6 +108,8 @@ def main() -> int:
     problems = []
     compare("out", got, decode_gemv_reference(x, weight)[0], None, F32, problems)
     report.check("decode_gemv_auto impl=triton, default config", problems)
+    fused_decode_case(report, (0, 1, 2, 3), (4, 4, 4, 4))
+    fused_decode_case(report, (1, 3), (1, 4, 8, 2))  # blocks 0 and 2 skipped, mixed top_k
     return report.finish()
 
 
