@@ -64,8 +64,9 @@ def test_bad_arguments_name_the_argument(change, message):
 
 def test_buffers_and_config_are_checked():
     args = _args()
-    with pytest.raises(ValueError, match="residual_out must be another buffer"):
-        decode_gemv(**args, residual_out=args["residual"])
+    for alias in ("residual", "x"):
+        with pytest.raises(ValueError, match="residual_out must be another buffer"):
+            decode_gemv(**args, residual_out=args[alias])
     with pytest.raises(ValueError, match="residual_out needs residual"):
         decode_gemv(**_args(residual=None), residual_out=torch.empty(1, 64))
     with pytest.raises(ValueError, match="weight must be contiguous"):

@@ -1,8 +1,8 @@
 """Dense matrix-vector product of one decode token, optionally with the residual add + RMSNorm in front.
 
 A batch-1 decode step multiplies one d-vector by each block's attention projections. cuBLAS runs
-them as GEMMs of one row; on an H200 they reached about 2.3 TB/s of the 4.2 available
-(results/profile_decode_h200.json). `decode_gemv` computes out = W @ x with every program reading
+them as GEMMs of one row; on an H200 they reached about 2.3 TB/s of the 4.2 available (240 us per
+token for MolmoE-1B's 32 projections, results/device/session8/call6_profile.log). `decode_gemv` computes out = W @ x with every program reading
 `block_n` whole rows of W once (streamed past L2), x from L2, float32 accumulation.
 
 With `residual` and `norm_weight` it also takes the place of the `fused_add_rms_norm` launch before
@@ -11,8 +11,9 @@ x's dtype, as torch rounds the sum) chunk by chunk, multiplies the rows by s * w
 same loop, and scales its dot products by 1/RMS(s) at the end; the first program writes s to
 `residual_out`, the new residual. The normalised vector is thus not rounded to x's dtype before the
 product, as the separate norm's output is: the outputs differ from that path by about an ulp (a
-version computing the RMS first, then the rounded vector, cost 2 us more per call on an H200, the
-programs waiting on the reduction before their first weight load).
+version computing the RMS first, then the rounded vector, took 10.2 us per call against 9.1 for
+this form at MolmoE-1B's q/k/v shape on an H200, its programs waiting on the reduction before their
+first weight load).
 
 Nothing syncs with the host or allocates data-dependent shapes, so calls can be captured in a CUDA
 graph. `decode_gemv_reference` is the plain-torch equivalent and `decode_gemv_auto` dispatches like
@@ -61,8 +62,8 @@ class GemvConfig:
 
 # MolmoE-1B's projections, (N, K, norm fused) -> tile: each the fastest of a sweep on an H200 (bf16,
 # 16 weight sets in a CUDA graph; scripts/bench_decode_kernels.py, results/bench_decode_kernels_h200.json).
-# q/k/v with the norm fused: 9.1 us against 11.6 for the norm's launch + cuBLAS; output projection:
-# 4.1 us against 6.3 for cuBLAS. Other shapes take the default tile, the best of the output projection.
+# q/k/v with the norm fused: 9.2 us against 11.5 for the norm's launch + cuBLAS; output projection:
+# 4.3 us against 6.2 for cuBLAS. Other shapes take the default tile, the best of the output projection.
 DEFAULT_CONFIGS: dict[tuple[int, int, bool], GemvConfig] = {
     (6144, 2048, True): GemvConfig(block_n=16, block_k=512, num_warps=4),
     (2048, 2048, False): GemvConfig(block_n=2, block_k=1024, num_warps=4),
@@ -152,8 +153,8 @@ def decode_gemv(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5
                 config: GemvConfig | None = None):
     """Triton: as `decode_gemv_reference`, one launch; returns (out [1, N], residual_out or None).
 
-    `residual_out` (new residual, given residual) must not be `residual` itself: other programs are
-    still reading it when the first one writes. `out` and `residual_out` (contiguous, x's dtype) avoid
+    `residual_out` (new residual, given residual) must not be `residual` or `x`: other programs are
+    still reading them when the first one writes. `out` and `residual_out` (contiguous, x's dtype) avoid
     allocation. The dot products are summed in float32 in another order than cuBLAS's, so an output
     may round to the neighbouring value of x's dtype.
     """
@@ -164,8 +165,8 @@ def decode_gemv(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5
     if residual is not None:
         residual_out = torch.empty_like(x) if residual_out is None else residual_out
         _check_out("residual_out", residual_out, x.shape, x.dtype, x.device)
-        if residual_out.data_ptr() == residual.data_ptr():
-            raise ValueError("residual_out must be another buffer than residual (programs read residual while "
+        if residual_out.data_ptr() in (residual.data_ptr(), x.data_ptr()):
+            raise ValueError("residual_out must be another buffer than residual and x (programs read them while "
                              "the first one writes residual_out)")
     elif residual_out is not None:
         raise ValueError("residual_out needs residual (there is no new residual without the add)")
