@@ -108,7 +108,7 @@ class NumpyActor:
             self.live = LiveLayers([*policy.mlp_extractor.policy_net, policy.action_net])
         # CombinedExtractor concatenates its sub-extractors in the order of its ModuleDict; a
         # Discrete one is one-hot (SB3's preprocess_obs): a row of an identity table here.
-        self.layout: list[tuple[int, int, np.ndarray | None]] = []  # (start, stop, one-hot table)
+        self.layout: list[tuple[int, int, int, np.ndarray | None]] = []  # (part, start, stop, one-hot table)
         start = 0
         for key in policy.pi_features_extractor.extractors:
             space = policy.observation_space[key]

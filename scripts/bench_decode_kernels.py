@@ -3,7 +3,7 @@
 MolmoE-1B's shapes by default (d 2048, 64 experts of hidden 1024, vocabulary 50,304, bf16):
 - `decode_gemv`: the q/k/v projection (3d x d) with the residual add + RMSNorm fused, against
   `fused_add_rms_norm` followed by cuBLAS; the output projection (d x d) plain, against cuBLAS;
-- the MoE decode kernels (`moe_kernels._decode_gate_up_kernel`, `_decode_down_kernel`), each alone,
+- the MoE decode kernels (`moe_kernels.launch_decode_gate_up`, `launch_decode_down`), each alone,
   per top_k in `--top-k`, per tile;
 - `greedy_token` per `block_v`, against torch's argmax.
 Each point is a CUDA graph of `--blocks` calls in a row, each over its own weights (logits), like a
@@ -103,16 +103,16 @@ def gemv_rows(args: Args, device, dtype, on_gpu: bool, time_ms, randn) -> list[d
         for config in tiles if on_gpu else tiles[:1]:
             extra = dict(residual_out=new_residual) if fused else {}
 
-            def triton(config=config, extra=extra):
+            def decode_gemv_calls(config=config, extra=extra):
                 for w in weights:
                     if on_gpu:
                         decode_gemv(x, w, out=out, config=config, **kwargs, **extra)
                     else:
                         out.copy_(decode_gemv_reference(x, w, **kwargs)[0])
 
-            triton()
+            decode_gemv_calls()
             error = float((out.float() - ref).abs().max() / ref.abs().max())
-            us = time_ms(triton) * 1e3 / len(weights)
+            us = time_ms(decode_gemv_calls) * 1e3 / len(weights)
             rows.append(dict(kernel="gemv", n=n, k=d, norm_fused=fused, method="decode_gemv", **dataclasses.asdict(config),
                              default=config == default, us=us, achieved_GBps=n * d * dtype.itemsize / us / 1e3,
                              max_rel_err_vs_reference=error))
@@ -138,8 +138,6 @@ def moe_rows(args: Args, device, dtype, on_gpu: bool, time_ms, randn) -> list[di
             us = time_ms(lambda: [moe_kernels.moe_reference(x, ids, probs, wgu, wd) for wgu, wd in sets]) * 1e3 / len(sets)
             rows.append(dict(kernel="moe_reference", top_k=k, us=us))
             continue
-        import triton
-
         default = moe_kernels.default_decode_config(k, card)
         workspace = torch.empty(k * h, device=device, dtype=torch.float32)
         y = torch.empty(1, d, device=device, dtype=dtype)
@@ -147,22 +145,22 @@ def moe_rows(args: Args, device, dtype, on_gpu: bool, time_ms, randn) -> list[di
             if block_h * block_d > 32768:
                 continue
 
-            def gate_up(block_h=block_h, block_d=block_d, warps=warps):
+            tile = moe_kernels.DecodeConfig(block_h=block_h, block_d=block_d, num_warps=warps)
+
+            def gate_up(tile=tile):
                 for wgu, _ in sets:
-                    moe_kernels._decode_gate_up_kernel[(k, triton.cdiv(h, block_h))](
-                        x, ids, probs, wgu, workspace, d, h, wgu.stride(0), wgu.stride(1),
-                        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+                    moe_kernels.launch_decode_gate_up(x, ids, probs, wgu, workspace, tile)
 
             us = time_ms(gate_up) * 1e3 / len(sets)
             rows.append(dict(kernel="moe_gate_up", top_k=k, block_h=block_h, block_d=block_d, num_warps=warps, us=us,
                              achieved_GBps=k * 2 * h * d * dtype.itemsize / us / 1e3,
                              default=(block_h, block_d, warps) == (default.block_h, default.block_d, default.num_warps)))
         for block_out, block_hk, warps in itertools.product((2, 4, 8, 16), (512, 1024), (2, 4, 8)):
-            def down(block_out=block_out, block_hk=block_hk, warps=warps):
+            tile = moe_kernels.DecodeConfig(block_out=block_out, block_hk=block_hk, num_warps=warps)
+
+            def down(tile=tile):
                 for _, wd in sets:
-                    moe_kernels._decode_down_kernel[(triton.cdiv(d, block_out),)](
-                        workspace, ids, wd, y, d, h, wd.stride(0), wd.stride(1),
-                        TOP_K=k, BLOCK_OUT=block_out, BLOCK_HK=block_hk, num_warps=warps)
+                    moe_kernels.launch_decode_down(workspace, ids, wd, y, tile)
 
             us = time_ms(down) * 1e3 / len(sets)
             default_warps = default.down_warps or default.num_warps

@@ -4,6 +4,11 @@ interpreter (subprocess) and, with a GPU, compiled in bf16 at MolmoE-1B's shapes
 CUDA graph."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,11 +139,6 @@ def test_decode_gemv_bf16_in_cuda_graph():
 def test_bench_decode_kernels_script_dry_run(tmp_path):
     """scripts/bench_decode_kernels.py end to end on the CPU references: every section writes rows, the
     GEMV rows match the reference and the greedy token is torch's argmax."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     out_path = tmp_path / "kernels.json"
     subprocess.run([sys.executable, str(root / "scripts" / "bench_decode_kernels.py"), "--dry-run", "--out", str(out_path)],

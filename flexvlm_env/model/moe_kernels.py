@@ -234,15 +234,29 @@ def moe_decode_triton(x, topk_ids, topk_weights, w_gate_up, w_down, *, out=None,
         raise ValueError(f"workspace must be contiguous float32 with >= top_k*hidden = {top_k * hidden} "
                          f"elements, got {workspace.dtype} {tuple(workspace.shape)}")
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    launch_decode_gate_up(x, topk_ids, topk_weights, w_gate_up, workspace, config)
+    launch_decode_down(workspace, topk_ids, w_down, out, config)
+    return out
+
+
+def launch_decode_gate_up(x, topk_ids, topk_weights, w_gate_up, workspace, config: DecodeConfig) -> None:
+    """The first decode kernel alone (no checks): workspace[slot, :H] = p * silu(gate) * up of the
+    token through expert topk_ids[0, slot]. `moe_decode_triton` and the tile benchmark call it."""
+    top_k, (_, two_hidden, d_model) = topk_ids.shape[1], w_gate_up.shape
+    hidden = two_hidden // 2
     _decode_gate_up_kernel[(top_k, triton.cdiv(hidden, config.block_h))](
         x, topk_ids, topk_weights, w_gate_up, workspace, d_model, hidden,
         w_gate_up.stride(0), w_gate_up.stride(1),
         BLOCK_H=config.block_h, BLOCK_D=config.block_d, num_warps=config.num_warps)
+
+
+def launch_decode_down(workspace, topk_ids, w_down, out, config: DecodeConfig) -> None:
+    """The second decode kernel alone (no checks): out = sum over slots of W_down[ids[slot]] @ workspace[slot]."""
+    top_k, (_, d_model, hidden) = topk_ids.shape[1], w_down.shape
     _decode_down_kernel[(triton.cdiv(d_model, config.block_out),)](
         workspace, topk_ids, w_down, out, d_model, hidden, w_down.stride(0), w_down.stride(1),
         TOP_K=top_k, BLOCK_OUT=config.block_out, BLOCK_HK=config.block_hk,
         num_warps=config.down_warps or config.num_warps)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
