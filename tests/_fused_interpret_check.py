@@ -19,6 +19,9 @@ from _interpret import BF16, F16, F32, compare, nonzero_randn, start
 from flexvlm_env.model.decoder import rope_tables
 from flexvlm_env.model.fused_kernels import (
     add_rms_norm_reference,
+    embed_token,
+    embed_token_auto,
+    embedding_reference,
     fused_add_rms_norm,
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
@@ -28,6 +31,9 @@ from flexvlm_env.model.fused_kernels import (
     new_arrival_counter,
     qk_norm_rope_kv_reference,
     router_topk,
+    router_topk_norm,
+    router_topk_norm_auto,
+    router_topk_norm_reference,
     router_topk_reference,
     softmax_topk,
     softmax_topk_reference,
@@ -69,8 +75,15 @@ def random_qk_case(d, n_heads, max_seq, dtype, slot):
     return qkv, q_w, k_w, cos[0], sin[0], key_cache, value_cache, torch.tensor([slot])
 
 
-def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None):
+def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None, table=False):
+    """`table`: cos/sin passed as [max_seq, head_dim] tables holding the token's row at the slot and noise
+    elsewhere (the kernel must read the slot's row)."""
     qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t = random_qk_case(d, n_heads, max_seq, dtype, slot)
+    rope = (cos, sin)
+    if table:
+        rope = tuple(torch.randn(max_seq, d // n_heads) for _ in range(2))
+        for t, row in zip(rope, (cos, sin)):
+            t[min(max(slot, 0), max_seq - 1)] = row[0]
     in_range = 0 <= slot < max_seq
     ref_slot = slot_t if in_range else torch.tensor([0])  # q does not depend on the slot
     ref_k, ref_v = key_cache.clone(), value_cache.clone()
@@ -84,13 +97,17 @@ def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None):
     before_k, before_v = key_cache.clone(), value_cache.clone()
     out = torch.full((1, n_heads, 1, d // n_heads), float("nan"), dtype=dtype)
     if impl is None:
-        q = fused_qk_norm_rope_kv(qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t, n_heads, EPS, out=out)
+        q = fused_qk_norm_rope_kv(qkv, q_w, k_w, *rope, key_cache, value_cache, slot_t, n_heads, EPS, out=out)
     else:
-        q = fused_qk_norm_rope_kv_auto(qkv, q_w, k_w, cos, sin, key_cache, value_cache, slot_t, n_heads, EPS,
+        q = fused_qk_norm_rope_kv_auto(qkv, q_w, k_w, *rope, key_cache, value_cache, slot_t, n_heads, EPS,
                                        out=out, impl=impl)
     problems = []
     if q is not out:
         problems.append("q is not the given buffer")
+    if table and in_range:  # the reference reads the table at the slot too
+        table_q = qk_norm_rope_kv_reference(qkv, q_w, k_w, *rope, ref_k.clone(), ref_v.clone(), ref_slot, n_heads, EPS)
+        if not torch.equal(table_q, ref_q):
+            problems.append("the reference does not read the tables' row at the slot")
     compare("q", q, ref_q, q64, dtype, problems)
     others = torch.ones(max_seq, dtype=torch.bool)
     if in_range:
@@ -102,7 +119,22 @@ def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None):
             and torch.equal(value_cache[:, :, others], before_v[:, :, others])):
         problems.append("cache elements outside the slot changed")
     report.check(f"qk_norm_rope_kv d={d} heads={n_heads} slot={slot}/{max_seq} {dtype}"
-                 f"{' impl=' + impl if impl else ''}", problems)
+                 f"{' impl=' + impl if impl else ''}{' rope tables' if table else ''}", problems)
+
+
+def embed_case(report, size, extra_size, d, token, dtype):
+    """`embed_token` against `embedding_reference` (exact: a copy), zeros for an id past both tables."""
+    table, extra = torch.randn(size, d).to(dtype), torch.randn(extra_size, d).to(dtype)
+    ids = torch.tensor([[token]])
+    out = torch.full((1, 1, d), float("nan"), dtype=dtype)
+    got = embed_token(ids, table, extra, out=out)
+    problems = [] if got is out else ["out is not the given buffer"]
+    ref = embedding_reference(ids, table, extra) if token < size + extra_size else torch.zeros(1, 1, d, dtype=dtype)
+    if not torch.equal(got, ref):
+        problems.append("row differs from embedding_reference")
+    if not torch.equal(embed_token_auto(ids, table, extra, impl="triton"), got):
+        problems.append("embed_token_auto(impl='triton') differs")
+    report.check(f"embed_token vocab={size}+{extra_size} d={d} id={token} {dtype}", problems)
 
 
 def softmax_topk_case(report, num_tokens, num_experts, top_k, dtype):
@@ -159,6 +191,42 @@ def router_topk_case(report, d, num_experts, top_k, dtype):
     report.check(f"router_topk d={d} E={num_experts} k={top_k} {dtype}", problems)
 
 
+def router_topk_norm_case(report, d, num_experts, top_k, dtype):
+    """The router with the residual add + MoE norm inside, against `router_topk_norm_reference`: the
+    normed vector and new residual as `add_rms_norm_reference` gives them (within the dtype's
+    tolerance: another summation order of the RMS, and the interpreter's bf16 cast), ids exact where the
+    reference's top k + 1 logits are apart, the counter left at zero."""
+    for _ in range(50):
+        x, residual = nonzero_randn(1, d).to(dtype), nonzero_randn(1, d, scale=3.0).to(dtype)
+        norm_weight = nonzero_randn(d).to(dtype)
+        weight = (torch.randn(num_experts, d) * 3 * d ** -0.5).to(dtype)
+        normed64 = torch.nn.functional.rms_norm(x.double() + residual.double(), (d,), norm_weight.double(), EPS)
+        logits = torch.nn.functional.linear(normed64, weight.double())[0].sort(descending=True).values
+        if top_k == num_experts or float((logits[:top_k] - logits[1:top_k + 1]).min()) > 0.05:
+            break
+    ref_w, ref_ids, ref_normed, ref_res = router_topk_norm_reference(x, residual, norm_weight, EPS, weight, top_k)
+    counter = new_arrival_counter("cpu")
+    normed_out, res_out = torch.full((1, d), float("nan"), dtype=dtype), torch.full((1, d), float("nan"), dtype=dtype)
+    weights, ids, normed, new_res = router_topk_norm(x, residual, norm_weight, EPS, weight, top_k, counter,
+                                                     normed_out=normed_out, residual_out=res_out)
+    problems = []
+    if normed is not normed_out or new_res is not res_out:
+        problems.append("outputs are not the given buffers")
+    if int(counter.item()) != 0:
+        problems.append(f"the counter was left at {int(counter.item())}")
+    compare("new_residual", new_res, ref_res, x.double() + residual.double(), dtype, problems)
+    compare("normed", normed, ref_normed, normed64.to(torch.float64), dtype, problems)
+    if not torch.equal(ids, ref_ids):
+        problems.append(f"ids {ids.tolist()} != {ref_ids.tolist()}")
+    tol = 1e-5 if dtype == F32 else 2.5 * 2 ** -7 * float(logits.abs().max())
+    if not torch.allclose(weights, ref_w, rtol=tol, atol=1e-6):
+        problems.append(f"weights max err {float((weights - ref_w).abs().max()):.3g}")
+    auto = router_topk_norm_auto(x, residual, norm_weight, EPS, weight, top_k, counter, impl="triton")
+    if not (torch.equal(auto[1], ids) and torch.equal(auto[2], normed)):
+        problems.append("router_topk_norm_auto(impl='triton') differs")
+    report.check(f"router_topk_norm d={d} E={num_experts} k={top_k} {dtype}", problems)
+
+
 def greedy_token_case(report, vocab, dtype, block_v, where=None):
     """The one-launch argmax against torch's: twice through one counter (left at zero each time).
     `where` plants the maximum: "tie" puts it at two indices in different programs (the first must
@@ -208,6 +276,12 @@ def main() -> int:
                     qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype)
     qk_norm_rope_kv_case(report, 64, 4, max_seq, max_seq, F32)  # out of range: must write nothing
     qk_norm_rope_kv_case(report, 96, 4, max_seq, 3, BF16, impl="triton")
+    for slot in (0, 5, max_seq - 1, max_seq):
+        qk_norm_rope_kv_case(report, 96, 4, max_seq, slot, BF16, table=True)
+    for size, extra_size, d, token in ((50, 0, 64, 7), (50, 0, 2048, 49), (50, 8, 96, 3), (50, 8, 96, 50),
+                                       (50, 8, 96, 57), (50, 8, 96, 58)):
+        for dtype in (F32, BF16):
+            embed_case(report, size, extra_size, d, token, dtype)
 
     for dtype in (F32, BF16):
         for num_experts, top_k in ((8, 1), (8, 8), (64, 1), (64, 8), (64, 64), (100, 3)):
@@ -215,6 +289,7 @@ def main() -> int:
     for dtype in (F32, BF16):
         for d, num_experts, top_k in ((2048, 64, 8), (2048, 64, 1), (200, 16, 4), (96, 100, 3), (64, 8, 8)):
             router_topk_case(report, d, num_experts, top_k, dtype)
+            router_topk_norm_case(report, d, num_experts, top_k, dtype)
     for dtype in (F32, BF16):
         for vocab, block_v in ((50304, 2048), (1000, 256), (300, 16), (16, 16), (1, 16)):
             greedy_token_case(report, vocab, dtype, block_v)

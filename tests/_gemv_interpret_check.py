@@ -23,7 +23,7 @@ from _interpret import BF16, F32, compare, nonzero_randn, start
 
 from flexvlm_env.model.args import ModelArgs
 from flexvlm_env.model.decode_gemv import GemvConfig, decode_gemv, decode_gemv_auto, decode_gemv_reference
-from flexvlm_env.model.decoder import KVCache, Transformer, decode_forward_fused, rope_tables
+from flexvlm_env.model.decoder import KVCache, Transformer, decode_forward_fused
 
 EPS = 1e-5
 
@@ -81,8 +81,7 @@ def fused_decode_case(report, plan, top_k):
         mask = (torch.arange(max_seq) <= slot)[None, None, None, :]
         ref = model(x, slot_t[None], plan, top_k, cache=caches[0], cache_index=slot_t, mask=mask, attend_cache=True)
         model.moe_impl = "triton"
-        cos, sin = rope_tables(slot_t[None], args.head_dim, args.rope_theta)
-        got = decode_forward_fused(model, x, cos, sin, caches[1], slot_t, plan, top_k, impl="triton")
+        got = decode_forward_fused(model, x, caches[1], slot_t, plan, top_k, impl="triton")
     compare("hidden", got, ref, None, F32, problems)
     for i in plan:
         # Values are the projection's raw output: equal up to the GEMV's summation order.

@@ -3,6 +3,7 @@ and against direct float64 formulas, argument errors and dispatch, the Triton ke
 interpreter (subprocess) and, with a GPU, compiled in bf16 and captured in a CUDA graph."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ from _fused_interpret_check import random_qk_case
 from _interpret import nonzero_randn, run_interpret_check
 
 from flexvlm_env.model.args import ModelArgs
-from flexvlm_env.model.decoder import Attention, Block, MoE, rope_tables
+from flexvlm_env.model.decoder import Attention, Block, Embedding, KVCache, MoE, rope_tables
 from flexvlm_env.model.fused_kernels import (
     add_rms_norm_reference,
+    embed_token,
+    embed_token_auto,
     fused_add_rms_norm,
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
@@ -27,9 +30,13 @@ from flexvlm_env.model.fused_kernels import (
     greedy_token_auto,
     greedy_token_reference,
     new_arrival_counter,
+    pdl_enabled,
+    pdl_launch_options,
     qk_norm_rope_kv_reference,
     router_topk,
     router_topk_auto,
+    router_topk_norm,
+    router_topk_norm_auto,
     router_topk_reference,
     softmax_topk,
     softmax_topk_auto,
@@ -140,6 +147,8 @@ def qk_args(**change):
     ({"q_norm_w": lambda a: a["q_norm_w"][:-1]}, "q_norm_w"),
     ({"k_norm_w": lambda a: a["k_norm_w"].int()}, "k_norm_w"),
     ({"cos": lambda a: a["cos"][:, :-1]}, "cos"),
+    ({"cos": lambda a: torch.zeros(5, a["cos"].shape[-1])}, "cos"),  # a table, but not [max_seq, head_dim]
+    ({"sin": lambda a: torch.zeros(a["key_cache"].shape[2], a["cos"].shape[-1])}, "cos and sin"),
     ({"sin": lambda a: a["sin"].half()}, "sin"),
     ({"key_cache": lambda a: a["key_cache"][:, :2]}, "key_cache"),
     ({"key_cache": lambda a: a["key_cache"].transpose(2, 3).contiguous().transpose(2, 3)}, "key_cache"),
@@ -476,3 +485,92 @@ def test_softmax_topk_rejects_bad_arguments():
         softmax_topk(torch.randn(2, 200), 2)
     with pytest.raises(ValueError, match="top_k=9"):
         softmax_topk(torch.randn(2, 8), 9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedding, RoPE tables, PDL
+
+
+def test_embed_token_reference_is_the_embedding_module():
+    args = small_args()
+    args = dataclasses.replace(args, embedding_size=40, additional_vocab_size=6)
+    wte = Embedding(args)
+    with torch.no_grad():
+        wte.embedding.normal_()
+        wte.new_embedding.normal_()
+    for token in (0, 39, 40, 45):
+        ids = torch.tensor([[token]])
+        row = embed_token_auto(ids, wte.embedding, wte.new_embedding)
+        assert row.shape == (1, 1, args.d_model)
+        expected = wte.embedding[token] if token < 40 else wte.new_embedding[token - 40]
+        assert torch.equal(row[0, 0], expected) and torch.equal(row, wte(ids))
+
+
+@pytest.mark.parametrize("args,argument", [
+    ((torch.tensor([[1, 2]]), torch.ones(4, 8), torch.ones(0, 8)), "ids"),
+    ((torch.tensor([[1.0]]), torch.ones(4, 8), torch.ones(0, 8)), "ids"),
+    ((torch.tensor([[1]]), torch.ones(4), torch.ones(0, 8)), "table"),
+    ((torch.tensor([[1]]), torch.ones(4, 8), torch.ones(2, 7)), "extra_table"),
+    ((torch.tensor([[1]]), torch.ones(4, 8), torch.ones(2, 8).half()), "extra_table"),
+])
+def test_embed_bad_arguments_name_the_argument(args, argument):
+    with pytest.raises(ValueError, match=argument):
+        embed_token_auto(*args)
+    if os.environ.get("TRITON_INTERPRET") != "1" and argument != "ids":
+        pytest.importorskip("triton")
+        with pytest.raises(ValueError, match="CUDA|" + argument):
+            embed_token(*args)
+
+
+def test_cache_rope_tables_hold_each_positions_row():
+    """The fused decode step reads the slot's row of the cache's tables: the values `rope_tables` gives
+    that position alone (same float32 operations, elementwise)."""
+    args = small_args()
+    cache = KVCache.allocate(args, 1, 300, "cpu", torch.float32)
+    assert cache.rope_cos.shape == cache.rope_sin.shape == (300, args.head_dim)
+    for position in (0, 1, 17, 299):
+        cos, sin = rope_tables(torch.tensor([[position]]), args.head_dim, args.rope_theta)
+        torch.testing.assert_close(cache.rope_cos[position], cos[0, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(cache.rope_sin[position], sin[0, 0], rtol=0, atol=1e-6)
+
+
+def test_qk_reference_reads_tables_at_the_slot():
+    args = qk_args()
+    max_seq, hd = args["key_cache"].shape[2], args["cos"].shape[-1]
+    slot = int(args["slot"])
+    tables = [torch.randn(max_seq, hd) for _ in range(2)]
+    tables[0][slot], tables[1][slot] = args["cos"].reshape(-1), args["sin"].reshape(-1)
+    caches = [args["key_cache"].clone(), args["value_cache"].clone()]
+    q_row = qk_norm_rope_kv_reference(**args)
+    q_table = qk_norm_rope_kv_reference(**{**args, "cos": tables[0], "sin": tables[1], "key_cache": caches[0],
+                                           "value_cache": caches[1]})
+    assert torch.equal(q_row, q_table)
+    assert torch.equal(caches[0], args["key_cache"]) and torch.equal(caches[1], args["value_cache"])
+
+
+def test_pdl_is_off_on_cpu_and_by_environment(monkeypatch):
+    assert not pdl_enabled(torch.zeros(1))
+    assert pdl_launch_options(False) == {"USE_PDL": False}
+    assert pdl_launch_options(True) == {"USE_PDL": True, "launch_pdl": True}
+    if torch.cuda.is_available():
+        on_hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert pdl_enabled(torch.zeros(1, device="cuda")) == on_hopper
+        monkeypatch.setenv("FLEXVLM_PDL", "0")
+        assert not pdl_enabled(torch.zeros(1, device="cuda"))
+
+
+def test_router_norm_reference_is_norm_then_router_and_outputs_must_not_alias():
+    x, residual, w = nonzero_randn(1, 64), nonzero_randn(1, 64), nonzero_randn(64)
+    gate = nonzero_randn(16, 64)
+    weights, ids, normed, new_residual = router_topk_norm_auto(x, residual, w, EPS, gate, 4, new_arrival_counter("cpu"))
+    ref_normed, ref_residual = add_rms_norm_reference(x, residual, w, EPS)
+    ref_weights, ref_ids = router_topk_reference(ref_normed, gate, 4)
+    assert torch.equal(normed, ref_normed) and torch.equal(new_residual, ref_residual)
+    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.importorskip("triton")
+        for out in ({"normed_out": x}, {"residual_out": residual}):
+            with pytest.raises(ValueError, match="other buffers"):
+                router_topk_norm(x, residual, w, EPS, gate, 4, new_arrival_counter("cpu"), **out)
+        with pytest.raises(ValueError, match="gate_weight"):
+            router_topk_norm(x, residual, w, EPS, gate[:, :-1], 4, new_arrival_counter("cpu"))

@@ -440,9 +440,11 @@ def test_finetune_script_full_config_anchor_runs(tmp_path):
     assert [r["step"] for r in logs["anchored"]] == [1, 2, 3] and "ce/full" in logs["anchored"][0]
     # Step 1 starts from B = 0: adapted = base, so the KL and its gradient are zero and steps 1-2
     # match the plain run; once the adapter has moved, the anchor pulls step 3 elsewhere.
+    # (Equal up to float32 noise: the anchored step's backward sums its zero KL gradient through other
+    # kernels, which on some CPUs (an Intel Xeon here) moves step 2's loss by ~1e-5 relative.)
     for step in (0, 1):
-        assert logs["anchored"][step]["ce/full"] == pytest.approx(logs["plain"][step]["ce/full"], rel=1e-5)
-    assert logs["anchored"][2]["ce/full"] != pytest.approx(logs["plain"][2]["ce/full"], rel=1e-5)
+        assert logs["anchored"][step]["ce/full"] == pytest.approx(logs["plain"][step]["ce/full"], rel=1e-4)
+    assert logs["anchored"][2]["ce/full"] != pytest.approx(logs["plain"][2]["ce/full"], rel=1e-2)
     # The anchor's KL is logged: zero while the adapter is still the identity, positive once it moved.
     assert logs["anchored"][0]["anchor_kl/full"] == pytest.approx(0.0, abs=1e-6)
     assert logs["anchored"][2]["anchor_kl/full"] > 0

@@ -386,7 +386,9 @@ def test_fused_decode_step_equals_plain_step(tiny_vlm, config):
         torch.testing.assert_close(hidden[True], hidden[False], atol=1e-4, rtol=1e-4)
         for i in plan:
             torch.testing.assert_close(caches[1].keys[i], caches[0].keys[i], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(caches[1].values[i], caches[0].values[i], atol=1e-6, rtol=0)
+            # After block 0 the values carry the earlier blocks' rounding (another op order in the fused
+            # path): a few float32 ulps, which depend on the CPU's BLAS kernels.
+            torch.testing.assert_close(caches[1].values[i], caches[0].values[i], atol=1e-6, rtol=1e-5)
 
 
 

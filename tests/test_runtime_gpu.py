@@ -167,3 +167,28 @@ def test_gpu_preprocessing_matches_cpu(size):
         # CUDA's antialiased resize sums in another order: ~1e-5 after normalisation, far below
         # one 8-bit grey level (1/255/0.27 = 1.5e-2).
         torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=5e-4, rtol=0)
+
+
+@torch.inference_mode()
+def test_pdl_changes_when_kernels_start_not_what_they_compute(monkeypatch):
+    """Programmatic dependent launch lets each decode kernel start before the one before it ends and load
+    constants early; the values are untouched: graphed bf16 decodes with and without it give the same
+    tokens, and one eager fused step the same logits bit for bit."""
+    from flexvlm_env.model.fused_kernels import pdl_enabled
+    from flexvlm_env.model.generate import decode_one_token
+
+    if not pdl_enabled(torch.zeros(1, device="cuda")):
+        pytest.skip("PDL needs compute capability >= 9")
+    tokens, logits = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLEXVLM_PDL", flag)
+        vlm = sharpened(load_model("micro", weights="random", device="cuda", dtype="bfloat16", seed=2))
+        tokens[flag] = [vlm.generate(_image(seed), "Describe the image.", config, max_new_tokens=12, ignore_eos=True).token_ids
+                        for seed, config in enumerate(CONFIGS)]
+        result = vlm.generate(_image(), "Describe the image.", Config(), max_new_tokens=4, ignore_eos=True)
+        slot = torch.tensor([result.tokens.input + 3], device="cuda")
+        token = torch.tensor([[result.token_ids[-1]]], device="cuda")
+        logits[flag] = decode_one_token(vlm.module, token, slot, vlm.plan(Config()), Config().top_k_per_block(16),
+                                        vlm._cache, vlm._slot_range, fused=True, return_logits=True)
+    assert tokens["1"] == tokens["0"]
+    assert torch.equal(logits["1"], logits["0"])

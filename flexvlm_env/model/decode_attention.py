@@ -26,6 +26,8 @@ from .fused_kernels import (
     _check_same_device,
     _check_triton_ready,
     _use_triton,
+    pdl_enabled,
+    pdl_launch_options,
 )
 
 try:
@@ -33,6 +35,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference path still works
     triton = None
+else:
+    from .fused_kernels import _pdl_release, _pdl_wait
 
 MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulator) in registers
 # Keys per split: 16 heads x 2048 slots -> 512 programs of one 64-key tile. Measured on an H200
@@ -103,43 +107,69 @@ def split_plan(max_seq: int, head_dim: int, num_splits: int | None = None) -> tu
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(q, k, v, mask_n, m, l, acc):
+        """Online-softmax update of (m, l, acc) by one [BLOCK_N, BLOCK_D] tile of keys and values."""
+        # One query: elementwise products and a row sum (no tl.dot: a GEMV, and the interpreter's
+        # bf16 dot is wrong).
+        s = tl.where(mask_n, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        return m_new, l, acc
+
+    @triton.jit
     def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ws_ptr, max_seq, chunk, qk_scale,
                                        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                       BLOCK_D: tl.constexpr):
+                                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, SLOT_STATIC: tl.constexpr):
         # Program (head, split): the visible keys of the split's chunk, [lo, hi) = chunk ∩ [0, slot].
+        _pdl_release(USE_PDL)
         head = tl.program_id(0)
         split = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
+        head_offs = head.to(tl.int64) * max_seq * HEAD_DIM
+        if not SLOT_STATIC:
+            _pdl_wait(USE_PDL)
         # Read on the device so that a graph replays with a new value; a slot past the end sees every key.
         slot = tl.load(slot_ptr).to(tl.int32)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, tl.minimum(slot + 1, max_seq))
+        # The first tile's keys and values. With SLOT_STATIC every row but the slot's was written before
+        # this step began: they are loaded before waiting for the kernel that writes the slot's row
+        # (and q), so their loads overlap that kernel's tail (PDL); the slot's row is patched in after.
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        is_slot = offs_n == slot
+        # Masked loads: slots after the slot are never read, whatever they hold (stale, NaN).
+        old_rows = (mask_n & (offs_n != slot))[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + offs, mask=old_rows, other=0.0)
+        v = tl.load(v_ptr + offs, mask=old_rows, other=0.0)
+        if SLOT_STATIC:
+            _pdl_wait(USE_PDL)
+        slot_rows = (mask_n & is_slot)[:, None] & mask_d[None, :]
+        k = tl.where(slot_rows, tl.load(k_ptr + offs, mask=slot_rows, other=0.0), k)
+        v = tl.where(slot_rows, tl.load(v_ptr + offs, mask=slot_rows, other=0.0), v)
+        q = tl.load(q_ptr + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
         # Scale and log2(e) folded into q once: the softmax runs on exp2 (m and l are in base 2 too).
-        q = tl.load(q_ptr + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32) * qk_scale
-        head_offs = head.to(tl.int64) * max_seq * HEAD_DIM
+        q = q.to(tl.float32) * qk_scale
         m = -float("inf")
         l = 0.0
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # No iteration when the chunk starts after the slot: the neutral partial, no key read. Otherwise
-        # every tile holds at least one visible key, so m is finite after it and no -inf - -inf occurs.
-        for start in range(lo, hi, BLOCK_N):
+        # No update when the chunk starts after the slot: the neutral partial. Otherwise every tile holds
+        # at least one visible key, so m is finite after it and no -inf - -inf occurs.
+        if lo < hi:
+            m, l, acc = _attend_tile(q, k, v, mask_n, m, l, acc)
+        for start in range(lo + BLOCK_N, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-            # Masked loads: slots after the slot are never read, whatever they hold (stale, NaN).
             tile_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
-            # One query: elementwise products and a row sum (no tl.dot: a GEMV, and the interpreter's
-            # bf16 dot is wrong).
-            s = tl.where(mask_n, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new)
-            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
-            m = m_new
+            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0)
+            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0)
+            m, l, acc = _attend_tile(q, k, v, mask_n, m, l, acc)
         ws = ws_ptr + (head * NUM_SPLITS + split) * (HEAD_DIM + 2)
         tl.store(ws + offs_d, acc, mask=mask_d)
         tl.store(ws + HEAD_DIM, m)
@@ -147,8 +177,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_combine_kernel(ws_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
         # Program head: sum of the partials, each rescaled from its own max to the global one.
+        _pdl_release(USE_PDL)
+        _pdl_wait(USE_PDL)
         head = tl.program_id(0)
         offs_s = tl.arange(0, BLOCK_S)
         mask_s = offs_s < NUM_SPLITS
@@ -171,40 +203,45 @@ def _output(q, out):
 
 
 def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None,
-                     num_warps: int | None = None):
+                     num_warps: int | None = None, slot_static: bool = False):
     """Triton: as `decode_attention_reference`, in two launches (splits, then their combination).
 
     `slot` is read on the device; a slot >= max_seq attends the whole cache. `num_splits` defaults to
     one split per `DEFAULT_CHUNK` cache slots, `num_warps` (per split program) to `DEFAULT_WARPS`.
     `workspace` (contiguous float32 [heads, num_splits, head_dim + 2]) and `out` (contiguous, shaped
-    and typed like q) avoid allocation.
+    and typed like q) avoid allocation. `slot_static=True` promises that `slot` and the cache rows
+    before it were written before the kernel launched just before this call started (they are the
+    decode step's inputs; only q and the slot's row come from that kernel): with PDL the kernel then
+    loads them while that kernel is still running.
     """
     check_decode_attention_args(q, key_cache, value_cache, slot)
+    out = _output(q, out)
     _, n_heads, max_seq, head_dim = key_cache.shape
     num_splits, chunk, block_n = split_plan(max_seq, head_dim, num_splits)
     ws_shape = (n_heads, num_splits, head_dim + 2)
     workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
     _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
-    out = _output(q, out)
     num_warps = DEFAULT_WARPS if num_warps is None else num_warps
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
     _check_triton_ready(q, "decode attention")
     block_d = _next_power_of_2(head_dim)
+    pdl = pdl_launch_options(pdl_enabled(q))
     _decode_attention_split_kernel[(n_heads, num_splits)](
-        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk,
-        math.log2(math.e) / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk, math.log2(math.e) / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        SLOT_STATIC=bool(slot_static), **pdl)
     _decode_attention_combine_kernel[(n_heads,)](
         workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
-        BLOCK_D=block_d, num_warps=4)
+        BLOCK_D=block_d, num_warps=4, **pdl)
     return out
 
 
 def decode_attention_auto(q, key_cache, value_cache, slot, *, impl: str = "auto", num_splits=None, workspace=None,
-                          out=None):
+                          out=None, slot_static: bool = False):
     """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
     if _use_triton(impl, q):
-        return decode_attention(q, key_cache, value_cache, slot, num_splits=num_splits, workspace=workspace, out=out)
+        return decode_attention(q, key_cache, value_cache, slot, num_splits=num_splits, workspace=workspace, out=out,
+                                slot_static=slot_static)
     ref = decode_attention_reference(q, key_cache, value_cache, slot)
     return ref if out is None else _output(q, out).copy_(ref)

@@ -15,6 +15,9 @@ version computing the RMS first, then the rounded vector, took 10.2 us per call 
 this form at MolmoE-1B's q/k/v shape on an H200, its programs waiting on the reduction before their
 first weight load).
 
+With PDL (fused_kernels.pdl_enabled) each program loads its first weight tile before waiting for
+the kernel that writes x, so that tile streams in while that kernel finishes.
+
 Nothing syncs with the host or allocates data-dependent shapes, so calls can be captured in a CUDA
 graph. `decode_gemv_reference` is the plain-torch equivalent and `decode_gemv_auto` dispatches like
 the `*_auto` functions of fused_kernels.py.
@@ -34,6 +37,8 @@ from .fused_kernels import (
     _check_triton_ready,
     _use_triton,
     add_rms_norm_reference,
+    pdl_enabled,
+    pdl_launch_options,
 )
 
 try:
@@ -41,6 +46,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference path still works
     triton = None
+else:
+    from .fused_kernels import _pdl_release, _pdl_wait
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,9 @@ class GemvConfig:
 # 16 weight sets in a CUDA graph; scripts/bench_decode_kernels.py, results/bench_decode_kernels_h200.json).
 # q/k/v with the norm fused: 9.2 us against 11.5 for the norm's launch + cuBLAS; output projection:
 # 4.3 us against 6.2 for cuBLAS. Other shapes take the default tile, the best of the output projection.
+# Launched with PDL the sweep's best output-projection tile becomes 2/2048/2 (3.08 against 3.33 us a
+# call), but in the whole decode step the two were within noise (0.882 against 0.887 ms per token at
+# top_k 8; results/device/session10): the tile measured in more runs stays.
 DEFAULT_CONFIGS: dict[tuple[int, int, bool], GemvConfig] = {
     (6144, 2048, True): GemvConfig(block_n=16, block_k=512, num_warps=4),
     (2048, 2048, False): GemvConfig(block_n=2, block_k=1024, num_warps=4),
@@ -112,34 +122,51 @@ def decode_gemv_reference(x, weight, *, residual=None, norm_weight=None, eps: fl
 if triton is not None:
 
     @triton.jit
+    def _gemv_vector(x_ptr, res_ptr, nw_ptr, res_out_ptr, offs_k, mask_k, pid, NORM: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr):
+        """The float32 chunk the weights multiply, and its contribution to sum(s^2) (the norm's input)."""
+        dtype = x_ptr.dtype.element_ty
+        h = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        squares = tl.zeros_like(h)
+        if NORM:
+            if HAS_RESIDUAL:
+                # Rounded to the storage dtype as torch's `residual + x` rounds it; the norm reads that.
+                h = (h + tl.load(res_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype)
+                if pid == 0:
+                    tl.store(res_out_ptr + offs_k, h, mask=mask_k)
+                h = h.to(tl.float32)
+            squares = h * h
+            # RMSNorm casts its weight to x's dtype first. 1/RMS is one factor of every product:
+            # applied to the sums after the loop, so the loop never waits for a reduction.
+            h = h * tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(dtype).to(tl.float32)
+        return h, squares
+
+    @triton.jit
     def _decode_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, N, K, eps,
                             NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # Program: out[rows] for rows [pid * BLOCK_N, +BLOCK_N), over all K columns.
-        dtype = x_ptr.dtype.element_ty
+        _pdl_release(USE_PDL)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        # Elementwise accumulation, one reduction at the end: keeps the loop free of shuffles.
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         row_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K
-        for k_start in range(0, K, BLOCK_K):
+        # The first weight tile is loaded before waiting for the kernel that writes x: a constant, it
+        # streams in while that kernel finishes (PDL). Weights are read once per token: evict_first
+        # keeps them from pushing the vectors out of L2.
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(row_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        _pdl_wait(USE_PDL)
+        h, squares = _gemv_vector(x_ptr, res_ptr, nw_ptr, res_out_ptr, offs_k, mask_k, pid, NORM, HAS_RESIDUAL)
+        # Elementwise accumulation, one reduction at the end: keeps the loop free of shuffles.
+        acc = w.to(tl.float32) * h[None, :]
+        for k_start in range(BLOCK_K, K, BLOCK_K):
             offs_k = k_start + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            h = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            if NORM:
-                if HAS_RESIDUAL:
-                    # Rounded to the storage dtype as torch's `residual + x` rounds it; the norm reads that.
-                    h = (h + tl.load(res_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype)
-                    if pid == 0:
-                        tl.store(res_out_ptr + offs_k, h, mask=mask_k)
-                    h = h.to(tl.float32)
-                squares += h * h
-                # RMSNorm casts its weight to x's dtype first. 1/RMS is one factor of every product:
-                # applied to the sums after the loop, so the loop never waits for a reduction.
-                h = h * tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(dtype).to(tl.float32)
-            # Weights are streamed once per token: don't let them push the vectors out of L2.
+            h, sq = _gemv_vector(x_ptr, res_ptr, nw_ptr, res_out_ptr, offs_k, mask_k, pid, NORM, HAS_RESIDUAL)
+            squares += sq
             w = tl.load(row_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0,
                         eviction_policy="evict_first")
             acc += w.to(tl.float32) * h[None, :]
@@ -181,7 +208,7 @@ def decode_gemv(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5
         x, residual if residual is not None else x, norm_weight if norm else x, weight, out,
         residual_out if residual is not None else out, n, k, eps,
         NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, **pdl_launch_options(pdl_enabled(x)))
     return out, residual_out
 
 

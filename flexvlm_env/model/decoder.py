@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .fused_kernels import embedding_reference
 from .moe_kernels import moe_forward
 
 
@@ -52,22 +53,29 @@ class KVCache:
 
     It also holds the decode step's other static state: the arrival counter of the one-launch router
     (`fused_kernels.router_topk`) and of the greedy argmax (`fused_kernels.greedy_token`), which each
-    launch uses in turn and leaves at zero.
+    launch uses in turn and leaves at zero, and the RoPE tables of every slot ([max_seq, head_dim],
+    `rope_tables` of positions 0..max_seq-1, elementwise the same values as computed per token), which
+    the fused decode step reads at the slot instead of computing the token's row with ~10 launches.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     arrival_counter: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
         from .fused_kernels import new_arrival_counter
 
         shape = (batch, args.n_heads, max_seq, args.head_dim)
+        cos, sin = rope_tables(torch.arange(max_seq, device=device), args.head_dim, args.rope_theta)
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             new_arrival_counter(device),
+            cos,
+            sin,
         )
 
     @property
@@ -157,14 +165,7 @@ class Embedding(nn.Module):
         self.new_embedding = nn.Parameter(torch.zeros(args.additional_vocab_size, args.d_model))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.new_embedding.shape[0] == 0:
-            return F.embedding(ids, self.embedding)
-        # Two gathers and a select, never a concatenated copy of the table (206 MB for MolmoE-1B,
-        # which would cost more than a whole decode step's attention).
-        size = self.embedding.shape[0]
-        main = F.embedding(ids.clamp(max=size - 1), self.embedding)
-        extra = F.embedding((ids - size).clamp(min=0), self.new_embedding)
-        return torch.where((ids < size)[..., None], main, extra)
+        return embedding_reference(ids, self.embedding, self.new_embedding)
 
 
 class Transformer(nn.Module):
@@ -204,25 +205,24 @@ class Transformer(nn.Module):
 def decode_forward_fused(
     transformer: Transformer,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     cache: KVCache,
     slot: torch.Tensor,
     plan: tuple[int, ...],
     top_k: tuple[int, ...],
     impl: str = "auto",
 ) -> torch.Tensor:
-    """One decode token [1, 1, d] through the plan with fused elementwise kernels; returns ln_f(x).
+    """One decode token [1, 1, d] at cache slot `slot` (= its position) through the plan with fused
+    elementwise kernels; returns ln_f(x).
 
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
-    norm inside its q/k/v projection, the MoE norm, finally ln_f), the q/k norms, RoPE and KV write
-    are one kernel, and the router (gate projection, softmax, top-k) is one kernel: 9 launches per
-    block instead of about 30.
+    norm inside its q/k/v projection, the MoE norm inside the router, finally ln_f), the q/k norms,
+    RoPE and KV write are one kernel, and the router (add+norm, gate projection, softmax, top-k) is
+    one kernel: 8 launches per block instead of about 30.
     """
     from .decode_attention import decode_attention_auto
     from .decode_gemv import decode_gemv_auto
-    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, router_topk_auto, softmax_topk_auto
+    from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, router_topk_norm_auto, softmax_topk_auto
 
     args = transformer.args
     d, eps = args.d_model, args.norm_eps
@@ -246,24 +246,29 @@ def decode_forward_fused(
                 h, residual = fused_add_rms_norm_auto(y, residual, attn.attn_norm.weight, eps, impl=impl)
             qkv = attn.att_proj(h)
         q = fused_qk_norm_rope_kv_auto(
-            qkv, attn.q_norm.weight, attn.k_norm.weight, cos.reshape(1, -1), sin.reshape(1, -1),
+            qkv, attn.q_norm.weight, attn.k_norm.weight, cache.rope_cos, cache.rope_sin,
             cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
         )
         # Split-KV "flash-decoding": many programs, each reading only visible keys (slots <= slot),
-        # instead of masked SDPA's one program per head over the whole static buffer.
-        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl).reshape(1, d)
+        # instead of masked SDPA's one program per head over the whole static buffer. The slot and the
+        # older cache rows are this step's inputs, written before it began: `slot_static` lets the
+        # kernel load those rows while the kernel before it is still running (PDL). (Forming q inside
+        # the split programs instead, each summing the q norm over all heads, saved a launch but was
+        # slower: 0.551 against 0.542 ms per token at top_k 1 on an H200, BENCHMARKS.md.)
+        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True).reshape(1, d)
         if type(attn.attn_out) is nn.Linear:
             attn_out, _ = decode_gemv_auto(out, attn.attn_out.weight, impl=impl)
         else:
             attn_out = attn.attn_out(out)
-        h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
-        # MoE.route in one launch: the gate projection split over the d-columns (cuBLAS took ~5 us
-        # for this 256 KB GEMV), logits rounded to the activation dtype, softmax and top-k. A gate
-        # wrapped by an unmerged LoRA adapter is not a plain Linear: it runs as a module, then
-        # softmax and top-k, so the adapter's delta is applied.
+        # The residual add, MoE norm and MoE.route in one launch: the gate projection split over the
+        # d-columns (cuBLAS took ~5 us for this 256 KB GEMV), logits rounded to the activation dtype,
+        # softmax and top-k. A gate wrapped by an unmerged LoRA adapter is not a plain Linear: it runs
+        # as a module after the norm, then softmax and top-k, so the adapter's delta is applied.
         if type(mlp.gate) is nn.Linear:
-            weights, ids = router_topk_auto(h, mlp.gate.weight, top_k[i], cache.arrival_counter, impl=impl)
+            weights, ids, h, residual = router_topk_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, mlp.gate.weight,
+                                                              top_k[i], cache.arrival_counter, impl=impl)
         else:
+            h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
             weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
     h, _ = fused_add_rms_norm_auto(y, residual, transformer.ln_f.weight, eps, impl=impl)

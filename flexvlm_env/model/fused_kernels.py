@@ -14,7 +14,15 @@ dtype and rounding wherever decoder.py rounds today, so that they stand in for i
 - `router_topk`: the same with the gate projection inside, for one decode token: one launch instead
   of a cuBLAS GEMV (about 5 us for 256 KB on an H200, latency-bound) and `softmax_topk`;
 - `greedy_token`: the argmax of one token's logits over the vocabulary, read by the whole GPU (torch's
-  argmax reduces a row in one thread block: 13.9 us for MolmoE-1B's 50k logits on an H200).
+  argmax reduces a row in one thread block: 13.9 us for MolmoE-1B's 50k logits on an H200);
+- `embed_token`: the decode token's embedding row (MolmoE's two tables), one launch instead of six.
+
+On Hopper and newer cards the decode kernels launch with programmatic dependent launch (PDL, see
+`pdl_enabled`): each lets the next kernel of the stream start at once, and waits (`gdc_wait`) for the
+one before it to finish only where it first reads what that kernel wrote. Before that point a kernel
+reads constants only (weights, the cache rows of earlier tokens), so its loads overlap the tail of the
+kernel before: in a graphed decode step of ~150 short kernels the gaps and ramp-ups between them are a
+large part of the time.
 
 None syncs with the host or allocates data-dependent shapes, so all can be captured in a CUDA graph;
 each takes optional preallocated outputs. The `*_auto` dispatchers pick Triton on CUDA (or on CPU
@@ -22,6 +30,7 @@ under TRITON_INTERPRET=1, for tests) and the reference otherwise, like `moe_kern
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -84,6 +93,48 @@ def _row_warps(block: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (PDL)
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL: CUDA on compute capability >= 9 (Hopper), unless
+    the environment sets FLEXVLM_PDL=0 (read at each launch; a captured graph keeps the mode it was
+    captured with). Never under Triton's interpreter, which has no grid dependency control."""
+    if not t.is_cuda or os.environ.get("FLEXVLM_PDL", "1") == "0":
+        return False
+    return _compute_capability(t.device) >= 9
+
+
+def pdl_launch_options(use_pdl: bool) -> dict:
+    """Launch keywords of a kernel taking the USE_PDL constexpr (`launch_pdl` only when on, so that
+    Triton versions and the interpreter without the option still launch the plain way)."""
+    return {"USE_PDL": use_pdl, "launch_pdl": True} if use_pdl else {"USE_PDL": False}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pdl_release(USE_PDL: tl.constexpr):
+        # Let the next kernel in the stream launch now: its programs wait in their own `_pdl_wait`
+        # before reading anything this kernel writes, so starting early only overlaps launch latency
+        # and their loads of constants with this kernel's work.
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(USE_PDL: tl.constexpr):
+        # Returns once the previous kernel in the stream has finished and its writes are visible. Every
+        # read of another kernel's output, and every write, comes after it.
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+
+
+# ---------------------------------------------------------------------------------------------------
 # 1. Residual add + RMSNorm
 
 
@@ -112,12 +163,15 @@ def add_rms_norm_reference(x, residual, weight, eps: float):
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d, eps, BLOCK_D: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, d, eps, BLOCK_D: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         # One program per row. res_out may alias res (in-place update): the row is read before it is written.
+        _pdl_release(USE_PDL)
         dtype = x_ptr.dtype.element_ty
         row = tl.program_id(0).to(tl.int64) * d
         offs = tl.arange(0, BLOCK_D)
         mask = offs < d
+        _pdl_wait(USE_PDL)
         x = tl.load(x_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(res_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
         # Rounded to the storage dtype as torch's `residual + x` rounds it; the norm reads that value.
@@ -151,7 +205,7 @@ def fused_add_rms_norm(x, residual, weight, eps: float, *, out=None, residual_ou
     block = triton.next_power_of_2(d)
     _add_rms_norm_kernel[(x.numel() // d,)](
         x.contiguous(), residual.contiguous(), weight.contiguous(), out, residual_out, d, eps,
-        BLOCK_D=block, num_warps=_row_warps(block))
+        BLOCK_D=block, num_warps=_row_warps(block), **pdl_launch_options(pdl_enabled(x)))
     return out, residual_out
 
 
@@ -184,9 +238,14 @@ def check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, val
             raise ValueError(f"{name} must be [d] = [{d}], got {tuple(w.shape)}")
         _check_float(name, w)
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.shape[-1:] != (head_dim,) or t.numel() != head_dim or t.dtype != torch.float32:
+        one_row = t.numel() == head_dim and t.shape[-1:] == (head_dim,)
+        table = t.dim() == 2 and t.shape[1] == head_dim and t.shape[0] == key_cache.shape[2]
+        if not (one_row or table) or t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 [1, head_dim] = [1, {head_dim}] (one position, as "
-                             f"decoder.rope_tables returns), got {t.dtype} {tuple(t.shape)}")
+                             f"decoder.rope_tables returns) or a table [max_seq, head_dim] = "
+                             f"[{key_cache.shape[2]}, {head_dim}] read at the slot, got {t.dtype} {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         if cache.dim() != 4 or cache.shape[0] != 1 or cache.shape[1] != n_heads or cache.shape[3] != head_dim:
             raise ValueError(f"{name} must be [1, n_heads={n_heads}, max_seq, head_dim={head_dim}], "
@@ -209,8 +268,11 @@ def qk_norm_rope_kv_reference(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, valu
                               eps: float):
     """decoder.Attention's steps for one token: q/k RMSNorm over the whole d vector (rounded to qkv's
     dtype), rotate-half RoPE in float32 (rounded again), k and raw v written at cache slot `slot`.
+    cos/sin are the token's row [1, head_dim] or a table [max_seq, head_dim] read at `slot`.
     Returns q [1, n_heads, 1, head_dim] in qkv's dtype."""
     check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads)
+    if cos.numel() != cos.shape[-1]:
+        cos, sin = cos[slot.reshape(1).long()], sin[slot.reshape(1).long()]
     d = qkv.shape[-1] // 3
     q, k, v = qkv.reshape(1, 3 * d).split(d, dim=-1)
     q = F.rms_norm(q, (d,), q_norm_w.to(q.dtype), eps)
@@ -244,7 +306,8 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, d, eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """rope(rms_norm(x[:d]) * w) for the whole d vector (all heads), rounded to x's dtype."""
+        """rope(rms_norm(x[:d]) * w) for the whole d vector (all heads), rounded to x's dtype; cos/sin
+        point at the token's row."""
         offs = tl.arange(0, BLOCK_D)
         mask = offs < d
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -263,15 +326,24 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_kv_kernel(qkv_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                                 slot_ptr, d, max_seq, stride_head, eps,
-                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE_TABLE: tl.constexpr,
+                                USE_PDL: tl.constexpr):
         # Program 0: q; 1: k; 2: v. Each spans the whole d vector, since the q/k norms span all heads.
+        _pdl_release(USE_PDL)
         part = tl.program_id(0)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < d
+        _pdl_wait(USE_PDL)
         # Cache offset of element (head, i) at the slot, read on the device so a graph can replay it.
         # Loaded into every lane (one cached word): combining a scalar with the vector mask below is
         # mis-typed by Triton's interpreter.
         slot = tl.load(slot_ptr + offs * 0).to(tl.int64)
+        if ROPE_TABLE:
+            # The slot's row of the tables (clamped: an out-of-range slot writes nothing anyway).
+            row = tl.load(slot_ptr).to(tl.int64)
+            row = tl.minimum(tl.maximum(row, 0), max_seq - 1) * HEAD_DIM
+            cos_ptr += row
+            sin_ptr += row
         cache_offs = (offs // HEAD_DIM).to(tl.int64) * stride_head + slot * HEAD_DIM + offs % HEAD_DIM
         # An out-of-range slot writes nothing rather than outside the cache (checking it would need a sync).
         cache_mask = mask & (slot >= 0) & (slot < max_seq)
@@ -299,7 +371,9 @@ def fused_qk_norm_rope_kv(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_ca
     """Triton: as `qk_norm_rope_kv_reference` (writes the caches in place, returns q), one launch.
 
     `slot` is read on the device and not range-checked on the host; a slot outside the cache writes
-    nothing. `out` (contiguous [1, n_heads, 1, head_dim], qkv's dtype) avoids allocating q.
+    nothing. cos/sin may be tables [max_seq, head_dim] read at the slot (a graphed decode step then
+    needs no launches to compute the token's row). `out` (contiguous [1, n_heads, 1, head_dim], qkv's
+    dtype) avoids allocating q.
     """
     check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads)
     out = _q_output(qkv, n_heads, out)
@@ -310,7 +384,8 @@ def fused_qk_norm_rope_kv(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_ca
     _qk_norm_rope_kv_kernel[(3,)](
         qkv.contiguous(), q_norm_w.contiguous(), k_norm_w.contiguous(), cos.contiguous(), sin.contiguous(),
         out, key_cache, value_cache, slot, d, key_cache.shape[2], key_cache.stride(1), eps,
-        HEAD_DIM=head_dim, BLOCK_D=block, num_warps=_row_warps(block))
+        HEAD_DIM=head_dim, BLOCK_D=block, ROPE_TABLE=cos.numel() != head_dim, num_warps=_row_warps(block),
+        **pdl_launch_options(pdl_enabled(qkv)))
     return out
 
 
@@ -434,18 +509,41 @@ def check_router_args(h, gate_weight, top_k, counter, block_k: int = ROUTER_BLOC
 if triton is not None:
 
     @triton.jit
-    def _router_topk_kernel(h_ptr, w_ptr, part_ptr, count_ptr, weights_ptr, ids_ptr, d, num_experts,
+    def _router_topk_kernel(h_ptr, res_ptr, nw_ptr, normed_ptr, res_out_ptr, w_ptr, part_ptr, count_ptr,
+                            weights_ptr, ids_ptr, d, num_experts, eps,
                             NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
+                            BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                            NORM: tl.constexpr, USE_PDL: tl.constexpr):
         # Program `split`: the partial logits of every expert over d-columns [split * BLOCK_K, +BLOCK_K).
+        _pdl_release(USE_PDL)
         split = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
         mask_e = offs_e < num_experts
         offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < d
-        h = tl.load(h_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        # The gate weights are constants: loaded while the previous kernel (the one producing h) runs.
         w = tl.load(w_ptr + offs_e[:, None] * d + offs_k[None, :], mask=mask_e[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
+        _pdl_wait(USE_PDL)
+        if NORM:
+            # h_ptr holds the sublayer output x: every program forms s = residual + x over the whole
+            # vector for the RMS (8 KB from L2 for d = 2048), then its own columns of the normed vector,
+            # rounded as `_add_rms_norm_kernel` rounds them; it writes those columns of both.
+            dtype = h_ptr.dtype.element_ty
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < d
+            s_all = (tl.load(h_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                     + tl.load(res_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(s_all * s_all, axis=0) / d + eps)
+            s = (tl.load(h_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                 + tl.load(res_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + offs_k, s, mask=mask_k)
+            norm_w = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(dtype).to(tl.float32)
+            normed = (s.to(tl.float32) * rstd * norm_w).to(dtype)
+            tl.store(normed_ptr + offs_k, normed, mask=mask_k)
+            h = normed.to(tl.float32)
+        else:
+            h = tl.load(h_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         tl.store(part_ptr + split * BLOCK_E + offs_e, tl.sum(w * h[None, :], axis=1))
         # The atomic releases this program's partial and acquires the others'; the program that arrives
         # last sums them in split order (no float atomics: the logits are the same on every run),
@@ -470,18 +568,9 @@ if triton is not None:
             tl.store(count_ptr, 0)
 
 
-def router_topk(h, gate_weight, top_k: int, counter, *, out_weights=None, out_ids=None, workspace=None,
-                block_k: int = ROUTER_BLOCK_K, num_warps: int = ROUTER_WARPS):
-    """Triton: as `router_topk_reference` for one decode token h [1, d], in one launch.
-
-    `counter` (`new_arrival_counter`) is the arrival counter of the launch's programs; launches that
-    share one must not run concurrently (on one stream they do not). `workspace` (contiguous float32,
-    >= ceil(d / block_k) * next_power_of_2(max(num_experts, 16)) elements) and the outputs avoid
-    allocation. Logits are summed in float32 in another order than cuBLAS's GEMV, so a logit may
-    round to the neighbouring value of h's dtype; ids tie to the lower index. `block_k` (d-columns per
-    program) and `num_warps` are tuning knobs (see ROUTER_BLOCK_K).
-    """
-    check_router_args(h, gate_weight, top_k, counter, block_k, num_warps)
+def _launch_router(h, gate_weight, top_k, counter, out_weights, out_ids, workspace, block_k, num_warps,
+                   norm=None):
+    """Shared by `router_topk` and `router_topk_norm`; norm = (residual, norm_weight, eps, normed, residual_out)."""
     _check_triton_ready(h, "router")
     out_weights, out_ids = _router_outputs(h, top_k, out_weights, out_ids)
     num_experts, d = gate_weight.shape
@@ -494,11 +583,65 @@ def router_topk(h, gate_weight, top_k: int, counter, *, out_weights=None, out_id
         raise ValueError(f"workspace must be contiguous float32 with >= {needed} elements, "
                          f"got {workspace.dtype} {tuple(workspace.shape)}")
     h = h if h.is_contiguous() else h.contiguous()
+    residual, norm_weight, eps, normed, residual_out = norm if norm is not None else (h, h, 0.0, h, h)
     _router_topk_kernel[(num_splits,)](
-        h, gate_weight, workspace, counter, out_weights, out_ids, d, num_experts,
+        h, residual, norm_weight, normed, residual_out, gate_weight, workspace, counter, out_weights, out_ids,
+        d, num_experts, eps,
         NUM_SPLITS=num_splits, TOP_K=top_k, BLOCK_K=block_k, BLOCK_E=block_e,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=num_warps)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=triton.next_power_of_2(d), NORM=norm is not None,
+        num_warps=num_warps, **pdl_launch_options(pdl_enabled(h)))
     return out_weights, out_ids
+
+
+def router_topk(h, gate_weight, top_k: int, counter, *, out_weights=None, out_ids=None, workspace=None,
+                block_k: int = ROUTER_BLOCK_K, num_warps: int = ROUTER_WARPS):
+    """Triton: as `router_topk_reference` for one decode token h [1, d], in one launch.
+
+    `counter` (`new_arrival_counter`) is the arrival counter of the launch's programs; launches that
+    share one must not run concurrently (on one stream they do not). `workspace` (contiguous float32,
+    >= ceil(d / block_k) * next_power_of_2(max(num_experts, 16)) elements) and the outputs avoid
+    allocation. Logits are summed in float32 in another order than cuBLAS's GEMV, so a logit may
+    round to the neighbouring value of h's dtype; ids tie to the lower index. `block_k` (d-columns per
+    program) and `num_warps` are tuning knobs (see ROUTER_BLOCK_K).
+    """
+    check_router_args(h, gate_weight, top_k, counter, block_k, num_warps)
+    return _launch_router(h, gate_weight, top_k, counter, out_weights, out_ids, workspace, block_k, num_warps)
+
+
+def router_topk_norm_reference(x, residual, norm_weight, eps: float, gate_weight, top_k: int):
+    """torch: `add_rms_norm_reference` then `router_topk_reference`, returning (weights, ids, normed,
+    new_residual): decoder.py's residual add, MoE norm and `MoE.route` for one decode token."""
+    normed, new_residual = add_rms_norm_reference(x, residual, norm_weight, eps)
+    return (*router_topk_reference(normed, gate_weight, top_k), normed, new_residual)
+
+
+def router_topk_norm(x, residual, norm_weight, eps: float, gate_weight, top_k: int, counter, *, normed_out=None,
+                     residual_out=None, block_k: int = ROUTER_BLOCK_K, num_warps: int = ROUTER_WARPS):
+    """Triton: as `router_topk_norm_reference`, one launch: the residual add and RMSNorm before the MoE
+    inside the router (every program forms the RMS of the whole vector and normalises its own columns),
+    one kernel boundary fewer per block than `fused_add_rms_norm` + `router_topk`. The normed vector
+    and the new residual are rounded as `fused_add_rms_norm` rounds them; the RMS is summed in another
+    order, so an element may differ from that path's by an ulp. `normed_out` / `residual_out` (x's shape
+    and dtype) avoid allocation and must be other buffers than x and residual (all programs read those
+    while each writes its columns)."""
+    check_add_rms_norm_args(x, residual, norm_weight)
+    check_router_args(x, gate_weight, top_k, counter, block_k, num_warps)
+    normed_out, residual_out = _add_rms_norm_outputs(x, normed_out, residual_out)
+    inputs = {x.data_ptr(), residual.data_ptr()}
+    if normed_out.data_ptr() in inputs or residual_out.data_ptr() in inputs:
+        raise ValueError("normed_out and residual_out must be other buffers than x and residual (programs read "
+                         "the whole of x and residual while others write their columns)")
+    weights, ids = _launch_router(x, gate_weight, top_k, counter, None, None, None, block_k, num_warps,
+                                  norm=(residual.contiguous(), norm_weight.contiguous(), eps, normed_out, residual_out))
+    return weights, ids, normed_out, residual_out
+
+
+def router_topk_norm_auto(x, residual, norm_weight, eps: float, gate_weight, top_k: int, counter, *,
+                          impl: str = "auto"):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    if _use_triton(impl, x):
+        return router_topk_norm(x, residual, norm_weight, eps, gate_weight, top_k, counter)
+    return router_topk_norm_reference(x, residual, norm_weight, eps, gate_weight, top_k)
 
 
 def router_topk_auto(h, gate_weight, top_k: int, counter, *, impl: str = "auto"):
@@ -536,10 +679,13 @@ if triton is not None:
 
     @triton.jit
     def _greedy_token_kernel(logits_ptr, val_ptr, idx_ptr, count_ptr, out_ptr, vocab,
-                             NUM_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+                             NUM_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         # Program b: the largest logit of [b * BLOCK_V, +BLOCK_V) and its first index.
+        _pdl_release(USE_PDL)
         block = tl.program_id(0)
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        _pdl_wait(USE_PDL)
         x = tl.load(logits_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
         best, idx = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(val_ptr + block, best)
@@ -582,7 +728,7 @@ def greedy_token(logits, counter, *, out=None, workspace=None, block_v: int = GR
     _greedy_token_kernel[(num_blocks,)](
         logits, values, indices, counter, out, vocab,
         NUM_BLOCKS=num_blocks, BLOCK_V=block_v, BLOCK_S=max(2, triton.next_power_of_2(num_blocks)),
-        num_warps=max(1, min(8, block_v // 256)))
+        num_warps=max(1, min(8, block_v // 256)), **pdl_launch_options(pdl_enabled(logits)))
     return out
 
 
@@ -591,3 +737,78 @@ def greedy_token_auto(logits, counter, *, impl: str = "auto"):
     if _use_triton(impl, logits):
         return greedy_token(logits, counter)
     return greedy_token_reference(logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Token embedding: one decode token through MolmoE's two tables
+
+
+def embedding_reference(ids, table, extra_table):
+    """torch: rows of `table` [V, d] for ids < V, of `extra_table` [V2, d] for ids V..V+V2-1 (MolmoE's
+    `new_embedding` rows appended after the main table). Two gathers and a select, never a concatenated
+    copy of the table (206 MB for MolmoE-1B, more than a whole decode step's attention)."""
+    if extra_table.shape[0] == 0:
+        return F.embedding(ids, table)
+    size = table.shape[0]
+    main = F.embedding(ids.clamp(max=size - 1), table)
+    extra = F.embedding((ids - size).clamp(min=0), extra_table)
+    return torch.where((ids < size)[..., None], main, extra)
+
+
+def check_embed_args(ids, table, extra_table) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if ids.numel() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be one token id (a 1-element int32/int64 tensor), got {ids.dtype} {tuple(ids.shape)}")
+    if table.dim() != 2 or not 1 <= table.shape[1] <= MAX_D or table.shape[0] < 1:
+        raise ValueError(f"table must be [vocab >= 1, d <= {MAX_D}], got {tuple(table.shape)}")
+    _check_float("table", table, allow_float64=False)
+    if extra_table.dim() != 2 or extra_table.shape[1] != table.shape[1] or extra_table.dtype != table.dtype:
+        raise ValueError(f"extra_table must be [rows, d={table.shape[1]}] of table's dtype {table.dtype}, "
+                         f"got {extra_table.dtype} {tuple(extra_table.shape)}")
+    _check_same_device(ids=ids, table=table, extra_table=extra_table)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _embed_token_kernel(ids_ptr, table_ptr, extra_ptr, out_ptr, size, extra_size, d,
+                            BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        # One program per BLOCK_D columns of the row.
+        _pdl_release(USE_PDL)
+        offs = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < d
+        _pdl_wait(USE_PDL)
+        # Loaded into every lane, as the slot in `_qk_norm_rope_kv_kernel` (the interpreter mis-types a
+        # scalar combined with the vector mask).
+        token = tl.load(ids_ptr + offs * 0).to(tl.int64)
+        main = token < size
+        extra = token - size
+        # An id past both tables reads nothing and gives zeros (torch's gather would fail a device assert).
+        row_main = tl.load(table_ptr + token * d + offs, mask=mask & main & (token >= 0), other=0.0)
+        row_extra = tl.load(extra_ptr + extra * d + offs, mask=mask & (extra >= 0) & (extra < extra_size), other=0.0)
+        tl.store(out_ptr + offs, tl.where(main, row_main, row_extra), mask=mask)
+
+
+def embed_token(ids, table, extra_table, *, out=None):
+    """Triton: `embedding_reference` for one token id, one launch; returns [1, 1, d] in table's dtype.
+    `out` (contiguous [1, 1, d]) avoids allocation. An id outside both tables gives a zero row."""
+    check_embed_args(ids, table, extra_table)
+    _check_triton_ready(table, "embedding")
+    d = table.shape[1]
+    out = torch.empty((1, 1, d), dtype=table.dtype, device=table.device) if out is None else out
+    _check_out("out", out, (1, 1, d), table.dtype, table.device)
+    block = min(1024, triton.next_power_of_2(d))
+    # An empty extra table still needs a valid pointer: the main one, never read (extra_size 0).
+    extra = extra_table if extra_table.shape[0] else table
+    _embed_token_kernel[(triton.cdiv(d, block),)](
+        ids, table, extra, out, table.shape[0], extra_table.shape[0], d,
+        BLOCK_D=block, num_warps=_row_warps(block), **pdl_launch_options(pdl_enabled(table)))
+    return out
+
+
+def embed_token_auto(ids, table, extra_table, *, impl: str = "auto"):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one. Returns [1, 1, d]."""
+    if _use_triton(impl, table):
+        return embed_token(ids, table, extra_table)
+    check_embed_args(ids, table, extra_table)
+    return embedding_reference(ids.reshape(1, 1), table, extra_table)

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from .decoder import KVCache, decode_forward_fused, rope_tables
-from .fused_kernels import greedy_token_auto
+from .decoder import KVCache, decode_forward_fused
+from .fused_kernels import embed_token_auto, greedy_token_auto
 from .molmoe import MolmoE
 
 
@@ -54,18 +54,20 @@ def decode_one_token(
 
     With `slot_range` (CUDA graphs: static shapes) attention covers the whole buffer under a mask
     computed on the device; without it (eager) it covers the first `cache_len` = slot + 1 slots.
-    `fused` (CUDA path) runs `decode_forward_fused`: same arithmetic, a third of the launches, and
-    attention that reads only the filled slots whatever the buffer size; its argmax is
-    `fused_kernels.greedy_token` (the same token: the first index of the largest logit).
+    `fused` (CUDA path) runs `decode_forward_fused`: same arithmetic, a quarter of the launches, and
+    attention that reads only the filled slots whatever the buffer size; its embedding lookup is
+    `fused_kernels.embed_token` (one launch) and its argmax `fused_kernels.greedy_token` (the same
+    token: the first index of the largest logit).
     `return_logits` returns the logits [1, V] instead of the greedy token (tests, analysis).
     """
-    embeds = model.transformer.wte(token)
     if slot_range is None and cache_len is None:
         raise ValueError("decode_one_token needs slot_range (graph path) or cache_len (eager path)")
     if fused:
-        cos, sin = rope_tables(slot[None], model.args.head_dim, model.args.rope_theta)
-        hidden = decode_forward_fused(model.transformer, embeds, cos, sin, cache, slot, plan, top_k)
+        wte = model.transformer.wte
+        embeds = embed_token_auto(token, wte.embedding, wte.new_embedding)
+        hidden = decode_forward_fused(model.transformer, embeds, cache, slot, plan, top_k)
     else:
+        embeds = model.transformer.wte(token)
         mask = (slot_range <= slot)[None, None, None, :] if slot_range is not None else None
         hidden = model.transformer(
             embeds, slot[None], plan, top_k, cache=cache, cache_index=slot, mask=mask, attend_cache=True, cache_len=cache_len

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_kernels import pdl_enabled, pdl_launch_options
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference path still works
     triton = None
+else:
+    from .fused_kernels import _pdl_release, _pdl_wait
 
 
 def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down) -> None:
@@ -162,8 +166,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_gate_up_kernel(x_ptr, ids_ptr, weights_ptr, w_ptr, h_ptr, d_model, hidden,
-                               stride_we, stride_wn, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                               stride_we, stride_wn, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                               USE_PDL: tl.constexpr):
         # Program (slot, row block): h[slot, rows] = p * silu(W_gate[e] x) * (W_up[e] x), e = ids[slot].
+        # Which weights to read is the previous kernel's (the router's) output: nothing to load early.
+        # The down kernel is released only after the wait, so that it may read the ids before its own.
+        _pdl_wait(USE_PDL)
+        _pdl_release(USE_PDL)
         slot = tl.program_id(0)
         expert = tl.load(ids_ptr + slot).to(tl.int64)
         prob = tl.load(weights_ptr + slot).to(tl.float32)
@@ -190,22 +199,42 @@ if triton is not None:
         tl.store(h_ptr + slot * hidden + offs_h, h, mask=mask_h)
 
     @triton.jit
+    def _down_chunks(acc, h_ptr, row_ptrs, mask_out, slot, start, hidden, BLOCK_HK: tl.constexpr):
+        """acc += the slot's weight rows times its h, over hidden columns [start, hidden)."""
+        for h_start in range(start, hidden, BLOCK_HK):
+            offs_h = h_start + tl.arange(0, BLOCK_HK)
+            mask_h = offs_h < hidden
+            h = tl.load(h_ptr + slot * hidden + offs_h, mask=mask_h, other=0.0)
+            w = tl.load(row_ptrs + offs_h[None, :], mask=mask_out[:, None] & mask_h[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc += w.to(tl.float32) * h[None, :]
+        return acc
+
+    @triton.jit
     def _decode_down_kernel(h_ptr, ids_ptr, w_ptr, out_ptr, d_model, hidden, stride_we, stride_wn,
-                            TOP_K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_HK: tl.constexpr):
+                            TOP_K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_HK: tl.constexpr,
+                            USE_PDL: tl.constexpr):
         # Program (row block): y[rows] = sum_slot W_down[ids[slot]][rows] @ h[slot] (p is already in h).
+        _pdl_release(USE_PDL)
         offs_out = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
         mask_out = offs_out < d_model
-        acc = tl.zeros([BLOCK_OUT, BLOCK_HK], dtype=tl.float32)
-        for slot in range(TOP_K):
+        # The ids come from the router, two kernels back: the gate/up kernel releases this one only once
+        # the router has finished (PDL), so the first slot's first weight tile is loaded before the wait,
+        # while gate/up still runs. ".cg": read from L2, where the router's writes are.
+        expert = tl.load(ids_ptr, cache_modifier=".cg").to(tl.int64)
+        row_ptrs = w_ptr + expert * stride_we + offs_out[:, None].to(tl.int64) * stride_wn
+        offs_h = tl.arange(0, BLOCK_HK)
+        mask_h = offs_h < hidden
+        w = tl.load(row_ptrs + offs_h[None, :], mask=mask_out[:, None] & mask_h[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        _pdl_wait(USE_PDL)
+        h = tl.load(h_ptr + offs_h, mask=mask_h, other=0.0)
+        acc = w.to(tl.float32) * h[None, :]
+        acc = _down_chunks(acc, h_ptr, row_ptrs, mask_out, 0, BLOCK_HK, hidden, BLOCK_HK)
+        for slot in range(1, TOP_K):
             expert = tl.load(ids_ptr + slot).to(tl.int64)
             row_ptrs = w_ptr + expert * stride_we + offs_out[:, None].to(tl.int64) * stride_wn
-            for h_start in range(0, hidden, BLOCK_HK):
-                offs_h = h_start + tl.arange(0, BLOCK_HK)
-                mask_h = offs_h < hidden
-                h = tl.load(h_ptr + slot * hidden + offs_h, mask=mask_h, other=0.0)
-                w = tl.load(row_ptrs + offs_h[None, :], mask=mask_out[:, None] & mask_h[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                acc += w.to(tl.float32) * h[None, :]
+            acc = _down_chunks(acc, h_ptr, row_ptrs, mask_out, slot, 0, hidden, BLOCK_HK)
         tl.store(out_ptr + offs_out, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -247,7 +276,8 @@ def launch_decode_gate_up(x, topk_ids, topk_weights, w_gate_up, workspace, confi
     _decode_gate_up_kernel[(top_k, triton.cdiv(hidden, config.block_h))](
         x, topk_ids, topk_weights, w_gate_up, workspace, d_model, hidden,
         w_gate_up.stride(0), w_gate_up.stride(1),
-        BLOCK_H=config.block_h, BLOCK_D=config.block_d, num_warps=config.num_warps)
+        BLOCK_H=config.block_h, BLOCK_D=config.block_d, num_warps=config.num_warps,
+        **pdl_launch_options(pdl_enabled(x)))
 
 
 def launch_decode_down(workspace, topk_ids, w_down, out, config: DecodeConfig) -> None:
@@ -256,7 +286,7 @@ def launch_decode_down(workspace, topk_ids, w_down, out, config: DecodeConfig) -
     _decode_down_kernel[(triton.cdiv(d_model, config.block_out),)](
         workspace, topk_ids, w_down, out, d_model, hidden, w_down.stride(0), w_down.stride(1),
         TOP_K=top_k, BLOCK_OUT=config.block_out, BLOCK_HK=config.block_hk,
-        num_warps=config.down_warps or config.num_warps)
+        num_warps=config.down_warps or config.num_warps, **pdl_launch_options(pdl_enabled(out)))
 
 
 # ---------------------------------------------------------------------------------------------------
