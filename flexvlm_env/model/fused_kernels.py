@@ -20,8 +20,9 @@ dtype and rounding wherever decoder.py rounds today, so that they stand in for i
 On Hopper and newer cards the decode kernels launch with programmatic dependent launch (PDL, see
 `pdl_enabled`): each lets the next kernel of the stream start at once, and waits (`gdc_wait`) for the
 one before it to finish only where it first reads what that kernel wrote. Before that point a kernel
-reads constants only (weights, the cache rows of earlier tokens), so its loads overlap the tail of the
-kernel before: in a graphed decode step of ~150 short kernels the gaps and ramp-ups between them are a
+reads only what was final before the kernel before it started (weights, the cache rows of earlier
+tokens; the MoE down kernel the router's ids, two kernels back), so its loads overlap the tail of the
+kernel before: in a graphed decode step of ~130 short kernels the gaps and ramp-ups between them are a
 large part of the time.
 
 None syncs with the host or allocates data-dependent shapes, so all can be captured in a CUDA graph;
@@ -97,17 +98,22 @@ def _row_warps(block: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _compute_capability(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+def _pdl_capable(device: torch.device) -> bool:
+    # Grid dependency control needs compute capability 9.0 and a Triton that exposes it (3.4 and later).
+    try:
+        from triton.language.extra import cuda as triton_cuda
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(triton_cuda, "gdc_wait")
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels on t's device launch with PDL: CUDA on compute capability >= 9 (Hopper), unless
-    the environment sets FLEXVLM_PDL=0 (read at each launch; a captured graph keeps the mode it was
-    captured with). Never under Triton's interpreter, which has no grid dependency control."""
-    if not t.is_cuda or os.environ.get("FLEXVLM_PDL", "1") == "0":
+    """Whether kernels on t's device launch with PDL: CUDA on compute capability >= 9 (Hopper) with a
+    Triton that supports it, unless the environment sets FLEXVLM_PDL=0 (read at each launch; a captured
+    graph keeps the mode it was captured with). Never on CPU, so never under Triton's interpreter."""
+    if triton is None or not t.is_cuda or os.environ.get("FLEXVLM_PDL", "1") == "0":
         return False
-    return _compute_capability(t.device) >= 9
+    return _pdl_capable(t.device)
 
 
 def pdl_launch_options(use_pdl: bool) -> dict:

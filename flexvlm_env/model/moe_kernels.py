@@ -281,7 +281,11 @@ def launch_decode_gate_up(x, topk_ids, topk_weights, w_gate_up, workspace, confi
 
 
 def launch_decode_down(workspace, topk_ids, w_down, out, config: DecodeConfig) -> None:
-    """The second decode kernel alone (no checks): out = sum over slots of W_down[ids[slot]] @ workspace[slot]."""
+    """The second decode kernel alone (no checks): out = sum over slots of W_down[ids[slot]] @ workspace[slot].
+
+    With PDL it reads topk_ids[0, 0] before waiting for the kernel launched just before it: the ids must
+    have been written before that kernel stopped waiting itself, as they are after
+    `launch_decode_gate_up`, which releases its dependants only after its own wait."""
     top_k, (_, d_model, hidden) = topk_ids.shape[1], w_down.shape
     _decode_down_kernel[(triton.cdiv(d_model, config.block_out),)](
         workspace, topk_ids, w_down, out, d_model, hidden, w_down.stride(0), w_down.stride(1),
