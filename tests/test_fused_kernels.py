@@ -530,8 +530,7 @@ def test_cache_rope_tables_hold_each_positions_row():
     assert cache.rope_cos.shape == cache.rope_sin.shape == (300, args.head_dim)
     for position in (0, 1, 17, 299):
         cos, sin = rope_tables(torch.tensor([[position]]), args.head_dim, args.rope_theta)
-        torch.testing.assert_close(cache.rope_cos[position], cos[0, 0], rtol=0, atol=1e-6)
-        torch.testing.assert_close(cache.rope_sin[position], sin[0, 0], rtol=0, atol=1e-6)
+        assert torch.equal(cache.rope_cos[position], cos[0, 0]) and torch.equal(cache.rope_sin[position], sin[0, 0])
 
 
 def test_qk_reference_reads_tables_at_the_slot():
