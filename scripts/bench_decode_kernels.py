@@ -1,8 +1,11 @@
 """Tile sweeps of the decode step's GEMV-shaped kernels against cuBLAS / torch; writes JSON.
 
 MolmoE-1B's shapes by default (d 2048, 64 experts of hidden 1024, vocabulary 50,304, bf16):
-- `decode_gemv`: the q/k/v projection (3d x d) with the residual add + RMSNorm fused, against
-  `fused_add_rms_norm` followed by cuBLAS; the output projection (d x d) plain, against cuBLAS;
+- `decode_gemv`: the q/k/v projection (3d x d) and the LM head (vocab x d) with the residual add +
+  RMSNorm fused (the attention norm, ln_f), against `fused_add_rms_norm` followed by cuBLAS; the
+  output projection (d x d) plain, against cuBLAS. The LM head (206 MB a copy) is timed over
+  `--head-copies` copies and over tiles of >= 4 rows (fewer rows re-read the vector from L2 more
+  often than the weights are read);
 - the MoE decode kernels (`moe_kernels.launch_decode_gate_up`, `launch_decode_down`), each alone,
   per top_k in `--top-k`, per tile;
 - `greedy_token` per `block_v`, against torch's argmax.
@@ -60,15 +63,26 @@ class Args:
     num_warps: tuple[int, ...] = (1, 2, 4, 8)
     blocks: int = 16
     """calls per graph replay, each over its own weights (a decode step's blocks)"""
+    head_copies: int = 4
+    """LM-head weight copies per graph replay (the head is one call per token; several copies only
+    keep L2 from serving a repeat)"""
     replays: int = 50
     seed: int = 0
+    sections: tuple[str, ...] = ("greedy", "gemv", "moe")
+    """which sweeps run, in this order"""
+    gemv_shapes: tuple[str, ...] = ("qkv", "out", "head")
+    """which projections the gemv section sweeps (each tile is a Triton compile: about a second)"""
     dry_run: bool = False
     """CPU, float32, tiny sizes, the torch references: checks that the script runs end to end"""
 
     def validate(self) -> None:
-        for name in ("d_model", "num_experts", "hidden", "vocab", "blocks", "replays"):
+        for name in ("d_model", "num_experts", "hidden", "vocab", "blocks", "head_copies", "replays"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
+        if not self.gemv_shapes or set(self.gemv_shapes) - {"qkv", "out", "head"}:
+            raise ValueError(f"--gemv-shapes {self.gemv_shapes} must be a non-empty subset of qkv, out, head")
+        if not self.sections or set(self.sections) - {"greedy", "gemv", "moe"}:
+            raise ValueError(f"--sections {self.sections} must be a non-empty subset of greedy, gemv, moe")
         if any(not 1 <= k <= self.num_experts for k in self.top_k):
             raise ValueError(f"--top-k {self.top_k} must be in 1..num_experts={self.num_experts}")
         for name in ("block_n", "block_k"):
@@ -78,8 +92,9 @@ class Args:
 
 def gemv_rows(args: Args, device, dtype, on_gpu: bool, time_ms, randn) -> list[dict]:
     d, rows = args.d_model, []
-    for n, fused in ((3 * d, True), (d, False)):
-        weights = [randn(n, d) * d ** -0.5 for _ in range(args.blocks)]
+    shapes = {"qkv": (3 * d, True, args.blocks), "out": (d, False, args.blocks), "head": (args.vocab, True, args.head_copies)}
+    for n, fused, copies in (shapes[name] for name in args.gemv_shapes):
+        weights = [randn(n, d) * d ** -0.5 for _ in range(copies)]
         x, residual, norm_w = randn(1, d), randn(1, d), 1 + 0.3 * randn(d)
         out, h, new_residual = (torch.empty(1, m, device=device, dtype=dtype) for m in (n, d, d))
         kwargs = dict(residual=residual, norm_weight=norm_w, eps=EPS) if fused else {}
@@ -99,7 +114,7 @@ def gemv_rows(args: Args, device, dtype, on_gpu: bool, time_ms, randn) -> list[d
         rows.append(baseline)
         default = default_gemv_config(n, d, fused)
         tiles = [GemvConfig(*t) for t in itertools.product(args.block_n, args.block_k, args.num_warps)
-                 if t[0] * t[1] <= 32768 and t[0] * t[1] >= 64 * t[2]]
+                 if t[0] * t[1] <= 32768 and t[0] * t[1] >= 64 * t[2] and (n != args.vocab or t[0] >= 4)]
         for config in tiles if on_gpu else tiles[:1]:
             extra = dict(residual_out=new_residual) if fused else {}
 
@@ -222,7 +237,8 @@ def main() -> None:
         meta["triton"] = triton.__version__
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for section in (greedy_rows, gemv_rows, moe_rows):
+    sections = {"greedy": greedy_rows, "gemv": gemv_rows, "moe": moe_rows}
+    for section in (sections[name] for name in args.sections):
         rows += section(args, device, dtype, on_gpu, time_ms, randn)
         # Written after each section: a run cut short keeps what it measured.
         meta["sections_done"] = meta.get("sections_done", []) + [section.__name__.removesuffix("_rows")]

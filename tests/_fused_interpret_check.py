@@ -254,6 +254,29 @@ def greedy_token_case(report, vocab, dtype, block_v, where=None):
     report.check(f"greedy_token V={vocab} block_v={block_v} {dtype} {where or 'random'}", problems)
 
 
+def greedy_advance_case(report):
+    """`advance`: each launch writes its token to out, to history[slot + 1], and moves slot on by one,
+    as a self-advancing decode graph needs; the rest of history is untouched."""
+    counter, slot = new_arrival_counter("cpu"), torch.tensor([5])
+    history = torch.full((12,), -1, dtype=torch.int64)
+    out = torch.full((1, 1), -1, dtype=torch.int64)
+    expected, problems = history.clone(), []
+    for launch in range(3):
+        logits = nonzero_randn(1, 300)
+        ref = greedy_token_reference(logits)
+        expected[6 + launch] = ref.item()
+        got = greedy_token(logits, counter, out=out, block_v=64, advance=(slot, history))
+        if got is not out or not torch.equal(out, ref):
+            problems.append(f"launch {launch}: out {out.tolist()} != {ref.tolist()}")
+        if int(slot.item()) != 6 + launch:
+            problems.append(f"launch {launch}: slot {int(slot.item())} != {6 + launch}")
+        if int(counter.item()) != 0:
+            problems.append(f"launch {launch} left the counter at {int(counter.item())}")
+    if not torch.equal(history, expected):
+        problems.append(f"history {history.tolist()} != {expected.tolist()}")
+    report.check("greedy_token advance=(slot, history)", problems)
+
+
 def main() -> int:
     report, _ = start(__doc__)
     for dtype in (F32, F16, BF16):
@@ -295,6 +318,7 @@ def main() -> int:
             greedy_token_case(report, vocab, dtype, block_v)
         for where in ("tie", "last", "first"):
             greedy_token_case(report, 1000, dtype, 64, where)
+    greedy_advance_case(report)
     return report.finish()
 
 

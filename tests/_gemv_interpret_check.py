@@ -82,7 +82,12 @@ def fused_decode_case(report, plan, top_k):
         ref = model(x, slot_t[None], plan, top_k, cache=caches[0], cache_index=slot_t, mask=mask, attend_cache=True)
         model.moe_impl = "triton"
         got = decode_forward_fused(model, x, caches[1], slot_t, plan, top_k, impl="triton")
+        # With an LM head: ln_f inside its GEMV, the logits against the head over the plain hidden
+        # state (the caches were written by the run above; writing the same rows again changes nothing).
+        head = 0.3 * torch.randn(args.embedding_size, args.d_model)
+        logits = decode_forward_fused(model, x, caches[1], slot_t, plan, top_k, impl="triton", lm_head_weight=head)
     compare("hidden", got, ref, None, F32, problems)
+    compare("logits", logits, torch.nn.functional.linear(ref[:, -1], head), None, F32, problems)
     for i in plan:
         # Values are the projection's raw output: equal up to the GEMV's summation order.
         compare(f"keys[{i}]", caches[1].keys[i], caches[0].keys[i], None, F32, problems)
@@ -92,6 +97,8 @@ def fused_decode_case(report, plan, top_k):
             problems.append(f"skipped block {i}'s cache was written")
     if int(caches[1].arrival_counter.item()) != 0:
         problems.append("the router left the arrival counter non-zero")
+    if caches[1].head_counters.any():
+        problems.append(f"attention left its head counters at {caches[1].head_counters.tolist()}")
     report.check(f"decode_forward_fused impl=triton plan={plan} top_k={top_k}", problems)
 
 

@@ -453,6 +453,10 @@ def test_router_topk_rejects_bad_arguments(change, message):
     ({"counter": torch.zeros(2, dtype=torch.int32)}, "counter must be"),
     ({"block_v": 100}, "block_v=100"),
     ({"block_v": 8}, "block_v=8"),
+    ({"advance": (torch.zeros(1, dtype=torch.int32), torch.zeros(8, dtype=torch.int64))}, "advance slot"),
+    ({"advance": (torch.zeros(2, dtype=torch.int64), torch.zeros(8, dtype=torch.int64))}, "advance slot"),
+    ({"advance": (torch.zeros(1, dtype=torch.int64), torch.zeros(8, dtype=torch.int32))}, "advance history"),
+    ({"advance": (torch.zeros(1, dtype=torch.int64), torch.zeros(2, 8, dtype=torch.int64))}, "advance history"),
 ])
 def test_greedy_token_rejects_bad_arguments(change, message):
     args = {"logits": torch.randn(1, 64), "counter": new_arrival_counter("cpu"), "block_v": 16}

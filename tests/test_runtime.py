@@ -375,15 +375,14 @@ def test_fused_decode_step_equals_plain_step(tiny_vlm, config):
             caches.append(cache)
         token, slot = torch.tensor([[result.token_ids[-1]]]), torch.tensor([length + 2])
         slot_range = torch.arange(64 + length)
-        hidden = {}
-        for fused, cache in zip((False, True), caches):
-            lm_head = tiny_vlm.module.lm_head
-            hook = lm_head.register_forward_hook(lambda m, a, out, fused=fused: hidden.__setitem__(fused, out))
-            try:
-                decode_one_token(tiny_vlm.module, token, slot, plan, top_k, cache, slot_range=slot_range, fused=fused)
-            finally:
-                hook.remove()
-        torch.testing.assert_close(hidden[True], hidden[False], atol=1e-4, rtol=1e-4)
+        # The logits: the fused path forms them in `decode_gemv` with ln_f inside, not by the lm_head module.
+        logits = {fused: decode_one_token(tiny_vlm.module, token, slot, plan, top_k, cache, slot_range=slot_range,
+                                          fused=fused, return_logits=True)
+                  for fused, cache in zip((False, True), caches)}
+        torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="history needs fused"):
+            decode_one_token(tiny_vlm.module, token, slot, plan, top_k, caches[0], slot_range=slot_range,
+                             history=torch.zeros(128, dtype=torch.long))
         for i in plan:
             torch.testing.assert_close(caches[1].keys[i], caches[0].keys[i], atol=1e-5, rtol=1e-5)
             # After block 0 the values carry the earlier blocks' rounding (another op order in the fused

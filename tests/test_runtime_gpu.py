@@ -56,6 +56,29 @@ def test_mixed_knobs_capture_each_combination_once(pair):
     assert len(decode_keys) == len({(graphed.plan(c), c.top_k_per_block(16)) for c in CONFIGS})
 
 
+def test_self_advancing_decode_graph_continues_or_refills(pair):
+    """The fused decode graph writes its next token and slot itself: a call that continues from the
+    token it returned queues only the replay; any other (token, slot) is copied in first. Both give
+    the eager path's tokens, also when requests with the same knobs interleave."""
+    graphed, eager = pair
+    config = CONFIGS[1]
+    tokens = [graphed.generate(_image(s), "Describe the image.", config, max_new_tokens=10, ignore_eos=True).token_ids
+              for s in (0, 1, 0)]
+    assert tokens[0] == tokens[2]
+    assert tokens[1] == eager.generate(_image(1), "Describe the image.", config, max_new_tokens=10, ignore_eos=True).token_ids
+    graphs, plan, top_k = graphed._graphs, graphed.plan(config), config.top_k_per_block(16)
+    # Request 0 again up to its first token, then its decode steps by hand, from slot `length`.
+    first = graphed.generate(_image(0), "Describe the image.", config, max_new_tokens=1, ignore_eos=True)
+    length = first.tokens.input
+    with torch.inference_mode():  # as in generate: the graph's inputs are inference tensors
+        token = torch.tensor([[first.token_ids[0]]], device="cuda")
+        second = graphs.decode(token, length, plan, top_k)  # a new token tensor: copied in
+        third = graphs.decode(second, length + 1, plan, top_k)  # continues: nothing copied
+        fourth = graphs.decode(third.clone(), length + 2, plan, top_k)  # an equal token in another tensor: copied in
+        again = graphs.decode(third, length + 2, plan, top_k)  # a step back (the graph is at length + 3): copied in
+    assert [int(second), int(third), int(fourth), int(again)] == tokens[0][1:4] + [tokens[0][3]]
+
+
 def test_gpu_stage_timing_adds_up(pair):
     graphed, _ = pair
     graphed.warmup([Config()])

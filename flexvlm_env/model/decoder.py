@@ -53,7 +53,8 @@ class KVCache:
 
     It also holds the decode step's other static state: the arrival counter of the one-launch router
     (`fused_kernels.router_topk`) and of the greedy argmax (`fused_kernels.greedy_token`), which each
-    launch uses in turn and leaves at zero, and the RoPE tables of every slot ([max_seq, head_dim],
+    launch uses in turn and leaves at zero, the per-head arrival counters of the one-launch attention
+    (`decode_attention.decode_attention`, likewise), and the RoPE tables of every slot ([max_seq, head_dim],
     `rope_tables` of positions 0..max_seq-1, elementwise the same values as computed per token), which
     the fused decode step reads at the slot instead of computing the token's row with ~10 launches.
     """
@@ -61,11 +62,13 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     arrival_counter: torch.Tensor
+    head_counters: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
+        from .decode_attention import new_head_counters
         from .fused_kernels import new_arrival_counter
 
         shape = (batch, args.n_heads, max_seq, args.head_dim)
@@ -74,6 +77,7 @@ class KVCache:
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             new_arrival_counter(device),
+            new_head_counters(args.n_heads, device),
             cos,
             sin,
         )
@@ -210,9 +214,11 @@ def decode_forward_fused(
     plan: tuple[int, ...],
     top_k: tuple[int, ...],
     impl: str = "auto",
+    lm_head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode token [1, 1, d] at cache slot `slot` (= its position) through the plan with fused
-    elementwise kernels; returns ln_f(x).
+    elementwise kernels; returns ln_f(x) [1, 1, d], or, given `lm_head_weight` [V, d], the logits
+    [1, V] (ln_f's add + norm inside the head's `decode_gemv`, one launch fewer than norm + Linear).
 
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
@@ -245,6 +251,9 @@ def decode_forward_fused(
             else:
                 h, residual = fused_add_rms_norm_auto(y, residual, attn.attn_norm.weight, eps, impl=impl)
             qkv = attn.att_proj(h)
+        # (The q/k/v projection's last program doing this kernel's work instead, after an arrival
+        # counter, saved the launch but serialised it in one program: 0.935 against 0.877 ms per token
+        # at top_k 8 on an H200, results/device/session11/call3_*.)
         q = fused_qk_norm_rope_kv_auto(
             qkv, attn.q_norm.weight, attn.k_norm.weight, cache.rope_cos, cache.rope_sin,
             cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
@@ -255,7 +264,8 @@ def decode_forward_fused(
         # kernel load those rows while the kernel before it is still running (PDL). (Forming q inside
         # the split programs instead, each summing the q norm over all heads, saved a launch but was
         # slower: 0.551 against 0.542 ms per token at top_k 1 on an H200, BENCHMARKS.md.)
-        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True).reshape(1, d)
+        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True,
+                                    counters=cache.head_counters).reshape(1, d)
         if type(attn.attn_out) is nn.Linear:
             attn_out, _ = decode_gemv_auto(out, attn.attn_out.weight, impl=impl)
         else:
@@ -271,5 +281,8 @@ def decode_forward_fused(
             h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
             weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
+    if lm_head_weight is not None:
+        return decode_gemv_auto(y, lm_head_weight, residual=residual, norm_weight=transformer.ln_f.weight, eps=eps,
+                                impl=impl)[0]
     h, _ = fused_add_rms_norm_auto(y, residual, transformer.ln_f.weight, eps, impl=impl)
     return h.reshape(1, 1, d)

@@ -684,9 +684,9 @@ def check_greedy_args(logits, counter, block_v: int) -> None:
 if triton is not None:
 
     @triton.jit
-    def _greedy_token_kernel(logits_ptr, val_ptr, idx_ptr, count_ptr, out_ptr, vocab,
+    def _greedy_token_kernel(logits_ptr, val_ptr, idx_ptr, count_ptr, out_ptr, slot_ptr, history_ptr, vocab,
                              NUM_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             ADVANCE: tl.constexpr, USE_PDL: tl.constexpr):
         # Program b: the largest logit of [b * BLOCK_V, +BLOCK_V) and its first index.
         _pdl_release(USE_PDL)
         block = tl.program_id(0)
@@ -704,23 +704,43 @@ if triton is not None:
             mask_s = offs_s < NUM_BLOCKS
             vals = tl.load(val_ptr + offs_s, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
             _, pos = tl.max(vals, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            token = tl.load(idx_ptr + pos, cache_modifier=".cg")
-            tl.store(out_ptr, token.to(tl.int64))
+            token = tl.load(idx_ptr + pos, cache_modifier=".cg").to(tl.int64)
+            tl.store(out_ptr, token)
+            if ADVANCE:
+                # The decode step's next inputs, written on the device: the token is `out` (the step's
+                # input token buffer), the slot moves on by one, and the history keeps every token.
+                slot = tl.load(slot_ptr)
+                tl.store(history_ptr + slot + 1, token)
+                tl.store(slot_ptr, slot + 1)
             tl.store(count_ptr, 0)
 
 
-def greedy_token(logits, counter, *, out=None, workspace=None, block_v: int = GREEDY_BLOCK_V):
+def greedy_token(logits, counter, *, out=None, workspace=None, block_v: int = GREEDY_BLOCK_V, advance=None):
     """Triton: as `greedy_token_reference` for logits [1, V], in one launch; returns [1, 1] int64.
 
     `counter` (`new_arrival_counter`) may be the router's: launches sharing it must not run
     concurrently (on one stream they do not). `out` ([1, 1] int64) and `workspace` (contiguous
     float32, >= 2 * ceil(V / block_v) elements) avoid allocation. NaN logits give an unspecified
     index (torch's argmax returns the first NaN's).
+
+    `advance` = (slot, history) makes a decode step advance itself: after writing the token to `out`,
+    the kernel writes it to history[slot + 1] and adds one to slot (a 1-element int64 tensor;
+    history: contiguous int64 with more than slot + 1 elements, not checked on the host, which would
+    sync). A graphed step whose `out` is its own input token buffer then replays again without any
+    copy into its inputs.
     """
     check_greedy_args(logits, counter, block_v)
-    _check_triton_ready(logits, "greedy token")
     out = torch.empty((1, 1), dtype=torch.int64, device=logits.device) if out is None else out
     _check_out("out", out, (1, 1), torch.int64, logits.device)
+    if advance is not None:
+        slot, history = advance
+        _check_out("advance slot", slot, (1,), torch.int64, logits.device)
+        if history.dim() != 1 or history.dtype != torch.int64 or not history.is_contiguous() or history.device != logits.device:
+            raise ValueError(f"advance history must be a contiguous 1-d int64 tensor on {logits.device}, "
+                             f"got {history.dtype} {tuple(history.shape)} on {history.device}")
+    else:
+        slot = history = out
+    _check_triton_ready(logits, "greedy token")
     vocab = logits.shape[1]
     num_blocks = -(-vocab // block_v)
     if workspace is None:
@@ -732,8 +752,9 @@ def greedy_token(logits, counter, *, out=None, workspace=None, block_v: int = GR
     values, indices = workspace[:num_blocks], workspace[num_blocks:2 * num_blocks].view(torch.int32)
     logits = logits if logits.is_contiguous() else logits.contiguous()
     _greedy_token_kernel[(num_blocks,)](
-        logits, values, indices, counter, out, vocab,
+        logits, values, indices, counter, out, slot, history, vocab,
         NUM_BLOCKS=num_blocks, BLOCK_V=block_v, BLOCK_S=max(2, triton.next_power_of_2(num_blocks)),
+        ADVANCE=advance is not None,
         num_warps=max(1, min(8, block_v // 256)), **pdl_launch_options(pdl_enabled(logits)))
     return out
 

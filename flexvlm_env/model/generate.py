@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from .decoder import KVCache, decode_forward_fused
-from .fused_kernels import embed_token_auto, greedy_token_auto
+from .fused_kernels import embed_token_auto, greedy_token, greedy_token_auto
 from .molmoe import MolmoE
 
 
@@ -48,7 +49,7 @@ def prefill(model: MolmoE, embeds: torch.Tensor, plan, top_k, cache: KVCache | N
 def decode_one_token(
     model: MolmoE, token: torch.Tensor, slot: torch.Tensor, plan, top_k, cache: KVCache,
     slot_range: torch.Tensor | None = None, cache_len: int | None = None, fused: bool = False,
-    return_logits: bool = False,
+    return_logits: bool = False, history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy next token [1, 1] for `token` [1, 1] at cache slot `slot` [1] (= its position).
 
@@ -56,27 +57,37 @@ def decode_one_token(
     computed on the device; without it (eager) it covers the first `cache_len` = slot + 1 slots.
     `fused` (CUDA path) runs `decode_forward_fused`: same arithmetic, a quarter of the launches, and
     attention that reads only the filled slots whatever the buffer size; its embedding lookup is
-    `fused_kernels.embed_token` (one launch) and its argmax `fused_kernels.greedy_token` (the same
-    token: the first index of the largest logit).
+    `fused_kernels.embed_token` (one launch), a plain-Linear LM head runs as `decode_gemv` with ln_f
+    inside, and its argmax is `fused_kernels.greedy_token` (the same token: the first index of the
+    largest logit). `history` (fused only; int64 [> slot + 1]) makes the step advance itself on the
+    device (`CudaGraphs.decode`): the next token is written into `token` (the input buffer) and to
+    history[slot + 1], and `slot` moves on by one, so a graph of the step replays again as it is.
     `return_logits` returns the logits [1, V] instead of the greedy token (tests, analysis).
     """
     if slot_range is None and cache_len is None:
         raise ValueError("decode_one_token needs slot_range (graph path) or cache_len (eager path)")
+    if history is not None and not fused:
+        raise ValueError("history needs fused=True (the greedy_token kernel writes the step's next inputs)")
     if fused:
         wte = model.transformer.wte
         embeds = embed_token_auto(token, wte.embedding, wte.new_embedding)
-        hidden = decode_forward_fused(model.transformer, embeds, cache, slot, plan, top_k)
+        plain_head = type(model.lm_head) is nn.Linear
+        out = decode_forward_fused(model.transformer, embeds, cache, slot, plan, top_k,
+                                   lm_head_weight=model.lm_head.weight if plain_head else None)
+        logits = out if plain_head else model.lm_head(out[:, -1])
     else:
         embeds = model.transformer.wte(token)
         mask = (slot_range <= slot)[None, None, None, :] if slot_range is not None else None
         hidden = model.transformer(
             embeds, slot[None], plan, top_k, cache=cache, cache_index=slot, mask=mask, attend_cache=True, cache_len=cache_len
         )
-    logits = model.lm_head(hidden[:, -1])
+        logits = model.lm_head(hidden[:, -1])
     if return_logits:
         return logits
     if fused:
         # The argmax read by the whole GPU, one launch (torch's reduces the row in one thread block).
+        if history is not None:
+            return greedy_token(logits, cache.arrival_counter, out=token, advance=(slot, history))
         return greedy_token_auto(logits, cache.arrival_counter)
     return logits.argmax(dim=-1, keepdim=True)
 
@@ -107,6 +118,8 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.capture_ms: dict[tuple, float] = {}
+        # Per self-advancing decode graph: (slot, token) its inputs hold after the last replay.
+        self._advanced: dict[tuple, tuple[int, torch.Tensor]] = {}
 
     def _run(self, key, make_inputs, fn, fill) -> torch.Tensor:
         """Replay the graph for `key`, capturing it first if needed; `fill(inputs)` writes this call's data."""
@@ -183,19 +196,44 @@ class CudaGraphs:
         return self._run(("prefill", tuple(plan), tuple(top_k), padded), make_inputs, fn, fill).clone()
 
     def decode(self, token: torch.Tensor, slot: int, plan, top_k) -> torch.Tensor:
-        """Next greedy token [1, 1] after `token` at cache slot `slot`."""
+        """Next greedy token [1, 1] after `token` at cache slot `slot`.
+
+        With the fused step the graph advances itself (`decode_one_token`'s `history`): when `token`
+        is what the previous call on this graph returned and `slot` follows its slot, the inputs
+        already hold them and the replay is the only work queued, no copies. The returned token is
+        then a view of the graph's history buffer, valid until a later request decodes over that
+        slot with the same (plan, top_k): read it, or clone it, before then.
+        """
+        key = ("decode", tuple(plan), tuple(top_k))
 
         def make_inputs():
-            return {"token": torch.zeros(1, 1, dtype=torch.long, device=self.device), "slot": torch.zeros(1, dtype=torch.long, device=self.device)}
+            inputs = {"token": torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                      "slot": torch.zeros(1, dtype=torch.long, device=self.device)}
+            if self.fused_decode:
+                # One more than max_seq: the last step writes history[slot + 1].
+                inputs["history"] = torch.zeros(self.cache.max_seq + 1, dtype=torch.long, device=self.device)
+            return inputs
 
         def fill(inputs):
+            state = self._advanced.get(key)
+            if state is not None and state[0] == slot and state[1] is token:
+                return
             inputs["token"].copy_(token)
             inputs["slot"].fill_(slot)
 
         def fn(inputs):
             return decode_one_token(
-                self.model, inputs["token"], inputs["slot"], plan, top_k, self.cache, self.slot_range, fused=self.fused_decode
+                self.model, inputs["token"], inputs["slot"], plan, top_k, self.cache, self.slot_range, fused=self.fused_decode,
+                history=inputs.get("history"),
             )
 
-        # Clone: the output buffer is overwritten by the next replay.
-        return self._run(("decode", tuple(plan), tuple(top_k)), make_inputs, fn, fill).clone()
+        out = self._run(key, make_inputs, fn, fill)
+        if not self.fused_decode:
+            # Clone: the output buffer is overwritten by the next replay.
+            return out.clone()
+        # What the graph's inputs hold now (a capture's warm-up runs advanced them too, but `_run`
+        # fills again before the replay).
+        graph_inputs = self.graphs[key][1]
+        next_token = graph_inputs["history"][slot + 1:slot + 2].view(1, 1)
+        self._advanced[key] = (slot + 1, next_token)
+        return next_token
