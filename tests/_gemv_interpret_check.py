@@ -97,8 +97,6 @@ def fused_decode_case(report, plan, top_k):
             problems.append(f"skipped block {i}'s cache was written")
     if int(caches[1].arrival_counter.item()) != 0:
         problems.append("the router left the arrival counter non-zero")
-    if caches[1].head_counters.any():
-        problems.append(f"attention left its head counters at {caches[1].head_counters.tolist()}")
     report.check(f"decode_forward_fused impl=triton plan={plan} top_k={top_k}", problems)
 
 

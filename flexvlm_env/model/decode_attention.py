@@ -2,17 +2,15 @@
 
 A graphed decode step attends one query per head over a static cache of max_seq slots under a mask
 (slot index <= the current position). PyTorch's masked SDPA for q_len = 1 runs one thread block per
-head and reads every slot, visible or not: a few SMs stream the whole cache. Here the cache is split
-into `num_splits` chunks per head, one program each, and every program reads only the keys of its
-chunk that are visible, keeping an online softmax in float32 (running max m, sum l and p·V
-accumulator), then writes its partial (acc, m, l) to a float32 workspace; a program whose chunk
-starts after the slot writes a neutral partial (m = -inf, l = 0) and reads nothing. The program of
-a head that finishes last (an int32 arrival counter per head) rescales the head's partials by
-exp(m_i - max m), writes the output in q's dtype and zeroes the head's counter: one launch, where a
-separate combine kernel cost a second launch per block (0.1x ms per token on an H200, BENCHMARKS.md).
+head and reads every slot, visible or not: a few SMs stream the whole cache. Here phase 1 splits
+the cache into `num_splits` chunks per head, one program each, and every program reads only the
+keys of its chunk that are visible, keeping an online softmax in float32 (running max m, sum l and
+p·V accumulator), then writes its partial (acc, m, l) to a float32 workspace; a program whose chunk
+starts after the slot writes a neutral partial (m = -inf, l = 0) and reads nothing. Phase 2 (one
+program per head) rescales the partials by exp(m_i - max m) and writes the output in q's dtype.
 
 The slot is read on the device (never on the host) and every shape is fixed by (heads, max_seq,
-head_dim), so the launch can be captured in a CUDA graph and replayed with a new slot value
+head_dim), so both launches can be captured in a CUDA graph and replayed with a new slot value
 written into the same tensor. `decode_attention_reference` is the plain-torch masked softmax and
 `decode_attention_auto` dispatches like the `*_auto` functions of fused_kernels.py.
 """
@@ -122,10 +120,9 @@ if triton is not None:
         return m_new, l, acc
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ws_ptr, count_ptr, out_ptr, max_seq, chunk, qk_scale,
-                                 HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
-                                 SLOT_STATIC: tl.constexpr):
+    def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ws_ptr, max_seq, chunk, qk_scale,
+                                       HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, SLOT_STATIC: tl.constexpr):
         # Program (head, split): the visible keys of the split's chunk, [lo, hi) = chunk ∩ [0, slot].
         _pdl_release(USE_PDL)
         head = tl.program_id(0)
@@ -177,24 +174,26 @@ if triton is not None:
         tl.store(ws + offs_d, acc, mask=mask_d)
         tl.store(ws + HEAD_DIM, m)
         tl.store(ws + HEAD_DIM + 1, l)
-        # The atomic releases this program's partial and acquires the head's others; the program that
-        # arrives last combines them in split order (the same sum on every run) and zeroes the head's
-        # counter for the next launch (a graph replays this one).
-        arrived = tl.atomic_add(count_ptr + head, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            offs_s = tl.arange(0, BLOCK_S)
-            mask_s = offs_s < NUM_SPLITS
-            rows = ws_ptr + (head * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
-            # .cg: read from L2, where the other programs' stores are, not from a stale L1 line.
-            m_s = tl.load(rows + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(rows + HEAD_DIM + 1, mask=mask_s, other=0.0, cache_modifier=".cg")
-            # Split 0 always holds key 0, so the max is finite; neutral splits get weight exp2(-inf) = 0.
-            w = tl.exp2(m_s - tl.max(m_s, axis=0))
-            parts = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-                            cache_modifier=".cg")
-            out = tl.sum(parts * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-            tl.store(out_ptr + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
-            tl.store(count_ptr + head, 0)
+
+    @triton.jit
+    def _decode_attention_combine_kernel(ws_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        # Program head: sum of the partials, each rescaled from its own max to the global one.
+        _pdl_release(USE_PDL)
+        _pdl_wait(USE_PDL)
+        head = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < NUM_SPLITS
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        rows = ws_ptr + (head * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
+        m = tl.load(rows + HEAD_DIM, mask=mask_s, other=float("-inf"))
+        l = tl.load(rows + HEAD_DIM + 1, mask=mask_s, other=0.0)
+        # Split 0 always holds key 0, so the max is finite; neutral splits get weight exp2(-inf) = 0.
+        w = tl.exp2(m - tl.max(m, axis=0))
+        acc = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 def _output(q, out):
@@ -203,24 +202,17 @@ def _output(q, out):
     return out
 
 
-def new_head_counters(n_heads: int, device) -> torch.Tensor:
-    """The int32 arrival counters `decode_attention` needs, one per head: zero, and left at zero by every call."""
-    return torch.zeros(n_heads, dtype=torch.int32, device=device)
-
-
 def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None,
-                     num_warps: int | None = None, slot_static: bool = False, counters=None):
-    """Triton: as `decode_attention_reference`, in one launch (the splits, the last of each head combining them).
+                     num_warps: int | None = None, slot_static: bool = False):
+    """Triton: as `decode_attention_reference`, in two launches (splits, then their combination).
 
     `slot` is read on the device; a slot >= max_seq attends the whole cache. `num_splits` defaults to
     one split per `DEFAULT_CHUNK` cache slots, `num_warps` (per split program) to `DEFAULT_WARPS`.
-    `workspace` (contiguous float32 [heads, num_splits, head_dim + 2]), `out` (contiguous, shaped and
-    typed like q) and `counters` (`new_head_counters`; launches sharing them must not overlap) avoid
-    allocation: a decode step passes all three, since zeroing new counters is a launch of its own.
-    `slot_static=True` promises that `slot` and the cache rows before it were written before the
-    kernel launched just before this call started (they are the decode step's inputs; only q and the
-    slot's row come from that kernel): with PDL the kernel then loads them while that kernel is still
-    running.
+    `workspace` (contiguous float32 [heads, num_splits, head_dim + 2]) and `out` (contiguous, shaped
+    and typed like q) avoid allocation. `slot_static=True` promises that `slot` and the cache rows
+    before it were written before the kernel launched just before this call started (they are the
+    decode step's inputs; only q and the slot's row come from that kernel): with PDL the kernel then
+    loads them while that kernel is still running.
     """
     check_decode_attention_args(q, key_cache, value_cache, slot)
     out = _output(q, out)
@@ -229,27 +221,27 @@ def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, worksp
     ws_shape = (n_heads, num_splits, head_dim + 2)
     workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
     _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
-    counters = new_head_counters(n_heads, q.device) if counters is None else counters
-    _check_out("counters", counters, (n_heads,), torch.int32, q.device)
     num_warps = DEFAULT_WARPS if num_warps is None else num_warps
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
     _check_triton_ready(q, "decode attention")
     block_d = _next_power_of_2(head_dim)
-    _decode_attention_kernel[(n_heads, num_splits)](
-        q.contiguous(), key_cache, value_cache, slot, workspace, counters, out, max_seq, chunk,
-        math.log2(math.e) / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_S=max(2, _next_power_of_2(num_splits)), num_warps=num_warps, SLOT_STATIC=bool(slot_static),
-        **pdl_launch_options(pdl_enabled(q)))
+    pdl = pdl_launch_options(pdl_enabled(q))
+    _decode_attention_split_kernel[(n_heads, num_splits)](
+        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk, math.log2(math.e) / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        SLOT_STATIC=bool(slot_static), **pdl)
+    _decode_attention_combine_kernel[(n_heads,)](
+        workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
+        BLOCK_D=block_d, num_warps=4, **pdl)
     return out
 
 
 def decode_attention_auto(q, key_cache, value_cache, slot, *, impl: str = "auto", num_splits=None, workspace=None,
-                          out=None, slot_static: bool = False, counters=None):
+                          out=None, slot_static: bool = False):
     """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
     if _use_triton(impl, q):
         return decode_attention(q, key_cache, value_cache, slot, num_splits=num_splits, workspace=workspace, out=out,
-                                slot_static=slot_static, counters=counters)
+                                slot_static=slot_static)
     ref = decode_attention_reference(q, key_cache, value_cache, slot)
     return ref if out is None else _output(q, out).copy_(ref)

@@ -53,8 +53,7 @@ class KVCache:
 
     It also holds the decode step's other static state: the arrival counter of the one-launch router
     (`fused_kernels.router_topk`) and of the greedy argmax (`fused_kernels.greedy_token`), which each
-    launch uses in turn and leaves at zero, the per-head arrival counters of the one-launch attention
-    (`decode_attention.decode_attention`, likewise), and the RoPE tables of every slot ([max_seq, head_dim],
+    launch uses in turn and leaves at zero, and the RoPE tables of every slot ([max_seq, head_dim],
     `rope_tables` of positions 0..max_seq-1, elementwise the same values as computed per token), which
     the fused decode step reads at the slot instead of computing the token's row with ~10 launches.
     """
@@ -62,13 +61,11 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     arrival_counter: torch.Tensor
-    head_counters: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
 
     @classmethod
     def allocate(cls, args: ModelArgs, batch: int, max_seq: int, device, dtype) -> "KVCache":
-        from .decode_attention import new_head_counters
         from .fused_kernels import new_arrival_counter
 
         shape = (batch, args.n_heads, max_seq, args.head_dim)
@@ -77,7 +74,6 @@ class KVCache:
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)],
             new_arrival_counter(device),
-            new_head_counters(args.n_heads, device),
             cos,
             sin,
         )
@@ -263,9 +259,9 @@ def decode_forward_fused(
         # older cache rows are this step's inputs, written before it began: `slot_static` lets the
         # kernel load those rows while the kernel before it is still running (PDL). (Forming q inside
         # the split programs instead, each summing the q norm over all heads, saved a launch but was
-        # slower: 0.551 against 0.542 ms per token at top_k 1 on an H200, BENCHMARKS.md.)
-        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True,
-                                    counters=cache.head_counters).reshape(1, d)
+        # slower: 0.551 against 0.542 ms per token at top_k 1 on an H200, BENCHMARKS.md. Combining the
+        # splits in each head's last-arriving program instead of a second launch was slower too.)
+        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True).reshape(1, d)
         if type(attn.attn_out) is nn.Linear:
             attn_out, _ = decode_gemv_auto(out, attn.attn_out.weight, impl=impl)
         else:
