@@ -12,6 +12,10 @@ experts and torch._grouped_mm where it exists, timed by triton.testing.do_bench 
 L2 before each call), rotating among the weight sets too. The measured device-to-device copy rate is
 recorded as the memory ceiling. Every method is first checked against the float64 reference.
 
+`--prefill-tiles` sweeps the triton prefill's tiles instead (block_m x block_n x block_k x warps x
+stages, those that fit in shared memory) at each --prefill-tokens, each against the default tile of
+this card (`moe_kernels.default_prefill_config`); `--sections` picks what runs.
+
     python scripts/bench_moe_kernels.py --out results/bench_moe_kernels.json
     python scripts/bench_moe_kernels.py --dry-run --out /tmp/moe_dry.json   # CPU, tiny, reference
 """
@@ -31,7 +35,14 @@ import torch.nn.functional as F
 
 
 from flexvlm_env.benchmarking import median_ms_graph, median_ms_host  # noqa: E402
-from flexvlm_env.model.moe_kernels import moe_decode_triton, moe_prefill_triton, moe_reference  # noqa: E402
+from flexvlm_env.model.moe_kernels import (  # noqa: E402
+    PrefillConfig,
+    card_of,
+    default_prefill_config,
+    moe_decode_triton,
+    moe_prefill_triton,
+    moe_reference,
+)
 
 
 @dataclass
@@ -56,6 +67,8 @@ class Args:
     """timed graph replays per decode measurement (median reported)"""
     seed: int = 0
     """seed of weights and routing"""
+    sections: tuple[str, ...] = ("decode", "prefill")
+    """which parts run: decode, prefill (methods), prefill_tiles (the triton prefill's tile sweep)"""
     dry_run: bool = False
     """CPU, tiny sizes, the reference in place of triton: checks that the script runs end to end"""
 
@@ -209,8 +222,60 @@ def bench_prefill(args: Args, weight_sets, device, dtype, on_gpu: bool):
     return rows
 
 
+PREFILL_TILE_GRID = dict(block_m=(64, 128), block_n=(64, 128, 256), block_k=(64, 128), num_warps=(4, 8),
+                         num_stages=(3, 4))
+SHARED_MEMORY_BYTES = 200 * 1024  # below an H100/H200 SM's 227 KB, leaving room for the epilogue
+
+
+def bench_prefill_tiles(args: Args, weight_sets, device, dtype, on_gpu: bool):
+    """The triton prefill at each tile of PREFILL_TILE_GRID that fits in shared memory (the default
+    tile only on the dry run), timed like `bench_prefill`; rows say which is the card's default."""
+    card = card_of(torch.device(device))
+    rows = []
+    for num_tokens in args.prefill_tokens:
+        inputs = [(torch.randn(num_tokens, args.d_model, device=device, dtype=dtype),
+                   *route(num_tokens, args.prefill_top_k, args.num_experts, device), w_gate_up, w_down)
+                  for w_gate_up, w_down in weight_sets]
+        flops = 2 * num_tokens * args.prefill_top_k * 3 * args.hidden * args.d_model
+        default = default_prefill_config(num_tokens * args.prefill_top_k, args.num_experts, dtype.itemsize, card)
+        tiles = [PrefillConfig(*t) for t in itertools.product(*PREFILL_TILE_GRID.values())
+                 if (t[0] * t[2] + t[2] * t[1]) * dtype.itemsize * t[4] <= SHARED_MEMORY_BYTES]
+        for config in ([default] + [t for t in tiles if t != default]) if on_gpu else [default]:
+            row = dict(method="triton_grouped", num_tokens=num_tokens, top_k=args.prefill_top_k, card=card,
+                       **dataclasses.asdict(config), default=config == default)
+            try:
+                fn = (lambda *a, config=config: moe_prefill_triton(*a, config=config)) if on_gpu else moe_reference
+                row["rel_err_vs_fp64"] = relative_error(fn, inputs[0])
+                rotation = itertools.count()
+
+                def call(fn=fn):
+                    fn(*inputs[next(rotation) % len(inputs)])
+
+                if on_gpu:
+                    import triton.testing
+
+                    row["time_ms"] = triton.testing.do_bench(call, return_mode="median")
+                else:
+                    row["time_ms"] = median_ms_host(call, 3)
+                row["achieved_TFLOPs"] = flops / row["time_ms"] / 1e9
+            except Exception as error:  # a tile that fails to compile must not lose the others
+                row["error"] = f"{type(error).__name__}: {error}"
+            rows.append(row)
+        timed = [r for r in rows if r["num_tokens"] == num_tokens and "time_ms" in r]
+        best = min(timed, key=lambda r: r["time_ms"])
+        shipped = next(r for r in timed if r["default"])
+        print(f"prefill tiles T={num_tokens} ({card}): default {shipped['block_m']}/{shipped['block_n']}/"
+              f"{shipped['block_k']}/{shipped['num_warps']}/{shipped['num_stages']} {shipped['time_ms']:.3f} ms, best "
+              f"{best['block_m']}/{best['block_n']}/{best['block_k']}/{best['num_warps']}/{best['num_stages']} "
+              f"{best['time_ms']:.3f} ms ({best['achieved_TFLOPs']:.0f} TFLOP/s)", flush=True)
+    return rows
+
+
 def main() -> None:
     args = parse_args()
+    unknown = set(args.sections) - {"decode", "prefill", "prefill_tiles"}
+    if not args.sections or unknown:
+        raise SystemExit(f"--sections {args.sections}: allowed decode, prefill, prefill_tiles (at least one)")
     on_gpu = torch.cuda.is_available() and not args.dry_run
     if not on_gpu and not args.dry_run:
         raise SystemExit("no CUDA device: run on a GPU, or pass --dry-run to check the script on CPU")
@@ -230,8 +295,10 @@ def main() -> None:
     weight_sets = make_weight_sets(args, device, dtype)
     print(f"E={args.num_experts} d={args.d_model} H={args.hidden} {dtype} on {meta.get('gpu', 'cpu')}, "
           f"{args.num_weight_sets} weight sets")
-    result = dict(meta=meta, decode=bench_decode(args, weight_sets, device, dtype, on_gpu),
-                  prefill=bench_prefill(args, weight_sets, device, dtype, on_gpu))
+    sections = {"decode": bench_decode, "prefill": bench_prefill, "prefill_tiles": bench_prefill_tiles}
+    result = dict(meta=meta)
+    for name in args.sections:
+        result[name] = sections[name](args, weight_sets, device, dtype, on_gpu)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -308,16 +308,30 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-def default_prefill_config(num_pairs: int, num_experts: int, element_bytes: int = 2) -> PrefillConfig:
-    # Picked from a sweep on an H100 at E=64, d=2048, H=1024, k=8 (bf16). Up to T ~ 1500 the weights
-    # dominate the traffic: bigger row blocks re-read each expert less often, smaller ones pad less.
+# Tiles per card and pairs per expert (the smallest listed bound >= the request's). H100: picked from a
+# sweep at E=64, d=2048, H=1024, k=8 (bf16). Up to T ~ 1500 the weights dominate the traffic: bigger
+# row blocks re-read each expert less often, smaller ones pad less. H200: the H100's, except where a
+# sweep on the H200 measured better (`scripts/bench_moe_kernels.py --prefill-tiles`).
+_PREFILL_CONFIGS = {
+    "H100": {
+        16: PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+        96: PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
+        None: PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    },
+    "H200": {
+        16: PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
+        96: PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
+        None: PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    },
+}
+
+
+def default_prefill_config(num_pairs: int, num_experts: int, element_bytes: int = 2, card: str = "H100") -> PrefillConfig:
+    """The tiles measured best for `card` ("H100" or "H200"; other cards get the H100's) at this many
+    (token, expert) pairs per expert."""
     pairs_per_expert = num_pairs / num_experts
-    if pairs_per_expert <= 16:
-        config = PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
-    elif pairs_per_expert <= 96:
-        config = PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
-    else:
-        config = PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+    table = _PREFILL_CONFIGS.get(card, _PREFILL_CONFIGS["H100"])
+    config = next(c for bound, c in table.items() if bound is None or pairs_per_expert <= bound)
     if element_bytes > 2:
         # float32 tiles take twice the shared memory per stage: the bf16 tiles at 4 stages need
         # 320 KB where an H100 SM has 227 KB. Halve the K tile and keep two stages.
@@ -429,7 +443,7 @@ def moe_prefill_triton(x, topk_ids, topk_weights, w_gate_up, w_down, *,
     hidden = two_hidden // 2
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
-    config = config or default_prefill_config(num_pairs, num_experts, x.element_size())
+    config = config or default_prefill_config(num_pairs, num_experts, x.element_size(), card_of(x.device))
     x2d = x.reshape(num_tokens, d_model).contiguous()
     flat_weights = topk_weights.flatten().contiguous()
     sorted_pair_ids, expert_ids, num_pairs_padded = align_block_size(topk_ids, config.block_m, num_experts)
