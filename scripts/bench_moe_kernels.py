@@ -193,33 +193,45 @@ def bench_prefill(args: Args, weight_sets, device, dtype, on_gpu: bool):
         methods["torch_grouped_mm"] = prefill_torch_grouped_mm
     rows = []
     for num_tokens in args.prefill_tokens:
-        inputs = [(torch.randn(num_tokens, args.d_model, device=device, dtype=dtype),
-                   *route(num_tokens, args.prefill_top_k, args.num_experts, device), w_gate_up, w_down)
-                  for w_gate_up, w_down in weight_sets]
-        flops = 2 * num_tokens * args.prefill_top_k * 3 * args.hidden * args.d_model
+        inputs, flops = prefill_inputs(args, num_tokens, weight_sets, device, dtype)
         for name, fn in methods.items():
             row = dict(method=name, num_tokens=num_tokens, top_k=args.prefill_top_k, flops=flops)
-            try:
-                row["rel_err_vs_fp64"] = relative_error(fn, inputs[0])
-                rotation = itertools.count()
-
-                def call():
-                    fn(*inputs[next(rotation) % len(inputs)])
-
-                if on_gpu:
-                    import triton.testing
-
-                    row["time_ms"] = triton.testing.do_bench(call, return_mode="median")
-                else:
-                    row["time_ms"] = median_ms_host(call, 3)
-                row["achieved_TFLOPs"] = flops / row["time_ms"] / 1e9
-            except Exception as error:
-                row["error"] = f"{type(error).__name__}: {error}"
-            rows.append(row)
+            rows.append(time_prefill(row, fn, inputs, flops, on_gpu))
             print(f"prefill T={num_tokens:4d} k={args.prefill_top_k} {name:22s} " + (
                 f"{row['time_ms']:8.3f} ms {row['achieved_TFLOPs']:6.1f} TFLOP/s  rel err {row['rel_err_vs_fp64']:.1e}"
                 if "error" not in row else row["error"][:200]))
     return rows
+
+
+def prefill_inputs(args: Args, num_tokens: int, weight_sets, device, dtype):
+    """Per weight set (x, ids, probabilities, w_gate_up, w_down) of `num_tokens` tokens, and the FLOPs of a call."""
+    inputs = [(torch.randn(num_tokens, args.d_model, device=device, dtype=dtype),
+               *route(num_tokens, args.prefill_top_k, args.num_experts, device), w_gate_up, w_down)
+              for w_gate_up, w_down in weight_sets]
+    return inputs, 2 * num_tokens * args.prefill_top_k * 3 * args.hidden * args.d_model
+
+
+def time_prefill(row: dict, fn, inputs, flops: int, on_gpu: bool) -> dict:
+    """Fills row with fn's error against float64 and its median time over calls rotating among the
+    weight sets (triton's do_bench on the GPU); an exception is recorded, not raised, so that one
+    failing method or tile does not lose the others."""
+    try:
+        row["rel_err_vs_fp64"] = relative_error(fn, inputs[0])
+        rotation = itertools.count()
+
+        def call():
+            fn(*inputs[next(rotation) % len(inputs)])
+
+        if on_gpu:
+            import triton.testing
+
+            row["time_ms"] = triton.testing.do_bench(call, return_mode="median")
+        else:
+            row["time_ms"] = median_ms_host(call, 3)
+        row["achieved_TFLOPs"] = flops / row["time_ms"] / 1e9
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {error}"
+    return row
 
 
 PREFILL_TILE_GRID = dict(block_m=(64, 128), block_n=(64, 128, 256), block_k=(64, 128), num_warps=(4, 8),
@@ -233,34 +245,15 @@ def bench_prefill_tiles(args: Args, weight_sets, device, dtype, on_gpu: bool):
     card = card_of(torch.device(device))
     rows = []
     for num_tokens in args.prefill_tokens:
-        inputs = [(torch.randn(num_tokens, args.d_model, device=device, dtype=dtype),
-                   *route(num_tokens, args.prefill_top_k, args.num_experts, device), w_gate_up, w_down)
-                  for w_gate_up, w_down in weight_sets]
-        flops = 2 * num_tokens * args.prefill_top_k * 3 * args.hidden * args.d_model
+        inputs, flops = prefill_inputs(args, num_tokens, weight_sets, device, dtype)
         default = default_prefill_config(num_tokens * args.prefill_top_k, args.num_experts, dtype.itemsize, card)
         tiles = [PrefillConfig(*t) for t in itertools.product(*PREFILL_TILE_GRID.values())
                  if (t[0] * t[2] + t[2] * t[1]) * dtype.itemsize * t[4] <= SHARED_MEMORY_BYTES]
         for config in ([default] + [t for t in tiles if t != default]) if on_gpu else [default]:
             row = dict(method="triton_grouped", num_tokens=num_tokens, top_k=args.prefill_top_k, card=card,
                        **dataclasses.asdict(config), default=config == default)
-            try:
-                fn = (lambda *a, config=config: moe_prefill_triton(*a, config=config)) if on_gpu else moe_reference
-                row["rel_err_vs_fp64"] = relative_error(fn, inputs[0])
-                rotation = itertools.count()
-
-                def call(fn=fn):
-                    fn(*inputs[next(rotation) % len(inputs)])
-
-                if on_gpu:
-                    import triton.testing
-
-                    row["time_ms"] = triton.testing.do_bench(call, return_mode="median")
-                else:
-                    row["time_ms"] = median_ms_host(call, 3)
-                row["achieved_TFLOPs"] = flops / row["time_ms"] / 1e9
-            except Exception as error:  # a tile that fails to compile must not lose the others
-                row["error"] = f"{type(error).__name__}: {error}"
-            rows.append(row)
+            fn = (lambda *a, config=config: moe_prefill_triton(*a, config=config)) if on_gpu else moe_reference
+            rows.append(time_prefill(row, fn, inputs, flops, on_gpu))
         timed = [r for r in rows if r["num_tokens"] == num_tokens and "time_ms" in r]
         best = min(timed, key=lambda r: r["time_ms"])
         shipped = next(r for r in timed if r["default"])

@@ -118,6 +118,18 @@ def test_bench_script_dry_run(tmp_path):
     assert result["decode"] and result["prefill"]
     assert all("error" not in row for row in result["decode"])
     assert all(row["rel_err_vs_fp64"] < 1e-4 for row in result["decode"] + result["prefill"] if "error" not in row)
+    # The tile sweep alone (on the dry run: the card's default tile, one row per token count).
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_moe_kernels.py"), "--dry-run",
+                    "--sections", "prefill_tiles", "--out", str(out_path)], cwd=REPO_ROOT, check=True,
+                   capture_output=True, timeout=300)
+    result = json.loads(out_path.read_text())
+    assert set(result) == {"meta", "prefill_tiles"}
+    assert [row["num_tokens"] for row in result["prefill_tiles"]] == [16, 40]
+    assert all(row["default"] and row["rel_err_vs_fp64"] < 1e-4 for row in result["prefill_tiles"])
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_moe_kernels.py"), "--dry-run",
+                          "--sections", "tiles", "--out", str(out_path)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "--sections" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
