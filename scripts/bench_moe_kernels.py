@@ -67,6 +67,8 @@ class Args:
     """timed graph replays per decode measurement (median reported)"""
     seed: int = 0
     """seed of weights and routing"""
+    prefill_tile_block_m: tuple[int, ...] = (64, 128)
+    """block_m values of the prefill tile sweep (few pairs per expert: add 16 and 32)"""
     sections: tuple[str, ...] = ("decode", "prefill")
     """which parts run: decode, prefill (methods), prefill_tiles (the triton prefill's tile sweep)"""
     dry_run: bool = False
@@ -247,7 +249,8 @@ def bench_prefill_tiles(args: Args, weight_sets, device, dtype, on_gpu: bool):
     for num_tokens in args.prefill_tokens:
         inputs, flops = prefill_inputs(args, num_tokens, weight_sets, device, dtype)
         default = default_prefill_config(num_tokens * args.prefill_top_k, args.num_experts, dtype.itemsize, card)
-        tiles = [PrefillConfig(*t) for t in itertools.product(*PREFILL_TILE_GRID.values())
+        grid = {**PREFILL_TILE_GRID, "block_m": args.prefill_tile_block_m}
+        tiles = [PrefillConfig(*t) for t in itertools.product(*grid.values())
                  if (t[0] * t[2] + t[2] * t[1]) * dtype.itemsize * t[4] <= SHARED_MEMORY_BYTES]
         for config in ([default] + [t for t in tiles if t != default]) if on_gpu else [default]:
             row = dict(method="triton_grouped", num_tokens=num_tokens, top_k=args.prefill_top_k, card=card,
@@ -266,6 +269,8 @@ def bench_prefill_tiles(args: Args, weight_sets, device, dtype, on_gpu: bool):
 
 def main() -> None:
     args = parse_args()
+    if not args.prefill_tile_block_m or any(m < 16 or m & (m - 1) for m in args.prefill_tile_block_m):
+        raise SystemExit(f"--prefill-tile-block-m {args.prefill_tile_block_m}: powers of two >= 16 (tl.dot's minimum)")
     unknown = set(args.sections) - {"decode", "prefill", "prefill_tiles"}
     if not args.sections or unknown:
         raise SystemExit(f"--sections {args.sections}: allowed decode, prefill, prefill_tiles (at least one)")

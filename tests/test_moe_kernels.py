@@ -130,6 +130,10 @@ def test_bench_script_dry_run(tmp_path):
                           "--sections", "tiles", "--out", str(out_path)], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "--sections" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_moe_kernels.py"), "--dry-run",
+                          "--prefill-tile-block-m", "24", "--out", str(out_path)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "--prefill-tile-block-m (24,)" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------

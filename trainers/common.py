@@ -59,7 +59,7 @@ class CommonArgs:
     quality: str = "micro"
     """recorded quality table (replay env and profiles)"""
     latency: str = "molmoe-1b-h100"
-    """recorded latency source (replay env and profiles)"""
+    """recorded latency source (replay env and profiles): molmoe-1b-h100, molmoe-1b-h200, micro-h200 or micro-h200-measured"""
     requests_per_family: int = 2
     """live env only: procedural requests per family in each pool"""
     runs_dir: Path = Path("runs")

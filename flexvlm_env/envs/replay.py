@@ -147,7 +147,8 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
       the H100 (`flexvlm_env.profiles.compose`) using the request's own MolmoE-1B token counts
       (its tiling, its prompt, and micro's answer re-tokenized as the output), which matches
       end-to-end runs of requests the tables never saw within 1.2% median, 6.3% P95
-      (`results/replay_latency_validation.json`);
+      (`results/replay_latency_validation.json`). `latency="molmoe-1b-h200"`: the same on an
+      NVIDIA H200 with the current engine (2.1% median, 7.7% P95 error);
     - `latency="micro-h200"` instead replays the micro model itself on an H200 (same method;
       8.4% median, 20% P95 error: micro's ~5 ms requests are mostly host work, which varies
       between runs and machines); `latency="micro-h200-measured"` replays every (request,

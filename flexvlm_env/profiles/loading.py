@@ -11,8 +11,10 @@ Shipped tables (`flexvlm_env/assets/profiles/`, Parquet with provenance in the m
 
 Latency sources (`latency=`): `molmoe-1b-h100` (default: what a MolmoE-1B deployment on an H100
 would take for these requests, with output lengths from re-tokenizing micro's answers with the
-MolmoE tokenizer) and `micro-h200` (the micro model itself on an H200), both compositions of
-stage tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
+MolmoE tokenizer; measured with the runtime of commit 2a61d3e), `molmoe-1b-h200` (the same on an
+H200 with the decode engine of session 11, commit b758643: decode 31-43% faster than the H100
+table's engine) and `micro-h200` (the micro model itself on an H200), all compositions of stage
+tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
 `micro-h200-measured`, every (request, config) timed once on an H200 plus repeats of a 10% subset
 (`flexvlm-profile requests`; `micro_h200_requests.parquet`, shipped once measured).
 """
@@ -38,6 +40,7 @@ QUALITY_SOURCES = {"micro": "micro_quality_val.parquet"}
 # per (request, config) by `flexvlm-profile requests`)
 LATENCY_SOURCES = {
     "molmoe-1b-h100": ("molmoe-1b", "molmoe-1b_h100_stages.parquet", "composed"),
+    "molmoe-1b-h200": ("molmoe-1b", "molmoe-1b_h200_stages.parquet", "composed"),
     "micro-h200": ("micro", "micro_h200_stages.parquet", "composed"),
     "micro-h200-measured": ("micro", "micro_h200_requests.parquet", "measured"),
 }
@@ -64,7 +67,7 @@ def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") ->
 
     Args:
         quality: `micro` (the shipped model's answers and scores).
-        latency: `molmoe-1b-h100` or `micro-h200` (see module docstring).
+        latency: a key of `LATENCY_SOURCES` (see module docstring).
     """
     if quality not in QUALITY_SOURCES:
         raise ValueError(f"quality={quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")
