@@ -47,7 +47,7 @@ class Args:
     out_dir: Path = ROOT / "results"
     """where the summary, records and figures go (live mode: only e4_live_records.json)"""
     sources: tuple[str, ...] = e4.SOURCES
-    """replay latency sources (each gets its own controllers, trained on its train half)"""
+    """replay latency sources (each gets its own controllers, trained on its train half; any shipped source)"""
     controllers_dir: Path = ROOT / "results/e4_controllers"
     """saved controllers, <dir>/<source>/<method> (reused when complete; the live run loads them)"""
     runs_dir: Path = ROOT / "runs/e4"
@@ -89,9 +89,11 @@ class Args:
     config) like the live records are: separates the instance from the serving pattern"""
 
     def validate(self) -> None:
+        from flexvlm_env.profiles.loading import LATENCY_SOURCES
+
         for source in self.sources:
-            if source not in e4.SOURCES:
-                raise ValueError(f"--sources contains {source!r}; allowed: {list(e4.SOURCES)}")
+            if source not in LATENCY_SOURCES:
+                raise ValueError(f"--sources contains {source!r}; allowed: {sorted(LATENCY_SOURCES)}")
         if not self.sources:
             raise ValueError("--sources is empty; give at least one of " + str(list(e4.SOURCES)))
         if not self.budget_fractions or any(not 0 < f <= 1 for f in self.budget_fractions):

@@ -16,6 +16,7 @@ from _moe_interpret_check import random_moe
 
 from flexvlm_env.model.moe_kernels import (
     align_block_size,
+    default_prefill_config,
     moe_decode_triton,
     moe_forward,
     moe_prefill_triton,
@@ -108,6 +109,20 @@ def test_triton_kernels_in_interpreter():
 @pytest.mark.slow
 def test_triton_kernels_in_interpreter_larger_cases():
     run_interpret_check("_moe_interpret_check.py", "--size", "large")
+
+
+def test_prefill_tiles_per_card():
+    # pairs per expert -> block_m. The H200 never takes 16-row blocks (slower in its whole-model prefill at
+    # 6-16 pairs per expert); the H100 keeps them up to 16; other cards get the H100's table.
+    expected = {"H100": {64: 16, 16 * 64: 16, 17 * 64: 64, 96 * 64: 64, 97 * 64: 128},
+                "H200": {64: 64, 16 * 64: 64, 96 * 64: 64, 97 * 64: 128},
+                "A100": {64: 16, 97 * 64: 128}}
+    for card, by_pairs in expected.items():
+        for num_pairs, block_m in by_pairs.items():
+            assert default_prefill_config(num_pairs, 64, 2, card).block_m == block_m, (card, num_pairs)
+    # float32: half the K tile, two stages (shared memory), same rows
+    config = default_prefill_config(64, 64, 4, "H200")
+    assert (config.block_m, config.block_k, config.num_stages) == (64, 32, 2)
 
 
 def test_bench_script_dry_run(tmp_path):

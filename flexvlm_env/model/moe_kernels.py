@@ -310,9 +310,13 @@ class PrefillConfig:
 
 # Tiles per card and pairs per expert (the smallest listed bound >= the request's). H100: picked from a
 # sweep at E=64, d=2048, H=1024, k=8 (bf16). Up to T ~ 1500 the weights dominate the traffic: bigger
-# row blocks re-read each expert less often, smaller ones pad less. An H200 takes the H100's: its own
-# sweep at 1216 tokens (`scripts/bench_moe_kernels.py --sections prefill_tiles`) found 128 x 128 x 64,
-# 8 warps, 4 stages 3.7% faster alone (0.597 against 0.620 ms), but no gain in the whole model's
+# row blocks re-read each expert less often, smaller ones pad less. H200: the H100's without the
+# 16-row tile. Measured in the whole model's prefill (MolmoE-1B, 16 blocks, results/device/session12/
+# call3_*), 16-row blocks lost at every 6-16 pairs per expert: top_k 2 at 512 tokens 6.14 ms against
+# 5.40 with 64-row blocks, top_k 1 at 1024 tokens 7.29 against 6.51, top_k 1 at 384 4.57 against 4.35
+# (no point of the grid's prompts has fewer pairs per expert). The H100 stage table shows the same
+# steps (top_k 2: 6.69 ms at 512 tokens, 6.11 at 576) but keeps its tile until measured there. The
+# 128 x 128 x 64 tile an H200 sweep at 1216 tokens found 3.7% faster alone gave no gain in the whole
 # prefill (13.21 against 13.03 ms, results/device/session11/call7_*).
 _PREFILL_CONFIGS = {
     "H100": {
@@ -320,12 +324,16 @@ _PREFILL_CONFIGS = {
         96: PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
         None: PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
     },
+    "H200": {
+        96: PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
+        None: PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    },
 }
 
 
 def default_prefill_config(num_pairs: int, num_experts: int, element_bytes: int = 2, card: str = "H100") -> PrefillConfig:
-    """The tiles measured best for `card` (cards without a table of their own get the H100's) at this
-    many (token, expert) pairs per expert."""
+    """The tiles measured best for `card` ("H100" or "H200"; other cards get the H100's) at this many
+    (token, expert) pairs per expert."""
     pairs_per_expert = num_pairs / num_experts
     table = _PREFILL_CONFIGS.get(card, _PREFILL_CONFIGS["H100"])
     config = next(c for bound, c in table.items() if bound is None or pairs_per_expert <= bound)
