@@ -762,13 +762,9 @@ def test_shipped_molmoe_h200_source(replay):
     np.testing.assert_array_equal(h200.output_tokens, replay.output_tokens)
     assert np.isfinite(h200.total_ms).all() and (h200.total_ms > 0).all()
     np.testing.assert_allclose(h200.total_ms, h200.stage_ms.sum(axis=2), rtol=1e-5)
+    # the median request is slower with more crops, more experts and more blocks, everywhere in the grid
     median = np.median(h200.total_ms, axis=0).reshape(h200.grid.shape)
-    assert (np.diff(median, axis=2) > 0).all()  # more blocks: slower
-    # more crops: slower at top_k 1, 4 and 8; at top_k 2 the recorded prefill is slower just below 16
-    # (token, expert) pairs per expert than just above (BENCHMARKS.md), which 2 -> 3 crops crosses
-    top_k = list(h200.grid.top_k)
-    assert all((np.diff(median[:, top_k.index(k)], axis=0) > 0).all() for k in (1, 4, 8))
-    assert (median[-1] > median[0]).all()
+    assert all((np.diff(median, axis=axis) > 0).all() for axis in range(3))
 
 
 def test_shipped_measured_micro_table(replay_micro):

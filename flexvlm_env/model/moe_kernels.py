@@ -313,7 +313,7 @@ class PrefillConfig:
 # row blocks re-read each expert less often, smaller ones pad less. H200: the H100's without the
 # 16-row tile. Measured in the whole model's prefill (MolmoE-1B, 16 blocks, results/device/session12/
 # call3_*), 16-row blocks lost at every 6-16 pairs per expert: top_k 2 at 512 tokens 6.14 ms against
-# 5.40 with 64-row blocks, top_k 1 at 1024 tokens 7.29 against 6.51, top_k 1 at 384 4.57 against 4.35
+# 5.40 with 64-row blocks, top_k 1 at 1024 tokens 7.28 against 6.51, top_k 1 at 384 4.57 against 4.35
 # (no point of the grid's prompts has fewer pairs per expert). The H100 stage table shows the same
 # steps (top_k 2: 6.69 ms at 512 tokens, 6.11 at 576) but keeps its tile until measured there. The
 # 128 x 128 x 64 tile an H200 sweep at 1216 tokens found 3.7% faster alone gave no gain in the whole
