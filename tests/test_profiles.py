@@ -545,6 +545,15 @@ def test_compose_prefill_interpolates_and_extrapolates(stage_model):
     assert PREFILL_BUCKET == 64
 
 
+def test_compose_prefill_extrapolation_below_the_table_stops_at_zero():
+    frame = _synthetic_stages()
+    steep = (frame["top_k"] == 1) & (frame["active_blocks"] == 8)
+    frame.loc[steep, "prefill_ms"] = frame.loc[steep, "input_tokens"].map({128: 1.0, 192: 10.0, 320: 12.0})
+    prefill = StageModel.fit(frame).compose(1, 1, 8, np.array([128, 100, 64, 1]), np.ones(4, int))[:, 3]
+    # bucket 128 measured; bucket 64 and below would be 1 - 9 = -8 ms on the end slope
+    np.testing.assert_allclose(prefill, [1.0, 1.0, 0.0, 0.0])
+
+
 def test_compose_single_bucket_is_constant():
     frame = _synthetic_stages()
     frame = frame[frame["input_tokens"] == 192]

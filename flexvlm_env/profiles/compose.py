@@ -76,11 +76,14 @@ class StageModel:
         wanted = np.ceil(np.asarray(input_tokens) / PREFILL_BUCKET) * PREFILL_BUCKET
         if len(buckets) == 1:
             return np.full(wanted.shape, ms[0])
-        # np.interp holds the end values outside the range; extend with the end slopes instead.
+        # np.interp holds the end values outside the range; extend with the end slopes instead. Below the
+        # table a steep first segment would reach negative times for short inputs: clipped at zero, as
+        # preprocessing is (a table profiled over the lengths it serves never extrapolates far).
         inside = np.interp(wanted, buckets, ms)
         low_slope = (ms[1] - ms[0]) / (buckets[1] - buckets[0])
         high_slope = (ms[-1] - ms[-2]) / (buckets[-1] - buckets[-2])
-        inside = np.where(wanted < buckets[0], ms[0] + (wanted - buckets[0]) * low_slope, inside)
+        below = np.maximum(ms[0] + (wanted - buckets[0]) * low_slope, 0.0)
+        inside = np.where(wanted < buckets[0], below, inside)
         return np.where(wanted > buckets[-1], ms[-1] + (wanted - buckets[-1]) * high_slope, inside)
 
     def decode_total(self, top_k: int, blocks: int, input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
