@@ -298,6 +298,8 @@ def test_trainer_bad_input(tmp_path):
     assert bad.returncode != 0 and "--env='CartPole-v1'" in bad.stderr
     bad = train("lut", tmp_path, "--resume", str(tmp_path / "nothing"))
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
+    bad = train("lut", tmp_path, "--latency", "molmoe-1b-a100")
+    assert bad.returncode != 0 and "--latency='molmoe-1b-a100'" in bad.stderr and "molmoe-1b-h200" in bad.stderr
     unknown = subprocess.run([sys.executable, "-m", "trainers.cli", "sarsa"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr
 

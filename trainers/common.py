@@ -32,6 +32,7 @@ from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
 from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
+from flexvlm_env.profiles.loading import LATENCY_SOURCES, QUALITY_SOURCES
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
@@ -59,7 +60,8 @@ class CommonArgs:
     quality: str = "micro"
     """recorded quality table (replay env and profiles)"""
     latency: str = "molmoe-1b-h100"
-    """recorded latency source (replay env and profiles): molmoe-1b-h100, molmoe-1b-h200, micro-h200 or micro-h200-measured"""
+    """recorded latency source (replay env and profiles): a key of `flexvlm_env.profiles.loading.LATENCY_SOURCES`
+    (molmoe-1b-h100, molmoe-1b-h200, micro-h200, micro-h200-measured)"""
     requests_per_family: int = 2
     """live env only: procedural requests per family in each pool"""
     runs_dir: Path = Path("runs")
@@ -80,6 +82,10 @@ class CommonArgs:
     def validate(self) -> None:
         if self.env not in ENV_IDS:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
+        if self.latency not in LATENCY_SOURCES:
+            raise ValueError(f"--latency={self.latency!r} is not a shipped latency source; allowed: {sorted(LATENCY_SOURCES)}")
+        if self.quality not in QUALITY_SOURCES:
+            raise ValueError(f"--quality={self.quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
             value = getattr(self, name)
             if value < 1:
