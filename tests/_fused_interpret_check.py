@@ -203,8 +203,10 @@ def router_topk_case(report, d, num_experts, top_k, dtype):
 def router_topk_norm_case(report, d, num_experts, top_k, dtype):
     """The router with the residual add + MoE norm inside, against `router_topk_norm_reference`: the
     normed vector and new residual as `add_rms_norm_reference` gives them (within the dtype's
-    tolerance: another summation order of the RMS, and the interpreter's bf16 cast), ids exact where the
-    reference's top k + 1 logits are apart, the counter left at zero."""
+    tolerance: another summation order of the RMS, and the interpreter's bf16 cast); ids and weights as
+    `router_topk_reference` gives them for that normed vector (ids where its ranking is clear, weights
+    within the router's tolerance), and ids as the reference's where its logits are far apart; the
+    counter left at zero."""
     for _ in range(50):
         x, residual = nonzero_randn(1, d).to(dtype), nonzero_randn(1, d, scale=3.0).to(dtype)
         norm_weight = nonzero_randn(d).to(dtype)
@@ -225,11 +227,19 @@ def router_topk_norm_case(report, d, num_experts, top_k, dtype):
         problems.append(f"the counter was left at {int(counter.item())}")
     compare("new_residual", new_res, ref_res, x.double() + residual.double(), dtype, problems)
     compare("normed", normed, ref_normed, normed64.to(torch.float64), dtype, problems)
-    if not torch.equal(ids, ref_ids):
-        problems.append(f"ids {ids.tolist()} != {ref_ids.tolist()}")
-    tol = 1e-5 if dtype == F32 else 2.5 * 2 ** -7 * float(logits.abs().max())
-    if not torch.allclose(weights, ref_w, rtol=tol, atol=1e-6):
-        problems.append(f"weights max err {float((weights - ref_w).abs().max()):.3g}")
+    # The router part against `router_topk_reference` of the kernel's own normed vector: in bfloat16 that
+    # vector may differ from the reference's by an ulp per element (checked just above), which moves a
+    # logit by up to sum_i |w_i| ulp(normed_i), ~0.1 at d = 64 (a draw where that made a weight 11% off
+    # failed 2026-11-29's CI, seed 18083344971980947658). What is left is the router's own rounding.
+    own_logits = torch.nn.functional.linear(normed.double(), weight.double())[0].sort(descending=True).values
+    own_w, own_ids = router_topk_reference(normed, weight, top_k)
+    if ranking_is_clear(own_logits, top_k) and not torch.equal(ids, own_ids):
+        problems.append(f"ids {ids.tolist()} != {own_ids.tolist()}")
+    if ranking_is_clear(logits, top_k, margin=0.25) and not torch.equal(ids, ref_ids):
+        problems.append(f"ids {ids.tolist()} != the reference's {ref_ids.tolist()}")
+    tol = 1e-5 if dtype == F32 else 2.5 * 2 ** -7 * float(own_logits.abs().max())
+    if not torch.allclose(weights, own_w, rtol=tol, atol=1e-6):
+        problems.append(f"weights max err {float((weights - own_w).abs().max()):.3g}")
     auto = router_topk_norm_auto(x, residual, norm_weight, EPS, weight, top_k, counter, impl="triton")
     if not (torch.equal(auto[1], ids) and torch.equal(auto[2], normed)):
         problems.append("router_topk_norm_auto(impl='triton') differs")
