@@ -36,6 +36,7 @@ import tyro
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import system_eval as e4
 from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.profiles.loading import check_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,11 +90,8 @@ class Args:
     config) like the live records are: separates the instance from the serving pattern"""
 
     def validate(self) -> None:
-        from flexvlm_env.profiles.loading import LATENCY_SOURCES
-
         for source in self.sources:
-            if source not in LATENCY_SOURCES:
-                raise ValueError(f"--sources contains {source!r}; allowed: {sorted(LATENCY_SOURCES)}")
+            check_source("--sources", source)
         if not self.sources:
             raise ValueError("--sources is empty; give at least one of " + str(list(e4.SOURCES)))
         if not self.budget_fractions or any(not 0 < f <= 1 for f in self.budget_fractions):

@@ -215,7 +215,7 @@ def router_topk_norm_case(report, d, num_experts, top_k, dtype):
         logits = torch.nn.functional.linear(normed64, weight.double())[0].sort(descending=True).values
         if ranking_is_clear(logits, top_k):
             break
-    ref_w, ref_ids, ref_normed, ref_res = router_topk_norm_reference(x, residual, norm_weight, EPS, weight, top_k)
+    _, ref_ids, ref_normed, ref_res = router_topk_norm_reference(x, residual, norm_weight, EPS, weight, top_k)
     counter = new_arrival_counter("cpu")
     normed_out, res_out = torch.full((1, d), float("nan"), dtype=dtype), torch.full((1, d), float("nan"), dtype=dtype)
     weights, ids, normed, new_res = router_topk_norm(x, residual, norm_weight, EPS, weight, top_k, counter,

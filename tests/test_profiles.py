@@ -776,6 +776,13 @@ def test_shipped_molmoe_h200_source(replay):
     assert all((np.diff(median, axis=axis) > 0).all() for axis in range(3))
 
 
+def test_unknown_sources_name_the_argument_and_the_shipped_ones():
+    with pytest.raises(ValueError, match=r"latency='molmoe-1b-a100' is not a shipped latency source; allowed: .*molmoe-1b-h200"):
+        loading.load_replay_data(latency="molmoe-1b-a100")
+    with pytest.raises(ValueError, match=r"quality='big' is not a shipped quality table; allowed: \['micro'\]"):
+        loading.load_replay_data(quality="big")
+
+
 def test_shipped_measured_micro_table(replay_micro):
     """`micro-h200-measured`: every (request, config) timed end-to-end on an H200, 10% repeated 5x."""
     measured = loading.load_replay_data(latency="micro-h200-measured")

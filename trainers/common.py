@@ -32,7 +32,7 @@ from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
 from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
-from flexvlm_env.profiles.loading import LATENCY_SOURCES, QUALITY_SOURCES
+from flexvlm_env.profiles.loading import check_source
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
@@ -82,10 +82,8 @@ class CommonArgs:
     def validate(self) -> None:
         if self.env not in ENV_IDS:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
-        if self.latency not in LATENCY_SOURCES:
-            raise ValueError(f"--latency={self.latency!r} is not a shipped latency source; allowed: {sorted(LATENCY_SOURCES)}")
-        if self.quality not in QUALITY_SOURCES:
-            raise ValueError(f"--quality={self.quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")
+        check_source("--latency", self.latency)
+        check_source("--quality", self.quality, "quality")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
             value = getattr(self, name)
             if value < 1:

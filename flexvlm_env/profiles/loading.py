@@ -62,6 +62,15 @@ def _resolve(name: str, table: Path | str) -> Path:
     return path
 
 
+def check_source(argument: str, value: str, kind: str = "latency") -> None:
+    """Raise a ValueError naming `argument`, `value` and the shipped choices unless `value` is a key of
+    LATENCY_SOURCES (`kind="latency"`) or QUALITY_SOURCES (`kind="quality"`)."""
+    table = {"latency": LATENCY_SOURCES, "quality": QUALITY_SOURCES}[kind]
+    if value not in table:
+        what = "latency source" if kind == "latency" else "quality table"
+        raise ValueError(f"{argument}={value!r} is not a shipped {what}; allowed: {sorted(table)}")
+
+
 def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") -> ReplayData:
     """Dense replay arrays for the shipped quality table and latency source (cached per pair).
 
@@ -69,10 +78,8 @@ def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") ->
         quality: `micro` (the shipped model's answers and scores).
         latency: a key of `LATENCY_SOURCES` (see module docstring).
     """
-    if quality not in QUALITY_SOURCES:
-        raise ValueError(f"quality={quality!r} is not a shipped quality table; allowed: {sorted(QUALITY_SOURCES)}")
-    if latency not in LATENCY_SOURCES:
-        raise ValueError(f"latency={latency!r} is not a shipped latency source; allowed: {sorted(LATENCY_SOURCES)}")
+    check_source("quality", quality, "quality")
+    check_source("latency", latency)
     return _load(quality, latency)
 
 
