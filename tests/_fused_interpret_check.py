@@ -26,10 +26,13 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
+    fused_qk_norm_rope_prefill,
+    fused_qk_norm_rope_prefill_auto,
     greedy_token,
     greedy_token_reference,
     new_arrival_counter,
     qk_norm_rope_kv_reference,
+    qk_norm_rope_prefill_reference,
     router_topk,
     router_topk_norm,
     router_topk_norm_auto,
@@ -73,6 +76,52 @@ def random_qk_case(d, n_heads, max_seq, dtype, slot):
     key_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
     value_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
     return qkv, q_w, k_w, cos[0], sin[0], key_cache, value_cache, torch.tensor([slot])
+
+
+def qk_norm_rope_prefill_case(report, d, n_heads, t, max_seq, dtype, start=0, impl=None):
+    """T tokens written at cache slots start..start+T-1 (slots past the cache write nothing)."""
+    head_dim = d // n_heads
+    qkv = nonzero_randn(1, t, 3 * d, scale=2.0).to(dtype)
+    q_w, k_w = nonzero_randn(d).to(dtype), nonzero_randn(d).to(dtype)
+    cos, sin = rope_tables(torch.randint(0, 4096, (1, t)), head_dim, 10000.0)  # [1, T, hd]
+    index = torch.arange(start, start + t)
+    key_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
+    value_cache = nonzero_randn(1, n_heads, max_seq, head_dim).to(dtype)
+    written = index[index < max_seq]
+    # The reference writes its own caches at in-range slots (its q, k, v do not depend on them).
+    ref_index = torch.arange(t)
+    ref_cache = nonzero_randn(1, n_heads, max(max_seq, t), head_dim)
+    ref_q, ref_kt, ref_vt = qk_norm_rope_prefill_reference(qkv, q_w, k_w, cos, sin, ref_cache.to(dtype), ref_cache.to(dtype),
+                                                           ref_index, n_heads, EPS)
+    q64, k64, _ = qk_norm_rope_prefill_reference(qkv.double(), q_w.double(), k_w.double(), cos, sin, ref_cache.double(),
+                                                 ref_cache.double(), ref_index, n_heads, EPS)
+    key_cache[:, :, written] = float("nan")  # poison the slots that must be written
+    value_cache[:, :, written] = float("nan")
+    before_k, before_v = key_cache.clone(), value_cache.clone()
+    run = fused_qk_norm_rope_prefill if impl is None else (
+        lambda *a: fused_qk_norm_rope_prefill_auto(*a, impl=impl))
+    q, k, v = run(qkv, q_w, k_w, cos, sin, key_cache, value_cache, index, n_heads, EPS)
+    problems = []
+    for name, out in (("q", q), ("k", k), ("v", v)):
+        if tuple(out.shape) != (1, n_heads, t, head_dim) or not out.is_contiguous():
+            problems.append(f"{name}: {tuple(out.shape)} contiguous={out.is_contiguous()}")
+    compare("q", q, ref_q, q64, dtype, problems)
+    compare("k", k, ref_kt, k64, dtype, problems)
+    if not torch.equal(v, ref_vt):
+        problems.append("v is not the raw v")
+    # The cache holds exactly what came back for the tokens whose slot is in range (k and v are checked above).
+    in_range = index < max_seq
+    if not torch.equal(key_cache[:, :, written], k[:, :, in_range]):
+        problems.append("the cache's k differs from the returned k")
+    if not torch.equal(value_cache[:, :, written], v[:, :, in_range]):
+        problems.append("the cache's v differs from the returned v")
+    others = torch.ones(max_seq, dtype=torch.bool)
+    others[written] = False
+    if not (torch.equal(key_cache[:, :, others], before_k[:, :, others])
+            and torch.equal(value_cache[:, :, others], before_v[:, :, others])):
+        problems.append("cache elements outside the written slots changed")
+    report.check(f"qk_norm_rope_prefill d={d} heads={n_heads} T={t} slots {start}.. of {max_seq} {dtype}"
+                 f"{' impl=' + impl if impl else ''}", problems)
 
 
 def qk_norm_rope_kv_case(report, d, n_heads, max_seq, slot, dtype, impl=None, table=False):
@@ -320,6 +369,12 @@ def main() -> int:
     qk_norm_rope_kv_case(report, 96, 4, max_seq, 3, BF16, impl="triton")
     for slot in (0, 5, max_seq - 1, max_seq):
         qk_norm_rope_kv_case(report, 96, 4, max_seq, slot, BF16, table=True)
+    for dtype in (F32, F16, BF16):
+        for d, n_heads, t in ((64, 4, 1), (96, 4, 7), (2048, 16, 5)):
+            qk_norm_rope_prefill_case(report, d, n_heads, t, 9, dtype)
+    qk_norm_rope_prefill_case(report, 96, 4, 6, 9, BF16, start=2)
+    qk_norm_rope_prefill_case(report, 64, 4, 5, 9, F32, start=7)  # the last 3 tokens fall past the cache
+    qk_norm_rope_prefill_case(report, 64, 4, 3, 9, BF16, impl="triton")
     for size, extra_size, d, token in ((50, 0, 64, 7), (50, 0, 2048, 49), (50, 8, 96, 3), (50, 8, 96, 50),
                                        (50, 8, 96, 57), (50, 8, 96, 58)):
         for dtype in (F32, BF16):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from flexvlm_env.model.fused_kernels import (
     fused_add_rms_norm_auto,
     fused_qk_norm_rope_kv,
     fused_qk_norm_rope_kv_auto,
+    fused_qk_norm_rope_prefill,
+    fused_qk_norm_rope_prefill_auto,
     greedy_token,
     greedy_token_auto,
     greedy_token_reference,
@@ -33,6 +36,7 @@ from flexvlm_env.model.fused_kernels import (
     pdl_enabled,
     pdl_launch_options,
     qk_norm_rope_kv_reference,
+    qk_norm_rope_prefill_reference,
     router_topk,
     router_topk_auto,
     router_topk_norm,
@@ -90,6 +94,62 @@ def test_qk_reference_matches_decoder_attention(monkeypatch, dtype, slot):
     # Same operations in the same order: bit-identical.
     assert torch.equal(q, seen["q"])
     assert torch.equal(ref_caches[0], caches[0]) and torch.equal(ref_caches[1], caches[1])
+
+
+def _prefill_inputs(args, t, dtype, device="cpu"):
+    attn = randomize_(Attention(args), dtype).to(device)
+    max_seq, hd = t + 5, args.head_dim
+    x = nonzero_randn(1, t, args.d_model).to(dtype).to(device)
+    cos, sin = rope_tables(torch.arange(t, device=device)[None], hd, args.rope_theta)
+    caches = [nonzero_randn(1, args.n_heads, max_seq, hd).to(dtype).to(device) for _ in range(2)]
+    return attn, x, cos, sin, caches, torch.arange(t, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_reference_matches_decoder_attention(monkeypatch, dtype):
+    args = small_args()
+    attn, x, cos, sin, caches, index = _prefill_inputs(args, 7, dtype)
+    ref_caches = [c.clone() for c in caches]
+    seen = {}
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.update(q=q.clone(), k=k.clone(), v=v.clone())
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        attn(x, cos, sin, caches, index, None, attend_cache=False)  # the CPU takes the plain ops
+        qkv = attn.att_proj(attn.attn_norm(x))
+        q, k, v = qk_norm_rope_prefill_reference(qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, *ref_caches,
+                                                 index, args.n_heads, args.norm_eps)
+    assert torch.equal(q, seen["q"]) and torch.equal(k, seen["k"]) and torch.equal(v, seen["v"])
+    assert torch.equal(ref_caches[0], caches[0]) and torch.equal(ref_caches[1], caches[1])
+    assert fused_qk_norm_rope_prefill_auto(qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, *ref_caches, index,
+                                           args.n_heads, args.norm_eps)[0].equal(q)  # auto on CPU: the reference
+
+
+@pytest.mark.parametrize("change,argument", [
+    (lambda a: a.update(qkv=a["qkv"][0]), "qkv must be"),
+    (lambda a: a.update(cos=a["cos"][0]), "cos must be"),
+    (lambda a: a.update(sin=a["sin"].double()), "sin must be"),
+    (lambda a: a.update(cache_index=a["cache_index"][:-1]), "cache_index must be"),
+    (lambda a: a.update(cache_index=a["cache_index"].float()), "cache_index must be"),
+    (lambda a: a.update(key_cache=a["key_cache"].transpose(2, 3)), "key_cache must be"),
+    (lambda a: a.update(n_heads=5), "n_heads=5"),
+    (lambda a: a.update(q_norm_w=a["q_norm_w"][:-1]), "q_norm_w must be"),
+])
+def test_prefill_bad_arguments_name_the_argument(change, argument):
+    args = small_args()
+    attn, x, cos, sin, caches, index = _prefill_inputs(args, 4, torch.float32)
+    with torch.no_grad():
+        a = dict(qkv=attn.att_proj(x), q_norm_w=attn.q_norm.weight, k_norm_w=attn.k_norm.weight, cos=cos, sin=sin,
+                 key_cache=caches[0], value_cache=caches[1], cache_index=index, n_heads=args.n_heads, eps=1e-5)
+    change(a)
+    with pytest.raises(ValueError, match=re.escape(argument)):
+        qk_norm_rope_prefill_reference(**a)
+    with pytest.raises(ValueError, match=re.escape(argument)):
+        fused_qk_norm_rope_prefill(**a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -270,6 +330,29 @@ def distinct_logits(num_experts, top_k):
         if (top[:, :-1] - top[:, 1:]).min() > 1e-3:
             return logits
     raise RuntimeError("could not draw router logits without near-ties")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d,n_heads,t", [(2048, 16, 1216), (2048, 16, 1), (96, 4, 37)])
+def test_attention_prefill_fused_equals_plain_bf16(monkeypatch, d, n_heads, t):
+    import flexvlm_env.model.decoder as decoder
+
+    fused_prefill_ok = decoder.fused_prefill_ok
+    args = small_args(d_model=d, n_heads=n_heads)
+    attn, x, cos, sin, caches, index = _prefill_inputs(args, t, torch.bfloat16, "cuda")
+    assert fused_prefill_ok(x)
+    plain_caches = [c.clone() for c in caches]
+    with torch.no_grad():
+        fused = attn(x, cos, sin, caches, index, None, attend_cache=False)
+        monkeypatch.setattr(decoder, "fused_prefill_ok", lambda qkv: False)
+        plain = attn(x, cos, sin, plain_caches, index, None, attend_cache=False)
+    # The RMS sums in another order: an element may move by an ulp before RoPE and the attention.
+    torch.testing.assert_close(fused, plain, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(caches[0], plain_caches[0], atol=2e-2, rtol=2e-2)
+    assert torch.equal(caches[1], plain_caches[1])  # v is copied as it is
+    with torch.enable_grad():  # autograd keeps the plain ops (the kernel has no backward)
+        assert not fused_prefill_ok(x.clone().requires_grad_(True))
 
 
 @pytest.mark.gpu

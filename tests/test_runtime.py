@@ -12,7 +12,7 @@ from PIL import Image
 from flexvlm_env import Config, load_model
 from flexvlm_env.model.args import PRESETS
 from flexvlm_env.model.generate import embed_inputs
-from flexvlm_env.model.preprocess import select_tiling_exact, vision_token_count
+from flexvlm_env.model.preprocess import select_tiling_exact, to_rgb_array, token_layout, vision_token_count
 from flexvlm_env.model.runtime import VLM
 
 from conftest import TINY, make_tiny_vlm
@@ -281,6 +281,34 @@ def test_encoded_bytes_and_arrays_are_accepted(tiny_vlm):
     b = tiny_vlm.generate(buffer.getvalue(), "q", config, max_new_tokens=3, ignore_eos=True)
     c = tiny_vlm.generate(np.asarray(image), "q", config, max_new_tokens=3, ignore_eos=True)
     assert a.token_ids == b.token_ids == c.token_ids
+
+
+def test_rgb_images_are_read_as_converted_ones_and_inputs_are_left_alone():
+    rgb = _image()
+    for image in (rgb, rgb.convert("RGBA"), rgb.convert("L")):
+        expected = np.array(image.convert("RGB"), dtype=np.uint8)
+        array = to_rgb_array(image)
+        assert array.dtype == np.uint8 and array.flags.writeable and np.array_equal(array, expected)
+    # A caller's array is read in place, never written (on the CPU the pixels tensor shares its memory).
+    pixels = np.asarray(rgb).copy()
+    before = pixels.copy()
+    tiny_vlm = make_tiny_vlm()
+    tiny_vlm.generate(pixels, "q", Config(crops=2, top_k=2, active_blocks=4), max_new_tokens=2)
+    assert np.array_equal(pixels, before)
+
+
+def test_token_layout_is_memoised_but_returns_fresh_copies():
+    vlm = make_tiny_vlm()
+    vision, special = vlm.args.vision, vlm.special
+    tokens, idx = token_layout(2, 3, vision, special, 1)
+    expected_tokens, expected_idx = list(tokens), idx.clone()
+    tokens.append(-5)
+    idx.fill_(7)  # a caller changing its copy must not change the next request's layout
+    again_tokens, again_idx = token_layout(2, 3, vision, special, 1)
+    assert again_tokens == expected_tokens and torch.equal(again_idx, expected_idx)
+    other_tokens, other_idx = token_layout(2, 3, vision, special, 5)  # another offset: positions shift by 4
+    assert other_tokens == expected_tokens
+    assert torch.equal(other_idx[other_idx >= 0], expected_idx[expected_idx >= 0] + 4)
 
 
 def test_bad_generate_arguments(tiny_vlm):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .fused_kernels import embedding_reference
+from . import fused_kernels
+from .fused_kernels import embedding_reference, fused_qk_norm_rope_prefill
 from .moe_kernels import moe_forward
 
 
@@ -29,6 +30,12 @@ class RMSNorm(nn.Module):
         # One fused kernel; it accumulates the statistics in float32 whatever x's dtype, as the
         # reference does (the fixture pins the float32 result).
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+def fused_prefill_ok(qkv: torch.Tensor) -> bool:
+    """Whether a prefill's attention takes `fused_qk_norm_rope_prefill`: on CUDA with Triton, unless
+    autograd needs the result (the kernel has no backward); CPU and training keep the plain ops."""
+    return qkv.is_cuda and fused_kernels.triton is not None and not (torch.is_grad_enabled() and qkv.requires_grad)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +108,15 @@ class Attention(nn.Module):
         Otherwise (prefill from slot 0): attend over x's own keys, causally or under `mask` [B, 1, T, T].
         """
         b, t, d = x.shape
-        q, k, v = self.att_proj(self.attn_norm(x)).split(d, dim=-1)
+        qkv = self.att_proj(self.attn_norm(x))
+        if cache_kv is not None and not attend_cache and mask is None and b == 1 and fused_prefill_ok(qkv):
+            # Prefill on CUDA: the norms, RoPE and the cache writes in one kernel, which also lays q/k/v out
+            # contiguously for the attention (fused_kernels.fused_qk_norm_rope_prefill).
+            q, k, v = fused_qk_norm_rope_prefill(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, *cache_kv,
+                                                 cache_index, self.n_heads, self.q_norm.eps)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.attn_out(out.transpose(1, 2).reshape(b, t, d))
+        q, k, v = qkv.split(d, dim=-1)
         # q/k norm spans all heads jointly (MolmoE quirk), before the head split.
         q, k = self.q_norm(q), self.k_norm(k)
         shape = (b, t, self.n_heads, self.head_dim)

@@ -315,9 +315,11 @@ class PrefillConfig:
 # call3_*), 16-row blocks lost at every 6-16 pairs per expert: top_k 2 at 512 tokens 6.14 ms against
 # 5.40 with 64-row blocks, top_k 1 at 1024 tokens 7.28 against 6.51, top_k 1 at 384 4.57 against 4.35
 # (no point of the grid's prompts has fewer pairs per expert). The H100 stage table shows the same
-# steps (top_k 2: 6.69 ms at 512 tokens, 6.11 at 576) but keeps its tile until measured there. The
-# 128 x 128 x 64 tile an H200 sweep at 1216 tokens found 3.7% faster alone gave no gain in the whole
-# prefill (13.21 against 13.03 ms, results/device/session11/call7_*).
+# steps (top_k 2: 6.69 ms at 512 tokens, 6.11 at 576) but keeps its tile until measured there. Above 96
+# pairs per expert (top_k 8 from ~800 tokens) the H200 takes 128 x 128 x 64 tiles with 3 stages: in the
+# whole prefill, same host, two rounds each (results/device/session13/call1_*), 12.53 ms against 12.64
+# at 1216 tokens, 13.10 against 13.43 at 1344, 10.19 against 10.39 at 832 (4 stages: 12.88-12.91,
+# 13.54-13.55, 10.43-10.46; 64-row blocks 12.82-12.87 at 1216; top_k 4, below the bound, unchanged).
 _PREFILL_CONFIGS = {
     "H100": {
         16: PrefillConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3),
@@ -326,7 +328,7 @@ _PREFILL_CONFIGS = {
     },
     "H200": {
         96: PrefillConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4),
-        None: PrefillConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+        None: PrefillConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     },
 }
 
@@ -362,7 +364,11 @@ def align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
-    sorted_experts, order = torch.sort(flat_ids, stable=True)
+    # Sorted on the narrowest key that holds every expert id: a radix sort makes one pass per key byte
+    # (int64 ids: 8 passes, 44 us for 9,728 pairs on an H200; uint8: one). The order is the same.
+    keys = flat_ids.to(torch.uint8 if num_experts <= 256 else torch.int32)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_experts = sorted_keys.long()
     rank_in_expert = torch.arange(num_pairs, device=flat_ids.device) - (counts.cumsum(0) - counts)[sorted_experts]
     dest = (padded_end - padded)[sorted_experts] + rank_in_expert
     max_padded = _cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
