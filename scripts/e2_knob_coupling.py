@@ -43,8 +43,8 @@ class Args:
     families: tuple[str, ...] = e2.DEFAULT_FAMILIES
     """the two workloads compared (QA first, captioning second)"""
     latency: tuple[str, ...] = ("molmoe-1b-h100", "micro-h200-measured")
-    """latency sources: molmoe-1b-h100 (composed, the main one), micro-h200-measured (measured where
-    recorded, else composed), micro-h200 (composed)"""
+    """latency sources: molmoe-1b-h100 (composed, the main one), molmoe-1b-h200 (composed, the current
+    engine), micro-h200-measured (measured where recorded, else composed), micro-h200 (composed)"""
     per_family: int | None = None
     """use each family's first N requests of the pool (default: all of them)"""
     n_boot: int = 1000

@@ -12,6 +12,7 @@ from flexvlm_env.config import KnobGrid
 from flexvlm_env.experiments import knob_coupling as e2
 from flexvlm_env.experiments import workloads as m1
 from flexvlm_env.features import IMAGE_FEATURES, PROMPT_FEATURES
+from flexvlm_env.profiles.loading import LATENCY_SOURCES
 from flexvlm_env.profiles.replay import STAGE_COLUMNS, ReplayData
 from conftest import load_script
 
@@ -190,6 +191,11 @@ def test_e2_driver_quick(tmp_path):
     assert "e2_scatter_frontier.png" in figures and "e2_cases.png" in figures and len(figures) == 5
     with pytest.raises(SystemExit, match="--latency"):
         e2_driver.main(e2_driver.Args(quick=True, latency=("gpu",), out_dir=tmp_path))
+    # Every shipped latency source can be E2's (here the current engine's MolmoE-1B H200 table).
+    assert set(e2.LATENCY_CHOICES) == set(LATENCY_SOURCES)
+    h200 = e2_driver.main(e2_driver.Args(quick=True, latency=("molmoe-1b-h200",), n_boot=2, out_dir=tmp_path / "h200"))
+    assert set(h200["data_sources"]) == {"molmoe-1b-h200"}
+    assert h200["data_sources"]["molmoe-1b-h200"]["stage_table_device"] == "NVIDIA H200"
     with pytest.raises(SystemExit, match="--families"):
         e2_driver.main(e2_driver.Args(quick=True, families=("coco_caption",), out_dir=tmp_path))
     with pytest.raises(SystemExit, match="--quality-table"):

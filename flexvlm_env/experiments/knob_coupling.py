@@ -53,7 +53,8 @@ from .common import frontier_quality_at, pareto_frontier, pyplot, save_figure
 KNOBS = ("crops", "top_k", "active_blocks")
 WORKLOADS = {"coco_2014_vqa": "QA", "coco_caption": "captioning"}
 DEFAULT_FAMILIES = tuple(WORKLOADS)
-LATENCY_CHOICES = ("molmoe-1b-h100", "micro-h200-measured", "micro-h200")
+# Every shipped latency source (profiles.loading.LATENCY_SOURCES), in the order figures list them.
+LATENCY_CHOICES = ("molmoe-1b-h100", "molmoe-1b-h200", "micro-h200-measured", "micro-h200")
 # The 500-requests-per-family sweep of the two workloads (an H200 run; its first 200 requests per
 # family are the shipped pool's), used by E2 and M1 when present.
 POOL_500_QUALITY = Path(__file__).resolve().parents[2] / "results/device_tables/micro_quality_val_vqa_caption_500.parquet"
@@ -419,8 +420,8 @@ def headline(analysis: dict, tables: dict[tuple[str, str], pd.DataFrame], bar_po
 
 # ----------------------------------------------------------------------------- figures
 
-SOURCE_LABELS = {"molmoe-1b-h100": "MolmoE-1B H100 (composed)", "micro-h200-measured": "micro H200 (measured/composed)",
-                 "micro-h200": "micro H200 (composed)"}
+SOURCE_LABELS = {"molmoe-1b-h100": "MolmoE-1B H100 (composed)", "molmoe-1b-h200": "MolmoE-1B H200 (composed)",
+                 "micro-h200-measured": "micro H200 (measured/composed)", "micro-h200": "micro H200 (composed)"}
 MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
 
 

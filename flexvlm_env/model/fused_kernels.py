@@ -234,28 +234,19 @@ def fused_add_rms_norm_auto(x, residual, weight, eps: float, *, impl: str = "aut
 # 2. q/k norm + RoPE + KV-cache write, one decode token
 
 
-def check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads) -> None:
-    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
-    if qkv.dim() not in (2, 3) or qkv.numel() != qkv.shape[-1] or qkv.shape[-1] % 3:
-        raise ValueError(f"qkv must be one token's fused projection [1, 3*d] (or [1, 1, 3*d]), got {tuple(qkv.shape)}")
-    _check_float("qkv", qkv)
-    d = qkv.shape[-1] // 3
+def _check_heads_and_norms(d: int, n_heads: int, q_norm_w, k_norm_w) -> int:
+    """head_dim for n_heads over d (even, d <= MAX_D), after checking the q/k norm weights are [d] floats."""
     if not 1 <= n_heads <= d or d % n_heads or (d // n_heads) % 2 or d > MAX_D:
-        raise ValueError(f"n_heads={n_heads} must divide d={qkv.shape[-1] // 3} (d <= {MAX_D}) into heads of even size")
-    head_dim = d // n_heads
+        raise ValueError(f"n_heads={n_heads} must divide d={d} (d <= {MAX_D}) into heads of even size")
     for name, w in (("q_norm_w", q_norm_w), ("k_norm_w", k_norm_w)):
         if tuple(w.shape) != (d,):
             raise ValueError(f"{name} must be [d] = [{d}], got {tuple(w.shape)}")
         _check_float(name, w)
-    for name, t in (("cos", cos), ("sin", sin)):
-        one_row = t.numel() == head_dim and t.shape[-1:] == (head_dim,)
-        table = t.dim() == 2 and t.shape[1] == head_dim and t.shape[0] == key_cache.shape[2]
-        if not (one_row or table) or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 [1, head_dim] = [1, {head_dim}] (one position, as "
-                             f"decoder.rope_tables returns) or a table [max_seq, head_dim] = "
-                             f"[{key_cache.shape[2]}, {head_dim}] read at the slot, got {t.dtype} {tuple(t.shape)}")
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    return d // n_heads
+
+
+def _check_kv_caches(key_cache, value_cache, n_heads: int, head_dim: int) -> None:
+    """Both caches [1, n_heads, max_seq, head_dim], contiguous (written in place), one shape and dtype."""
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         if cache.dim() != 4 or cache.shape[0] != 1 or cache.shape[1] != n_heads or cache.shape[3] != head_dim:
             raise ValueError(f"{name} must be [1, n_heads={n_heads}, max_seq, head_dim={head_dim}], "
@@ -267,6 +258,24 @@ def check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, val
     if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
         raise ValueError(f"value_cache must match key_cache ({key_cache.dtype} {tuple(key_cache.shape)}), "
                          f"got {value_cache.dtype} {tuple(value_cache.shape)}")
+
+
+def check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads) -> None:
+    """Raise a ValueError naming the argument, its shape or dtype and what is expected."""
+    if qkv.dim() not in (2, 3) or qkv.numel() != qkv.shape[-1] or qkv.shape[-1] % 3:
+        raise ValueError(f"qkv must be one token's fused projection [1, 3*d] (or [1, 1, 3*d]), got {tuple(qkv.shape)}")
+    _check_float("qkv", qkv)
+    head_dim = _check_heads_and_norms(qkv.shape[-1] // 3, n_heads, q_norm_w, k_norm_w)
+    for name, t in (("cos", cos), ("sin", sin)):
+        one_row = t.numel() == head_dim and t.shape[-1:] == (head_dim,)
+        table = t.dim() == 2 and t.shape[1] == head_dim and t.shape[0] == key_cache.shape[2]
+        if not (one_row or table) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [1, head_dim] = [1, {head_dim}] (one position, as "
+                             f"decoder.rope_tables returns) or a table [max_seq, head_dim] = "
+                             f"[{key_cache.shape[2]}, {head_dim}] read at the slot, got {t.dtype} {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    _check_kv_caches(key_cache, value_cache, n_heads, head_dim)
     if slot.numel() != 1 or slot.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot must be a 1-element int32/int64 tensor (on the device), "
                          f"got {slot.dtype} {tuple(slot.shape)}")
@@ -419,27 +428,13 @@ def check_qk_norm_rope_prefill_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache
     if qkv.dim() != 3 or qkv.shape[0] != 1 or qkv.shape[1] < 1 or qkv.shape[2] % 3:
         raise ValueError(f"qkv must be one sequence's fused projection [1, T, 3*d], got {tuple(qkv.shape)}")
     _check_float("qkv", qkv)
-    t, d = qkv.shape[1], qkv.shape[2] // 3
-    if not 1 <= n_heads <= d or d % n_heads or (d // n_heads) % 2 or d > MAX_D:
-        raise ValueError(f"n_heads={n_heads} must divide d={d} (d <= {MAX_D}) into heads of even size")
-    head_dim = d // n_heads
-    for name, w in (("q_norm_w", q_norm_w), ("k_norm_w", k_norm_w)):
-        if tuple(w.shape) != (d,):
-            raise ValueError(f"{name} must be [d] = [{d}], got {tuple(w.shape)}")
-        _check_float(name, w)
+    t = qkv.shape[1]
+    head_dim = _check_heads_and_norms(qkv.shape[2] // 3, n_heads, q_norm_w, k_norm_w)
     for name, r in (("cos", cos), ("sin", sin)):
         if tuple(r.shape) != (1, t, head_dim) or r.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 [1, T, head_dim] = [1, {t}, {head_dim}] (decoder.rope_tables "
                              f"of the tokens' positions), got {r.dtype} {tuple(r.shape)}")
-    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if cache.dim() != 4 or cache.shape[0] != 1 or cache.shape[1] != n_heads or cache.shape[3] != head_dim:
-            raise ValueError(f"{name} must be [1, n_heads={n_heads}, max_seq, head_dim={head_dim}], got {tuple(cache.shape)}")
-        if not cache.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {cache.stride()}")  # written in place
-        _check_float(name, cache)
-    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
-        raise ValueError(f"value_cache must match key_cache ({key_cache.dtype} {tuple(key_cache.shape)}), "
-                         f"got {value_cache.dtype} {tuple(value_cache.shape)}")
+    _check_kv_caches(key_cache, value_cache, n_heads, head_dim)
     if tuple(cache_index.shape) != (t,) or cache_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cache_index must be int32/int64 [T] = [{t}] (each token's cache slot), "
                          f"got {cache_index.dtype} {tuple(cache_index.shape)}")
