@@ -1,4 +1,5 @@
-"""Runs the vision tower's quick_gelu kernel in Triton's CPU interpreter against the torch reference.
+"""Runs the vision tower's kernels (quick_gelu, residual add + LayerNorm) in Triton's CPU interpreter
+against the torch references.
 
 Started by tests/test_vision_kernels.py in a subprocess with TRITON_INTERPRET=1. Outputs are poisoned
 with NaN first, so an element left unwritten shows. The interpreter has no libdevice (the kernel uses
@@ -10,9 +11,18 @@ from __future__ import annotations
 import sys
 
 import torch
-from _interpret import BF16, F16, F32, compare, start
+from _interpret import BF16, F16, F32, compare, nonzero_randn, start
 
-from flexvlm_env.model.vision_kernels import BLOCK, quick_gelu, quick_gelu_auto, quick_gelu_reference
+from flexvlm_env.model.vision_kernels import (
+    BLOCK,
+    add_layer_norm,
+    add_layer_norm_reference,
+    quick_gelu,
+    quick_gelu_auto,
+    quick_gelu_reference,
+)
+
+EPS = 1e-5
 
 
 def case(report, shape, dtype, scale=4.0):
@@ -27,6 +37,23 @@ def case(report, shape, dtype, scale=4.0):
     report.check(f"quick_gelu {dtype} {tuple(shape)}", problems)
 
 
+def add_layer_norm_case(report, shape, dtype, in_place=False):
+    width = shape[-1]
+    x, residual = nonzero_randn(*shape).to(dtype), nonzero_randn(*shape, scale=3.0).to(dtype)
+    weight, bias = nonzero_randn(width).to(dtype), nonzero_randn(width).to(dtype)
+    ref, ref_res = add_layer_norm_reference(x, residual, weight, bias, EPS)
+    res64 = x.double() + residual.double()  # float64 from the same inputs
+    ref64 = torch.nn.functional.layer_norm(res64, (width,), weight.double(), bias.double(), EPS)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    res_in = residual.clone()
+    res_out = res_in if in_place else torch.full(shape, float("nan"), dtype=dtype)
+    normed, new_res = add_layer_norm(x, res_in, weight, bias, EPS, out=out, residual_out=res_out)
+    problems = [] if normed is out and new_res is res_out else ["did not write into `out` / `residual_out`"]
+    compare("normed", normed, ref, ref64, dtype, problems)
+    compare("new residual", new_res, ref_res, res64, dtype, problems)
+    report.check(f"add_layer_norm {dtype} {tuple(shape)}{' in place' if in_place else ''}", problems)
+
+
 def main() -> int:
     report, _ = start(__doc__)
     for dtype in (F32, F16, BF16):
@@ -34,6 +61,10 @@ def main() -> int:
         for shape in ((1,), (1000,), (BLOCK,), (2, 7, 1031)):
             case(report, shape, dtype)
     case(report, (3, 500), F32, scale=40.0)  # saturated sigmoid tails: 0 and 1, no NaN from exp overflow
+    for dtype in (F32, F16, BF16):
+        for shape in ((1, 64), (3, 1024), (2, 5, 96), (4, 1000)):
+            add_layer_norm_case(report, shape, dtype)
+    add_layer_norm_case(report, (3, 96), BF16, in_place=True)
     h = torch.randn(5, 64)
     problems = []
     compare("auto impl=triton", quick_gelu_auto(h, impl="triton"), quick_gelu_reference(h), None, F32, problems)

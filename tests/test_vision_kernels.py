@@ -1,15 +1,25 @@
-"""Tests of flexvlm_env/model/vision_kernels.py: the reference is the ViT MLP's activation, dispatch
-(autograd keeps the reference), argument errors, the Triton kernel in Triton's interpreter (subprocess)
-and, with a GPU, bit-identical to the reference in every float dtype and inside the vision tower."""
+"""Tests of flexvlm_env/model/vision_kernels.py: the references are what the ViT computes (its MLP's
+activation; a block's residual add and the next LayerNorm, and the fused block loop equals the blocks as
+written), dispatch (autograd keeps the references), argument errors, the Triton kernels in Triton's
+interpreter (subprocess) and, with a GPU, quick_gelu bit-identical to its reference in every float dtype
+and the whole tower within bf16 rounding of the plain one."""
 from __future__ import annotations
 
 import pytest
 import torch
 from _interpret import run_interpret_check
 
+import flexvlm_env.model.vision as vision
 from flexvlm_env.model.args import VisionArgs
-from flexvlm_env.model.vision import ViTMLP
-from flexvlm_env.model.vision_kernels import quick_gelu, quick_gelu_auto, quick_gelu_reference
+from flexvlm_env.model.vision import VisionTransformer, ViTBlock, ViTMLP
+from flexvlm_env.model.vision_kernels import (
+    add_layer_norm,
+    add_layer_norm_auto,
+    add_layer_norm_reference,
+    quick_gelu,
+    quick_gelu_auto,
+    quick_gelu_reference,
+)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,6 +56,55 @@ def test_bad_arguments_name_the_argument():
         quick_gelu(torch.ones(3, dtype=torch.int32))
 
 
+SMALL = VisionArgs(width=32, n_layers=4, n_heads=2, head_dim=16, mlp_dim=64, vit_layers=(-1, -3), crop_px=56, margin_patches=0)
+
+
+def _random_tower(seed=0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    vit = VisionTransformer(SMALL)
+    with torch.no_grad():
+        for p in vit.parameters():  # LayerNorms start at weight 1, bias 0: make them matter
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.5) + (1.0 if p.dim() == 1 else 0.0))
+    return vit.to(device, dtype).eval()
+
+
+def test_add_layer_norm_reference_is_the_block_add_and_next_norm():
+    torch.manual_seed(0)
+    block = ViTBlock(SMALL)
+    x, update = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    normed, new_x = add_layer_norm_reference(update, x, block.ffn_norm.weight, block.ffn_norm.bias, block.ffn_norm.eps)
+    assert torch.equal(new_x, x + update) and torch.equal(normed, block.ffn_norm(x + update))
+
+
+def test_fused_block_loop_equals_the_blocks(monkeypatch):
+    # On the CPU the fused loop runs the references: the same operations in the same order, so the
+    # restructured loop (each add paired with the LayerNorm after it, across blocks) must be bit-identical.
+    vit = _random_tower()
+    patches = torch.randn(3, SMALL.patches_per_crop, SMALL.patch_dim)
+    with torch.no_grad():
+        plain = vit(patches)
+        monkeypatch.setattr(vision, "fused_add_norm_ok", lambda x, weight: True)
+        fused = vit(patches)
+    assert torch.equal(plain, fused)
+
+
+def test_add_layer_norm_dispatch_and_bad_arguments():
+    norm = torch.nn.LayerNorm(8)
+    x, r = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
+    normed, _ = add_layer_norm_auto(x, r, norm)  # CPU: the reference, differentiable
+    normed.sum().backward()
+    assert x.grad is not None
+    with pytest.raises(ValueError, match="no backward"):
+        add_layer_norm_auto(x, r, norm, impl="triton")
+    with pytest.raises(ValueError, match="residual must match"):
+        add_layer_norm(torch.ones(3, 8), torch.ones(3, 9), norm.weight, norm.bias, 1e-5)
+    with pytest.raises(ValueError, match="bias must be"):
+        add_layer_norm(torch.ones(3, 8), torch.ones(3, 8), norm.weight, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="x must be one of"):
+        add_layer_norm(torch.ones(3, 8, dtype=torch.float64), torch.ones(3, 8, dtype=torch.float64), norm.weight,
+                       norm.bias, 1e-5)
+
+
 def test_triton_kernel_in_interpreter():
     run_interpret_check("_vision_interpret_check.py")
 
@@ -64,3 +123,25 @@ def test_quick_gelu_is_bit_identical_on_gpu(dtype):
         assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {h.numel()} elements differ"
     with pytest.raises(ValueError, match="out must be a contiguous"):
         quick_gelu(h, out=torch.empty(3, device="cuda", dtype=dtype))
+
+
+@pytest.mark.gpu
+@gpu
+def test_vision_tower_fused_equals_plain_on_gpu(monkeypatch):
+    torch.manual_seed(0)
+    x, r = (torch.randn(13, 577, 1024, device="cuda") * 2).bfloat16(), torch.randn(13, 577, 1024, device="cuda").bfloat16()
+    norm = torch.nn.LayerNorm(1024, device="cuda").bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+        normed, new_r = add_layer_norm_auto(x, r, norm)
+        ref, ref_r = add_layer_norm_reference(x, r, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(new_r, ref_r)  # the add rounds as torch's
+    torch.testing.assert_close(normed, ref, atol=2e-2, rtol=2e-2)  # statistics summed in another order
+    vit = _random_tower(dtype=torch.bfloat16, device="cuda")
+    patches = torch.randn(3, SMALL.patches_per_crop, SMALL.patch_dim, device="cuda").bfloat16()
+    with torch.no_grad():
+        fused = vit(patches)
+        monkeypatch.setattr(vision, "fused_add_norm_ok", lambda x, weight: False)
+        plain = vit(patches)
+    torch.testing.assert_close(fused, plain, atol=5e-2, rtol=5e-2)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs, VisionArgs
-from .vision_kernels import quick_gelu_auto
+from . import vision_kernels
+from .vision_kernels import add_layer_norm_auto, quick_gelu_auto
 
 
 class ViTAttention(nn.Module):
@@ -80,12 +81,34 @@ class VisionTransformer(nn.Module):
         x = self.pre_ln(x)
         n_layers = self.vision.n_layers
         wanted = [layer % n_layers for layer in self.vision.vit_layers]
+        blocks = self.transformer.resblocks[: self.vision.layers_to_run]
         outputs = {}
-        for i, block in enumerate(self.transformer.resblocks[: self.vision.layers_to_run]):
-            x = block(x)
-            if i in wanted:
-                outputs[i] = x
+        if fused_add_norm_ok(x, self.pre_ln.weight):
+            # The same blocks with each residual add and the LayerNorm after it as one kernel
+            # (vision_kernels.add_layer_norm): `normed` is what the next sublayer reads.
+            normed = blocks[0].attention_norm(x)
+            for i, block in enumerate(blocks):
+                normed, x = add_layer_norm_auto(block.attention(normed), x, block.ffn_norm)
+                update = block.feed_forward(normed)
+                if i + 1 < len(blocks):
+                    normed, x = add_layer_norm_auto(update, x, blocks[i + 1].attention_norm)
+                else:
+                    x = x + update
+                if i in wanted:
+                    outputs[i] = x
+        else:
+            for i, block in enumerate(blocks):
+                x = block(x)
+                if i in wanted:
+                    outputs[i] = x
         return torch.cat([outputs[i][:, 1:] for i in wanted], dim=-1)
+
+
+def fused_add_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the ViT takes the fused residual add + LayerNorm path: on CUDA with Triton, unless autograd
+    needs the result (the kernel has no backward); CPU and training keep the blocks as written."""
+    return (x.is_cuda and vision_kernels.triton is not None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 class AttentionPool2d(nn.Module):
