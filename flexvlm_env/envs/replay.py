@@ -148,7 +148,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
       (its tiling, its prompt, and micro's answer re-tokenized as the output), which matches
       end-to-end runs of requests the tables never saw within 1.2% median, 6.3% P95
       (`results/replay_latency_validation.json`). `latency="molmoe-1b-h200"`: the same on an
-      NVIDIA H200 with the current engine (1.9% median, 7.4% P95 error);
+      NVIDIA H200 with the current engine (1.9% median, 5.3% P95 error);
     - `latency="micro-h200"` instead replays the micro model itself on an H200 (same method;
       8.4% median, 20% P95 error: micro's ~5 ms requests are mostly host work, which varies
       between runs and machines); `latency="micro-h200-measured"` replays every (request,

@@ -12,7 +12,7 @@ Shipped tables (`flexvlm_env/assets/profiles/`, Parquet with provenance in the m
 Latency sources (`latency=`): `molmoe-1b-h100` (default: what a MolmoE-1B deployment on an H100
 would take for these requests, with output lengths from re-tokenizing micro's answers with the
 MolmoE tokenizer; measured with the runtime of commit 2a61d3e), `molmoe-1b-h200` (the same on an
-H200 with the engine of commit f9de3f0, which takes 31-43% less time per decode token and 20% less time
+H200 with the engine of commit 32925bc, which takes 31-43% less time per decode token and 22% less time
 to the first token at 12 crops than the H100 table's engine did on that card) and `micro-h200` (the
 micro model itself on an H200), all compositions of stage
 tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
