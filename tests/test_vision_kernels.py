@@ -96,6 +96,8 @@ def test_add_layer_norm_dispatch_and_bad_arguments():
     assert x.grad is not None
     with pytest.raises(ValueError, match="no backward"):
         add_layer_norm_auto(x, r, norm, impl="triton")
+    with pytest.raises(ValueError, match="elementwise-affine"):
+        add_layer_norm_auto(x, r, torch.nn.LayerNorm(8, bias=False))
     with pytest.raises(ValueError, match="residual must match"):
         add_layer_norm(torch.ones(3, 8), torch.ones(3, 9), norm.weight, norm.bias, 1e-5)
     with pytest.raises(ValueError, match="bias must be"):

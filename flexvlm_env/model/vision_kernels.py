@@ -167,6 +167,8 @@ def add_layer_norm(x, residual, weight, bias, eps: float, *, out=None, residual_
 def add_layer_norm_auto(x, residual, norm: torch.nn.LayerNorm, *, impl: str = "auto"):
     """impl "auto": triton on CUDA unless autograd needs the result; "triton" / "reference" force one.
     `norm` is the `nn.LayerNorm` that follows the add (its weight, bias and eps)."""
+    if norm.weight is None or norm.bias is None:
+        raise ValueError("norm must be an elementwise-affine nn.LayerNorm with a bias (the ViT's are)")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or norm.weight.requires_grad)
     if impl == "triton" and needs_grad:
         raise ValueError("impl='triton': the triton add + LayerNorm has no backward, and an input requires grad "
