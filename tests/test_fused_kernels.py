@@ -20,6 +20,7 @@ from _interpret import nonzero_randn, run_interpret_check
 from flexvlm_env.model.args import ModelArgs
 from flexvlm_env.model.decoder import Attention, Block, Embedding, KVCache, MoE, rope_tables
 from flexvlm_env.model.fused_kernels import (
+    MAX_D,
     add_rms_norm_reference,
     embed_token,
     embed_token_auto,
@@ -341,7 +342,7 @@ def test_attention_prefill_fused_equals_plain_bf16(monkeypatch, d, n_heads, t):
     fused_prefill_ok = decoder.fused_prefill_ok
     args = small_args(d_model=d, n_heads=n_heads)
     attn, x, cos, sin, caches, index = _prefill_inputs(args, t, torch.bfloat16, "cuda")
-    assert fused_prefill_ok(x)
+    assert fused_prefill_ok(torch.empty(1, t, 3 * d, device="cuda", dtype=torch.bfloat16))
     plain_caches = [c.clone() for c in caches]
     with torch.no_grad():
         fused = attn(x, cos, sin, caches, index, None, attend_cache=False)
@@ -353,6 +354,8 @@ def test_attention_prefill_fused_equals_plain_bf16(monkeypatch, d, n_heads, t):
     assert torch.equal(caches[1], plain_caches[1])  # v is copied as it is
     with torch.enable_grad():  # autograd keeps the plain ops (the kernel has no backward)
         assert not fused_prefill_ok(x.clone().requires_grad_(True))
+    # so do widths one program cannot hold
+    assert not fused_prefill_ok(torch.empty(1, 2, 3 * (MAX_D + 64), device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import flexvlm_env.model.vision as vision
 from flexvlm_env.model.args import VisionArgs
 from flexvlm_env.model.vision import VisionTransformer, ViTBlock, ViTMLP
 from flexvlm_env.model.vision_kernels import (
+    MAX_WIDTH,
     add_layer_norm,
     add_layer_norm_auto,
     add_layer_norm_reference,
@@ -130,6 +131,7 @@ def test_quick_gelu_is_bit_identical_on_gpu(dtype):
 @pytest.mark.gpu
 @gpu
 def test_vision_tower_fused_equals_plain_on_gpu(monkeypatch):
+    fused_add_norm_ok = vision.fused_add_norm_ok  # before the monkeypatch below
     torch.manual_seed(0)
     x, r = (torch.randn(13, 577, 1024, device="cuda") * 2).bfloat16(), torch.randn(13, 577, 1024, device="cuda").bfloat16()
     norm = torch.nn.LayerNorm(1024, device="cuda").bfloat16()
@@ -147,3 +149,7 @@ def test_vision_tower_fused_equals_plain_on_gpu(monkeypatch):
         monkeypatch.setattr(vision, "fused_add_norm_ok", lambda x, weight: False)
         plain = vit(patches)
     torch.testing.assert_close(fused, plain, atol=5e-2, rtol=5e-2)
+    with torch.no_grad():
+        assert fused_add_norm_ok(patches, vit.pre_ln.weight)
+        assert not fused_add_norm_ok(torch.empty(2, MAX_WIDTH + 1, device="cuda"), vit.pre_ln.weight)  # too wide
+    assert not fused_add_norm_ok(patches, vit.pre_ln.weight)  # grad enabled and the weights require it

@@ -33,9 +33,11 @@ class RMSNorm(nn.Module):
 
 
 def fused_prefill_ok(qkv: torch.Tensor) -> bool:
-    """Whether a prefill's attention takes `fused_qk_norm_rope_prefill`: on CUDA with Triton, unless
-    autograd needs the result (the kernel has no backward); CPU and training keep the plain ops."""
-    return qkv.is_cuda and fused_kernels.triton is not None and not (torch.is_grad_enabled() and qkv.requires_grad)
+    """Whether a prefill's attention takes `fused_qk_norm_rope_prefill`: on CUDA with Triton, for widths
+    one program holds, unless autograd needs the result (the kernel has no backward); CPU, training and
+    wider models keep the plain ops."""
+    return (qkv.is_cuda and fused_kernels.triton is not None and qkv.shape[-1] // 3 <= fused_kernels.MAX_D
+            and not (torch.is_grad_enabled() and qkv.requires_grad))
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
