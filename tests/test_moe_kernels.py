@@ -54,9 +54,10 @@ def test_reference_keeps_dtype_and_shape_and_int32_ids():
     assert rel_err(out[None], direct_moe(x, ids, weights, w_gate_up, w_down)) < 1e-2
 
 
-def test_align_block_size_places_each_pair_once_in_blocks_of_one_expert():
-    block_m, num_experts = 4, 6
-    _, topk_ids, *_ = random_moe(11, 3, num_experts, 8, 4, torch.float32, unused_expert=1, hot_expert=4)
+@pytest.mark.parametrize("num_experts,hot_expert", [(6, 4), (300, 257)])  # uint8 and int32 sort keys
+def test_align_block_size_places_each_pair_once_in_blocks_of_one_expert(num_experts, hot_expert):
+    block_m = 4
+    _, topk_ids, *_ = random_moe(11, 3, num_experts, 8, 4, torch.float32, unused_expert=1, hot_expert=hot_expert)
     sorted_pair_ids, expert_ids, num_padded = align_block_size(topk_ids, block_m, num_experts)
     num_pairs, num_padded = topk_ids.numel(), int(num_padded)
     assert num_padded % block_m == 0 and num_padded <= sorted_pair_ids.numel()
@@ -70,6 +71,8 @@ def test_align_block_size_places_each_pair_once_in_blocks_of_one_expert():
         pairs = pairs[pairs < num_pairs].long()
         assert len(pairs) > 0, "a block holds padding only"
         assert (flat_ids[pairs] == expert_ids[block]).all()
+    # Stable: each expert's pairs keep their order (token, then slot), as with a stable sort of the ids.
+    assert torch.equal(real, torch.sort(flat_ids.long(), stable=True)[1])
 
 
 @pytest.mark.parametrize("change,argument", [
