@@ -771,9 +771,17 @@ def test_shipped_molmoe_h200_source(replay):
     np.testing.assert_array_equal(h200.output_tokens, replay.output_tokens)
     assert np.isfinite(h200.total_ms).all() and (h200.total_ms > 0).all()
     np.testing.assert_allclose(h200.total_ms, h200.stage_ms.sum(axis=2), rtol=1e-5)
-    # the median request is slower with more crops, more experts and more blocks, everywhere in the grid
+    # On the device the median request is slower with more crops, more experts and more blocks, everywhere
+    # in the grid; so is the whole request with more experts and more blocks.
+    device = np.median(h200.total_ms - h200.stage_ms[:, :, 0], axis=0).reshape(h200.grid.shape)
+    assert all((np.diff(device, axis=axis) > 0).all() for axis in range(3))
     median = np.median(h200.total_ms, axis=0).reshape(h200.grid.shape)
-    assert all((np.diff(median, axis=axis) > 0).all() for axis in range(3))
+    assert (np.diff(median, axis=1) > 0).all() and (np.diff(median, axis=2) > 0).all()
+    # The host's preprocessing, measured at each point of the table, moves by +-0.4 ms with the host
+    # (std over one point's runs); in session 13's table 1-crop points measured 2.14 ms against 1.47-2.06
+    # at 2 crops, more than the 0.27 ms the device adds there. Whole requests may so dip by that noise
+    # from one crop count to the next, and by no more.
+    assert (np.diff(median, axis=0) > -0.25).all()
 
 
 def test_unknown_sources_name_the_argument_and_the_shipped_ones():
