@@ -44,6 +44,7 @@ from ..profiles.loading import (
     REQUESTS_TABLE,
     build_replay_data,
     build_replay_data_measured,
+    check_source,
     profiles_dir,
 )
 from ..profiles.replay import STAGE_COLUMNS, ReplayData
@@ -114,8 +115,7 @@ def load_pool(quality_table: str | Path, requests_table: str | Path, families=DE
               latency: str = "molmoe-1b-h100", per_family: int | None = None) -> tuple[ReplayData, dict]:
     """`ReplayData` for `families` of a quality table joined with its request table and a latency
     source (module docstring), and a provenance dict (tables, metadata, measured/composed counts)."""
-    if latency not in LATENCY_CHOICES:
-        raise ValueError(f"latency={latency!r} is not a latency source; allowed: {list(LATENCY_CHOICES)}")
+    check_source("latency", latency)
     answers, quality_meta = read_parquet(quality_table)
     requests, requests_meta = read_parquet(requests_table)
     answers = select_requests(answers, families, per_family)

@@ -25,7 +25,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .fused_kernels import _check_float, _check_out, _check_same_device, _check_triton_ready, _row_warps, _use_triton
+from .fused_kernels import MAX_D, _check_float, _check_out, _check_same_device, _check_triton_ready, _row_warps, _use_triton
 
 try:
     import triton
@@ -72,11 +72,8 @@ def quick_gelu(h: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Ten
     _check_float("h", h, allow_float64=False)
     _check_triton_ready(h, "quick_gelu")
     h = h.contiguous()
-    if out is None:
-        out = torch.empty_like(h)
-    elif out.shape != h.shape or out.dtype != h.dtype or out.device != h.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {h.dtype} tensor {tuple(h.shape)} on {h.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out = torch.empty_like(h) if out is None else out
+    _check_out("out", out, h.shape, h.dtype, h.device)
     n = h.numel()
     if n:
         _quick_gelu_kernel[(triton.cdiv(n, BLOCK),)](h, out, n, QUICK_GELU_SCALE, BLOCK=BLOCK,
@@ -99,7 +96,7 @@ def quick_gelu_auto(h: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Residual add + LayerNorm
 
-MAX_WIDTH = 8192  # one program holds a whole row in registers
+MAX_WIDTH = MAX_D  # one program holds a whole row in registers, as in fused_kernels
 
 
 def check_add_layer_norm_args(x, residual, weight, bias) -> None:
