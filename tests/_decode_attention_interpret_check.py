@@ -23,9 +23,12 @@ from _interpret import BF16, F16, F32, compare, nonzero_randn, start
 from flexvlm_env.model.decode_attention import (
     decode_attention,
     decode_attention_auto,
+    decode_attention_qk,
+    decode_attention_qk_reference,
     decode_attention_reference,
     split_plan,
 )
+from flexvlm_env.model.decoder import rope_tables
 
 # (max_seq, heads, head_dim): 200 is not a multiple of the chunk (128) nor of the key tile.
 SHAPES = [(64, 2, 32), (64, 16, 128), (200, 2, 128), (200, 16, 32), (2048, 2, 32)]
@@ -82,6 +85,41 @@ def attention_case(report, max_seq, n_heads, head_dim, slot, dtype, num_splits=N
                  f"{' impl=' + impl if impl else ''}", problems)
 
 
+def qk_case(report, max_seq, n_heads, head_dim, slot, dtype, block_rows=4, table=True):
+    """decode_attention_qk (q/k norms, RoPE and the cache writes inside the split programs) against its
+    reference: the output, and the caches written at the slot (k normed and rotated, v raw) and nowhere else.
+    square_sums are what decode_gemv writes: per block of `block_rows` rounded outputs, the sum of squares."""
+    d = n_heads * head_dim
+    qkv = nonzero_randn(1, 3 * d).to(dtype)
+    q_w, k_w = (1 + 0.2 * torch.randn(d)).to(dtype), (1 + 0.2 * torch.randn(d)).to(dtype)
+    square_sums = qkv[0, : 2 * d].float().reshape(2, d // block_rows, block_rows).square().sum(-1)
+    cos, sin = rope_tables(torch.arange(max_seq), head_dim, 10_000.0)
+    if not table:
+        cos, sin = cos[slot % max_seq][None], sin[slot % max_seq][None]
+    _, key_cache, value_cache = random_case(max_seq, n_heads, head_dim, dtype)
+    key_ref, value_ref = key_cache.clone(), value_cache.clone()
+    slot_t = torch.tensor([slot])
+    ref = decode_attention_qk_reference(qkv, square_sums, q_w, k_w, cos, sin, key_ref, value_ref, slot_t, n_heads, 1e-5)
+    # Slots after the attended one are never read: poisoned in the kernel's caches (not written by it either).
+    poison_after_(key_cache, value_cache, slot)
+    key_ref[:, :, slot + 1:], value_ref[:, :, slot + 1:] = key_cache[:, :, slot + 1:], value_cache[:, :, slot + 1:]
+    out = torch.full((1, n_heads, 1, head_dim), float("nan"), dtype=dtype)
+    got = decode_attention_qk(qkv, square_sums, q_w, k_w, cos, sin, key_cache, value_cache, slot_t, n_heads, 1e-5,
+                              out=out)
+    problems = [] if got is out else ["out is not the given buffer"]
+    compare("out", got, ref, None, dtype, problems)
+    compare("key at the slot", key_cache[:, :, slot], key_ref[:, :, slot], None, dtype, problems)
+    if not torch.equal(value_cache[:, :, slot], value_ref[:, :, slot]):
+        problems.append("value at the slot is not the raw v")
+    for name, got_cache, ref_cache in (("key", key_cache, key_ref), ("value", value_cache, value_ref)):
+        others = torch.ones(max_seq, dtype=torch.bool)
+        others[slot] = False
+        if not torch.equal(got_cache[:, :, others].nan_to_num(), ref_cache[:, :, others].nan_to_num()):
+            problems.append(f"{name} cache changed outside the slot")
+    report.check(f"decode_attention_qk S={max_seq} heads={n_heads} hd={head_dim} slot={slot} {dtype}"
+                 f"{'' if table else ' one rope row'}", problems)
+
+
 def slot_past_the_end_case(report):
     # Not range-checked on the host (that would sync): a slot >= max_seq attends the whole cache, as
     # the reference's mask arange(max_seq) <= slot does.
@@ -129,6 +167,11 @@ def main() -> int:
             attention_case(report, max_seq, 2, head_dim, slot, BF16 if num_splits == 3 else F32, num_splits)
     attention_case(report, 200, 2, 32, 150, F32, slot_dtype=torch.int32)
     attention_case(report, 200, 2, 32, 150, BF16, impl="triton")
+    for max_seq, n_heads, head_dim in ((64, 2, 32), (200, 4, 64)):
+        for slot in slots_of(max_seq, head_dim):
+            qk_case(report, max_seq, n_heads, head_dim, slot, F32)
+    qk_case(report, 200, 2, 32, 137, BF16)
+    qk_case(report, 64, 2, 32, 40, BF16, block_rows=16, table=False)
     slot_past_the_end_case(report)
     for dtype in (F32, BF16):
         reused_buffers_case(report, dtype)

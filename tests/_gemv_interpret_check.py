@@ -3,9 +3,10 @@
 Started by tests/test_decode_gemv.py in a subprocess with TRITON_INTERPRET=1, which must be set before
 triton is first imported. Outputs are poisoned with NaN first, so an element left unwritten shows.
 Cases: plain W @ x; the RMSNorm of x alone in front (the first block); the residual add and RMSNorm
-in front, with the new residual written; tiles that do not divide the shapes; reused buffers. Then
+in front, with the new residual written; tiles that do not divide the shapes; reused buffers; the
+partial sums of squares of the leading outputs (`square_sums`, the q/k norms' input). Then
 the whole fused decode step (`decoder.decode_forward_fused`) of a small float32 decoder with every
-kernel on its Triton path (projections, q/k norm + RoPE + KV write, split-KV attention, router, MoE
+kernel on its Triton path (projections, split-KV attention with the q/k norms, RoPE and KV write, router, MoE
 decode) against `Transformer.forward` of the same token, block plans with skipped blocks and mixed
 top_k included. Exits non-zero, naming the case, if anything is off.
 
@@ -22,7 +23,13 @@ import torch
 from _interpret import BF16, F32, compare, nonzero_randn, start
 
 from flexvlm_env.model.args import ModelArgs
-from flexvlm_env.model.decode_gemv import GemvConfig, decode_gemv, decode_gemv_auto, decode_gemv_reference
+from flexvlm_env.model.decode_gemv import (
+    GemvConfig,
+    decode_gemv,
+    decode_gemv_auto,
+    decode_gemv_reference,
+    square_parts,
+)
 from flexvlm_env.model.decoder import KVCache, Transformer, decode_forward_fused
 
 EPS = 1e-5
@@ -56,6 +63,23 @@ def gemv_case(report, n, k, dtype, config, mode):
                                          else torch.allclose(got_residual.float(), ref_residual.float(), rtol=2 ** -7)):
             problems.append(f"residual_out max diff {(got_residual.float() - ref_residual.float()).abs().max():.2e}")
     report.check(f"decode_gemv N={n} K={k} {dtype} {mode} {config}", problems)
+
+
+def square_sums_case(report, n, k, rows, dtype, config):
+    """Program p of the first square_parts(rows, config) writes the sum of squares of its block_n outputs as
+    rounded to the dtype; the others write nothing (the buffer is one element longer and stays NaN)."""
+    x, weight = nonzero_randn(1, k).to(dtype), (torch.randn(n, k) * k ** -0.5).to(dtype)
+    norm_weight = nonzero_randn(k).to(dtype)
+    parts = square_parts(rows, config)
+    buffer = torch.full((parts + 1,), float("nan"))
+    got, _ = decode_gemv(x, weight, norm_weight=norm_weight, eps=EPS, config=config, square_sums=buffer[:parts])
+    expected = got[0, :rows].float().reshape(parts, config.block_n).square().sum(-1)
+    problems = []
+    if not torch.allclose(buffer[:parts], expected, rtol=1e-5, atol=0):
+        problems.append(f"square sums max rel diff {((buffer[:parts] - expected).abs() / expected).max():.2e}")
+    if not torch.isnan(buffer[parts]):
+        problems.append("wrote past the square sums it was given")
+    report.check(f"decode_gemv square_sums N={n} K={k} rows={rows} {dtype} {config}", problems)
 
 
 def fused_decode_case(report, plan, top_k):
@@ -112,6 +136,8 @@ def main() -> int:
     problems = []
     compare("out", got, decode_gemv_reference(x, weight)[0], None, F32, problems)
     report.check("decode_gemv_auto impl=triton, default config", problems)
+    square_sums_case(report, 96, 64, 64, F32, GemvConfig(8, 32, 2))
+    square_sums_case(report, 384, 256, 256, BF16, GemvConfig(16, 128, 4))
     fused_decode_case(report, (0, 1, 2, 3), (4, 4, 4, 4))
     fused_decode_case(report, (1, 3), (1, 4, 8, 2))  # blocks 0 and 2 skipped, mixed top_k
     return report.finish()

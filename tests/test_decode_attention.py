@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from _decode_attention_interpret_check import (
     float64_attention,
     poison_after_,
+    qk_case,
     random_case,
 )
 from _interpret import run_interpret_check
@@ -24,9 +25,14 @@ from _interpret import run_interpret_check
 from flexvlm_env.model.decode_attention import (
     decode_attention,
     decode_attention_auto,
+    decode_attention_qk,
+    decode_attention_qk_auto,
+    decode_attention_qk_reference,
     decode_attention_reference,
     split_plan,
 )
+from flexvlm_env.model.decoder import rope_tables
+from flexvlm_env.model.fused_kernels import qk_norm_rope_kv_reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -154,6 +160,45 @@ def test_auto_on_cpu_is_the_reference_and_impl_is_checked():
             decode_attention(**args)
 
 
+def qk_args(max_seq=64, n_heads=2, head_dim=32, slot=40, dtype=torch.float32):
+    torch.manual_seed(0)
+    d = n_heads * head_dim
+    qkv = torch.randn(1, 3 * d, dtype=dtype)
+    cos, sin = rope_tables(torch.arange(max_seq), head_dim, 10_000.0)
+    _, key_cache, value_cache = random_case(max_seq, n_heads, head_dim, dtype)
+    return dict(qkv=qkv, square_sums=qkv[0, :2 * d].float().reshape(2, -1, 4).square().sum(-1),
+                q_norm_w=torch.ones(d, dtype=dtype), k_norm_w=torch.ones(d, dtype=dtype), cos=cos, sin=sin,
+                key_cache=key_cache, value_cache=value_cache, slot=torch.tensor([slot]), n_heads=n_heads, eps=1e-5)
+
+
+def test_qk_reference_is_the_qk_kernel_reference_then_attention():
+    args = qk_args()
+    expected_caches = (args["key_cache"].clone(), args["value_cache"].clone())
+    q = qk_norm_rope_kv_reference(args["qkv"], args["q_norm_w"], args["k_norm_w"], args["cos"], args["sin"],
+                                  *expected_caches, args["slot"], args["n_heads"], args["eps"])
+    expected = decode_attention_reference(q, *expected_caches, args["slot"])
+    assert torch.equal(decode_attention_qk_reference(**args), expected)
+    assert torch.equal(args["key_cache"], expected_caches[0]) and torch.equal(args["value_cache"], expected_caches[1])
+    # auto on CPU is the reference (qk_args is seeded: the same inputs twice)
+    assert torch.equal(decode_attention_qk_auto(**qk_args()), decode_attention_qk_reference(**qk_args()))
+    with pytest.raises(ValueError, match="impl"):
+        decode_attention_qk_auto(**qk_args(), impl="flash")
+
+
+@pytest.mark.parametrize("square_sums", [torch.zeros(2, 8, dtype=torch.float64), torch.zeros(3), torch.zeros(16)[::2]])
+def test_qk_square_sums_are_checked(square_sums):
+    for call in (decode_attention_qk_reference, decode_attention_qk):
+        with pytest.raises(ValueError, match="square_sums must be contiguous float32"):
+            call(**qk_args() | {"square_sums": square_sums})
+
+
+def test_qk_checks_its_other_arguments_as_the_qk_kernel_does():
+    with pytest.raises(ValueError, match="qkv must be"):
+        decode_attention_qk(**qk_args() | {"qkv": torch.randn(1, 100)})
+    with pytest.raises(ValueError, match="cos must be"):
+        decode_attention_qk(**qk_args() | {"cos": torch.randn(3, 32)})
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton interpreter
 
@@ -177,6 +222,27 @@ def test_decode_attention_bf16_gpu(max_seq, n_heads, head_dim):
         ref = decode_attention_reference(q, key_cache, value_cache, slot_t)
         poison_after_(key_cache, value_cache, slot)
         assert_close_ulps(decode_attention(q, key_cache, value_cache, slot_t), ref, torch.bfloat16)
+
+
+class _GpuReport:
+    """The interpreter check's report, asserting instead of counting."""
+
+    def check(self, name, problems):
+        assert not problems, f"{name}: {problems}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_decode_attention_qk_bf16_gpu():
+    """The q/k norms, RoPE and cache writes inside the compiled split programs, at the decoder's shape and a
+    small one, against the reference (outputs, and the caches at the slot and nowhere else)."""
+    torch.set_default_device("cuda")
+    try:
+        for slot in (0, 63, 64, 1300, 2047):
+            qk_case(_GpuReport(), 2048, 16, 128, slot, torch.bfloat16, block_rows=16)
+        qk_case(_GpuReport(), 200, 2, 32, 137, torch.float32)
+    finally:
+        torch.set_default_device("cpu")
 
 
 @pytest.mark.gpu

@@ -25,9 +25,12 @@ from .fused_kernels import (
     _check_out,
     _check_same_device,
     _check_triton_ready,
+    _q_output,
     _use_triton,
+    check_qk_norm_rope_kv_args,
     pdl_enabled,
     pdl_launch_options,
+    qk_norm_rope_kv_reference,
 )
 
 try:
@@ -36,7 +39,7 @@ try:
 except ImportError:  # CPU-only installs: the reference path still works
     triton = None
 else:
-    from .fused_kernels import _pdl_release, _pdl_wait
+    from .fused_kernels import _normed, _pdl_release, _pdl_wait
 
 MAX_HEAD_DIM = 256  # one program holds a whole head vector (q and the accumulator) in registers
 # Keys per split: 16 heads x 2048 slots -> 512 programs of one 64-key tile. Measured on an H200
@@ -120,10 +123,26 @@ if triton is not None:
         return m_new, l, acc
 
     @triton.jit
+    def _rope_head(x_ptr, w_ptr, head_offs, offs_d, mask_d, rstd, cos, sin, HEAD_DIM: tl.constexpr):
+        """One head's rotate-half RoPE of rms_norm(x) * w (normed and rotated values rounded to x's dtype,
+        as `fused_kernels._norm_rope`), x and w indexed over the whole d vector from `head_offs`."""
+        partner = head_offs + (offs_d + HEAD_DIM // 2) % HEAD_DIM
+        a = _normed(x_ptr, w_ptr, head_offs + offs_d, mask_d, rstd)
+        b = _normed(x_ptr, w_ptr, partner, mask_d, rstd)
+        rotated = tl.where(offs_d < HEAD_DIM // 2, -b, b)
+        return (a * cos + rotated * sin).to(x_ptr.dtype.element_ty)
+
+    @triton.jit
     def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ws_ptr, max_seq, chunk, qk_scale,
+                                       sq_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, d, eps,
                                        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, SLOT_STATIC: tl.constexpr):
+                                       BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, SLOT_STATIC: tl.constexpr,
+                                       QK: tl.constexpr, SQ_PARTS: tl.constexpr, BLOCK_SQ: tl.constexpr,
+                                       ROPE_TABLE: tl.constexpr):
         # Program (head, split): the visible keys of the split's chunk, [lo, hi) = chunk ∩ [0, slot].
+        # With QK, q_ptr is the token's raw q/k/v projection [3 * d], and each program forms its head's q
+        # (q norm + RoPE) itself; the program whose chunk holds the slot also forms the slot's k (k norm +
+        # RoPE) and writes it and v into the caches: `decode_attention_qk`.
         _pdl_release(USE_PDL)
         head = tl.program_id(0)
         split = tl.program_id(1)
@@ -137,8 +156,10 @@ if triton is not None:
         lo = split * chunk
         hi = tl.minimum(lo + chunk, tl.minimum(slot + 1, max_seq))
         # The first tile's keys and values. With SLOT_STATIC every row but the slot's was written before
-        # this step began: they are loaded before waiting for the kernel that writes the slot's row
-        # (and q), so their loads overlap that kernel's tail (PDL); the slot's row is patched in after.
+        # this step began: they are loaded before waiting for the kernel that writes the slot's row (and
+        # q), so their loads overlap that kernel's tail (PDL); the slot's row is patched in after. (Splits
+        # past the slot ending here, before the wait, with the combine leaving their rows out, was slower:
+        # 0.537 against 0.527 ms per token at top_k 1 on an H200, results/device/session14.)
         offs_n = lo + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
@@ -149,27 +170,51 @@ if triton is not None:
         v = tl.load(v_ptr + offs, mask=old_rows, other=0.0)
         if SLOT_STATIC:
             _pdl_wait(USE_PDL)
-        slot_rows = (mask_n & is_slot)[:, None] & mask_d[None, :]
-        k = tl.where(slot_rows, tl.load(k_ptr + offs, mask=slot_rows, other=0.0), k)
-        v = tl.where(slot_rows, tl.load(v_ptr + offs, mask=slot_rows, other=0.0), v)
-        q = tl.load(q_ptr + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
-        # Scale and log2(e) folded into q once: the softmax runs on exp2 (m and l are in base 2 too).
-        q = q.to(tl.float32) * qk_scale
         m = -float("inf")
         l = 0.0
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # No update when the chunk starts after the slot: the neutral partial. Otherwise every tile holds
-        # at least one visible key, so m is finite after it and no -inf - -inf occurs.
+        # A split whose chunk starts after the slot writes the neutral partial (m = -inf, l = 0). Otherwise
+        # every tile holds at least one visible key, so m is finite after it and no -inf - -inf occurs.
         if lo < hi:
+            slot_rows = (mask_n & is_slot)[:, None] & mask_d[None, :]
+            if QK:
+                # The norms' statistics from the q/k/v GEMV's partial sums of squares (SQ_PARTS each for q
+                # and k), the slot's RoPE row from the tables.
+                offs_sq = tl.arange(0, BLOCK_SQ)
+                mask_sq = offs_sq < SQ_PARTS
+                sq_q = tl.sum(tl.load(sq_ptr + offs_sq, mask=mask_sq, other=0.0), axis=0)
+                sq_k = tl.sum(tl.load(sq_ptr + SQ_PARTS + offs_sq, mask=mask_sq, other=0.0), axis=0)
+                row = 0
+                if ROPE_TABLE:
+                    row = tl.minimum(tl.maximum(slot, 0), max_seq - 1).to(tl.int64) * HEAD_DIM
+                cos = tl.load(cos_ptr + row + offs_d, mask=mask_d, other=0.0)
+                sin = tl.load(sin_ptr + row + offs_d, mask=mask_d, other=0.0)
+                q = _rope_head(q_ptr, qw_ptr, head * HEAD_DIM, offs_d, mask_d, tl.rsqrt(sq_q / d + eps), cos, sin,
+                               HEAD_DIM)
+                if (lo <= slot) & (slot < hi):
+                    k_new = _rope_head(q_ptr + d, kw_ptr, head * HEAD_DIM, offs_d, mask_d, tl.rsqrt(sq_k / d + eps),
+                                       cos, sin, HEAD_DIM)
+                    v_new = tl.load(q_ptr + 2 * d + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
+                    slot_offs = head_offs + slot.to(tl.int64) * HEAD_DIM + offs_d
+                    tl.store(k_ptr + slot_offs, k_new.to(k_ptr.dtype.element_ty), mask=mask_d)
+                    tl.store(v_ptr + slot_offs, v_new.to(v_ptr.dtype.element_ty), mask=mask_d)
+                    k = tl.where(slot_rows, k_new.to(k.dtype)[None, :], k)
+                    v = tl.where(slot_rows, v_new.to(v.dtype)[None, :], v)
+            else:
+                k = tl.where(slot_rows, tl.load(k_ptr + offs, mask=slot_rows, other=0.0), k)
+                v = tl.where(slot_rows, tl.load(v_ptr + offs, mask=slot_rows, other=0.0), v)
+                q = tl.load(q_ptr + head * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
+            # Scale and log2(e) folded into q once: the softmax runs on exp2 (m and l are in base 2 too).
+            q = q.to(tl.float32) * qk_scale
             m, l, acc = _attend_tile(q, k, v, mask_n, m, l, acc)
-        for start in range(lo + BLOCK_N, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi
-            offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-            tile_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0)
-            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0)
-            m, l, acc = _attend_tile(q, k, v, mask_n, m, l, acc)
+            for start in range(lo + BLOCK_N, hi, BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < hi
+                offs = head_offs + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+                tile_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0)
+                v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0)
+                m, l, acc = _attend_tile(q, k, v, mask_n, m, l, acc)
         ws = ws_ptr + (head * NUM_SPLITS + split) * (HEAD_DIM + 2)
         tl.store(ws + offs_d, acc, mask=mask_d)
         tl.store(ws + HEAD_DIM, m)
@@ -202,6 +247,37 @@ def _output(q, out):
     return out
 
 
+def _launch(q, key_cache, value_cache, slot, out, num_splits, workspace, num_warps, slot_static, qk=None):
+    """Both kernels; `qk` = (square_sums, q_norm_w, k_norm_w, cos, sin, eps) makes q the raw projection."""
+    _, n_heads, max_seq, head_dim = key_cache.shape
+    num_splits, chunk, block_n = split_plan(max_seq, head_dim, num_splits)
+    ws_shape = (n_heads, num_splits, head_dim + 2)
+    workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
+    _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
+    num_warps = DEFAULT_WARPS if num_warps is None else num_warps
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
+    _check_triton_ready(q, "decode attention")
+    block_d = _next_power_of_2(head_dim)
+    pdl = pdl_launch_options(pdl_enabled(q))
+    if qk is None:
+        square_sums, q_norm_w, k_norm_w, cos, sin, eps = q, q, q, q, q, 0.0
+        parts, rope_table = 1, False
+    else:
+        square_sums, q_norm_w, k_norm_w, cos, sin, eps = qk
+        parts, rope_table = square_sums.numel() // 2, cos.numel() != head_dim
+    _decode_attention_split_kernel[(n_heads, num_splits)](
+        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk, math.log2(math.e) / math.sqrt(head_dim),
+        square_sums, q_norm_w, k_norm_w, cos, sin, n_heads * head_dim, eps,
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        SLOT_STATIC=bool(slot_static), QK=qk is not None, SQ_PARTS=parts, BLOCK_SQ=_next_power_of_2(parts),
+        ROPE_TABLE=rope_table, **pdl)
+    _decode_attention_combine_kernel[(n_heads,)](
+        workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
+        BLOCK_D=block_d, num_warps=4, **pdl)
+    return out
+
+
 def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, workspace=None, out=None,
                      num_warps: int | None = None, slot_static: bool = False):
     """Triton: as `decode_attention_reference`, in two launches (splits, then their combination).
@@ -215,26 +291,56 @@ def decode_attention(q, key_cache, value_cache, slot, *, num_splits=None, worksp
     loads them while that kernel is still running.
     """
     check_decode_attention_args(q, key_cache, value_cache, slot)
-    out = _output(q, out)
-    _, n_heads, max_seq, head_dim = key_cache.shape
-    num_splits, chunk, block_n = split_plan(max_seq, head_dim, num_splits)
-    ws_shape = (n_heads, num_splits, head_dim + 2)
-    workspace = torch.empty(ws_shape, dtype=torch.float32, device=q.device) if workspace is None else workspace
-    _check_out("workspace", workspace, ws_shape, torch.float32, q.device)
-    num_warps = DEFAULT_WARPS if num_warps is None else num_warps
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
-    _check_triton_ready(q, "decode attention")
-    block_d = _next_power_of_2(head_dim)
-    pdl = pdl_launch_options(pdl_enabled(q))
-    _decode_attention_split_kernel[(n_heads, num_splits)](
-        q.contiguous(), key_cache, value_cache, slot, workspace, max_seq, chunk, math.log2(math.e) / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-        SLOT_STATIC=bool(slot_static), **pdl)
-    _decode_attention_combine_kernel[(n_heads,)](
-        workspace, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=_next_power_of_2(num_splits),
-        BLOCK_D=block_d, num_warps=4, **pdl)
-    return out
+    return _launch(q, key_cache, value_cache, slot, _output(q, out), num_splits, workspace, num_warps, slot_static)
+
+
+def _check_square_sums(square_sums, qkv) -> None:
+    if (square_sums.dtype != torch.float32 or not square_sums.is_contiguous() or square_sums.numel() < 2
+            or square_sums.numel() % 2 or square_sums.device != qkv.device):
+        raise ValueError(f"square_sums must be contiguous float32 [2, P] on {qkv.device} (P partial sums of "
+                         f"squares each for q and k, as decode_gemv writes them), got {square_sums.dtype} "
+                         f"{tuple(square_sums.shape)} on {square_sums.device}")
+
+
+def decode_attention_qk_reference(qkv, square_sums, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot,
+                                  n_heads: int, eps: float):
+    """torch: `fused_kernels.qk_norm_rope_kv_reference` (q, and the slot's k and v written into the
+    caches) then `decode_attention_reference`. It recomputes the norms' statistics from qkv; square_sums
+    is only checked."""
+    _check_square_sums(square_sums, qkv)
+    q = qk_norm_rope_kv_reference(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads, eps)
+    return decode_attention_reference(q, key_cache, value_cache, slot)
+
+
+def decode_attention_qk(qkv, square_sums, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads: int,
+                        eps: float, *, num_splits=None, workspace=None, out=None, num_warps: int | None = None,
+                        slot_static: bool = False):
+    """Triton: as `decode_attention_qk_reference`, in the two launches of `decode_attention`: the q/k
+    norms, RoPE and the cache writes of `fused_kernels.fused_qk_norm_rope_kv` happen inside the split
+    programs, one kernel boundary fewer per decode block.
+
+    qkv is the token's q/k/v projection [1, 3 * d]; square_sums [2, P] holds partial sums of squares of
+    its q (row 0) and k (row 1) parts, P of each, as `decode_gemv(square_sums=...)` writes them: every
+    program adds them up (P floats each) instead of reducing d values, and forms its head's q; the program
+    whose chunk holds the slot also forms the slot's k and writes k and v at the slot. cos/sin are tables
+    [max_seq, head_dim] read at the slot (or one row). The norms' sums run in another order than the
+    reference's, so an element may differ from it by an ulp. Other arguments as in `decode_attention`.
+    """
+    check_qk_norm_rope_kv_args(qkv, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot, n_heads)
+    _check_square_sums(square_sums, qkv)
+    out = _q_output(qkv, n_heads, out)
+    qk = (square_sums, q_norm_w.contiguous(), k_norm_w.contiguous(), cos.contiguous(), sin.contiguous(), eps)
+    return _launch(qkv.reshape(-1), key_cache, value_cache, slot, out, num_splits, workspace, num_warps, slot_static, qk)
+
+
+def decode_attention_qk_auto(qkv, square_sums, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot,
+                             n_heads: int, eps: float, *, impl: str = "auto", slot_static: bool = False):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+    if _use_triton(impl, qkv):
+        return decode_attention_qk(qkv, square_sums, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot,
+                                   n_heads, eps, slot_static=slot_static)
+    return decode_attention_qk_reference(qkv, square_sums, q_norm_w, k_norm_w, cos, sin, key_cache, value_cache, slot,
+                                         n_heads, eps)
 
 
 def decode_attention_auto(q, key_cache, value_cache, slot, *, impl: str = "auto", num_splits=None, workspace=None,

@@ -146,9 +146,9 @@ if triton is not None:
         return h, squares
 
     @triton.jit
-    def _decode_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, N, K, eps,
+    def _decode_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, sq_ptr, N, K, n_square_parts, eps,
                             NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SQUARES: tl.constexpr, USE_PDL: tl.constexpr):
         # Program: out[rows] for rows [pid * BLOCK_N, +BLOCK_N), over all K columns.
         _pdl_release(USE_PDL)
         pid = tl.program_id(0)
@@ -177,12 +177,31 @@ if triton is not None:
         out = tl.sum(acc, axis=1)
         if NORM:
             out = out * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_n, out, mask=mask_n)
+        if SQUARES:
+            # This block's share of sum(out^2) over the rounded outputs (a later kernel's RMSNorm input).
+            if pid < n_square_parts:
+                rounded = tl.where(mask_n, out.to(tl.float32), 0.0)
+                tl.store(sq_ptr + pid, tl.sum(rounded * rounded, axis=0))
+
+
+def square_parts(rows: int, config: GemvConfig) -> int:
+    """How many partial sums `decode_gemv(square_sums=...)` writes for the first `rows` outputs: one per
+    program (`config.block_n` rows each); `rows` must be a multiple of block_n."""
+    if rows % config.block_n:
+        raise ValueError(f"rows={rows} must be a multiple of the GEMV's block_n={config.block_n}")
+    return rows // config.block_n
 
 
 def decode_gemv(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5, out=None, residual_out=None,
-                config: GemvConfig | None = None):
+                config: GemvConfig | None = None, square_sums=None):
     """Triton: as `decode_gemv_reference`, one launch; returns (out [1, N], residual_out or None).
+
+    `square_sums` (contiguous float32 [P], P = `square_parts(rows, config)`) also receives, for each of
+    the first P programs, the sum of squares of its `config.block_n` outputs as rounded to x's dtype:
+    partial sums of an RMSNorm over out[:rows] that a later kernel adds up (the decode step's q/k norms,
+    `decode_attention_qk`), so that no launch of its own is needed to reduce them.
 
     `residual_out` (new residual, given residual) must not be `residual` or `x`: other programs are
     still reading them when the first one writes. `out` and `residual_out` (contiguous, x's dtype) avoid
@@ -205,19 +224,28 @@ def decode_gemv(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5
         # Read through its pointer: a silent .contiguous() would copy the whole matrix every call.
         raise ValueError(f"weight must be contiguous, got strides {weight.stride()}")
     config = config or default_gemv_config(n, k, norm_weight is not None)
+    if square_sums is not None:
+        if (square_sums.dtype != torch.float32 or not square_sums.is_contiguous() or square_sums.device != x.device
+                or not 1 <= square_sums.numel() * config.block_n <= n):
+            raise ValueError(f"square_sums must be contiguous float32 on {x.device} with 1..{n // config.block_n} "
+                             f"elements (one per {config.block_n}-row block of out), got {square_sums.dtype} "
+                             f"{tuple(square_sums.shape)} on {square_sums.device}")
     _check_triton_ready(x, "decode GEMV")
     x = x if x.is_contiguous() else x.contiguous()
     norm = norm_weight is not None
     _decode_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, residual if residual is not None else x, norm_weight if norm else x, weight, out,
-        residual_out if residual is not None else out, n, k, eps,
+        residual_out if residual is not None else out, square_sums if square_sums is not None else out, n, k,
+        square_sums.numel() if square_sums is not None else 0, eps,
         NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, **pdl_launch_options(pdl_enabled(x)))
+        SQUARES=square_sums is not None, num_warps=config.num_warps, **pdl_launch_options(pdl_enabled(x)))
     return out, residual_out
 
 
-def decode_gemv_auto(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5, impl: str = "auto"):
-    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one."""
+def decode_gemv_auto(x, weight, *, residual=None, norm_weight=None, eps: float = 1e-5, impl: str = "auto",
+                     square_sums=None):
+    """impl "auto": triton on CUDA, reference elsewhere; "triton" / "reference" force one. The reference
+    leaves `square_sums` unwritten (its reader's reference recomputes the sums)."""
     if _use_triton(impl, x):
-        return decode_gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps)
+        return decode_gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, square_sums=square_sums)
     return decode_gemv_reference(x, weight, residual=residual, norm_weight=norm_weight, eps=eps)

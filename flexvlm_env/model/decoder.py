@@ -236,15 +236,22 @@ def decode_forward_fused(
     The same arithmetic as `Transformer.forward` for T = 1 (tested against it), restructured so
     that each residual add is fused with the RMSNorm that follows it (the next block's attention
     norm inside its q/k/v projection, the MoE norm inside the router, finally ln_f), the q/k norms,
-    RoPE and KV write are one kernel, and the router (add+norm, gate projection, softmax, top-k) is
-    one kernel: 8 launches per block instead of about 30.
+    RoPE and KV write happen inside the attention's split programs, and the router (add+norm, gate
+    projection, softmax, top-k) is one kernel: 7 launches per block instead of about 30.
     """
-    from .decode_attention import decode_attention_auto
-    from .decode_gemv import decode_gemv_auto
+    from .decode_attention import decode_attention_auto, decode_attention_qk_auto
+    from .decode_gemv import decode_gemv_auto, default_gemv_config
     from .fused_kernels import fused_add_rms_norm_auto, fused_qk_norm_rope_kv_auto, router_topk_norm_auto, softmax_topk_auto
 
     args = transformer.args
     d, eps = args.d_model, args.norm_eps
+    # The q/k/v GEMV writes partial sums of squares of q and k, one per block of its rows: the attention's
+    # split programs add them up for the q/k norms (decode_attention_qk), so the norms, RoPE and the KV
+    # write need no launch of their own: 0.523 against 0.537 ms per token at top_k 1, 0.868 against 0.884
+    # at top_k 8 on an H200 (results/device/session14). (The q/k/v GEMV's last-arriving program doing that
+    # work, session 11, or every split program summing the norms over all d values, session 10, was slower.)
+    qkv_rows = default_gemv_config(3 * d, d, True).block_n
+    qk_in_attention = d % qkv_rows == 0
     # `y` is the last sublayer's output, not yet added to `residual` (None before the first block: the
     # embedding is y and the first norm reads it alone).
     y, residual = x.reshape(1, d), None
@@ -254,9 +261,13 @@ def decode_forward_fused(
         # Projections of plain Linears run as `decode_gemv` (faster than cuBLAS's one-row GEMM on an
         # H200: BENCHMARKS.md), the residual add and attention norm inside the q/k/v one; a LoRA-wrapped
         # projection runs as a module, so that its adapter's delta is applied.
+        square_sums = None
         if type(attn.att_proj) is nn.Linear:
+            if qk_in_attention:
+                square_sums = torch.empty(2, d // qkv_rows, dtype=torch.float32, device=y.device)
             qkv, new_residual = decode_gemv_auto(y, attn.att_proj.weight, residual=residual,
-                                                 norm_weight=attn.attn_norm.weight, eps=eps, impl=impl)
+                                                 norm_weight=attn.attn_norm.weight, eps=eps, impl=impl,
+                                                 square_sums=square_sums)
             residual = y if residual is None else new_residual
         else:
             if residual is None:
@@ -264,21 +275,22 @@ def decode_forward_fused(
             else:
                 h, residual = fused_add_rms_norm_auto(y, residual, attn.attn_norm.weight, eps, impl=impl)
             qkv = attn.att_proj(h)
-        # (The q/k/v projection's last program doing this kernel's work instead, after an arrival
-        # counter, saved the launch but serialised it in one program: 0.935 against 0.877 ms per token
-        # at top_k 8 on an H200, results/device/session11/call3_*.)
-        q = fused_qk_norm_rope_kv_auto(
-            qkv, attn.q_norm.weight, attn.k_norm.weight, cache.rope_cos, cache.rope_sin,
-            cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
-        )
         # Split-KV "flash-decoding": many programs, each reading only visible keys (slots <= slot),
         # instead of masked SDPA's one program per head over the whole static buffer. The slot and the
-        # older cache rows are this step's inputs, written before it began: `slot_static` lets the
-        # kernel load those rows while the kernel before it is still running (PDL). (Forming q inside
-        # the split programs instead, each summing the q norm over all heads, saved a launch but was
-        # slower: 0.551 against 0.542 ms per token at top_k 1 on an H200, BENCHMARKS.md. Combining the
-        # splits in each head's last-arriving program instead of a second launch was slower too.)
-        out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True).reshape(1, d)
+        # older cache rows are this step's inputs, written before it began: `slot_static` lets the kernel
+        # load those rows while the kernel before it is still running (PDL). (Combining the splits in each
+        # head's last-arriving program instead of a second launch was slower.)
+        if square_sums is not None:
+            out = decode_attention_qk_auto(qkv, square_sums, attn.q_norm.weight, attn.k_norm.weight, cache.rope_cos,
+                                           cache.rope_sin, cache.keys[i], cache.values[i], slot, attn.n_heads, eps,
+                                           impl=impl, slot_static=True).reshape(1, d)
+        else:
+            # A LoRA-wrapped projection (or a width the GEMV's row blocks do not divide): one launch.
+            q = fused_qk_norm_rope_kv_auto(
+                qkv, attn.q_norm.weight, attn.k_norm.weight, cache.rope_cos, cache.rope_sin,
+                cache.keys[i], cache.values[i], slot, attn.n_heads, eps, impl=impl,
+            )
+            out = decode_attention_auto(q, cache.keys[i], cache.values[i], slot, impl=impl, slot_static=True).reshape(1, d)
         if type(attn.attn_out) is nn.Linear:
             attn_out, _ = decode_gemv_auto(out, attn.attn_out.weight, impl=impl)
         else:
