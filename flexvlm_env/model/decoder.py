@@ -247,8 +247,8 @@ def decode_forward_fused(
     d, eps = args.d_model, args.norm_eps
     # The q/k/v GEMV writes partial sums of squares of q and k, one per block of its rows: the attention's
     # split programs add them up for the q/k norms (decode_attention_qk), so the norms, RoPE and the KV
-    # write need no launch of their own: 0.523 against 0.537 ms per token at top_k 1, 0.868 against 0.884
-    # at top_k 8 on an H200 (results/device/session14). (The q/k/v GEMV's last-arriving program doing that
+    # write need no launch of their own: 0.505 against 0.527 ms per token at top_k 1, 0.851 against 0.873
+    # at top_k 8 on an H200 (results/device/session14/, call 4). (The q/k/v GEMV's last-arriving program doing that
     # work, session 11, or every split program summing the norms over all d values, session 10, was slower.)
     qkv_rows = default_gemv_config(3 * d, d, True).block_n
     qk_in_attention = d % qkv_rows == 0
