@@ -13,6 +13,11 @@ The slot is read on the device (never on the host) and every shape is fixed by (
 head_dim), so both launches can be captured in a CUDA graph and replayed with a new slot value
 written into the same tensor. `decode_attention_reference` is the plain-torch masked softmax and
 `decode_attention_auto` dispatches like the `*_auto` functions of fused_kernels.py.
+
+`decode_attention_qk` takes the token's raw q/k/v projection instead of q: each split program forms
+its head's q (the q norm over all heads, from partial sums of squares the q/k/v GEMV wrote, and RoPE),
+and the program whose chunk holds the slot forms the slot's k and writes k and v into the caches, the
+work of `fused_kernels.fused_qk_norm_rope_kv` without its launch (the decoder's graphed decode step).
 """
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ dtype and rounding wherever decoder.py rounds today, so that they stand in for i
 
 - `fused_add_rms_norm`: residual add + RMSNorm (before each block's attention and MoE, and ln_f);
 - `fused_qk_norm_rope_kv`: q/k norms (over all heads jointly), RoPE, and the token's key/value
-  written into the static cache at a slot read on the device;
+  written into the static cache at a slot read on the device (the decode step of a LoRA-wrapped q/k/v
+  projection; with a plain one the attention's split programs do this work,
+  `decode_attention.decode_attention_qk`);
 - `fused_qk_norm_rope_prefill`: the same for the T tokens of a prefill (decoder.Attention takes it on
   CUDA), with q/k/v laid out contiguously for the attention. The plain ops (norms over column slices,
   RoPE's stack/cat/neg, two index_copy_ writes, the attention's input copies) took 2.25 ms of a
@@ -26,7 +28,7 @@ On Hopper and newer cards the decode kernels launch with programmatic dependent 
 one before it to finish only where it first reads what that kernel wrote. Before that point a kernel
 reads only what was final before the kernel before it started (weights, the cache rows of earlier
 tokens; the MoE down kernel the router's ids, two kernels back), so its loads overlap the tail of the
-kernel before: in a graphed decode step of ~130 short kernels the gaps and ramp-ups between them are a
+kernel before: in a graphed decode step of ~115 short kernels the gaps and ramp-ups between them are a
 large part of the time.
 
 None syncs with the host or allocates data-dependent shapes, so all can be captured in a CUDA graph;
