@@ -62,7 +62,7 @@ class Args:
     out_dir: Path = ROOT / "results"
     """where measure writes e1_raw_<preset>_<device>.json."""
     inputs: tuple[Path, ...] = ()
-    """analyse: raw files or folders holding e1_raw_*.json (default: --results, plus --out-dir in mode all)."""
+    """analyse: raw files or folders holding e1_raw_*.json or .json.gz (default: --results, plus --out-dir in mode all)."""
     results: Path = ROOT / "results"
     """analyse: where e1_summary.json, e1_data.json and figures/e1_*.png go."""
 

@@ -63,7 +63,7 @@ class Args:
     out_dir: Path = ROOT / "results"
     """where measure writes m2_raw_<preset>_<device>.json."""
     inputs: tuple[Path, ...] = ()
-    """analyse: raw files or folders holding m2_raw_*.json (default: --results, plus --out-dir in mode all)."""
+    """analyse: raw files or folders holding m2_raw_*.json or .json.gz (default: --results, plus --out-dir in mode all)."""
     results: Path = ROOT / "results"
     """analyse: where m2_summary.json, m2_data.json and figures/m2_*.png go."""
 

@@ -2,6 +2,7 @@
 bad-input errors, the operator attribution on a tiny model, and the drivers' --quick runs."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -232,6 +233,21 @@ def test_collect_raw_rejects_missing_and_wrong_kind(tmp_path):
     (tmp_path / "e1_raw_x.json").write_text(json.dumps({"kind": "m2_raw"}))
     with pytest.raises(ValueError, match="not a e1_raw file"):
         e1.collect_raw([tmp_path], tmp_path, e1.RAW_PREFIX, "e1_raw")
+
+
+def test_collect_raw_reads_gzipped_files_and_prefers_a_fresh_uncompressed_copy(tmp_path):
+    results, fresh = tmp_path / "results", tmp_path / "fresh"
+    results.mkdir(), fresh.mkdir()
+    with gzip.open(results / "e1_raw_a.json.gz", "wt") as handle:  # as results/ keeps them
+        json.dump({"kind": "e1_raw", "version": "committed"}, handle)
+    [(path, raw)] = e1.collect_raw([results], results, e1.RAW_PREFIX, "e1_raw")
+    assert path.name == "e1_raw_a.json.gz" and raw["version"] == "committed"
+    # the same run measured again: the uncompressed file, copied into results, replaces it
+    (fresh / "e1_raw_a.json").write_text(json.dumps({"kind": "e1_raw", "version": "fresh"}))
+    [(path, raw)] = e1.collect_raw([results, fresh], results, e1.RAW_PREFIX, "e1_raw")
+    assert path == results / "e1_raw_a.json" and raw["version"] == "fresh"
+    [(path, raw)] = e1.collect_raw([results], results, e1.RAW_PREFIX, "e1_raw")
+    assert path.name == "e1_raw_a.json" and raw["version"] == "fresh"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Helpers every experiment shares: run provenance, Pareto frontiers, summary files, figure saving."""
 from __future__ import annotations
 
+import gzip
 import json
 import platform
 import time
@@ -52,6 +53,16 @@ def run_header(experiment: str, args: Any = None, **extra: Any) -> dict[str, Any
     arguments = asdict(args) if is_dataclass(args) else (dict(args) if args else {})
     return {"experiment": experiment, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
             "args": json.loads(json.dumps(arguments, default=str)), **extra}
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`, gunzipped first when its name ends in ".gz" (how raw device files are kept
+    in results/: they are large and only read by the analyses)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return json.load(handle)
+    return json.loads(path.read_text())
 
 
 def write_json(path: str | Path, payload: Any) -> Path:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import distribution_summary, pyplot, run_header, save_figure, write_json
+from .common import distribution_summary, pyplot, read_json, run_header, save_figure, write_json
 
 STAGES = ("preprocess", "vision_encoder", "projector", "prefill", "decode")
 STAGE_COLORS = {"preprocess": "0.6", "vision_encoder": "C0", "projector": "C4", "prefill": "C1", "decode": "C2"}
@@ -490,19 +490,21 @@ def measure(vlm, spec: Spec, deadline_s: float | None = None, log=print) -> dict
 
 
 def find_raw_files(inputs: Iterable[Path], prefix: str = RAW_PREFIX) -> list[Path]:
-    """Raw device files among `inputs` (files, or folders searched for `<prefix>*.json`); for a file
-    name found more than once, the one from the input given last."""
+    """Raw device files among `inputs` (files, or folders searched for `<prefix>*.json` and their
+    gzipped `<prefix>*.json.gz`, as results/ keeps them); for a run found more than once, the file
+    from the input given last, and within one folder the uncompressed file (a fresh copy)."""
     found: dict[str, Path] = {}
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths = sorted(item.glob(f"{prefix}*.json"))
+            # .json.gz first, so that a .json of the same run in the same folder replaces it
+            paths = sorted(item.glob(f"{prefix}*.json.gz")) + sorted(item.glob(f"{prefix}*.json"))
         elif item.is_file():
             paths = [item]
         else:
             raise ValueError(f"input {str(item)!r} does not exist (pass raw files or folders holding {prefix}*.json)")
         for path in paths:
-            found[path.name] = path  # a repeated name: the input given last wins (fresh device files after results/)
+            found[path.name.removesuffix(".gz")] = path  # the input given last wins (fresh device files after results/)
     return [found[name] for name in sorted(found)]
 
 
@@ -521,7 +523,7 @@ def collect_raw(inputs: Iterable[Path], results_dir: Path, prefix: str, kind: st
     committed results hold every raw file an analysis used)."""
     records = []
     for path in find_raw_files(inputs, prefix):
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
         if raw.get("kind") != kind:
             raise ValueError(f"{path} is not a {kind} file (kind={raw.get('kind')!r})")
         target = Path(results_dir) / path.name
