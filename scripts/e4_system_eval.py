@@ -35,7 +35,7 @@ import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import system_eval as e4
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import read_json, run_header, write_json
 from flexvlm_env.profiles.loading import check_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,13 +203,6 @@ def recheck_ratio(path: Path | None) -> dict | None:
     return {"table": Path(path).name, **e4.same_config_latency_ratio(records, e4.LIVE_SOURCE)}
 
 
-def read_live_records(path: Path) -> dict:
-    """A live run's records: the JSON the GPU run writes, or the gzipped copy kept in results/."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as handle:
-        return json.load(handle)
-
-
 def main(args: Args) -> dict | Path:
     args = quick_overrides(args)
     args.validate()
@@ -226,7 +219,9 @@ def main(args: Args) -> dict | Path:
     import flexvlm_env  # noqa: F401
 
     replay, all_records = {}, []
-    live_ids = set(read_live_records(args.live_records)["requests_served"]) if args.live_records else set()
+    # A live run's records: the JSON the GPU run writes, or the gzipped copy kept in results/.
+    payload = read_json(args.live_records) if args.live_records is not None else None
+    live_ids = set(payload["requests_served"]) if payload is not None else set()
     for source in args.sources:
         t0 = time.perf_counter()
         dirs = e4.train_controllers(source, args.controllers_dir, args.runs_dir, args.seed, args.total_env_steps,
@@ -254,8 +249,7 @@ def main(args: Args) -> dict | Path:
               f"at-equal-violation={bar['retention_bar_at_equal_violation']} p95={bar['p95_bar']}")
 
     live = {}
-    if args.live_records is not None:
-        payload = read_live_records(args.live_records)
+    if payload is not None:
         served = payload["requests_served"]
         live_metrics = e4.summarize(payload["records"])
         replay_same = e4.summarize([r for r in all_records if r["source"] == e4.LIVE_SOURCE], served)
