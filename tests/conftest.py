@@ -37,6 +37,21 @@ def make_tiny_vlm(seed: int = 0, **kwargs) -> VLM:
     return VLM(module, tokenizer, random_weights=True, **kwargs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sb3_logdir(tmp_path_factory):
+    """Tests that call SB3's learn() directly get its default log folder under pytest's tmp dir,
+    not a new SB3-<time> directory in the system temp folder each time."""
+    import os
+
+    previous = os.environ.get("SB3_LOGDIR")
+    os.environ["SB3_LOGDIR"] = str(tmp_path_factory.mktemp("sb3"))
+    yield
+    if previous is None:
+        del os.environ["SB3_LOGDIR"]
+    else:
+        os.environ["SB3_LOGDIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm() -> VLM:
     torch.set_num_threads(2)

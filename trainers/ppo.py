@@ -171,6 +171,7 @@ def main(args: Args) -> dict:
     method = "maskable_ppo" if args.maskable else "ppo"
     args.validate()  # before the run directory exists
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     torch.set_num_threads(args.torch_threads)
     run = Run(method, args)
@@ -181,6 +182,9 @@ def main(args: Args) -> dict:
     profiles = load_profiles(args)
     guardrail = make_guardrail(args, profiles) if args.maskable else None
     model, config = build_model(args, partial(make_env, args, "train"), guardrail)
+    # An explicit logger: learn()'s default one makes an empty SB3-<time> directory in the temp
+    # folder on every call (hundreds per test run). Our metrics go through Run, not SB3's writers.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     heldout = make_env(args, "heldout", episode_length=1)
     controller = PPOController(model.policy, config, args.maskable, guardrail, heldout.unwrapped.grid)
     # what must match for a checkpoint to be resumed with these arguments
