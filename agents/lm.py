@@ -440,6 +440,20 @@ class LMController(Controller):
         self.constrained = bool(constrained)
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(self.vocabulary)
         self.decoder = NumpyDecoder(model)
+        self.gpu_decoder = None  # set by use_device
+
+    def use_device(self, device: str) -> LMController:
+        """Where greedy constrained decisions (`select_config`, `generate` at temperature 0) run: "cpu"
+        (NumpyDecoder, the default; always sees the current weights) or a CUDA device (`lm_gpu.GPUDecoder`,
+        one kernel per decision; it copies the weights now, so call this again after they change).
+        Sampling and unconstrained decoding stay on the CPU."""
+        if str(device) == "cpu":
+            self.gpu_decoder = None
+        else:
+            from .lm_gpu import GPUDecoder
+
+            self.gpu_decoder = GPUDecoder(self.model, self.vocabulary.knob_ids, PROMPT_LENGTH, device)
+        return self
 
     @classmethod
     def create(cls, observations: Mapping[str, np.ndarray], grid: KnobGrid | None = None, kind: str = "grpo",
@@ -472,6 +486,9 @@ class LMController(Controller):
             raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
         if temperature > 0 and rng is None:
             raise ValueError("sampling (temperature > 0) needs an rng")
+
+        if constrained and temperature == 0 and self.gpu_decoder is not None:
+            return self.gpu_decoder.decide(prompt)
 
         def choose(step, logits):
             if constrained:

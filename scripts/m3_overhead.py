@@ -15,7 +15,9 @@ host-side config application + the switch penalty measured on the GPU when it is
 the noise (95% bootstrap interval excluding 0) and positive; this CPU's switch penalty is reported
 but not added (it is relative to CPU request latencies, and contention hides it). Decision and
 reconfiguration come from the GPU host when `--device-results` is given, else from this CPU (a
-stand-in, flagged in the summary). Observation features are reported beside it (`share_with_features`).
+stand-in, flagged in the summary). With a CUDA `--device` the LM controllers (DPO, GRPO) decide on the
+GPU (`LMController.use_device`, one Triton kernel a decision); `decision_device` records where each
+did. Observation features are reported beside it (`share_with_features`).
 
 Writes `--out-dir/m3_summary.json` (everything, headline first) and `figures/m3_*.png`; the GPU run
 writes only `--out-dir/m3_device.json`.
@@ -108,13 +110,21 @@ def collect_controllers(args: Args) -> dict[str, dict]:
 
 def timing_block(args: Args, controllers: dict[str, dict], n_pairs: int) -> dict:
     """Decision, feature and reconfiguration times on this host (the part the GPU run repeats)."""
-    decision = {}
+    decision, where = {}, {}
     for source, by_name in controllers.items():
+        where[source] = {}
+        for name, controller in by_name.items():
+            # LM controllers decide with one GPU kernel when served on a GPU (agents/lm_gpu.py); the
+            # others are a few small CPU operations wherever the model runs
+            on_gpu = args.device != "cpu" and hasattr(controller, "use_device")
+            if on_gpu:
+                controller.use_device(args.device)
+            where[source][name] = args.device if on_gpu else "cpu"
         observations = m3.replay_observations(source, args.n_observations, args.seed)
         decision[source] = m3.decision_times(by_name, observations)
     features = m3.feature_times(args.feature_requests_per_family, args.seed)
     reconfiguration = m3.reconfiguration_times(args.device, n_pairs, args.seed)
-    return {"decision": decision, "features": features, "reconfiguration": reconfiguration}
+    return {"decision": decision, "decision_device": where, "features": features, "reconfiguration": reconfiguration}
 
 
 def main(args: Args) -> dict:
@@ -178,6 +188,8 @@ def main(args: Args) -> dict:
                "headline": headline, "bar_basis": "device-run timings" if device else "this CPU only (no --device-results)",
                "decision": {host_here: {s: v for s, v in here["decision"].items()},
                             **({host_gpu: device["decision"]} if device else {})},
+               "decision_device": {host_here: here["decision_device"],
+                                   **({host_gpu: device.get("decision_device", {})} if device else {})},
                "features": {host_here: here["features"], **({host_gpu: device["features"]} if device else {})},
                "reconfiguration": {host_here: here["reconfiguration"], **({host_gpu: device["reconfiguration"]} if device else {})},
                "candidate_scaling": scaling, "latency_saved": saved, "overhead": overhead}

@@ -1,0 +1,90 @@
+"""Runs the LM controller's decision kernel (agents/lm_gpu.py) in Triton's CPU interpreter against
+`NumpyDecoder`'s greedy constrained decisions.
+
+Started by tests/test_lm_gpu.py in a subprocess with TRITON_INTERPRET=1. Cases: the committed DPO and
+GRPO controllers of M3 (trained weights, the default shape) and fresh random models of other shapes
+(one and three layers, two heads of 16, a wider MLP), on held-out observations of the replay env at
+three budget fractions, one kernel program per observation. Outputs start at -1, so a step left
+unwritten shows. A decision may differ from NumPy's only where NumPy's own top two logits at the first
+differing step are within float32 noise (1e-4), which would be a tie; no such case is expected.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from _interpret import start
+
+import flexvlm_env  # noqa: F401  (registers the envs)
+from agents.base import load_controller
+from agents.lm import PROMPT_LENGTH, LMController, pool_observations
+from agents.lm_gpu import PackedLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TIE = 1e-4
+
+
+def numpy_margins(controller: LMController, prompts: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """[B, 3]: at each step of NumPy's own answer, its best minus second-best constrained logit."""
+    margins = np.empty(answers.shape, dtype=np.float64)
+
+    def choose(step, logits):
+        knob = np.sort(logits[:, controller.vocabulary.knob_ids[step]], axis=1)
+        margins[:, step] = knob[:, -1] - knob[:, -2]
+        return answers[:, step]
+
+    controller.decoder.decode(prompts, choose, 3)
+    return margins
+
+
+def check(report, name: str, controller: LMController, observations) -> None:
+    prompts = controller.prompt_ids(observations)
+    expected = controller.generate(observations, constrained=True)
+    packed = PackedLM(controller.model, controller.vocabulary.knob_ids, PROMPT_LENGTH, "cpu")
+    out = torch.full((len(prompts), 3), -1, dtype=torch.int64)
+    packed.launch(torch.from_numpy(prompts), out)
+    got = out.numpy()
+    problems = []
+    if (got < 0).any():
+        problems.append(f"{int((got < 0).any(axis=1).sum())} rows with an unwritten step")
+    differ = np.flatnonzero((got != expected).any(axis=1))
+    margins = numpy_margins(controller, prompts, expected)
+    for row in differ:
+        step = int(np.flatnonzero(got[row] != expected[row])[0])
+        if margins[row, step] > TIE:
+            problems.append(f"row {row}: {got[row].tolist()} != {expected[row].tolist()} at step {step}, "
+                            f"NumPy margin {margins[row, step]:.2e}")
+    distinct = len({tuple(row) for row in expected.tolist()})
+    if distinct < 3:  # a model answering the same to everything would make the comparison weak
+        problems.append(f"only {distinct} distinct answers from NumPy")
+    report.check(f"{name}: {len(prompts)} decisions, {distinct} distinct, {len(differ)} differ", problems[:5])
+
+
+def main() -> int:
+    report, _ = start(__doc__)
+    import gymnasium as gym
+
+    env = gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
+    observations, _, _ = pool_observations(env, (0.35, 0.7, 1.0))
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(observations["family"]), size=40, replace=False)
+    sample = {k: v[pick] for k, v in observations.items()}
+    for kind in ("dpo", "grpo"):
+        check(report, f"M3 {kind} controller", load_controller(ROOT / "results/m3_controllers" / kind), sample)
+    for shape in (dict(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128),
+                  dict(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=256)):
+        controller = LMController.create(observations, seed=int(torch.randint(0, 1000, ()).item()), **shape)
+        # random weights give small, near-uniform logits: scale them up so the argmax is decided by the model
+        with torch.no_grad():
+            for p in controller.model.parameters():
+                if p.ndim == 2:
+                    p.mul_(4.0)
+        controller.decoder = type(controller.decoder)(controller.model)
+        check(report, f"random model {shape}", controller, sample)
+    return report.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
