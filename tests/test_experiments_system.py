@@ -113,6 +113,8 @@ def test_overhead_table_known_shares():
     ({"budget_scales": (2.0,)}, "budget-scales"),
     ({"device": "tpu"}, "device"),
     ({"live_records": Path("/nonexistent.json")}, "live-records"),
+    ({"train_budget_fractions": ()}, "train-budget-fractions"),
+    ({"train_budget_fractions": (0.5, 11.0)}, "train-budget-fractions"),
 ])
 def test_e4_args_errors(kwargs, match):
     module = load_script("e4_system_eval")
@@ -153,6 +155,10 @@ def test_e4_quick_smoke(tmp_path):
     from agents.base import load_controller
 
     assert load_controller(tmp_path / "runs" / "controllers_quick" / "micro-h200-measured" / "flexvlm").kind == "maskable_ppo"
+    # FlexVLM trained on budgets past the full configuration's latency too (the saved metadata says which)
+    saved = json.loads((tmp_path / "runs" / "controllers_quick" / "molmoe-1b-h100" / "flexvlm" / "controller.json").read_text())
+    assert saved["metadata"]["train_budget_fractions"] == list(e4.TRAIN_BUDGET_FRACTIONS)
+    assert max(e4.TRAIN_BUDGET_FRACTIONS) > 1.0
 
 
 @pytest.mark.slow
@@ -238,6 +244,15 @@ def test_e4_seeds_collects_the_committed_seed(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "e4_seeds.py"), "--seeds", "-1", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--seeds" in bad.stderr
+
+
+def test_e4_seeds_refuses_an_unknown_source(tmp_path):
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "e4_seeds.py"), "--sources", "nope", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--sources='nope'" in bad.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_serving_pattern_probe_structure_and_bad_gap():

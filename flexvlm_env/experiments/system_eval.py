@@ -3,7 +3,8 @@
 Methods: the five baselines of `baselines.knobs` (static full, tokens_only, depth_only,
 width_only, greedy tokens -> depth -> width), FlexVLM (a MaskablePPO controller over all three
 knobs, importance-ranked blocks, masked by the profiled latency guardrail; trained through
-`trainers.ppo` on the latency source's train half) and the LUT as a second learned controller.
+`trainers.ppo` on the latency source's train half, at budgets of 0.35-1.5 x the full latency)
+and the LUT as a second learned controller.
 Every controller of a latency source is fitted on that source's train half and saved (safetensors
 + JSON, `agents.base.Controller.save`) under `controllers_dir/<source>/<method>`, so the live run
 on the GPU loads exactly the controllers the replay evaluation used.
@@ -42,6 +43,9 @@ LEARNED = ("flexvlm", "lut")
 METHODS = (*BASELINES, *LEARNED)
 CONTENDERS = ("tokens_only", "depth_only", "width_only", "greedy")  # what the bar compares FlexVLM with
 BAR_FRACTIONS = (0.5, 0.35)
+# FlexVLM's training budgets: the evaluation's five fractions plus two looser than the full
+# configuration's latency, so a loose budget is spent on quality rather than extrapolated to.
+TRAIN_BUDGET_FRACTIONS = (0.35, 0.5, 0.7, 0.85, 1.0, 1.25, 1.5)
 BUDGET_SCALES = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 
 
@@ -53,7 +57,8 @@ def fkey(fraction: float) -> str:
 
 
 def train_controllers(source: str, controllers_dir: Path, runs_dir: Path, seed: int = 0,
-                      total_env_steps: int = 126_000, reuse: bool = True) -> dict[str, Path]:
+                      total_env_steps: int = 126_000, reuse: bool = True,
+                      budget_fractions: Sequence[float] = TRAIN_BUDGET_FRACTIONS) -> dict[str, Path]:
     """Fit (or, with `reuse`, find) every method's controller for latency `source`; their dirs.
 
     FlexVLM is `flexvlm-train maskable_ppo` (trainers.ppo, default hyper-parameters, `seed`,
@@ -78,6 +83,7 @@ def train_controllers(source: str, controllers_dir: Path, runs_dir: Path, seed: 
     from trainers import ppo
 
     args = ppo.Args(maskable=True, latency=source, seed=seed, total_env_steps=total_env_steps,
+                    budget_fractions=tuple(float(f) for f in budget_fractions),
                     eval_every_env_steps=total_env_steps, wandb=False, baselines=False, runs_dir=Path(runs_dir))
     if total_env_steps < args.n_envs * args.n_steps:  # quick runs: one small rollout
         args.n_steps = max(2, total_env_steps // args.n_envs)
@@ -85,6 +91,7 @@ def train_controllers(source: str, controllers_dir: Path, runs_dir: Path, seed: 
     final = ppo.main(args)
     load_controller(Path(runs_dir) / final["run"] / "controller").save(
         dirs["flexvlm"], metadata={**meta, "trainer": "maskable_ppo", "seed": seed, "env_steps": final["env_steps"],
+                                   "train_budget_fractions": list(args.budget_fractions),
                                    "run": final["run"]})
     return dirs
 
