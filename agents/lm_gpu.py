@@ -128,7 +128,7 @@ class PackedLM:
         if config.max_position_embeddings < self.prompt_length + N_STEPS:
             raise ValueError(f"max_position_embeddings={config.max_position_embeddings} < prompt + answer "
                              f"({self.prompt_length} + {N_STEPS})")
-        block_t = max(16, 1 << (self.prompt_length + N_STEPS - 1).bit_length())
+        block_t = max(16, triton.next_power_of_2(self.prompt_length + N_STEPS))
         self.shape = dict(P=self.prompt_length, L=L, D=D, NH=NH, HD=HD, I=I, BT=block_t)
         self.eps, self.scale = float(config.rms_norm_eps), float(HD) ** -0.5
 
@@ -155,7 +155,7 @@ class PackedLM:
         if len(knob_ids) != N_STEPS:
             raise ValueError(f"knob_ids has {len(knob_ids)} lists, expected {N_STEPS} (crops, top_k, active_blocks)")
         n_values = [len(ids) for ids in knob_ids]
-        self.nvp = max(2, 1 << (max(n_values) - 1).bit_length())
+        self.nvp = max(2, triton.next_power_of_2(max(n_values)))
         head = torch.zeros(N_STEPS, D, self.nvp)
         knobs = torch.zeros(N_STEPS, self.nvp, dtype=torch.int64)
         lm_head = sd["lm_head.weight"]  # [V, D]
