@@ -449,7 +449,10 @@ class LMController(Controller):
         (NumpyDecoder, the default; always sees the current weights) or a CUDA device (`lm_gpu.GPUDecoder`,
         one kernel per decision; it copies the weights now, so call this again after they change).
         Sampling and unconstrained decoding stay on the CPU."""
-        if str(device) == "cpu":
+        name = str(device)
+        if name != "cpu" and name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+            raise ValueError(f"device={device!r} is not a decision device; allowed: 'cpu', 'cuda', 'cuda:N'")
+        if name == "cpu":
             self.gpu_decoder = None
         else:
             from .lm_gpu import GPUDecoder

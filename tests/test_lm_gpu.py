@@ -30,6 +30,16 @@ def test_use_device_without_cuda_names_the_device():
     controller.use_device("cpu")
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps"])
+def test_use_device_refuses_an_unknown_device(device):
+    from agents.base import load_controller
+
+    controller = load_controller(ROOT / "results/m3_controllers/dpo")
+    with pytest.raises(ValueError, match=f"device='{device}'.*allowed"):
+        controller.use_device(device)
+    assert controller.gpu_decoder is None
+
+
 def test_packed_model_shape_errors():
     pytest.importorskip("triton")
     from agents.lm import PROMPT_LENGTH, Vocabulary, make_model
