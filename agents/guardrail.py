@@ -51,8 +51,12 @@ class LatencyGuardrail:
         return allowed
 
     def mask(self, family: str | int, budget_fraction: float) -> np.ndarray:
+        """bool [C]: `masks` of one request (family name or index)."""
         index = FAMILY_NAMES.index(family) if isinstance(family, str) else int(family)
-        return self.masks(np.array([index]), np.array([budget_fraction]))[0]
+        allowed = self.predicted_fraction[index] <= float(budget_fraction) + 1e-6
+        if not allowed.any():
+            allowed[self._fastest[index]] = True
+        return allowed
 
     def mask_fn(self, env: gym.Env) -> np.ndarray:
         """`DiscreteKnobs`'s mask_fn: the mask for the request the env's next action answers."""

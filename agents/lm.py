@@ -37,8 +37,8 @@ import torch
 from flexvlm_env.config import KnobGrid
 from flexvlm_env.envs.core import FAMILY_NAMES
 
-from .base import Controller, as_batch, stack_observations
-from .features import observation_features
+from .base import OBSERVATION_KEYS, Controller, as_batch, stack_observations
+from .features import observation_features, scaled_parts_one
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -48,6 +48,7 @@ FEATURE_TOKENS = (
     "budget_fraction", "budget_ms", "prompt_chars", "prompt_words", "prompt_digits", "prompt_options",
     "image_width", "image_height", "image_aspect", "image_contrast", "image_detail", "image_edges",
 )
+_FEATURE_COLUMNS = np.arange(len(FEATURE_TOKENS))
 N_FAMILIES = len(FAMILY_NAMES)
 KNOB_TOKENS = ("crops", "top_k", "active_blocks")
 DEFAULT_BUCKETS = 16
@@ -195,8 +196,26 @@ def prompt_ids(observations: Mapping[str, np.ndarray], buckets: FeatureBuckets, 
     ids = np.empty((len(family), PROMPT_LENGTH), dtype=np.int64)
     ids[:, 0] = vocabulary.bos_id
     ids[:, 1] = vocabulary.family_ids[family]
-    ids[:, 2:-1] = vocabulary.feature_ids[np.arange(len(FEATURE_TOKENS))[None], b]
+    ids[:, 2:-1] = vocabulary.feature_ids[_FEATURE_COLUMNS[None], b]
     ids[:, -1] = vocabulary.answer_id
+    return ids
+
+
+def prompt_ids_one(observation: Mapping[str, Any], buckets: FeatureBuckets, vocabulary: Vocabulary) -> np.ndarray:
+    """`prompt_ids` of one env observation ([1, PROMPT_LENGTH]), without building a batch of it: the same ids
+    (the same float32 features, bucketed alike) from a third of the NumPy calls (M3's batch-1 decision)."""
+    family = int(observation["family"])
+    if not 0 <= family < N_FAMILIES:
+        raise ValueError(f"family index [{family}] out of range: must be in 0..{N_FAMILIES - 1} ({list(FAMILY_NAMES)})")
+    fraction, budget, prompt, image = scaled_parts_one(observation)
+    features = np.concatenate([[fraction, budget], prompt, image])[None]
+    if not np.all(np.isfinite(features)):
+        raise ValueError("observation has non-finite values (NaN or inf); a FlexVLM observation is finite")
+    ids = np.empty((1, PROMPT_LENGTH), dtype=np.int64)
+    ids[0, 0] = vocabulary.bos_id
+    ids[0, 1] = vocabulary.family_ids[family]
+    ids[0, 2:-1] = vocabulary.feature_ids[_FEATURE_COLUMNS, buckets.buckets(features)[0]]
+    ids[0, -1] = vocabulary.answer_id
     return ids
 
 
@@ -514,6 +533,18 @@ class LMController(Controller):
         if answers.shape[1] > 3:
             index = np.where(answers[:, 3] == self.vocabulary.eos_id, index, -1)
         return index
+
+    def select_index(self, observation: Mapping[str, Any]) -> int:
+        # One env observation decided on the GPU (M3's batch-1 decision): the prompt ids without a batch,
+        # the kernel, and the index from the knob tokens it chose (always knob tokens, in order: the kernel
+        # picks each from its step's list). Everything else takes the batch path.
+        if (self.gpu_decoder is None or not self.constrained or not all(key in observation for key in OBSERVATION_KEYS)
+                or np.ndim(observation["family"])):
+            return super().select_index(observation)
+        answer = self.gpu_decoder.decide(prompt_ids_one(observation, self.buckets, self.vocabulary))[0]
+        i, j, k = self.vocabulary._knob_index[answer]
+        _, n1, n2 = self.grid.shape
+        return int((i * n1 + j) * n2 + k)
 
     def select_indices(self, observations):
         answers = self.generate(observations)

@@ -36,8 +36,8 @@ from torch import nn
 
 from flexvlm_env.config import KnobGrid
 
-from .base import Controller
-from .features import scale_observation, scaled_observation_space, scaled_parts
+from .base import OBSERVATION_KEYS, Controller
+from .features import scale_observation, scaled_observation_space, scaled_parts, scaled_parts_one
 from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
 from .numpy_mlp import LiveLayers, forward
 
@@ -132,6 +132,14 @@ class NumpyActor:
             x[:, start:stop] = parts[part] if table is None else table[parts[part]]
         return x
 
+    def inputs_one(self, observation: Mapping[str, np.ndarray]) -> np.ndarray:
+        """float32 [1, width]: `inputs` of one env observation, without building a batch of it."""
+        parts = (int(observation["family"]), *scaled_parts_one(observation))
+        x = np.empty((1, self.width), dtype=np.float32)
+        for part, start, stop, table in self.layout:
+            x[0, start:stop] = parts[part] if table is None else table[parts[part]]
+        return x
+
 
 def build_policy(maskable: bool, config: Mapping[str, Any], grid: KnobGrid) -> nn.Module:
     """A fresh SB3 policy of the saved architecture, without an env (lr schedule: a dummy)."""
@@ -175,12 +183,15 @@ class PPOController(Controller):
     def logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
         """float32 [B, n_logits] action logits for a batch of raw observations (`as_batch`):
         [B, 140] for maskable, [B, 7 + 4 + 5] (one block per knob) otherwise."""
-        if self._actor is None or self._actor.policy is not self.policy:
-            self._actor = NumpyActor(self.policy)
-        layers = self._actor.layers()
+        layers = self._numpy_actor().layers()
         if layers is None:
             return self.torch_logits(observations)
         return forward(layers, self._actor.inputs(observations))
+
+    def _numpy_actor(self) -> NumpyActor:
+        if self._actor is None or self._actor.policy is not self.policy:
+            self._actor = NumpyActor(self.policy)
+        return self._actor
 
     @torch.inference_mode()
     def torch_logits(self, observations: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -205,6 +216,23 @@ class PPOController(Controller):
         j = logits[:, n0:n0 + n1].argmax(axis=1)
         k = logits[:, n0 + n1:].argmax(axis=1)
         return ((i * n1 + j) * n2 + k).astype(np.int64)
+
+    def select_index(self, observation: Mapping[str, Any]) -> int:
+        # One env observation (the protocol's batch-1 call, M3's decision time): the same arithmetic on
+        # [1, n] rows without making a batch first (as_batch, batched scaling and masks are most of the
+        # NumPy calls of a 30 us decision). Batches, missing keys and non-NumPy policies take the batch path.
+        if not all(key in observation for key in OBSERVATION_KEYS) or np.ndim(observation["family"]):
+            return super().select_index(observation)
+        actor = self._numpy_actor()
+        layers = actor.layers()
+        if layers is None:
+            return super().select_index(observation)
+        logits = forward(layers, actor.inputs_one(observation))[0]
+        if self.maskable:
+            fraction = np.float32(observation["budget_fraction"]).reshape(())  # as the batch path rounds it
+            return int(np.where(self.guardrail.mask(int(observation["family"]), fraction), logits, -np.inf).argmax())
+        n0, n1, n2 = self._nvec
+        return int((logits[:n0].argmax() * n1 + logits[n0:n0 + n1].argmax()) * n2 + logits[n0 + n1:].argmax())
 
     # -- serialization -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ but not added (it is relative to CPU request latencies, and contention hides it)
 reconfiguration come from the GPU host when `--device-results` is given, else from this CPU (a
 stand-in, flagged in the summary). With a CUDA `--device` the LM controllers (DPO, GRPO) decide on the
 GPU (`LMController.use_device`, one Triton kernel a decision); `decision_device` records where each
-did. Observation features are reported beside it (`share_with_features`).
+did (and, on the GPU, the kernel's product precision). Observation features are reported beside it (`share_with_features`).
 
 Writes `--out-dir/m3_summary.json` (everything, headline first) and `figures/m3_*.png`; the GPU run
 writes only `--out-dir/m3_device.json`.
@@ -119,7 +119,8 @@ def timing_block(args: Args, controllers: dict[str, dict], n_pairs: int) -> dict
             on_gpu = args.device != "cpu" and hasattr(controller, "use_device")
             if on_gpu:
                 controller.use_device(args.device)
-            where[source][name] = args.device if on_gpu else "cpu"
+            # with the kernel's product precision ("cuda (tf32x3)"): it decides the GPU time
+            where[source][name] = f"{args.device} ({controller.gpu_decoder.packed.precision})" if on_gpu else "cpu"
         observations = m3.replay_observations(source, args.n_observations, args.seed)
         decision[source] = m3.decision_times(by_name, observations)
     features = m3.feature_times(args.feature_requests_per_family, args.seed)

@@ -32,6 +32,7 @@ from agents.lm import (
     parse_config,
     pool_observations,
     prompt_ids,
+    prompt_ids_one,
     render_config,
     render_observation,
     render_observations,
@@ -212,6 +213,44 @@ def test_batched_decisions_equal_single_ones(controller, heldout_batch):
         config = controller.select_config(single)
         assert config == controller.grid.configs()[indices[i]]
         np.testing.assert_array_equal(controller.select_action(single), np.unravel_index(indices[i], (7, 4, 5)))
+
+
+class NumpyAsDevice:
+    """Stands in for `lm_gpu.GPUDecoder` on a machine without CUDA: NumPy's greedy constrained answer, with
+    the prompts it was asked about recorded."""
+
+    def __init__(self, controller):
+        self.controller, self.prompts = controller, []
+
+    def decide(self, prompt):
+        self.prompts.append(prompt.copy())
+        knobs = self.controller.vocabulary.knob_ids
+        return self.controller.decoder.decode(prompt, lambda step, logits: knobs[step][np.argmax(logits[:, knobs[step]], 1)], 3)
+
+
+def test_batch_1_device_path_decides_as_the_batch_path(controller, heldout_batch):
+    """With a decision device, one observation goes through its own path (`prompt_ids_one`, the device's
+    answer, the index from its knob tokens): the same ids and decisions as the batch path."""
+    expected_ids = prompt_ids(heldout_batch, controller.buckets, controller.vocabulary)
+    expected = controller.select_indices(heldout_batch)
+    device = NumpyAsDevice(controller)
+    controller.gpu_decoder = device
+    try:
+        singles = [{key: value[i] for key, value in heldout_batch.items()} for i in range(100)]
+        for i, single in enumerate(singles):
+            np.testing.assert_array_equal(prompt_ids_one(single, controller.buckets, controller.vocabulary), expected_ids[i : i + 1])
+        got = [controller.select_index(single) for single in singles]
+        assert len(device.prompts) == 100 and all(p.shape == (1, PROMPT_LENGTH) for p in device.prompts)
+        np.testing.assert_array_equal(got, expected)
+        assert len(np.unique(expected)) > 5
+        bad = dict(singles[0], family=np.int64(len(FAMILY_NAMES)))
+        with pytest.raises(ValueError, match=r"family index \[9\] out of range"):
+            controller.select_index(bad)
+        bad = dict(singles[0], budget_ms=np.array([np.nan], dtype=np.float32))
+        with pytest.raises(ValueError, match="non-finite"):
+            controller.select_index(bad)
+    finally:
+        controller.gpu_decoder = None
 
 
 def test_format_warm_start_teaches_the_format_only(train_pool, heldout_batch):

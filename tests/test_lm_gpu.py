@@ -51,6 +51,32 @@ def test_packed_model_shape_errors():
         PackedLM(model, vocabulary.knob_ids, PROMPT_LENGTH, "cpu")
 
 
+def test_packed_model_refuses_an_unknown_precision():
+    pytest.importorskip("triton")
+    from agents.lm import PROMPT_LENGTH, Vocabulary, make_model
+    from agents.lm_gpu import PackedLM
+
+    vocabulary = Vocabulary()
+    with pytest.raises(ValueError, match="precision='tf32'.*allowed.*ieee.*tf32x3"):
+        PackedLM(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cpu", precision="tf32")
+    assert PackedLM(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cpu").precision == "ieee"  # no TF32 on a CPU
+
+
+def test_packed_model_refuses_a_tree_larger_than_the_tile():
+    pytest.importorskip("triton")
+    from agents.lm import PROMPT_LENGTH, Vocabulary, make_model
+    from agents.lm_gpu import MAX_TREE_ROWS, PackedLM
+    from flexvlm_env.config import KnobGrid
+
+    grid = KnobGrid(crops=tuple(range(1, 13)), top_k=tuple(range(1, 9)))  # 15 + 12 + 96 = 123 rows: fits
+    vocabulary = Vocabulary(grid)
+    assert PackedLM(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cpu").shape["BT"] == MAX_TREE_ROWS
+    grid = KnobGrid(crops=tuple(range(1, 14)), top_k=tuple(range(1, 9)))  # 15 + 13 + 104 = 132 rows
+    vocabulary = Vocabulary(grid)
+    with pytest.raises(ValueError, match="132 rows.*at most 128"):
+        PackedLM(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cpu")
+
+
 def heldout_observations(n: int):
     import gymnasium as gym
 
@@ -65,6 +91,22 @@ def heldout_observations(n: int):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+def test_gpu_kernel_equals_numpy_on_every_interpreter_case(precision):
+    """The interpreter check's cases (trained and random models, other shapes and grids, a 128-row tile),
+    compiled for this GPU in each product precision."""
+    if precision == "tf32x3" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 needs compute capability 8.0")
+    from _interpret import Report
+    from _lm_gpu_interpret_check import run_cases
+
+    report = Report()
+    run_cases(report, "cuda", precision)
+    assert report.failures == 0
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])
 def test_gpu_decisions_equal_numpy(kind):
     from agents.base import load_controller
@@ -74,10 +116,19 @@ def test_gpu_decisions_equal_numpy(kind):
     expected = controller.select_indices(observations)
     controller.use_device("cuda")
     batched = controller.select_indices(observations)
-    one_by_one = np.array([controller.select_indices({k: v[i : i + 1] for k, v in observations.items()})[0]
-                           for i in range(len(expected))])  # batch 1: the CUDA graph
+    one_by_one = np.array([controller.select_index({k: v[i] for k, v in observations.items()})
+                           for i in range(len(expected))])  # one observation: its own path and the CUDA graph
     assert len(set(expected.tolist())) >= 3
     assert np.mean(batched == expected) >= 0.99, np.flatnonzero(batched != expected)
     assert np.array_equal(one_by_one, batched)
+    assert controller.gpu_decoder.zero_copy is True  # the batch-1 graph's kernel works on pinned host memory
+    # the graph with copy nodes (where Triton refuses host pointers) decides the same
+    from agents.lm import PROMPT_LENGTH
+    from agents.lm_gpu import GPUDecoder
+
+    controller.gpu_decoder = GPUDecoder(controller.model, controller.vocabulary.knob_ids, PROMPT_LENGTH, "cuda",
+                                        zero_copy=False)
+    copies = np.array([controller.select_index({k: v[i] for k, v in observations.items()}) for i in range(len(expected))])
+    assert controller.gpu_decoder.zero_copy is False and np.array_equal(copies, one_by_one)
     controller.use_device("cpu")
     assert np.array_equal(controller.select_indices(observations), expected)

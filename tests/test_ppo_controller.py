@@ -114,6 +114,34 @@ def test_fast_path_matches_sb3_predict(maskable, guardrail, heldout_batch):
     np.testing.assert_allclose(controller.logits(one_batch), controller.torch_logits(one_batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("maskable", [False, True])
+def test_batch_1_decisions_equal_the_batch_path(maskable, guardrail, heldout_batch):
+    """`select_index` of one observation (its own path, no batch built) decides as `select_indices` on the
+    batch, for every observation, at budgets no configuration meets (the guardrail's fallback), with the
+    env's own observation shapes, after the weights change, and for a batch passed to it."""
+    controller = random_controller(maskable, guardrail)
+    tight = {**heldout_batch, "budget_fraction": np.full_like(heldout_batch["budget_fraction"], 0.01)}
+    for batch in (heldout_batch, tight):
+        expected = controller.select_indices(batch)
+        got = [controller.select_index({key: value[i] for key, value in batch.items()}) for i in range(len(expected))]
+        np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(controller.select_indices(heldout_batch))) > 1
+    if maskable:
+        fallback = guardrail.masks(tight["family"], tight["budget_fraction"])
+        assert (fallback.sum(axis=1) == 1).any()  # the fallback case was exercised
+    env = gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
+    observation, _ = env.reset(seed=7)
+    assert controller.select_index(observation) == controller.select_indices(as_batch(observation))[0]
+    with torch.no_grad():
+        controller.policy.action_net.bias.normal_(0.0, 3.0)
+    expected = controller.select_indices(heldout_batch)
+    np.testing.assert_array_equal([controller.select_index({k: v[i] for k, v in heldout_batch.items()})
+                                   for i in range(len(expected))], expected)
+    assert controller.select_index({k: v[:1] for k, v in heldout_batch.items()}) == expected[0]  # a batch of one
+    with pytest.raises(ValueError, match="missing"):
+        controller.select_index({"family": np.int64(0)})
+
+
 def test_numpy_forward_reads_the_live_weights(guardrail, heldout_batch):
     """A controller built before or during training decides with the current weights."""
     controller = random_controller(True, guardrail)
