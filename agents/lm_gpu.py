@@ -249,7 +249,8 @@ class GPUDecoder:
     `decide(prompt_ids [B, P]) -> [B, 3]` knob token ids, as `LMController.generate(constrained=True)`
     gives at temperature 0. Batch 1 runs through a CUDA graph (built on the first call) whose kernel reads
     the ids from and writes the answer to pinned host memory (`zero_copy`; False: copy nodes around it,
-    as where Triton refuses host pointers); other batch sizes launch the kernel directly."""
+    as where Triton refuses host pointers); other batch sizes launch the kernel directly. The batch-1
+    buffers are the decoder's own: decide from one thread at a time (a decoder per thread otherwise)."""
 
     def __init__(self, model, knob_ids, prompt_length: int, device: str | torch.device = "cuda",
                  precision: str | None = None, zero_copy: bool | None = None):
