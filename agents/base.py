@@ -68,6 +68,12 @@ def as_batch(observation: Mapping[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def is_single_observation(observation: Mapping[str, Any]) -> bool:
+    """True for one env observation with every key (a scalar family): what the controllers' batch-1 paths
+    take; a batch, or an observation missing keys (the batch path names them), is not."""
+    return all(key in observation for key in OBSERVATION_KEYS) and np.ndim(observation["family"]) == 0
+
+
 def stack_observations(observations: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """One batch from a list of single-env observations."""
     if not observations:

@@ -29,25 +29,27 @@ FEATURE_NAMES: tuple[str, ...] = (
 N_FEATURES = len(FEATURE_NAMES)
 
 
+def _scale(budget_fraction: np.ndarray, budget_ms: np.ndarray, prompt: np.ndarray, image: np.ndarray) -> tuple:
+    """The networks' scaling of float32 arrays (any leading shape; features on the last axis), shared by
+    the batch and the one-observation paths so they cannot drift apart."""
+    return (budget_fraction, np.log1p(budget_ms), np.log1p(prompt),
+            np.where(_IMAGE_LOG, np.log1p(image), image).astype(np.float32))
+
+
 def scaled_parts(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float32 budget_fraction [B, 1], log1p budget_ms [B, 1], log1p prompt features [B, P] and image
     features [B, I] (the width, height and aspect log1p-scaled), as the networks see them."""
-    budget_fraction = np.asarray(batch["budget_fraction"], dtype=np.float32).reshape(-1, 1)
-    budget_ms = np.log1p(np.asarray(batch["budget_ms"], dtype=np.float32).reshape(-1, 1))
-    prompt = np.log1p(np.asarray(batch["prompt"], dtype=np.float32))
-    image = np.asarray(batch["image"], dtype=np.float32)
-    image = np.where(_IMAGE_LOG, np.log1p(image), image).astype(np.float32)
-    return budget_fraction, budget_ms, prompt, image
+    return _scale(np.asarray(batch["budget_fraction"], dtype=np.float32).reshape(-1, 1),
+                  np.asarray(batch["budget_ms"], dtype=np.float32).reshape(-1, 1),
+                  np.asarray(batch["prompt"], dtype=np.float32), np.asarray(batch["image"], dtype=np.float32))
 
 
 def scaled_parts_one(observation: Mapping[str, np.ndarray]) -> tuple[np.float32, np.float32, np.ndarray, np.ndarray]:
     """`scaled_parts` of one env observation (its arrays without the batch axis): the same float32
     values, from half the NumPy calls (a batch-1 decision is mostly per-call overhead, M3)."""
-    prompt = np.log1p(np.asarray(observation["prompt"], dtype=np.float32).reshape(-1))
-    image = np.asarray(observation["image"], dtype=np.float32).reshape(-1)
-    return (np.float32(observation["budget_fraction"]).reshape(()),
-            np.log1p(np.float32(observation["budget_ms"]).reshape(())),
-            prompt, np.where(_IMAGE_LOG, np.log1p(image), image).astype(np.float32))
+    return _scale(np.float32(observation["budget_fraction"]).reshape(()), np.float32(observation["budget_ms"]).reshape(()),
+                  np.asarray(observation["prompt"], dtype=np.float32).reshape(-1),
+                  np.asarray(observation["image"], dtype=np.float32).reshape(-1))
 
 
 def observation_features(batch: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -23,6 +23,10 @@ from flexvlm_env.envs.core import FAMILY_NAMES
 from .profiles import DEFAULT_LATENCY_QUANTILE, ProfileTables
 
 
+# float32 observations of a fraction like 0.35 may sit a hair below it
+_BUDGET_TOLERANCE = 1e-6
+
+
 class LatencyGuardrail:
     def __init__(self, predicted_fraction: np.ndarray, quantile: float = DEFAULT_LATENCY_QUANTILE):
         predicted = np.asarray(predicted_fraction, dtype=np.float64)
@@ -42,8 +46,7 @@ class LatencyGuardrail:
         """bool [B, C]: allowed configurations for a batch of (family index, budget fraction)."""
         family = np.asarray(family, dtype=np.int64).reshape(-1)
         budget = np.asarray(budget_fraction, dtype=np.float64).reshape(-1, 1)
-        # float32 observations of a fraction like 0.35 may sit a hair below it
-        allowed = self.predicted_fraction[family] <= budget + 1e-6
+        allowed = self.predicted_fraction[family] <= budget + _BUDGET_TOLERANCE
         some = allowed.any(axis=1)
         if not some.all():  # tested first: the fix-up's indexing is most of a batch-1 call's cost
             empty = np.flatnonzero(~some)
@@ -53,7 +56,7 @@ class LatencyGuardrail:
     def mask(self, family: str | int, budget_fraction: float) -> np.ndarray:
         """bool [C]: `masks` of one request (family name or index)."""
         index = FAMILY_NAMES.index(family) if isinstance(family, str) else int(family)
-        allowed = self.predicted_fraction[index] <= float(budget_fraction) + 1e-6
+        allowed = self.predicted_fraction[index] <= float(budget_fraction) + _BUDGET_TOLERANCE
         if not allowed.any():
             allowed[self._fastest[index]] = True
         return allowed

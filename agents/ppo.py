@@ -36,7 +36,7 @@ from torch import nn
 
 from flexvlm_env.config import KnobGrid
 
-from .base import OBSERVATION_KEYS, Controller
+from .base import Controller, is_single_observation
 from .features import scale_observation, scaled_observation_space, scaled_parts, scaled_parts_one
 from .guardrail import LatencyGuardrail, optional_guardrail_from_state, optional_guardrail_state
 from .numpy_mlp import LiveLayers, forward
@@ -221,7 +221,7 @@ class PPOController(Controller):
         # One env observation (the protocol's batch-1 call, M3's decision time): the same arithmetic on
         # [1, n] rows without making a batch first (as_batch, batched scaling and masks are most of the
         # NumPy calls of a 30 us decision). Batches, missing keys and non-NumPy policies take the batch path.
-        if not all(key in observation for key in OBSERVATION_KEYS) or np.ndim(observation["family"]):
+        if not is_single_observation(observation):
             return super().select_index(observation)
         actor = self._numpy_actor()
         layers = actor.layers()
