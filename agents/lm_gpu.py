@@ -18,6 +18,12 @@ one pass instead of three pays even with twice the rows: on an H200, with IEEE p
 (kernel and copies) takes 0.172 ms against 0.287 ms for three sequential passes over a 32-row tile (8
 warps each; 0.377 ms at 4 warps, session 15's kernel).
 
+Layer 0 needs no projections: its queries and keys (after RoPE) and its values through the output
+projection depend on a row's token and position alone, so `PackedLM` tabulates them per (token, position)
+and the kernel reads them. The MLPs go over their intermediate columns in chunks of `MLP_CHUNK`. Timed
+inside the kernel (clock stamps, H200), the rest is about 4 us a layer-0 head, 7.5 us a layer-1 head
+(12 the first, with the norm), 17-18 us an MLP and 4 us for the three picks.
+
 For batch 1 the host work is one CUDA-graph replay: the prompt ids are written into pinned host
 memory, the kernel reads them from there and writes the three chosen token ids back into pinned memory
 (mapped into the device's address space; where Triton refuses such pointers the graph holds a copy in
@@ -26,9 +32,11 @@ and a copy out instead); the host waits on the stream and reads them.
 Arithmetic is float32. On cards with TF32 tensor cores (compute capability 8.0 and up) each product is
 "tf32x3": three TF32 tensor-core products of the operands' high and low parts, which keeps the error
 within a few float32 roundings (about 2^-21 relative, against 2^-24) and, on an H200, takes the graph
-replay from 0.172 to 0.107 ms. Older cards (and the interpreter) use IEEE float32 products. Either way
-logits agree with `NumpyDecoder` to float32-level rounding and decisions are equal but for near-ties
-(tested on the GPU against NumPy on trained and random models of several shapes and grids).
+replay from 0.172 to 0.107 ms (session 16's kernel; with the layer-0 tables and chunked MLPs the
+kernel's GPU time is 0.087-0.088 ms against 0.098, and a GRPO decision 0.120 ms against 0.133 in the
+same run). Older cards (and the interpreter) use IEEE float32 products. Either way logits agree with
+`NumpyDecoder` to float32-level rounding and decisions are equal but for near-ties (tested on the GPU
+against NumPy on trained and random models of several shapes and grids).
 
 RoPE needs rotate_half(q); it is computed as x @ Wr with Wr the projection's columns permuted and
 negated per head (the same products, no column shuffles in the kernel). The weights are copied to the
@@ -52,6 +60,11 @@ MAX_TREE_ROWS = 128  # prompt + tree rows the kernel's tile may hold (registers:
 # 4.86 ms (too few registers for the tiles). TF32x3: 4 warps 0.107 ms; at 8 warps Triton 3.6's kernel made
 # an illegal memory access, so the warps follow the precision and are not a parameter.
 NUM_WARPS = {"ieee": 8, "tf32x3": 4}
+# The MLP runs over its intermediate columns in chunks of this many (smaller live tiles: the kernel is at
+# the 255-register limit and spills). Session 17, H200, TF32x3, GPU time of back-to-back graph replays of
+# the default model: chunks of 32 0.087 ms; 64 0.092; 128 (whole) 0.092; 16 0.094 (without the mask and
+# RoPE-table changes: 32 0.089, whole 0.091).
+MLP_CHUNK = 32
 
 
 def default_precision(device: str | torch.device) -> str:
@@ -85,21 +98,47 @@ if triton is not None:
         return pick, tl.load(knob_ptr + step * NVP + pick)
 
     @triton.jit
+    def _mlp(h, layer, n2_ptr, wg_ptr, wu_ptr, wd_ptr, eps, cd, D: tl.constexpr, I: tl.constexpr, IC: tl.constexpr,
+             PRECISION: tl.constexpr):
+        x = _rms(h, tl.load(n2_ptr + layer * D + cd), eps, D)
+        ci = tl.arange(0, IC)
+        out = tl.zeros_like(h)
+        for j in range(0, I, IC):
+            w_off = layer * D * I + cd[:, None] * I + (j + ci)[None, :]  # [D, IC]
+            gate = tl.dot(x, tl.load(wg_ptr + w_off), input_precision=PRECISION)
+            up = tl.dot(x, tl.load(wu_ptr + w_off), input_precision=PRECISION)
+            act = gate / (1.0 + tl.exp(-gate)) * up
+            wd = tl.load(wd_ptr + layer * I * D + (j + ci)[:, None] * D + cd[None, :])  # [IC, D]
+            out += tl.dot(act, wd, input_precision=PRECISION)
+        return h + out
+
+    @triton.jit
+    def _attention_weights(q, k, rows, parent, scale, P: tl.constexpr, PRECISION: tl.constexpr):
+        """Softmax of q k^T over what each tree row attends to: the prompt up to itself, itself and (pair rows)
+        their crops row. The mask is rebuilt from two row vectors at each use rather than kept in registers
+        through the kernel (with 4 warps a [64, 64] tile is 32 registers a thread, and the kernel spills)."""
+        keys = rows[None, :]
+        visible = ((keys < P) & (keys <= rows[:, None])) | (keys == rows[:, None]) | (keys == parent[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BT, BT]
+        s = tl.where(visible, s, float("-inf"))
+        p = tl.exp(s - tl.max(s, 1)[:, None])
+        return p / tl.sum(p, 1)[:, None]
+
+    @triton.jit
     def _lm_decide_kernel(
-        ids_ptr, out_ptr, emb_ptr,
+        ids_ptr, out_ptr, emb_ptr, q0_ptr, k0_ptr, vo0_ptr,
         wq_ptr, wqr_ptr, wk_ptr, wkr_ptr, wv_ptr, wo_ptr,
         n1_ptr, n2_ptr, wg_ptr, wu_ptr, wd_ptr, norm_ptr,
         head_ptr, knob_ptr, nval_ptr, cos_ptr, sin_ptr,
         eps, scale,
         P: tl.constexpr, L: tl.constexpr, D: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr,
         I: tl.constexpr, BT: tl.constexpr, NVP: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
-        PRECISION: tl.constexpr,
+        NPOS: tl.constexpr, IC: tl.constexpr, PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         rows = tl.arange(0, BT)
         cd = tl.arange(0, D)
         ch = tl.arange(0, HD)
-        ci = tl.arange(0, I)
         cv = tl.arange(0, NVP)
 
         # the token tree: prompt rows, then one row per crops value c, then one per (c, top_k value k)
@@ -113,15 +152,27 @@ if triton is not None:
         tok = tl.where(is_crops, tl.load(knob_ptr + (rows - P), mask=is_crops, other=0), tok)
         tok = tl.where(is_pair, tl.load(knob_ptr + NVP + pair % N1, mask=is_pair, other=0), tok)
         h = tl.load(emb_ptr + tok[:, None] * D + cd[None, :])  # padding rows embed token 0: finite, never read
-        cos = tl.load(cos_ptr + position[:, None] * HD + ch[None, :])  # [BT, HD]
-        sin = tl.load(sin_ptr + position[:, None] * HD + ch[None, :])
-        keys = rows[None, :]
-        # what each row attends to: the prompt up to itself, itself, and (pair rows) their crops row
-        visible = ((keys < P) & (keys <= rows[:, None])) | (keys == rows[:, None]) | (keys == parent[:, None])
+
+        # Layer 0: a row's queries, keys and values depend on its token and position alone (the embedding
+        # and the first norm are per token), so they are read from tables PackedLM computed, the values
+        # already through the output projection (head by head: p @ (x Wv_h) Wo_h = p @ (x Wv_h Wo_h)).
+        # That takes 5 NH + NH products out of this program's dependent chain (GPU time 0.098 -> 0.092 ms
+        # on an H200; the MLPs, at ~18 us each of ~90, are the largest part left).
+        qk_off = (tok * NPOS + position)[:, None] * D
+        attn = tl.zeros([BT, D], dtype=tl.float32)
+        for head in range(NH):
+            q = tl.load(q0_ptr + qk_off + (head * HD + ch)[None, :])  # [BT, HD], RoPE applied
+            k = tl.load(k0_ptr + qk_off + (head * HD + ch)[None, :])
+            p = _attention_weights(q, k, rows, parent, scale, P, PRECISION)
+            vo = tl.load(vo0_ptr + tok[:, None] * (NH * D) + head * D + cd[None, :])  # [BT, D]
+            attn += tl.dot(p, vo, input_precision=PRECISION)
+        h = _mlp(h + attn, 0, n2_ptr, wg_ptr, wu_ptr, wd_ptr, eps, cd, D, I, IC, PRECISION)
 
         # plain (not unrolled) loops: unrolled, layers x heads made a kernel that took minutes to compile
-        for layer in range(L):
+        for layer in range(1, L):
             x = _rms(h, tl.load(n1_ptr + layer * D + cd), eps, D)
+            cos = tl.load(cos_ptr + position[:, None] * HD + ch[None, :])  # [BT, HD]; loaded here, not kept live
+            sin = tl.load(sin_ptr + position[:, None] * HD + ch[None, :])
             attn = tl.zeros([BT, D], dtype=tl.float32)
             for head in range(NH):
                 w_off = layer * D * D + cd[:, None] * D + (head * HD + ch)[None, :]  # [D, HD] of [in, out]
@@ -129,22 +180,12 @@ if triton is not None:
                 q = q * cos + tl.dot(x, tl.load(wqr_ptr + w_off), input_precision=PRECISION) * sin
                 k = tl.dot(x, tl.load(wk_ptr + w_off), input_precision=PRECISION)
                 k = k * cos + tl.dot(x, tl.load(wkr_ptr + w_off), input_precision=PRECISION) * sin
+                p = _attention_weights(q, k, rows, parent, scale, P, PRECISION)
                 v = tl.dot(x, tl.load(wv_ptr + w_off), input_precision=PRECISION)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BT, BT]
-                s = tl.where(visible, s, float("-inf"))
-                p = tl.exp(s - tl.max(s, 1)[:, None])
-                p = p / tl.sum(p, 1)[:, None]
                 o = tl.dot(p, v, input_precision=PRECISION)  # [BT, HD]
                 wo = tl.load(wo_ptr + layer * D * D + (head * HD + ch)[:, None] * D + cd[None, :])  # [HD, D]
                 attn += tl.dot(o, wo, input_precision=PRECISION)
-            h = h + attn
-            x = _rms(h, tl.load(n2_ptr + layer * D + cd), eps, D)
-            w_off = layer * D * I + cd[:, None] * I + ci[None, :]  # [D, I]
-            gate = tl.dot(x, tl.load(wg_ptr + w_off), input_precision=PRECISION)
-            up = tl.dot(x, tl.load(wu_ptr + w_off), input_precision=PRECISION)
-            act = gate / (1.0 + tl.exp(-gate)) * up
-            wd = tl.load(wd_ptr + layer * I * D + ci[:, None] * D + cd[None, :])  # [I, D]
-            h = h + tl.dot(act, wd, input_precision=PRECISION)
+            h = _mlp(h + attn, layer, n2_ptr, wg_ptr, wu_ptr, wd_ptr, eps, cd, D, I, IC, PRECISION)
 
         norm_w = tl.load(norm_ptr + cd)
         c, crops_tok = _pick(h, P - 1, norm_w, head_ptr, 0, nval_ptr, knob_ptr, rows, cd, cv, eps, D, NVP)
@@ -190,7 +231,9 @@ class PackedLM:
                              f"{n_values[0]} + crops x top_k pairs {n_values[0] * n_values[1]}); the kernel holds at "
                              f"most {MAX_TREE_ROWS}: use NumpyDecoder for a grid this large")
         block_t = max(16, triton.next_power_of_2(tree_rows))
-        self.shape = dict(P=self.prompt_length, L=L, D=D, NH=NH, HD=HD, I=I, BT=block_t, N0=n_values[0], N1=n_values[1])
+        n_positions = self.prompt_length + N_STEPS - 1  # the tree's positions: the prompt's, then P and P + 1
+        self.shape = dict(P=self.prompt_length, L=L, D=D, NH=NH, HD=HD, I=I, BT=block_t, N0=n_values[0], N1=n_values[1],
+                          NPOS=n_positions, IC=min(I, MLP_CHUNK))
         self.eps, self.scale = float(config.rms_norm_eps), float(HD) ** -0.5
 
         sd = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
@@ -230,13 +273,34 @@ class PackedLM:
         n = min(block_t, tables._cos.shape[0])
         cos[:n], sin[:n] = torch.from_numpy(tables._cos[:n]), torch.from_numpy(tables._sin[:n])
         weights["cos"], weights["sin"] = cos, sin
+        weights.update(self._layer0_tables(sd, wq, wk, weights["wv"], weights["wo"], perm, sign, tables, n_positions))
         self.weights = {k: v.contiguous().to(device) for k, v in weights.items()}
+
+    def _layer0_tables(self, sd, wq, wk, wv, wo, perm, sign, rope, n_positions):
+        """Layer 0's attention inputs for every (token, position): queries and keys after RoPE ([V, NPOS, D])
+        and each head's values through the output projection ([V, NH, D]), computed in float64 and stored as
+        float32 (what NumPy computes per token, with one rounding instead of several). V x (2 NPOS + NH) x D
+        floats: 2.2 MB for the controllers' 222-token vocabulary."""
+        V, D = sd["model.embed_tokens.weight"].shape
+        NH, HD = self.shape["NH"], self.shape["HD"]
+        emb = sd["model.embed_tokens.weight"].double()
+        x = sd["model.layers.0.input_layernorm.weight"].double() * (
+            emb / torch.sqrt((emb * emb).mean(-1, keepdim=True) + self.eps))  # [V, D]
+        cos = torch.from_numpy(rope._cos[:n_positions]).double().repeat(1, NH)[None]  # [1, NPOS, D]
+        sin = torch.from_numpy(rope._sin[:n_positions]).double().repeat(1, NH)[None]
+        tables = {}
+        for name, w in (("q0", wq[0].double()), ("k0", wk[0].double())):
+            plain, rotated = (x @ w)[:, None], (x @ (w[:, perm] * sign))[:, None]  # [V, 1, D]
+            tables[name] = (plain * cos + rotated * sin).float()
+        v = (x @ wv[0].double()).reshape(V, NH, 1, HD)
+        tables["vo0"] = (v @ wo[0].double().reshape(NH, HD, D)).reshape(V, NH, D).float()
+        return tables
 
     def launch(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         """Writes `out` (int64 [B, 3]) from `ids` (int64 [B, P]), both on the weights' device."""
         w = self.weights
         _lm_decide_kernel[(ids.shape[0],)](
-            ids, out, w["emb"], w["wq"], w["wqr"], w["wk"], w["wkr"], w["wv"], w["wo"],
+            ids, out, w["emb"], w["q0"], w["k0"], w["vo0"], w["wq"], w["wqr"], w["wk"], w["wkr"], w["wv"], w["wo"],
             w["n1"], w["n2"], w["wg"], w["wu"], w["wd"], w["norm"],
             w["head"], w["knob"], w["nval"], w["cos"], w["sin"],
             self.eps, self.scale, NVP=self.nvp, PRECISION=self.precision, num_warps=self.num_warps, **self.shape,

@@ -3,9 +3,9 @@
 
 Started by tests/test_lm_gpu.py in a subprocess with TRITON_INTERPRET=1. Cases: the committed DPO and
 GRPO controllers of M3 (trained weights, the default shape) and fresh random models of other shapes
-(one and three layers, two heads of 16, a wider MLP) and of other knob grids (every top_k 1..8: a
-78-row token tree in a 128-row tile; a single top_k value), on held-out observations of the replay env at
-three budget fractions, one kernel program per observation. Outputs start at -1, so a step left
+(one layer with an MLP narrower than the kernel's MLP chunk, three layers with two heads of 16 and a
+wider MLP) and of other knob grids (every top_k 1..8: a 78-row token tree in a 128-row tile; a single
+top_k value), on held-out observations of the replay env at three budget fractions, one kernel program per observation. Outputs start at -1, so a step left
 unwritten shows. A decision may differ from NumPy's only where NumPy's own top two logits at the first
 differing step are within float32 noise (1e-4), which would be a tie; no such case is expected.
 tests/test_lm_gpu.py also runs the same cases compiled on a GPU (`run_cases(report, "cuda", precision)`),
@@ -77,7 +77,7 @@ def run_cases(report, device: str = "cpu", precision: str | None = None) -> None
     sample = {k: v[pick] for k, v in observations.items()}
     for kind in ("dpo", "grpo"):
         check(report, f"M3 {kind} controller", load_controller(ROOT / "results/m3_controllers" / kind), sample, device, precision)
-    cases = [(dict(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128), None),
+    cases = [(dict(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=16), None),  # MLP narrower than a chunk
              (dict(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=256), None),
              ({}, KnobGrid(top_k=tuple(range(1, 9)))),
              ({}, KnobGrid(crops=(1, 4, 12), top_k=(8,), active_blocks=(8, 16)))]

@@ -107,6 +107,28 @@ def test_overhead_table_known_shares():
         m3.decision_times({}, [])
 
 
+def test_decision_times_take_turns():
+    """Every controller is timed on a slice of the observations before any goes on to the next slice, each
+    on every observation once after its warm-up."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def select_config(self, observation):
+            calls.append((self.name, observation["i"]))
+
+    observations = [{"i": i} for i in range(25)]
+    out = m3.decision_times({"a": Recorder("a"), "b": Recorder("b")}, observations, rounds=5)
+    assert out["a"]["n"] == out["b"]["n"] == 25
+    timed = calls[2 * m3.DECISION_WARMUP:]
+    assert [name for name, _ in timed] == (["a"] * 5 + ["b"] * 5) * 5
+    assert sorted(i for name, i in timed if name == "a") == list(range(25))
+    with pytest.raises(ValueError, match="rounds=0"):
+        m3.decision_times({"a": Recorder("a")}, observations, rounds=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"budget_fractions": (1.5,)}, "budget-fractions"),
     ({"sources": ("nope",)}, "sources"),

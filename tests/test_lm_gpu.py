@@ -77,6 +77,44 @@ def test_packed_model_refuses_a_tree_larger_than_the_tile():
         PackedLM(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cpu")
 
 
+def test_layer0_tables_equal_the_per_token_forward():
+    """The kernel reads layer 0's queries, keys (after RoPE) and values through the output projection from
+    tables; they must be the model's own layer-0 computation for every (token, position), here done as
+    NumpyDecoder does it (rotate_half by concatenation, not the table's permuted columns)."""
+    pytest.importorskip("triton")
+    from agents.base import load_controller
+    from agents.lm import PROMPT_LENGTH
+    from agents.lm_gpu import PackedLM
+
+    controller = load_controller(ROOT / "results/m3_controllers/grpo")
+    packed = PackedLM(controller.model, controller.vocabulary.knob_ids, PROMPT_LENGTH, "cpu")
+    sd = {k: v.double() for k, v in controller.model.state_dict().items()}
+    config = controller.model.config
+    NH, D = config.num_attention_heads, config.hidden_size
+    HD, eps = D // NH, config.rms_norm_eps
+    emb = sd["model.embed_tokens.weight"]
+    x = sd["model.layers.0.input_layernorm.weight"] * emb / torch.sqrt((emb * emb).mean(-1, keepdim=True) + eps)
+    n_positions = PROMPT_LENGTH + 2  # the tree's positions: the prompt's, then one per answer token but the last
+    cos = torch.from_numpy(controller.decoder._cos[:n_positions]).double()[None, :, None]  # [1, NPOS, 1, HD]
+    sin = torch.from_numpy(controller.decoder._sin[:n_positions]).double()[None, :, None]
+
+    def rope(t):  # [V, D] -> [V, NPOS, D]
+        t = t.reshape(len(t), 1, NH, HD)
+        rotated = torch.cat([-t[..., HD // 2:], t[..., : HD // 2]], -1)
+        return (t * cos + rotated * sin).reshape(len(t), n_positions, D)
+
+    q = rope(x @ sd["model.layers.0.self_attn.q_proj.weight"].T)
+    k = rope(x @ sd["model.layers.0.self_attn.k_proj.weight"].T)
+    v = (x @ sd["model.layers.0.self_attn.v_proj.weight"].T).reshape(-1, NH, HD)
+    o = sd["model.layers.0.self_attn.o_proj.weight"].T.reshape(NH, HD, D)
+    vo = torch.einsum("vhd,hde->vhe", v, o)
+    tables = packed.weights
+    assert tables["q0"].shape == q.shape and tables["vo0"].shape == vo.shape
+    for name, want in (("q0", q), ("k0", k), ("vo0", vo)):
+        got = tables[name].double()
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item()), name
+
+
 def heldout_observations(n: int):
     import gymnasium as gym
 

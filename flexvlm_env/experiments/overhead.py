@@ -3,8 +3,9 @@
 Four measurements, each a function here so the CPU driver and the GPU run share them:
 
 - `decision_times`: batch-1 `select_config` of each saved controller on real held-out observations
-  (after a warm-up), and `feature_times`: computing the observation's prompt and image features
-  from the raw request (`flexvlm_env.features`, what the live env times as controller overhead).
+  (after a warm-up, the controllers taking turns over slices of them), and `feature_times`: computing
+  the observation's prompt and image features from the raw request (`flexvlm_env.features`, what the
+  live env times as controller overhead).
 - `reconfiguration_times`: applying a `Config` in the live runtime. Nothing is reloaded or
   recompiled when a knob changes: `top_k` becomes a per-block tuple the router reads, the block
   plan a tuple of block indices the decoder loop walks (`VLM.plan`), and crops the preprocessing's
@@ -43,11 +44,31 @@ CANDIDATE_COUNTS = (140, 560, 2240)
 BAR_SHARE = 0.01
 
 
-def decision_times(controllers: dict, observations: Sequence[dict]) -> dict[str, dict]:
-    """distribution_summary (ms) of batch-1 `select_config` per controller on `observations`."""
+DECISION_WARMUP = 10  # untimed calls per controller before the first round
+
+
+def decision_times(controllers: dict, observations: Sequence[dict], rounds: int = 10) -> dict[str, dict]:
+    """distribution_summary (ms) of batch-1 `select_config` per controller on `observations`.
+
+    The controllers take turns: the observations are cut into `rounds` slices and every controller is timed
+    on a slice before any goes on to the next. On the lent GPU hosts the host CPU's speed changed by up to
+    2x within one M3 run (session 17: the same baseline at 0.010 and 0.017 ms a minute apart), and timing
+    the controllers one after another put such a spell on whichever came next; taking turns spreads it
+    over all of them."""
+    observations = list(observations)
     if not observations:
         raise ValueError("observations is empty; decision times need at least one observation")
-    return {name: distribution_summary(time_calls_ms(c.select_config, observations)) for name, c in controllers.items()}
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r} must be an int >= 1")
+    for controller in controllers.values():
+        for observation in observations[:DECISION_WARMUP]:
+            controller.select_config(observation)
+    times: dict[str, list] = {name: [] for name in controllers}
+    for part in np.array_split(np.arange(len(observations)), min(rounds, len(observations))):
+        items = [observations[i] for i in part]
+        for name, controller in controllers.items():
+            times[name].append(time_calls_ms(controller.select_config, items, warmup=0))
+    return {name: distribution_summary(np.concatenate(parts)) for name, parts in times.items()}
 
 
 def replay_observations(source: str, n: int, seed: int = 0, fractions=(0.35, 0.5, 0.7, 0.85, 1.0)) -> list[dict]:
