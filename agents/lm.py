@@ -110,6 +110,13 @@ class Vocabulary:
         shape = self.grid.shape
         return np.where(ok, (i * shape[1] + j) * shape[2] + k, -1)
 
+    def knob_config_index(self, knob_tokens: np.ndarray) -> int:
+        """Config index of one (crops, top_k, active_blocks) triple of knob token ids known to be valid (what
+        the decision kernel returns: it picks each from its step's list); `config_index` checks its input."""
+        i, j, k = self._knob_index[knob_tokens]
+        _, n1, n2 = self.grid.shape
+        return int((i * n1 + j) * n2 + k)
+
     def completion_ids(self, index: int) -> list[int]:
         """Token ids of the answer for config `index` (three knob tokens and <eos>)."""
         i, j, k = np.unravel_index(int(index), self.grid.shape)
@@ -184,15 +191,21 @@ class FeatureBuckets:
         return cls(data["edges"], data["n_buckets"])
 
 
+def _family_range_error(bad: list[int]) -> ValueError:
+    return ValueError(f"family index {bad} out of range: must be in 0..{N_FAMILIES - 1} ({list(FAMILY_NAMES)})")
+
+
+_NON_FINITE = "observation has non-finite values (NaN or inf); a FlexVLM observation is finite"
+
+
 def prompt_ids(observations: Mapping[str, np.ndarray], buckets: FeatureBuckets, vocabulary: Vocabulary) -> np.ndarray:
     """int64 [B, PROMPT_LENGTH]: the token ids the tokenizer gives each rendered observation (<bos> included)."""
     family = np.asarray(observations["family"], dtype=np.int64).reshape(-1)
     if np.any((family < 0) | (family >= N_FAMILIES)):
-        bad = sorted(set(family[(family < 0) | (family >= N_FAMILIES)].tolist()))
-        raise ValueError(f"family index {bad} out of range: must be in 0..{N_FAMILIES - 1} ({list(FAMILY_NAMES)})")
+        raise _family_range_error(sorted(set(family[(family < 0) | (family >= N_FAMILIES)].tolist())))
     features = observation_features(observations)
     if not np.all(np.isfinite(features)):
-        raise ValueError("observation has non-finite values (NaN or inf); a FlexVLM observation is finite")
+        raise ValueError(_NON_FINITE)
     b = buckets.buckets(features[:, N_FAMILIES:])
     ids = np.empty((len(family), PROMPT_LENGTH), dtype=np.int64)
     ids[:, 0] = vocabulary.bos_id
@@ -207,11 +220,11 @@ def prompt_ids_one(observation: Mapping[str, Any], buckets: FeatureBuckets, voca
     (the same float32 features, bucketed alike) from a third of the NumPy calls (M3's batch-1 decision)."""
     family = int(observation["family"])
     if not 0 <= family < N_FAMILIES:
-        raise ValueError(f"family index [{family}] out of range: must be in 0..{N_FAMILIES - 1} ({list(FAMILY_NAMES)})")
+        raise _family_range_error([family])
     fraction, budget, prompt, image = scaled_parts_one(observation)
     features = np.concatenate([[fraction, budget], prompt, image])[None]
     if not np.all(np.isfinite(features)):
-        raise ValueError("observation has non-finite values (NaN or inf); a FlexVLM observation is finite")
+        raise ValueError(_NON_FINITE)
     # element by element: on one row, slice assignments would add 1 us to this function's 18 us (this CPU)
     ids = np.empty((1, PROMPT_LENGTH), dtype=np.int64)
     ids[0, 0] = vocabulary.bos_id
@@ -543,9 +556,7 @@ class LMController(Controller):
         if self.gpu_decoder is None or not self.constrained or not is_single_observation(observation):
             return super().select_index(observation)
         answer = self.gpu_decoder.decide(prompt_ids_one(observation, self.buckets, self.vocabulary))[0]
-        i, j, k = self.vocabulary._knob_index[answer]
-        _, n1, n2 = self.grid.shape
-        return int((i * n1 + j) * n2 + k)
+        return self.vocabulary.knob_config_index(answer)
 
     def select_indices(self, observations):
         answers = self.generate(observations)
