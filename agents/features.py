@@ -30,8 +30,8 @@ N_FEATURES = len(FEATURE_NAMES)
 
 
 def _scale(budget_fraction: np.ndarray, budget_ms: np.ndarray, prompt: np.ndarray, image: np.ndarray) -> tuple:
-    """The networks' scaling of float32 arrays (any leading shape; features on the last axis), shared by
-    the batch and the one-observation paths so they cannot drift apart."""
+    """The networks' scaling of float32 arrays (any leading shape; features on the last axis). The batch-1
+    paths apply it to one observation's flat vector instead (`scaled_vector_one`, tested equal)."""
     return (budget_fraction, np.log1p(budget_ms), np.log1p(prompt),
             np.where(_IMAGE_LOG, np.log1p(image), image).astype(np.float32))
 
@@ -44,12 +44,30 @@ def scaled_parts(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
                   np.asarray(batch["prompt"], dtype=np.float32), np.asarray(batch["image"], dtype=np.float32))
 
 
-def scaled_parts_one(observation: Mapping[str, np.ndarray]) -> tuple[np.float32, np.float32, np.ndarray, np.ndarray]:
-    """`scaled_parts` of one env observation (its arrays without the batch axis): the same float32
-    values, from half the NumPy calls (a batch-1 decision is mostly per-call overhead, M3)."""
-    return _scale(np.float32(observation["budget_fraction"]).reshape(()), np.float32(observation["budget_ms"]).reshape(()),
-                  np.asarray(observation["prompt"], dtype=np.float32).reshape(-1),
-                  np.asarray(observation["image"], dtype=np.float32).reshape(-1))
+N_SCALED = 2 + len(PROMPT_FEATURES) + len(IMAGE_FEATURES)
+# where each observation key's values sit in `scaled_vector_one`'s vector
+SCALED_VECTOR_SLICES = {"budget_fraction": slice(0, 1), "budget_ms": slice(1, 2),
+                        "prompt": slice(2, 2 + len(PROMPT_FEATURES)), "image": slice(2 + len(PROMPT_FEATURES), N_SCALED)}
+# In the flat vector [fraction, budget_ms, prompt..., image...] the log-scaled values form one run:
+# budget_ms, the prompt features and the image's width, height and aspect.
+_LOG_RUN = slice(1, 2 + len(PROMPT_FEATURES) + int(_IMAGE_LOG.sum()))
+assert _IMAGE_LOG.tolist() == sorted(_IMAGE_LOG.tolist(), reverse=True), "the log-scaled image features must come first"
+
+
+def scaled_vector_one(observation: Mapping[str, np.ndarray]) -> np.ndarray:
+    """float32 [N_SCALED]: `scaled_parts` of one env observation (its arrays without the batch axis) in one
+    vector, [budget_fraction, log1p budget_ms, prompt..., image...] (`SCALED_VECTOR_SLICES`): the same
+    values from five NumPy calls, one log1p over the log-scaled run. A batch-1 decision is mostly such
+    per-call overhead (M3)."""
+    x = np.empty(N_SCALED, dtype=np.float32)
+    for key, part in SCALED_VECTOR_SLICES.items():
+        try:
+            x[part] = observation[key]
+        except ValueError:
+            raise ValueError(f"observation[{key!r}] has shape {np.shape(observation[key])}; one observation's has "
+                             f"{part.stop - part.start} value(s)") from None
+    np.log1p(x[_LOG_RUN], out=x[_LOG_RUN])
+    return x
 
 
 def observation_features(batch: Mapping[str, np.ndarray]) -> np.ndarray:

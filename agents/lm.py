@@ -18,7 +18,7 @@ The DPO and GRPO controllers (`trainers/dpo.py`, `trainers/grpo.py`, both with T
   reads the model's weights through NumPy views (so it always sees the current weights, also while training),
   and its logits match the `transformers` model's to float32 rounding (tested). Next to a GPU model,
   `LMController.use_device("cuda")` makes greedy constrained decisions one Triton kernel instead
-  (`agents/lm_gpu.py`, same decisions; 0.12-0.17 ms a batch-1 decision on an H200 host, 0.088 ms of it on the
+  (`agents/lm_gpu.py`, same decisions; 0.10-0.13 ms a batch-1 decision on an H200 host, 0.086 ms of it on the
   GPU, against 0.74-1.45 ms with NumPy there).
 - **Controller.** `LMController` decodes greedily, by default constrained to the knob tokens at each of the three
   positions (so every decision is a valid configuration); `invalid_output_rate` measures how often the
@@ -27,8 +27,10 @@ The DPO and GRPO controllers (`trainers/dpo.py`, `trainers/grpo.py`, both with T
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +41,7 @@ from flexvlm_env.config import KnobGrid
 from flexvlm_env.envs.core import FAMILY_NAMES
 
 from .base import Controller, as_batch, is_single_observation, stack_observations
-from .features import observation_features, scaled_parts_one
+from .features import observation_features, scaled_vector_one
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -90,6 +92,13 @@ class Vocabulary:
             np.array([self.token_to_id[f"{knob}={v}"] for v in values], dtype=np.int64)
             for knob, values in zip(KNOB_TOKENS, self.knob_values)
         )
+        # plain-Python copies for the batch-1 path (`prompt_ids_one`, `knob_config_index`), where every NumPy
+        # call costs about a microsecond
+        self.family_id_list = self.family_ids.tolist()
+        self.feature_id_lists = self.feature_ids.tolist()
+        self._config_of_knobs = {
+            knobs: index for index, knobs in enumerate(itertools.product(*(ids.tolist() for ids in self.knob_ids)))
+        }
         # token id -> (knob position, value index), -1 for every other token
         self._knob_position = np.full(len(self.tokens), -1, dtype=np.int64)
         self._knob_index = np.full(len(self.tokens), -1, dtype=np.int64)
@@ -111,11 +120,14 @@ class Vocabulary:
         return np.where(ok, (i * shape[1] + j) * shape[2] + k, -1)
 
     def knob_config_index(self, knob_tokens: np.ndarray) -> int:
-        """Config index of one (crops, top_k, active_blocks) triple of knob token ids known to be valid (what
-        the decision kernel returns: it picks each from its step's list); `config_index` checks its input."""
-        i, j, k = self._knob_index[knob_tokens]
-        _, n1, n2 = self.grid.shape
-        return int((i * n1 + j) * n2 + k)
+        """Config index of one (crops, top_k, active_blocks) triple of knob token ids (what the decision kernel
+        returns: it picks each from its step's list), from a dict: the batch-1 path's lookup."""
+        knobs = tuple(np.asarray(knob_tokens).tolist())
+        try:
+            return self._config_of_knobs[knobs]
+        except KeyError:
+            raise ValueError(f"knob_tokens={list(knobs)} is not a (crops, top_k, active_blocks) triple of knob token "
+                             f"ids; config_index maps any rows, -1 for invalid ones") from None
 
     def completion_ids(self, index: int) -> list[int]:
         """Token ids of the answer for config `index` (three knob tokens and <eos>)."""
@@ -161,6 +173,7 @@ class FeatureBuckets:
                 raise ValueError(f"edges of {name} must be at most {n_buckets - 1} increasing finite numbers, got {e.tolist()}")
         self.n_buckets = n_buckets
         self.edges = edges
+        self._edge_lists = [e.tolist() for e in edges]  # for `buckets_one`
         width = max(1, max(len(e) for e in edges))
         self._padded = np.full((len(edges), width), np.inf)
         for f, e in enumerate(edges):
@@ -182,6 +195,14 @@ class FeatureBuckets:
         x = np.asarray(features, dtype=np.float64)
         x = x + _EDGE_TOLERANCE * np.maximum(1.0, np.abs(x))
         return (x[:, :, None] >= self._padded[None]).sum(axis=2)
+
+    def buckets_one(self, features: Sequence[float]) -> list[int]:
+        """`buckets` of one row of finite values (12 Python floats), in plain Python: the same float64
+        arithmetic and comparisons, each feature's bucket a bisection of its edges. A NumPy call costs about
+        a microsecond, and on one row the array path is nothing but such calls."""
+        # max(1, |x|) spelled as comparisons: the builtins' calls would double this function's time
+        return [bisect_right(edges, x + _EDGE_TOLERANCE * (x if x > 1.0 else (-x if x < -1.0 else 1.0)))
+                for x, edges in zip(features, self._edge_lists)]
 
     def to_json(self) -> dict:
         return {"n_buckets": self.n_buckets, "edges": [e.tolist() for e in self.edges]}
@@ -217,21 +238,19 @@ def prompt_ids(observations: Mapping[str, np.ndarray], buckets: FeatureBuckets, 
 
 def prompt_ids_one(observation: Mapping[str, Any], buckets: FeatureBuckets, vocabulary: Vocabulary) -> np.ndarray:
     """`prompt_ids` of one env observation ([1, PROMPT_LENGTH]), without building a batch of it: the same ids
-    (the same float32 features, bucketed alike) from a third of the NumPy calls (M3's batch-1 decision)."""
+    (the same float32 features, bucketed alike) from five NumPy calls (M3's batch-1 decision)."""
     family = int(observation["family"])
     if not 0 <= family < N_FAMILIES:
         raise _family_range_error([family])
-    fraction, budget, prompt, image = scaled_parts_one(observation)
-    features = np.concatenate([[fraction, budget], prompt, image])[None]
-    if not np.all(np.isfinite(features)):
+    features = scaled_vector_one(observation).tolist()
+    # float32 values summed as Python floats cannot overflow: the sum is finite exactly when every value is
+    if not math.isfinite(sum(features)):
         raise ValueError(_NON_FINITE)
-    # element by element: on one row, slice assignments would add 1 us to this function's 18 us (this CPU)
-    ids = np.empty((1, PROMPT_LENGTH), dtype=np.int64)
-    ids[0, 0] = vocabulary.bos_id
-    ids[0, 1] = vocabulary.family_ids[family]
-    ids[0, 2:-1] = vocabulary.feature_ids[_FEATURE_COLUMNS, buckets.buckets(features)[0]]
-    ids[0, -1] = vocabulary.answer_id
-    return ids
+    feature_ids = vocabulary.feature_id_lists
+    row = [vocabulary.bos_id, vocabulary.family_id_list[family]]
+    row += [feature_ids[f][b] for f, b in enumerate(buckets.buckets_one(features))]
+    row.append(vocabulary.answer_id)
+    return np.array([row], dtype=np.int64)
 
 
 def render_observations(observations: Mapping[str, np.ndarray], buckets: FeatureBuckets,

@@ -27,22 +27,26 @@ inside the kernel (clock stamps, H200), the rest is about 4 us a layer-0 head, 7
 For batch 1 the host work is one CUDA-graph replay: the prompt ids are written into pinned host
 memory, the kernel reads them from there and writes the three chosen token ids back into pinned memory
 (mapped into the device's address space; where Triton refuses such pointers the graph holds a copy in
-and a copy out instead); the host waits on the stream and reads them.
+and a copy out instead); the host polls them there as they land (up to `spin_s`, then it waits on the
+stream) and reads them.
 
 Arithmetic is float32. On cards with TF32 tensor cores (compute capability 8.0 and up) each product is
 "tf32x3": three TF32 tensor-core products of the operands' high and low parts, which keeps the error
 within a few float32 roundings (about 2^-21 relative, against 2^-24) and, on an H200, takes the graph
 replay from 0.172 to 0.107 ms (session 16's kernel; with the layer-0 tables and chunked MLPs the
-kernel's GPU time is 0.087-0.088 ms against 0.098, and a GRPO decision 0.120 ms against 0.133 in the
-same run). Older cards (and the interpreter) use IEEE float32 products. Either way logits agree with
-`NumpyDecoder` to float32-level rounding and decisions are equal but for near-ties (tested on the GPU
-against NumPy on trained and random models of several shapes and grids).
+kernel's GPU time is 0.086-0.088 ms against 0.098, and a GRPO decision 0.120 ms against 0.133 in the
+same run; with session 18's host path, 0.101 ms against 0.118 for the previous one). Older cards (and the
+interpreter) use IEEE float32 products. Either way logits agree with `NumpyDecoder` to float32-level rounding
+and decisions are equal but for near-ties (tested on the GPU against NumPy on trained and random models of
+several shapes and grids).
 
 RoPE needs rotate_half(q); it is computed as x @ Wr with Wr the projection's columns permuted and
 negated per head (the same products, no column shuffles in the kernel). The weights are copied to the
 device when the decoder is built: after the model's weights change (training), build a new one.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -65,6 +69,9 @@ NUM_WARPS = {"ieee": 8, "tf32x3": 4}
 # the default model: chunks of 32 0.087 ms; 64 0.092; 128 (whole) 0.092; 16 0.094 (without the mask and
 # RoPE-table changes: 32 0.089, whole 0.091).
 MLP_CHUNK = 32
+# How long a batch-1 decision polls its answer in pinned memory before it waits on the stream instead (a
+# decision takes about 0.1 ms on an H200; queued work ahead of it, or an error, is left to the stream).
+DEFAULT_SPIN_S = 1e-3
 
 
 def default_precision(device: str | torch.device) -> str:
@@ -317,7 +324,9 @@ class GPUDecoder:
     buffers are the decoder's own: decide from one thread at a time (a decoder per thread otherwise)."""
 
     def __init__(self, model, knob_ids, prompt_length: int, device: str | torch.device = "cuda",
-                 precision: str | None = None, zero_copy: bool | None = None):
+                 precision: str | None = None, zero_copy: bool | None = None, spin_s: float = DEFAULT_SPIN_S):
+        if isinstance(spin_s, bool) or not isinstance(spin_s, (int, float)) or not 0 <= spin_s <= 1:
+            raise ValueError(f"spin_s={spin_s!r} must be a number of seconds in [0, 1] (0: always wait on the stream)")
         if triton is None:
             raise RuntimeError("GPUDecoder needs triton (installed with CUDA builds of torch); use NumpyDecoder")
         device = torch.device(device)
@@ -330,6 +339,8 @@ class GPUDecoder:
         self.packed = PackedLM(model, knob_ids, prompt_length, device, precision)
         self.prompt_length = self.packed.prompt_length
         self.zero_copy = zero_copy  # batch 1: kernel on pinned host memory (None: where Triton accepts it)
+        self.spin_s = float(spin_s)
+        self._one_shape = (1, self.prompt_length)
         self._graph = None
 
     def _check(self, prompt_ids) -> np.ndarray:
@@ -340,6 +351,8 @@ class GPUDecoder:
 
     def decide(self, prompt_ids) -> np.ndarray:
         """int64 [B, 3]: the chosen crops, top_k and active_blocks token ids for each prompt row."""
+        if type(prompt_ids) is np.ndarray and prompt_ids.shape == self._one_shape and prompt_ids.dtype == np.int64:
+            return self._decide_one(prompt_ids)  # what prompt_ids_one gives: nothing to convert
         ids = self._check(prompt_ids)
         if ids.shape[0] == 1:
             return self._decide_one(ids)
@@ -352,15 +365,33 @@ class GPUDecoder:
     def _decide_one(self, ids: np.ndarray) -> np.ndarray:
         if self._graph is None:
             self._build_graph()
+        out = self._out_host_np
         np.copyto(self._ids_host_np, ids)
+        out[0, 0] = out[0, 1] = out[0, 2] = -1  # token ids are >= 0: -1 marks an answer not yet written
         if torch.cuda.current_device() == self.device.index:  # the common case: no device switch (0.02 ms on an H200 host)
             self._graph.replay()  # into the current stream
-            torch.cuda.current_stream().synchronize()
+            self._wait(out)
         else:
             with torch.cuda.device(self.device):
                 self._graph.replay()
-                torch.cuda.current_stream().synchronize()
-        return self._out_host_np.copy()
+                self._wait(out)
+        return out.copy()
+
+    def _wait(self, out: np.ndarray) -> None:
+        """Until the answer is in `out` (pinned): the host polls it for up to `spin_s`, then waits on the stream.
+
+        The kernel (or the graph's copy out) writes the three ids into pinned host memory, where the host sees
+        them as they land, before the kernel has exited and the stream has signalled completion. An error, or
+        work queued ahead of the decision in the stream, outlasts the polling: the stream's synchronize then
+        waits for it and raises what the device reports."""
+        if self.spin_s > 0:
+            deadline = time.perf_counter() + self.spin_s
+            while out[0, 0] < 0 or out[0, 1] < 0 or out[0, 2] < 0:
+                if time.perf_counter() > deadline:
+                    break
+            else:
+                return
+        torch.cuda.current_stream().synchronize()
 
     def _build_graph(self) -> None:
         with torch.cuda.device(self.device):

@@ -20,6 +20,7 @@ import torch
 import flexvlm_env  # noqa: F401  (registers the env ids)
 from agents.base import CONTROLLER_FILE, WEIGHTS_FILE, RandomController, as_batch, load_controller, stack_observations
 from agents.evaluation import decision_overhead_ms, evaluate
+from agents.features import observation_features
 from agents.lm import (
     EOS,
     FEATURE_TOKENS,
@@ -251,6 +252,36 @@ def test_batch_1_device_path_decides_as_the_batch_path(controller, heldout_batch
             controller.select_index(bad)
     finally:
         controller.gpu_decoder = None
+
+
+def test_prompt_ids_one_equals_the_batch_path_at_the_bucket_edges(train_pool):
+    """`prompt_ids_one` buckets in plain Python (bisection, float64 as the array path): on the observations the
+    buckets were fitted to, whose values include every edge itself, the same ids as `prompt_ids`; likewise
+    with every value nudged one float32 step down or up."""
+    observations = train_pool[0]
+    buckets = FeatureBuckets.fit(observations)
+    vocabulary = Vocabulary(n_buckets=buckets.n_buckets)
+    n = len(observations["family"])
+    for direction in (0.0, -np.inf, np.inf):
+        batch = dict(observations)
+        if direction:
+            for key in ("budget_fraction", "budget_ms", "prompt", "image"):
+                batch[key] = np.nextafter(observations[key], np.float32(direction)).astype(np.float32)
+        expected = prompt_ids(batch, buckets, vocabulary)
+        got = np.concatenate([prompt_ids_one({k: v[i] for k, v in batch.items()}, buckets, vocabulary) for i in range(n)])
+        np.testing.assert_array_equal(got, expected)
+    # the edges are observed values: each sits exactly on at least one observation's feature
+    features = observation_features(observations)[:, len(FAMILY_NAMES):]
+    assert all(np.isin(np.float32(e), features[:, f]).all() for f, e in enumerate(buckets.edges))
+
+
+def test_knob_config_index_of_every_triple_and_a_bad_one(controller):
+    vocabulary = controller.vocabulary
+    triples = np.stack(np.meshgrid(*vocabulary.knob_ids, indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_array_equal([vocabulary.knob_config_index(t) for t in triples], vocabulary.config_index(triples))
+    np.testing.assert_array_equal(vocabulary.config_index(triples), np.arange(len(triples)))
+    with pytest.raises(ValueError, match="knob_tokens=.*not a \\(crops, top_k, active_blocks\\) triple"):
+        vocabulary.knob_config_index(triples[0][::-1])
 
 
 def test_format_warm_start_teaches_the_format_only(train_pool, heldout_batch):

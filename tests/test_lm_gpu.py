@@ -40,6 +40,16 @@ def test_use_device_refuses_an_unknown_device(device):
     assert controller.gpu_decoder is None
 
 
+@pytest.mark.parametrize("spin_s", [-1e-3, 2.0, float("nan"), "1ms", True])
+def test_gpu_decoder_refuses_a_bad_spin(spin_s):
+    from agents.lm import PROMPT_LENGTH, Vocabulary, make_model
+    from agents.lm_gpu import GPUDecoder
+
+    vocabulary = Vocabulary()
+    with pytest.raises(ValueError, match=r"spin_s=.*seconds in \[0, 1\]"):
+        GPUDecoder(make_model(vocabulary), vocabulary.knob_ids, PROMPT_LENGTH, "cuda", spin_s=spin_s)
+
+
 def test_packed_model_shape_errors():
     pytest.importorskip("triton")
     from agents.lm import PROMPT_LENGTH, Vocabulary, make_model
@@ -168,5 +178,31 @@ def test_gpu_decisions_equal_numpy(kind):
                                         zero_copy=False)
     copies = np.array([controller.select_index({k: v[i] for k, v in observations.items()}) for i in range(len(expected))])
     assert controller.gpu_decoder.zero_copy is False and np.array_equal(copies, one_by_one)
+    # waiting on the stream alone (no polling of the pinned answer) decides the same
+    controller.gpu_decoder = GPUDecoder(controller.model, controller.vocabulary.knob_ids, PROMPT_LENGTH, "cuda", spin_s=0)
+    waited = np.array([controller.select_index({k: v[i] for k, v in observations.items()}) for i in range(len(expected))])
+    assert np.array_equal(waited, one_by_one)
     controller.use_device("cpu")
     assert np.array_equal(controller.select_indices(observations), expected)
+
+
+@pytest.mark.gpu
+@gpu
+def test_batch_1_decision_outlasting_its_polling_waits_on_the_stream():
+    """Work queued ahead of a decision in the stream (here a ~50 ms sleep kernel) outlasts the 0.1 ms of polling:
+    the decision then waits on the stream and returns its own answer, not the unwritten marker."""
+    from agents.base import load_controller
+    from agents.lm import PROMPT_LENGTH
+    from agents.lm_gpu import GPUDecoder
+
+    controller = load_controller(ROOT / "results/m3_controllers/grpo")
+    observations = heldout_observations(20)
+    singles = [{k: v[i] for k, v in observations.items()} for i in range(20)]
+    controller.use_device("cuda")
+    expected = [controller.select_index(single) for single in singles]
+    controller.gpu_decoder = GPUDecoder(controller.model, controller.vocabulary.knob_ids, PROMPT_LENGTH, "cuda", spin_s=1e-4)
+    got = []
+    for single in singles:
+        torch.cuda._sleep(100_000_000)  # GPU clock cycles
+        got.append(controller.select_index(single))
+    assert got == expected and len(set(expected)) >= 2

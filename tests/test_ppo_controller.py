@@ -142,6 +142,24 @@ def test_batch_1_decisions_equal_the_batch_path(maskable, guardrail, heldout_bat
         controller.select_index({"family": np.int64(0)})
 
 
+@pytest.mark.parametrize("maskable", [False, True])
+def test_batch_1_inputs_are_the_batch_inputs_bit_for_bit(maskable, guardrail, heldout_batch):
+    """The batch-1 input row (`scaled_vector_one` gathered with the family's one-hot row) is the batch path's
+    row, bit for bit, for every observation; a mis-shaped observation value is named."""
+    from agents.features import scaled_parts, scaled_vector_one
+
+    actor = random_controller(maskable, guardrail)._numpy_actor()
+    batch_inputs = actor.inputs(heldout_batch)
+    flat = np.concatenate(scaled_parts(heldout_batch), axis=1)
+    for i in range(len(batch_inputs)):
+        one = {key: value[i] for key, value in heldout_batch.items()}
+        np.testing.assert_array_equal(scaled_vector_one(one), flat[i], strict=True)
+        np.testing.assert_array_equal(actor.inputs_one(one), batch_inputs[i : i + 1], strict=True)
+    bad = dict(one, image=np.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"observation\['image'\] has shape \(5,\); one observation's has 6"):
+        scaled_vector_one(bad)
+
+
 def test_numpy_forward_reads_the_live_weights(guardrail, heldout_batch):
     """A controller built before or during training decides with the current weights."""
     controller = random_controller(True, guardrail)
