@@ -240,7 +240,7 @@ class PPOController(Controller):
         logits = forward(layers, actor.inputs_one(observation, scaled))[0]
         if self.maskable:
             fraction = float(scaled[0])  # the budget fraction rounded to float32, as the batch path rounds it
-            return int(np.where(self.guardrail.mask(int(observation["family"]), fraction), logits, -np.inf).argmax())
+            return self.guardrail.argmax_allowed(int(observation["family"]), fraction, logits)
         n0, n1, n2 = self._nvec
         return int((logits[:n0].argmax() * n1 + logits[n0:n0 + n1].argmax()) * n2 + logits[n0 + n1:].argmax())
 
