@@ -36,10 +36,10 @@ class LatencyGuardrail:
         # Families without profiles: predict the slowest family's latency (conservative).
         fallback = np.nanmax(predicted, axis=0)
         self.predicted_fraction = np.where(np.isnan(predicted), fallback[None], predicted)
-        self.predicted_fraction.setflags(write=False)  # fixed: `argmax_allowed` caches what it implies
+        self.predicted_fraction.setflags(write=False)  # fixed: `_prefix_mask` caches what it implies
         self.quantile = quantile
         self._fastest = np.argmin(self.predicted_fraction, axis=1)
-        self._sorted_fractions: list[list[float]] | None = None  # per family, ascending (`argmax_allowed`)
+        self._sorted_fractions: list[list[float]] | None = None  # per family, ascending (`_prefix_mask`)
         self._prefix_masks: np.ndarray | None = None  # float32 [F, C + 1, C]: 0 allowed, -inf not
 
     @classmethod
@@ -60,26 +60,28 @@ class LatencyGuardrail:
     def mask(self, family: str | int, budget_fraction: float) -> np.ndarray:
         """bool [C]: `masks` of one request (family name or index)."""
         index = FAMILY_NAMES.index(family) if isinstance(family, str) else int(family)
-        allowed = self.predicted_fraction[index] <= float(budget_fraction) + _BUDGET_TOLERANCE
-        if not allowed.any():
-            allowed[self._fastest[index]] = True
-        return allowed
+        return self._prefix_mask(index, budget_fraction) == 0
 
     def argmax_allowed(self, index: int, budget_fraction: float, logits: np.ndarray) -> int:
         """The configuration with the largest of `logits` [C] among those `mask(index, budget_fraction)` allows
-        (the first on ties, as `np.where(mask, logits, -inf).argmax()`): a masked policy's batch-1 decision.
+        (the first on ties, as `np.where(mask, logits, -inf).argmax()`): a masked policy's batch-1 decision, an
+        add and an argmax on the request's prefix mask (M3's decision time)."""
+        prefix = self._prefix_mask(index, budget_fraction)
+        best = int((logits + prefix).argmax())
+        if prefix[best] != 0:  # a NaN logit where the mask is -inf: decide as np.where(mask, ...) does
+            return int(np.where(prefix == 0, logits, -np.inf).argmax())
+        return best
 
-        A family's allowed configurations are those with the smallest predicted fractions, so the mask is one of
-        C + 1 per family, picked by bisecting the sorted fractions: an add and an argmax instead of the five
-        NumPy calls of building the mask (M3's decision time)."""
+    def _prefix_mask(self, index: int, budget_fraction: float) -> np.ndarray:
+        """float32 [C], 0 where allowed and -inf elsewhere: one request's mask. A family's allowed configurations
+        are those with the smallest predicted fractions, so its masks are C + 1 prefixes of its configurations
+        sorted by predicted fraction, built once; a bisection of the sorted fractions picks one (no fit, or a
+        NaN budget, which nothing fits: the prefix of none, holding the fastest configuration)."""
         if self._prefix_masks is None:
             self._build_prefix_masks()
-        count = bisect_right(self._sorted_fractions[index], float(budget_fraction) + _BUDGET_TOLERANCE)
-        prefix = self._prefix_masks[index, count]
-        best = int((logits + prefix).argmax())
-        if prefix[best] != 0:  # a NaN logit where the mask is -inf: decide as the mask path does
-            return int(np.where(self.mask(index, budget_fraction), logits, -np.inf).argmax())
-        return best
+        threshold = float(budget_fraction) + _BUDGET_TOLERANCE
+        count = bisect_right(self._sorted_fractions[index], threshold) if threshold == threshold else 0
+        return self._prefix_masks[index, count]
 
     def _build_prefix_masks(self) -> None:
         families, configs = self.predicted_fraction.shape
@@ -88,7 +90,7 @@ class LatencyGuardrail:
         np.put_along_axis(rank, order, np.arange(configs)[None].repeat(families, 0), axis=1)
         # row n of family f: its n configurations of smallest predicted fraction allowed
         masks = np.where(rank[:, None, :] < np.arange(configs + 1)[None, :, None], 0.0, -np.inf).astype(np.float32)
-        masks[np.arange(families), 0, self._fastest] = 0.0  # none fits: the fastest, as `mask` falls back
+        masks[np.arange(families), 0, self._fastest] = 0.0  # none fits: the fastest, as `masks` falls back
         self._sorted_fractions = np.take_along_axis(self.predicted_fraction, order, axis=1).tolist()
         self._prefix_masks = masks
 

@@ -126,9 +126,10 @@ def test_guardrail_never_empty_and_monotone_in_budget(profiles):
 
 
 def test_guardrail_argmax_allowed_equals_the_masked_argmax(profiles):
-    """The batch-1 masked argmax (a bisection picks a precomputed prefix mask) decides as the mask path, at
-    budgets on, just below and just above every family's predicted fractions (where the tolerance decides),
-    at budgets nothing fits, with tied logits (the first wins) and with a NaN logit outside the mask."""
+    """One request's mask (a bisection picks a precomputed prefix mask) and the batch-1 masked argmax on it
+    decide as the batch path (`masks`), at budgets on, just below and just above every family's predicted
+    fractions (where the tolerance decides), at budgets nothing fits (NaN included), with tied logits (the
+    first wins) and with a NaN logit outside the mask."""
     guardrail = LatencyGuardrail.from_profiles(profiles)
     rng = np.random.default_rng(0)
     n_configs = guardrail.predicted_fraction.shape[1]
@@ -136,17 +137,20 @@ def test_guardrail_argmax_allowed_equals_the_masked_argmax(profiles):
     for family in range(len(FAMILY_NAMES)):
         fractions = guardrail.predicted_fraction[family]
         budgets = np.concatenate([fractions, fractions - 1e-6, fractions - 2e-6, np.nextafter(fractions, 0), [0.0, 0.01, 3.0]])
-        for budget in rng.choice(budgets, 120, replace=False).tolist() + [0.0, 0.01, 3.0]:
+        for budget in rng.choice(budgets, 120, replace=False).tolist() + [0.0, 0.01, 3.0, float("nan")]:
+            reference = guardrail.masks([family], [budget])[0]
+            np.testing.assert_array_equal(guardrail.mask(family, budget), reference)
             logits = rng.normal(size=n_configs).astype(np.float32)
             logits[rng.choice(n_configs, 10)] = logits.max()  # ties for the largest
-            expected = int(np.where(guardrail.mask(family, budget), logits, -np.inf).argmax())
+            expected = int(np.where(reference, logits, -np.inf).argmax())
             assert guardrail.argmax_allowed(family, budget, logits) == expected, (family, budget)
             checked += 1
         logits = rng.normal(size=n_configs).astype(np.float32)
-        disallowed = np.flatnonzero(~guardrail.mask(family, 0.3))
-        logits[disallowed[0]] = np.nan
-        assert guardrail.argmax_allowed(family, 0.3, logits) == int(np.where(guardrail.mask(family, 0.3), logits, -np.inf).argmax())
-    assert checked == len(FAMILY_NAMES) * 123
+        reference = guardrail.masks([family], [0.3])[0]
+        logits[np.flatnonzero(~reference)[0]] = np.nan
+        assert guardrail.argmax_allowed(family, 0.3, logits) == int(np.where(reference, logits, -np.inf).argmax())
+    assert checked == len(FAMILY_NAMES) * 124
+    assert guardrail.mask(FAMILY_NAMES[2], 0.5).tolist() == guardrail.masks([2], [0.5])[0].tolist()  # by name
     with pytest.raises(ValueError, match="read-only"):
         guardrail.predicted_fraction[0, 0] = 0.0  # fixed after construction: the prefix masks stay valid
 
