@@ -5,11 +5,11 @@
 
 For every checkpoint: each of `--requests-per-family` procedural requests per family is prefilled at
 the full configuration on the CPU (float32, plain path), and every block's gate logits are recorded;
-the JSON holds, per block and averaged over blocks, the mean share of a token's router probability
-in its 1, 2, 4 and 8 heaviest experts, and the size of the attention and MoE updates against the
-residual stream (per block, and their medians over blocks) (`flexvlm_env.model.routing.router_mass`), with the device, versions and sizes. A
-share near 1 at k = 1 means top-1 computes nearly what top-8 does; a small MoE update means the
-experts carry little at any width.
+the JSON holds (`flexvlm_env.model.routing.router_mass`), per block and over blocks, the mean share
+of a token's router probability in its 1, 2, 4 and 8 heaviest experts and the size of the attention
+and MoE updates against the residual stream, with the device, versions and sizes. A share near 1 at
+k = 1 means top-1 computes nearly what top-8 does; a small MoE update means the experts carry
+little at any width.
 """
 from __future__ import annotations
 

@@ -43,13 +43,15 @@ def router_mass(vlm, samples: Sequence, config: Config | None = None, ks: Sequen
     blocks = vlm.module.transformer.blocks
     sums = np.zeros((len(blocks), len(ks)))
     counts = np.zeros(len(blocks), dtype=np.int64)
-    # Per block: summed per-token ||update|| / ||residual it is added to||, for attention and MoE.
+    # Per block: summed per-token ||update|| / ||residual it is added to||, for attention and MoE,
+    # each over the tokens its own hook saw (a fused decode step can skip some of the modules).
     update_sums = {"attn": np.zeros(len(blocks)), "moe": np.zeros(len(blocks))}
+    update_counts = {"attn": np.zeros(len(blocks), dtype=np.int64), "moe": np.zeros(len(blocks), dtype=np.int64)}
 
     def hook(index):
         def record(_module, _inputs, logits):
             probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
-            cumulative = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+            cumulative = probs.topk(ks[-1], dim=-1).values.cumsum(dim=-1)  # topk sorts, heaviest first
             sums[index] += cumulative[:, [k - 1 for k in ks]].sum(dim=0).double().cpu().numpy()
             counts[index] += probs.shape[0]
         return record
@@ -59,6 +61,7 @@ def router_mass(vlm, samples: Sequence, config: Config | None = None, ks: Sequen
             residual = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
             ratio = update.detach().float().reshape(residual.shape).norm(dim=-1) / residual.norm(dim=-1).clamp_min(1e-12)
             update_sums[kind][index] += float(ratio.sum())
+            update_counts[kind][index] += ratio.numel()
         return record
 
     handles = [block.mlp.gate.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
@@ -72,13 +75,13 @@ def router_mass(vlm, samples: Sequence, config: Config | None = None, ks: Sequen
     finally:
         for handle in handles:
             handle.remove()
-    ran = counts > 0
+    ran = (counts > 0) & (update_counts["attn"] > 0) & (update_counts["moe"] > 0)
     if not ran.any():
-        raise RuntimeError("no gate ran as a module: the model is on a fused path that reads the gate weights "
-                           "directly; load it with use_cuda_graphs=False, moe_impl='reference' (or on the CPU)")
+        raise RuntimeError("no block ran its gate, attention and MoE as modules: the model is on a fused path "
+                           "that reads their weights directly; run it on the CPU (as scripts/router_mass.py does)")
     per_block = {int(i): {"top_k_mass": (sums[i] / counts[i]).tolist(), "tokens": int(counts[i]),
-                          "attn_update_ratio": float(update_sums["attn"][i] / counts[i]),
-                          "moe_update_ratio": float(update_sums["moe"][i] / counts[i])}
+                          "attn_update_ratio": float(update_sums["attn"][i] / update_counts["attn"][i]),
+                          "moe_update_ratio": float(update_sums["moe"][i] / update_counts["moe"][i])}
                  for i in np.flatnonzero(ran)}
     mean = np.mean([v["top_k_mass"] for v in per_block.values()], axis=0)
     return {"ks": ks, "tokens": int(counts.max()), "per_block": per_block, "mean_top_k_mass": mean.tolist(),
