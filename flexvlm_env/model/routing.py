@@ -14,12 +14,14 @@ cost much.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..config import Config
+from .moe_kernels import moe_reference
 
 
 def router_mass(vlm, samples: Sequence, config: Config | None = None, ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
@@ -89,3 +91,91 @@ def router_mass(vlm, samples: Sequence, config: Config | None = None, ks: Sequen
             # several times its input (about 3x for attention in micro) and would dominate a mean.
             "median_attn_update_ratio": float(np.median([v["attn_update_ratio"] for v in per_block.values()])),
             "median_moe_update_ratio": float(np.median([v["moe_update_ratio"] for v in per_block.values()]))}
+
+
+SUBSTITUTION_HELP = ("'top<k>' (the k heaviest experts at their weights, k <= the config's top_k), 'rank<r>' (only the "
+                     "r-th heaviest, at the heaviest's weight), 'random' (one expert drawn per token, at the heaviest's "
+                     "weight) or 'zero' (no MoE update)")
+
+
+def _parse_substitution(name: str, top_k: int, n_experts: int) -> tuple[str, int]:
+    match = re.fullmatch(r"(top|rank)(\d+)|random|zero", name)
+    if match is None:
+        raise ValueError(f"substitution {name!r} is not known; allowed: {SUBSTITUTION_HELP}")
+    kind, number = (match.group(1), int(match.group(2))) if match.group(1) else (name, 0)
+    if kind == "top" and not 1 <= number <= top_k:
+        raise ValueError(f"substitution {name!r}: k must be in 1..{top_k} (the config's top_k)")
+    if kind == "rank" and not 1 <= number <= n_experts:
+        raise ValueError(f"substitution {name!r}: r must be in 1..{n_experts} (the model's experts)")
+    return kind, number
+
+
+def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: Sequence[str],
+                        seed: int = 0, batch_size: int = 64) -> dict:
+    """Task quality of `samples` at `config` when every active block's routed MoE update is replaced.
+
+    The router mass says how the probability is spread; this says which experts the answers need.
+    Each substitution recomputes, in every block and at every prefill and decode step, the MoE
+    update from the block's own router and experts (`moe_reference`), keeping only some of them:
+    `top<k>` keeps the k heaviest at their weights (`top<config.top_k>` is the model itself),
+    `rank<r>` only the r-th heaviest at the heaviest's weight (`rank1` is `top1`), `random` one
+    expert drawn per token at the heaviest's weight, `zero` none. If `rank2` or `random` answer as
+    badly as `zero` while `top1` answers nearly as well as the model, the heaviest expert does the
+    work and top_k barely matters; if `top1` falls toward `zero`, the other experts carry a share.
+
+    `vlm` must be on its plain path: the CPU, or CUDA loaded with `use_cuda_graphs=False,
+    moe_impl="reference"` (a fused decode step reads the expert weights without running the module). Returns `{"config", "requests", "families", "substitutions": {name: {"mean",
+    "per_family", "scores"}}}`, scores per request in `samples` order.
+    """
+    from ..evaluation import QualityEvaluator  # evaluation imports the runtime, which imports this package
+
+    args = vlm.args
+    parsed = {name: _parse_substitution(name, config.top_k, args.n_experts) for name in substitutions}
+    if not parsed:
+        raise ValueError("substitutions is empty: name at least one of " + SUBSTITUTION_HELP)
+    if not samples:
+        raise ValueError("samples is empty: the substitution needs at least one request")
+    if getattr(vlm, "fused_decode", False) or getattr(vlm, "use_cuda_graphs", False):
+        raise ValueError("vlm is on its fast CUDA path, whose decode steps read the expert weights without running "
+                         "the MoE module; load it with use_cuda_graphs=False, moe_impl='reference'")
+    blocks = vlm.module.transformer.blocks
+    active = {"kind": None, "number": 0, "calls": 0}
+    generator = torch.Generator().manual_seed(seed)
+
+    def substitute(module, inputs, output):
+        if active["kind"] is None:
+            return output
+        active["calls"] += 1
+        x = inputs[0]
+        h = module.ff_norm(x).reshape(-1, x.shape[-1])
+        kind, number = active["kind"], active["number"]
+        if kind == "zero":
+            return torch.zeros_like(output)
+        weights, ids = module.route(h, max(number, 1) if kind == "rank" else (number if kind == "top" else 1))
+        if kind == "rank":
+            ids, weights = ids[:, number - 1:number], weights[:, :1]
+        elif kind == "random":
+            drawn = torch.randint(0, args.n_experts, (h.shape[0], 1), generator=generator)
+            ids = drawn.to(ids.device)
+        update = moe_reference(h, ids, weights.to(h.dtype), module.w_gate_up, module.w_down)
+        return update.view_as(output)
+
+    evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size)
+    families = [s.family for s in samples]
+    handles = [block.mlp.register_forward_hook(substitute) for block in blocks]
+    results = {}
+    try:
+        for name, (kind, number) in parsed.items():
+            active.update(kind=kind, number=number, calls=0)
+            scores = np.asarray(evaluator.scores(config), dtype=float)
+            if active["calls"] == 0:
+                raise RuntimeError("no MoE module ran as a module: the model is on a fused path that reads the "
+                                   "expert weights directly; load it with use_cuda_graphs=False, moe_impl='reference'")
+            results[name] = {"mean": float(scores.mean()),
+                             "per_family": {f: float(scores[[g == f for g in families]].mean()) for f in dict.fromkeys(families)},
+                             "scores": scores.tolist()}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"config": [config.crops, config.top_k, config.active_blocks], "requests": len(samples),
+            "families": list(dict.fromkeys(families)), "substitutions": results}
