@@ -124,7 +124,8 @@ def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: S
     work and top_k barely matters; if `top1` falls toward `zero`, the other experts carry a share.
 
     `vlm` must be on its plain path: the CPU, or CUDA loaded with `use_cuda_graphs=False,
-    moe_impl="reference"` (a fused decode step reads the expert weights without running the module). Returns `{"config", "requests", "families", "substitutions": {name: {"mean",
+    moe_impl="reference"` (a fused decode step reads the expert weights without running the
+    module). Returns `{"config", "requests", "families", "substitutions": {name: {"mean",
     "per_family", "scores"}}}`, scores per request in `samples` order.
     """
     from ..evaluation import QualityEvaluator  # evaluation imports the runtime, which imports this package
@@ -151,7 +152,7 @@ def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: S
         kind, number = active["kind"], active["number"]
         if kind == "zero":
             return torch.zeros_like(output)
-        weights, ids = module.route(h, max(number, 1) if kind == "rank" else (number if kind == "top" else 1))
+        weights, ids = module.route(h, number if kind in ("top", "rank") else 1)  # heaviest first
         if kind == "rank":
             ids, weights = ids[:, number - 1:number], weights[:, :1]
         elif kind == "random":
