@@ -31,6 +31,7 @@ Stop and checkpoint decisions are taken at log steps (where the host reads the d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -124,6 +125,10 @@ class Args:
     families' text is only 8-14 px tall at 12 crops and reading stayed near chance; 224 doubles it
     at about 6x the vision tokens
     (README, the micro model; scripts/reading_probe.py)"""
+    expert_hidden: int = 16
+    """hidden units of each of the 64 experts (the shipped micro: 16, an eighth of d_model 128;
+    MolmoE-1B's experts are half its d_model). Other sizes are for ablations of the width knob:
+    at 64 the weights are about 55 MB in bf16, beyond what the package ships"""
     device: str = "auto"
     """cuda, cpu or auto"""
     num_workers: int = -1
@@ -153,6 +158,8 @@ class Args:
 
     def __post_init__(self) -> None:
         micro = micro_args(self.crop_px)  # a bad crop size fails here, naming --crop-px
+        if self.expert_hidden < 1:
+            raise ValueError(f"--expert-hidden={self.expert_hidden} must be >= 1 (the shipped micro has {micro.expert_hidden})")
         if not 0 <= self.focus_steps <= self.total_steps:
             raise ValueError(f"--focus-steps={self.focus_steps} must be in 0..--total-steps={self.total_steps}")
         for name in ("family_weights", "focus_weights"):
@@ -253,7 +260,7 @@ def main(args: Args) -> None:
     started = time.perf_counter()
     rank, world, device = setup_processes(args.device, args.batch_size)
     torch.manual_seed(args.seed)
-    model_args = micro_args(args.crop_px)
+    model_args = dataclasses.replace(micro_args(args.crop_px), expert_hidden=args.expert_hidden)
     tokenizer = TextTokenizer.from_file(assets_dir("micro"))
     module = MolmoE(model_args).to(device)
     init_for_training_(module, args.seed)
@@ -280,7 +287,7 @@ def main(args: Args) -> None:
         saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
                       **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
         for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "top_k_choices", "min_blocks", "family_weights",
-                    "crop_px", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
+                    "crop_px", "expert_hidden", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
                                  f"resuming must keep the data stream and the model (use a new --run-dir to change it)")

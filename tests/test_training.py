@@ -462,3 +462,28 @@ def test_compiled_loss_equals_eager(micro_tokenizer):
         # another order and agrees to ~2e-4 through 22 layers.
         for name in eager:
             torch.testing.assert_close(other[name], eager[name], rtol=0, atol=1e-3 * scale, msg=name)
+
+
+def test_train_script_expert_hidden_changes_the_experts_only(tmp_path):
+    """--expert-hidden (an ablation of the width knob) trains and exports experts of that size, and the
+    export loads through load_model like the shipped weights; a bad size is refused by name."""
+    import dataclasses
+
+    script = load_script("train_micro")
+    with pytest.raises(ValueError, match="--expert-hidden=0 must be >= 1"):
+        script.Args(expert_hidden=0)
+    args = script.Args(run_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), total_steps=1, batch_size=2,
+                       device="cpu", num_workers=0, seed=7, expert_hidden=32, finalize=False)
+    script.main(args)
+    model_args = dataclasses.replace(MICRO, expert_hidden=32)
+    trained = MolmoE(model_args)
+    load_training_state(tmp_path / "run" / "checkpoint", trained, None)
+    # The export itself (the block ranking it would measure first is 17 full evaluations: left out here).
+    script.export(trained, args, {"ranking": list(range(16)), "requests": 0}, {"step": 1}, model_args)
+    vlm = load_model("micro", weights=str(tmp_path / "export" / "model.safetensors"), device="cpu", dtype="float32")
+    assert vlm.args.expert_hidden == 32 and vlm.args.d_model == MICRO.d_model
+    mlp = vlm.module.transformer.blocks[0].mlp
+    assert tuple(mlp.w_gate_up.shape) == (64, 64, 128) and tuple(mlp.w_down.shape) == (64, 128, 32)
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["training"]["args"]["expert_hidden"] == 32
+    with pytest.raises(ValueError, match="--expert-hidden=16 differs from the checkpoint's 32"):
+        script.main(dataclasses.replace(args, expert_hidden=16, total_steps=2))
