@@ -8,9 +8,11 @@ experts carry a real share. `router_mass` records the gate of every block while 
 real requests at one configuration and reports, per block and over all blocks, the mean (over
 tokens) of the mass in the k heaviest experts, for each k asked for. Since the kept weights scale
 the experts' outputs, it also reports how large each block's MoE update is against the residual
-stream it is added to (and the attention update's, for scale): a small router mass and a small
-MoE update mean the experts carry little of what the model computes, and no width setting can
-cost much.
+stream it is added to (and the attention update's, for scale).
+
+Neither says which experts the answers need: a small update can still be indispensable.
+`expert_substitution` measures that directly, as task quality with each block's MoE update rebuilt
+from some of its routed experts only (the heaviest, the r-th heaviest, a random one, none).
 """
 from __future__ import annotations
 
@@ -147,11 +149,13 @@ def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: S
         if active["kind"] is None:
             return output
         active["calls"] += 1
-        x = inputs[0]
-        h = module.ff_norm(x).reshape(-1, x.shape[-1])
         kind, number = active["kind"], active["number"]
         if kind == "zero":
             return torch.zeros_like(output)
+        # The module's own forward has already run and its output is discarded: twice the MoE work,
+        # but the model's forward stays untouched (a diagnostic, not a serving path).
+        x = inputs[0]
+        h = module.ff_norm(x).reshape(-1, x.shape[-1])
         weights, ids = module.route(h, number if kind in ("top", "rank") else 1)  # heaviest first
         if kind == "rank":
             ids, weights = ids[:, number - 1:number], weights[:, :1]
@@ -162,7 +166,8 @@ def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: S
         return update.view_as(output)
 
     evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size)
-    families = [s.family for s in samples]
+    families = np.array([s.family for s in samples])
+    names = list(dict.fromkeys(families.tolist()))  # in order of first appearance
     handles = [block.mlp.register_forward_hook(substitute) for block in blocks]
     results = {}
     try:
@@ -173,10 +178,10 @@ def expert_substitution(vlm, samples: Sequence, config: Config, substitutions: S
                 raise RuntimeError("no MoE module ran as a module: the model is on a fused path that reads the "
                                    "expert weights directly; load it with use_cuda_graphs=False, moe_impl='reference'")
             results[name] = {"mean": float(scores.mean()),
-                             "per_family": {f: float(scores[[g == f for g in families]].mean()) for f in dict.fromkeys(families)},
+                             "per_family": {f: float(scores[families == f].mean()) for f in names},
                              "scores": scores.tolist()}
     finally:
         for handle in handles:
             handle.remove()
     return {"config": [config.crops, config.top_k, config.active_blocks], "requests": len(samples),
-            "families": list(dict.fromkeys(families)), "substitutions": results}
+            "families": names, "substitutions": results}
