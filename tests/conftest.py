@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,23 @@ def make_tiny_vlm(seed: int = 0, **kwargs) -> VLM:
     return VLM(module, tokenizer, random_weights=True, **kwargs)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`), split the cores between the workers: torch and the scripts
+    the tests start (OMP_NUM_THREADS is inherited) would otherwise each run one thread per core,
+    two workers of two threads on two cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+def cpu_threads(preferred: int = 2) -> int:
+    """Threads for a CPU model fixture: `preferred`, or fewer where pytest_configure gave this
+    process fewer."""
+    return min(preferred, torch.get_num_threads())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _sb3_logdir(tmp_path_factory):
     """Tests that call SB3's learn() directly get its default log folder under pytest's tmp dir,
@@ -54,7 +72,7 @@ def _sb3_logdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vlm() -> VLM:
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     return make_tiny_vlm()
 
 

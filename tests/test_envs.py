@@ -35,6 +35,7 @@ from flexvlm_env.envs.wrappers import (
     EpisodeRecorder,
 )
 from flexvlm_env.model.runtime import load_model
+from conftest import cpu_threads
 
 LIVE_FAMILIES = ("tally_qa", "okvqa")
 LIVE_FULL_MS = {"tally_qa": 60.0, "okvqa": 50.0}
@@ -47,7 +48,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def micro():
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     return load_model("micro", device="cpu")
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from flexvlm_env import Config, load_model
 from flexvlm_env.model.generate import embed_inputs
+from conftest import cpu_threads
 
 ROOT = Path(os.environ.get("FLEXVLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 FIXTURE = ROOT / "molmoe_tiny_reference"
@@ -36,7 +37,7 @@ def manifest() -> dict:
 
 @lru_cache(maxsize=1)
 def vlm():
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     return load_model("molmoe-1b", weights=FIXTURE, device="cpu", dtype="float32")
 
 

@@ -34,7 +34,7 @@ from flexvlm_env.profiles.tables import (
 )
 from flexvlm_env.profiles.tokens import TokenCounter
 from flexvlm_env.tasks import load_samples
-from conftest import load_script
+from conftest import cpu_threads, load_script
 
 GRID = KnobGrid(crops=(1, 4), top_k=(1, 8), active_blocks=(8, 16))
 FAMILIES = ("tally_qa", "doc_qa")
@@ -47,7 +47,7 @@ PER_FAMILY = 2
 
 @pytest.fixture(scope="module")
 def micro():
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     return flexvlm_env.load_model("micro")
 
 
