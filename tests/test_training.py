@@ -3,6 +3,7 @@ runtime, knob draws, the data stream, resumable state, the train script's resume
 shipped micro weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -467,8 +468,6 @@ def test_compiled_loss_equals_eager(micro_tokenizer):
 def test_train_script_expert_hidden_changes_the_experts_only(tmp_path):
     """--expert-hidden (an ablation of the width knob) trains and exports experts of that size, and the
     export loads through load_model like the shipped weights; a bad size is refused by name."""
-    import dataclasses
-
     script = load_script("train_micro")
     with pytest.raises(ValueError, match="--expert-hidden=0 must be >= 1"):
         script.Args(expert_hidden=0)
