@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -22,6 +23,7 @@ from flexvlm_env.config import Config, KnobGrid
 from flexvlm_env.features import IMAGE_FEATURES, PROMPT_FEATURES, request_features
 from flexvlm_env.metrics import score
 from flexvlm_env.profiles import cli, loading, sweeps
+from flexvlm_env.tasks.families import FAMILIES as ALL_FAMILIES
 from flexvlm_env.profiles.compose import PREFILL_BUCKET, StageModel, error_summary
 from flexvlm_env.profiles.replay import STAGE_COLUMNS
 from flexvlm_env.profiles.tables import (
@@ -317,6 +319,25 @@ def test_profile_requests_shards_are_disjoint_and_cover_the_pool(micro, pool_sam
     assert parts[0] | parts[1] == _expected_request_keys(pool_samples, configs, repeats=2, repeat_fraction=0.5)
     merged = read_table(consolidate([tmp_path / "shard-0", tmp_path / "shard-1"], tmp_path / "merged.parquet"))
     assert set(_keys(merged, sweeps.REQUEST_KEY)) == parts[0] | parts[1]
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_request_shards_time_equally_many_runs(count):
+    """The shipped pool (9 families x 200, every 10th request of a family timed 5 times): each GPU's
+    shard gets the same share of the repeated requests, so the shards time about equally many runs
+    (dealing the pool as a whole gives shard 0 of 2 1.8x shard 1's)."""
+    samples = [SimpleNamespace(request_id=f"{f}-{i}", family=f) for f in ALL_FAMILIES for i in range(200)]
+    counts = sweeps.repeat_counts(samples, 5, 0.1)
+    shards = [sweeps.request_shard(samples, counts, (index, count)) for index in range(count)]
+    ids = [[s.request_id for s in shard] for shard in shards]
+    assert sorted(sum(ids, [])) == sorted(s.request_id for s in samples)  # disjoint and covering
+    assert all(x == sorted(x, key=[s.request_id for s in samples].index) for x in ids)  # pool order kept
+    runs = [sum(counts[r] for r in x) for x in ids]
+    assert max(runs) - min(runs) <= 5 + 1
+    if count == 2:  # per config: 180 x 5 + 1620 x 1 = 2520 runs, 1260 each
+        assert runs == [1260, 1260]
+        whole_pool = [sum(counts[s.request_id] for s in sweeps.shard_of(samples, (i, 2))) for i in range(2)]
+        assert whole_pool == [1620, 900]
 
 
 @pytest.fixture(scope="module")

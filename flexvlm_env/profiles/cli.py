@@ -205,7 +205,8 @@ def run(cmd) -> dict:
         shard = cmd.shard_tuple()
         protocol = sweeps.grid_protocol(grid, pool=pool, repeats=cmd.repeats, repeat_fraction=cmd.repeat_fraction,
                                         warmup="one untimed request per (config, prefill bucket)", estimator="median",
-                                        shard=list(shard))
+                                        shard=list(shard),
+                                        **({"shard_assignment": sweeps.REQUEST_SHARD_ASSIGNMENT} if shard != (0, 1) else {}))
         table = ShardedTable(cmd.out, sweeps.REQUEST_KEY, sweeps.table_metadata(vlm, "requests", protocol))
         n = sweeps.profile_requests(vlm, samples, grid.configs(), table, repeats=cmd.repeats,
                                     repeat_fraction=cmd.repeat_fraction, shard=shard, deadline_s=deadline,
@@ -237,11 +238,11 @@ def run(cmd) -> dict:
 
 
 def _expected_rows(cmd, samples, grid, table) -> int:
-    from .sweeps import repeat_counts, shard_of
+    from .sweeps import repeat_counts, request_shard, shard_of
 
     if isinstance(cmd, Requests):
         counts = repeat_counts(samples, cmd.repeats, cmd.repeat_fraction)
-        return sum(counts[s.request_id] for s in shard_of(samples, cmd.shard_tuple())) * len(grid)
+        return sum(counts[s.request_id] for s in request_shard(samples, counts, cmd.shard_tuple())) * len(grid)
     if isinstance(cmd, Quality):
         return len(shard_of(samples, cmd.shard_tuple())) * len(grid)
     pairs = table.metadata["protocol"]["pairs"]

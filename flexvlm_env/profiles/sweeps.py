@@ -117,6 +117,21 @@ def shard_of(samples: Sequence[Sample], shard: tuple[int, int]) -> list[Sample]:
     return [s for k, s in enumerate(samples) if k % count == index]
 
 
+def request_shard(samples: Sequence[Sample], n_repeats: dict[str, int], shard: tuple[int, int]) -> list[Sample]:
+    """Requests of shard (index, count) for a request sweep: the repeated requests and the others
+    are each dealt out like `shard_of`, so every shard times about as many runs. Dealing the pool
+    as a whole would put every repeated request on the even shards (they are every 10th request of
+    each family): with 2 GPUs, shard 0 would time 1.8x shard 1's runs."""
+    repeated = {s.request_id for s in shard_of([s for s in samples if n_repeats[s.request_id] > 1], shard)}
+    single = {s.request_id for s in shard_of([s for s in samples if n_repeats[s.request_id] == 1], shard)}
+    return [s for s in samples if s.request_id in repeated or s.request_id in single]  # pool order
+
+
+# What the protocol of a sharded request table records: a table started with the older whole-pool
+# dealing has no such entry, so resuming it with this code is refused rather than mixed.
+REQUEST_SHARD_ASSIGNMENT = "repeated and single requests dealt out separately"
+
+
 def profile_requests(
     vlm: VLM,
     samples: Sequence[Sample],
@@ -133,7 +148,7 @@ def profile_requests(
     """Time every (request, config) of `shard` of `samples` (`repeat_counts` says how often);
     see module docstring. Returns the rows written by this call."""
     n_repeats = repeat_counts(samples, repeats, repeat_fraction)
-    samples = shard_of(samples, shard)
+    samples = request_shard(samples, n_repeats, shard)
     # Prefill bucket of each (request, crops), for the untimed warm-up of each config.
     counter = TokenCounter.for_model(vlm)
     buckets: dict[tuple[str, int], int] = {}
