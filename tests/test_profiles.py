@@ -823,7 +823,7 @@ def test_shipped_measured_micro_table(replay_micro):
     assert measured.total_ms.shape == (1800, 140) and (measured.total_ms > 0).all()
     np.testing.assert_array_equal(measured.quality, replay_micro.quality)
     # measured and composed micro latency agree in the bulk (results/replay_latency_measured_vs_composed_micro_h200.json:
-    # composed is 1.17x the measured median, most of it host preprocessing, 2.25 vs 1.34 ms; two H200 hosts)
+    # composed is 1.20x the measured median, most of it host preprocessing, 1.82 vs 1.07 ms; two H200 hosts)
     ratio = replay_micro.total_ms / measured.total_ms
     assert 0.85 < np.median(ratio) < 1.25
     env = gym.make("FlexVLMReplay-v0", latency="micro-h200-measured", episode_length=4)

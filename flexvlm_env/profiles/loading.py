@@ -17,7 +17,8 @@ to the first token at 12 crops than the H100 table's engine did on that card) an
 micro model itself on an H200), all compositions of stage
 tables validated against end-to-end runs (`results/replay_latency_validation*.json`); and
 `micro-h200-measured`, every (request, config) timed once on an H200 plus repeats of a 10% subset
-(`flexvlm-profile requests`; `micro_h200_requests.parquet`, shipped once measured).
+(`flexvlm-profile requests`; `micro_h200_requests.parquet`). Both micro H200 tables were recorded with
+the current engine (2026-11-30); `data.metadata` names the code version of every table.
 """
 from __future__ import annotations
 
