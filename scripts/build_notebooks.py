@@ -134,8 +134,9 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
             Section("e2", "E2 - knob coupling and Pareto structure",
                     "Fixing one knob and taking the frontier over the other two moves that frontier by up to 7 "
                     "quality points at equal latency on QA (crops 1 vs 12, micro H200); re-measured on a held-out half "
-                    "of the requests the case chosen on the other half (crops 1 vs 4) keeps 4 points, under the 5-point bar. The shipped micro captions "
-                    "nearly every request right at every configuration, so captioning frontiers no longer differ.",
+                    "of the requests the case chosen on the other half (crops 1 vs 4) keeps 4 points, under the "
+                    "5-point bar. The shipped micro captions nearly every request right at every configuration, so "
+                    "captioning frontiers no longer differ.",
                     "h = s['headline']\n"
                     "print('bar met:', h['bar_met'], '| cases over 5 points on the held-out half:', h['n_cases_heldout_over_bar'])\n"
                     "print('largest held-out gap:', round(h['largest_heldout_gap_points'], 1), 'points', {k: h['largest_heldout_gap_case'][k] for k in ('workload', 'latency_source', 'fixed_knob', 'fixed_a', 'fixed_b')})\n"
@@ -160,8 +161,8 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "On MolmoE-1B H100 latency the MaskablePPO controller (FlexVLM, trained on budgets of 0.35-1.5 x "
                     "the full latency) keeps more quality than greedy at fractions 0.5 and 0.35 with as few violations, "
                     "and its P95 stays within budget at fractions >= 0.5; single-knob baselines either keep quality by "
-                    "missing most budgets or lose it. On micro's H200 latency (re-recorded with the current engine) the fastest "
-                    "configuration takes a median 0.55 of the full latency, so budgets of 0.35 and most of 0.5 cannot "
+                    "missing most budgets or lose it. On micro's H200 latency (re-recorded with the current engine) "
+                    "the fastest configuration takes a median 0.55 of the full latency, so budgets of 0.35 and most of 0.5 cannot "
                     "be met by anything. Live on the H200 the same (request, configuration) pairs run about 1.01x the "
                     "recorded latency (0.74x with the table the older engine recorded), and live violations differ "
                     "from replay's by 0.07 on average (0.19 before).",

@@ -151,8 +151,8 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
       NVIDIA H200 with the current engine (1.9% median, 5.3% P95 error);
     - `latency="micro-h200"` instead replays the micro model itself on an H200 (same method;
       5.5% median, 15.6% P95 error on the host it was measured on: micro's ~4 ms requests are
-      mostly host work, which varies between runs and machines); `latency="micro-h200-measured"` replays every (request,
-      configuration) as timed end to end on an H200, with no composition.
+      mostly host work, which varies between runs and machines); `latency="micro-h200-measured"`
+      replays every (request, configuration) as timed end to end on an H200, with no composition.
 
     Each step multiplies that median by exp of one recorded residual log(repeat / median) of the
     configuration, drawn with the env's RNG. `data.metadata` names the device, driver, torch,
