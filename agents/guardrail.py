@@ -46,6 +46,15 @@ class LatencyGuardrail:
     def from_profiles(cls, profiles: ProfileTables, quantile: float = DEFAULT_LATENCY_QUANTILE) -> LatencyGuardrail:
         return cls(profiles.family_latency_fraction(quantile), quantile)
 
+    def rescaled(self, factor: np.ndarray) -> LatencyGuardrail:
+        """This guardrail with its predicted fractions times `factor` ([F, C] per family and
+        configuration, or [C]; a serving host's `flexvlm_env.latency.retime.host_factors`): what
+        `from_profiles` gives on the profiles with their latencies scaled the same way, since a
+        quantile scales with its samples."""
+        from flexvlm_env.latency.retime import check_factors
+
+        return LatencyGuardrail(self.predicted_fraction * check_factors(factor, *self.predicted_fraction.shape), self.quantile)
+
     def masks(self, family: np.ndarray, budget_fraction: np.ndarray) -> np.ndarray:
         """bool [B, C]: allowed configurations for a batch of (family index, budget fraction)."""
         family = np.asarray(family, dtype=np.int64).reshape(-1)

@@ -13,7 +13,7 @@ hold, which is these methods' sample cost in E5.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -80,6 +80,18 @@ class ProfileTables:
             reference_ms=self.reference_ms[rows], prompt_features=self.prompt_features[rows],
             image_features=self.image_features[rows], metadata=self.metadata,
         )
+
+    def retimed(self, factor: np.ndarray, residual: np.ndarray | None = None) -> ProfileTables:
+        """These tables as a serving host sees them (`flexvlm_env.latency.retime`): every latency of
+        a request of family f at configuration c times `factor[f, c]` (or `factor[c]`), so that over
+        the unchanged budget references they are the host's fractions, and, if given, the host's
+        `residual` [C, M] in place of the recorded residuals. Quality is unchanged."""
+        from flexvlm_env.latency.retime import check_factors, check_residuals
+
+        factor = check_factors(factor, len(FAMILY_NAMES), len(self.grid))
+        noise = self.noise_factor if residual is None else check_residuals(residual, len(self.grid))
+        return replace(self, latency_ms=self.latency_ms * factor[self.family_index], noise_factor=noise,
+                       metadata={**self.metadata, "retimed": True})
 
     def observations(self, budget_fraction: float) -> dict[str, np.ndarray]:
         """The batch of observations the env shows for every request at `budget_fraction`."""

@@ -1,7 +1,7 @@
 """E4: end-to-end system evaluation of FlexVLM's controller against the baselines (EXPERIMENTS.md E4).
 
     python scripts/e4_system_eval.py                      # replay, both latency sources (CPU, ~2 min)
-    python scripts/e4_system_eval.py --live --device cuda --out-dir "$OUT/e4" --time-limit-s 230   # GPU
+    python scripts/e4_system_eval.py --live --device cuda --out-dir "$OUT/e4" --time-limit-s 420   # GPU
     python scripts/e4_system_eval.py --live-records PATH/e4_live_records.json   # replay + live analysis
 
 Replay mode: for each latency source (`--sources`: molmoe-1b H100 and micro H100 measured) it
@@ -14,9 +14,12 @@ against the true budget) for the bar's "at equal or lower violation rate" compar
 Live mode (`--live`): loads the controllers of the micro H100 replay source, builds `FlexVLM-v0`
 (micro on `--device`; budgets = fractions of the full latency it calibrates on that device) and
 serves the first `--live-per-family` held-out requests of each family x fractions x methods, request
-by request until `--time-limit-s` (counted from the start, setup included); steps that captured a CUDA graph are executed again. Writes only
-`--out-dir/e4_live_records.json`; a replay-mode run with `--live-records` adds the live metrics and
-the live-minus-replay differences on the same requests.
+by request until `--time-limit-s` (counted from the start, setup included); steps that captured a CUDA graph are executed again.
+With `--retime-per-family N` (default 3) FlexVLM, the LUT and greedy are also served re-timed on
+that host (`agents.retime`, from N train-half requests per family timed at every configuration
+before serving), as methods `<method>+retimed`. Writes only `--out-dir/e4_live_records.json`; a
+replay-mode run with `--live-records` adds the live metrics, the live-minus-replay differences on
+the same requests and the re-timed methods against the same methods as trained.
 
 Writes (replay mode) to `--out-dir` (default results/): `e4_summary.json` (headline numbers, bars,
 metrics per source/method/fraction, operating curves, live comparison), `e4_records_replay.parquet`
@@ -79,6 +82,12 @@ class Args:
     """live mode: held-out requests per family (x fractions x methods)"""
     calibration_requests: int = 10
     """live mode: full-configuration requests per family the env's budgets are calibrated on"""
+    retime_per_family: int = 3
+    """live mode: also serve FlexVLM, the LUT and greedy re-timed on this host (`agents.retime`), as
+    methods `<method>+retimed`, from this many train-half requests per family timed at every
+    configuration after the warm-up (0: no re-timed methods)"""
+    retime_repeats: int = 3
+    """live mode: timed passes over the re-timing requests (after one untimed pass)"""
     time_limit_s: float = 230.0
     """live mode: stop serving new requests once the live step (setup included) has run this many seconds"""
     live_records: Path | None = None
@@ -108,6 +117,9 @@ class Args:
             raise ValueError(f"--n-requests={self.n_requests} must be >= 1 or None (all)")
         if not self.budget_scales or 1.0 not in self.budget_scales or any(not s > 0 for s in self.budget_scales):
             raise ValueError(f"--budget-scales={self.budget_scales!r} must be numbers > 0 and include 1.0")
+        if self.retime_per_family < 0 or self.retime_repeats < 1:
+            raise ValueError(f"--retime-per-family={self.retime_per_family} must be >= 0 (0: no re-timing) and "
+                             f"--retime-repeats={self.retime_repeats} >= 1")
         if self.live_per_family < 1 or self.calibration_requests < 1:
             raise ValueError(f"--live-per-family={self.live_per_family} and --calibration-requests="
                              f"{self.calibration_requests} must be >= 1")
@@ -128,6 +140,8 @@ def quick_overrides(args: Args) -> Args:
         args.budget_scales = (0.9, 1.0, 2.0)
         args.live_per_family = min(args.live_per_family, 1)
         args.calibration_requests = 1
+        args.retime_per_family = min(args.retime_per_family, 1)
+        args.retime_repeats = 1
         args.retrain = True
         if args.controllers_dir == Args.controllers_dir:  # never overwrite the full run's controllers
             args.controllers_dir = args.runs_dir / "controllers_quick"
@@ -156,6 +170,12 @@ def run_live(args: Args) -> Path:
         heldout = [rid for rid in heldout if rid.split("/")[0] in families_wanted]
     chosen = e4.heldout_subset(heldout, args.live_per_family, args.seed)
     fractions = args.budget_fractions if not args.quick else (0.5, 1.0)
+    retiming = None
+    if args.retime_per_family > 0:
+        controllers, retiming = e4.add_retimed(controllers, env, args.retime_per_family, args.retime_repeats,
+                                               args.seed, families_wanted)
+        print(f"re-timed on this host in {retiming['seconds']:.0f} s: factors {retiming['factor_min']:.3f}-"
+              f"{retiming['factor_max']:.3f} (median {retiming['factor_median']:.3f})")
     serving_started = time.perf_counter()
     # the limit covers the whole live step (model load, warm-up, calibration, serving)
     remaining_s = max(1.0, args.time_limit_s - (time.perf_counter() - started))
@@ -168,7 +188,7 @@ def run_live(args: Args) -> Path:
         "setup_s": setup_s, "serving_s": time.perf_counter() - serving_started, "finished": finished,
         "requests_planned": chosen, "requests_served": list(dict.fromkeys(r["request_id"] for r in records)),
         "fractions": list(fractions), "records": records,
-        "graph_captures_redone": int(sum(r["redone"] for r in records)),
+        "graph_captures_redone": int(sum(r["redone"] for r in records)), "retiming": retiming,
     })
     print(f"live: {len(records)} executions of {len(set(r['request_id'] for r in records))} requests on "
           f"{unwrapped.vlm.device} ({'finished' if finished else 'stopped at the time limit'}), wrote {out}")
@@ -268,6 +288,9 @@ def main(args: Args) -> dict | Path:
                 "latency_profile_recheck_over_recorded_same_config": recheck_ratio(args.recheck_table),
                 "serving_pattern_probe": (json.loads(Path(args.pattern_file).read_text())
                                           if args.pattern_file is not None and Path(args.pattern_file).is_file() else None),
+                # the re-timing's summary figures (its arrays stay in the records file)
+                "retiming": {k: v for k, v in (payload.get("retiming") or {}).items() if k not in ("factor", "residual", "config_ratio")},
+                "retimed_vs_original": e4.compare_retimed(live_metrics, replay_same),
                 "bar_strict_only": e4.bar_check(live_metrics, {}, fractions=[f for f in e4.BAR_FRACTIONS
                                                                             if e4.fkey(f) in live_metrics.get("flexvlm", {})])}
         kept = args.out_dir / "e4_live_records.json.gz"  # ~10x smaller than the raw JSON the GPU run writes

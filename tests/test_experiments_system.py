@@ -137,6 +137,8 @@ def test_decision_times_take_turns():
     ({"live_records": Path("/nonexistent.json")}, "live-records"),
     ({"train_budget_fractions": ()}, "train-budget-fractions"),
     ({"train_budget_fractions": (0.5, 11.0)}, "train-budget-fractions"),
+    ({"retime_per_family": -1}, "retime-per-family=-1"),
+    ({"retime_repeats": 0}, "retime-repeats=0"),
 ])
 def test_e4_args_errors(kwargs, match):
     module = load_script("e4_system_eval")
@@ -189,11 +191,14 @@ def test_e4_quick_live_then_analysis(tmp_path):
     _run(["scripts/e4_system_eval.py", "--quick", "--live", "--controllers-dir", str(tmp_path / "runs" / "controllers_quick"),
           "--out-dir", str(tmp_path / "live")])
     live = json.loads((tmp_path / "live" / "e4_live_records.json").read_text())
-    assert live["finished"] and len(live["records"]) == 2 * 2 * len(e4.METHODS)
+    assert live["finished"] and len(live["records"]) == 2 * 2 * (len(e4.METHODS) + len(e4.RETIMED))
+    assert len(live["retiming"]["factor"]) == 140 and live["retiming"]["factor"][-1] == 1.0
+    assert len(live["retiming"]["requests"]) == 2  # one train-half request of each of the two quick families
     _run(["scripts/e4_system_eval.py", "--quick", "--live-records", str(tmp_path / "live" / "e4_live_records.json"),
           "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs2")])
     summary = json.loads((tmp_path / "e4_summary.json").read_text())
     assert summary["live"]["n_requests"] == 2 and "flexvlm" in summary["live"]["live_minus_replay"]["by_method"]
+    assert set(summary["live"]["retimed_vs_original"]["by_method"]) == set(e4.RETIMED)
 
 
 def test_m3_quick_smoke(tmp_path):

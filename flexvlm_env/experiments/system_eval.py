@@ -15,6 +15,8 @@ fraction) case the env is reset with both pinned, the controller decides on that
 violation are kept. Replay cases are every held-out request x the five fractions; live cases a
 per-family subset of the same held-out requests, served request by request (every method and
 fraction of a request before the next request), so a run stopped by its time limit is balanced.
+Live, FlexVLM, the LUT and greedy can also be served re-timed on the live host (`add_retimed`,
+`agents.retime`); `compare_retimed` sets them against the same methods as trained and against replay.
 
 `summarize` turns records into the metrics per method and fraction: mean quality, retention vs the
 full configuration on the same requests, latency mean/P50/P95/P99, SLO violation rate, P95 of
@@ -41,6 +43,8 @@ LIVE_SOURCE = "micro-h200-measured"
 BASELINES = ("full", "tokens_only", "depth_only", "width_only", "greedy")
 LEARNED = ("flexvlm", "lut")
 METHODS = (*BASELINES, *LEARNED)
+RETIMED = ("flexvlm", "lut", "greedy")  # served live a second time, re-timed on the live host (`add_retimed`)
+RETIMED_SUFFIX = "+retimed"
 CONTENDERS = ("tokens_only", "depth_only", "width_only", "greedy")  # what the bar compares FlexVLM with
 BAR_FRACTIONS = (0.5, 0.35)
 # FlexVLM's training budgets: the evaluation's five fractions plus two looser than the full
@@ -434,6 +438,46 @@ def serving_pattern_probe(vlm, samples: Sequence, configs: Sequence[Config], gap
 # -- live ------------------------------------------------------------------------------------------
 
 
+def add_retimed(controllers: dict, env, per_family: int, repeats: int = 2, seed: int = 0,
+                families: Sequence[str] | None = None) -> tuple[dict, dict]:
+    """`controllers` plus `RETIMED`'s methods re-timed on `env`'s host (`agents.retime`: factors
+    and residuals from `per_family` train-half requests per family, `measure_host_factors`), named
+    `<method>+retimed`; and the re-timing report."""
+    from agents.profiles import ProfileTables
+    from agents.retime import retime_controller
+    from flexvlm_env.latency.retime import measure_host_factors
+
+    report = measure_host_factors(env, LIVE_SOURCE, per_family, repeats, seed, families)
+    profiles = ProfileTables.load(latency=LIVE_SOURCE, split="train")
+    retimed = {m + RETIMED_SUFFIX: retime_controller(controllers[m], report["factor"], profiles, report["residual"])
+               for m in RETIMED}
+    return {**controllers, **retimed}, report
+
+
+def compare_retimed(live: dict, replay: dict) -> dict:
+    """Per re-timed method and fraction: violation rate and retention live as trained, live
+    re-timed, and in replay (same requests)."""
+    out: dict = {}
+    for method in RETIMED:
+        for f, lm in live.get(method + RETIMED_SUFFIX, {}).items():
+            original = live.get(method, {}).get(f)
+            rm = replay.get(method, {}).get(f)
+            if original is None or rm is None:
+                continue
+            out.setdefault(method, {})[f] = {
+                "violation_rate_live": original["violation_rate"], "violation_rate_live_retimed": lm["violation_rate"],
+                "violation_rate_replay": rm["violation_rate"],
+                "quality_retention_live": original["quality_retention"],
+                "quality_retention_live_retimed": lm["quality_retention"], "quality_retention_replay": rm["quality_retention"],
+                "latency_over_budget_p95_live": original["latency_over_budget_p95"],
+                "latency_over_budget_p95_live_retimed": lm["latency_over_budget_p95"],
+            }
+    cells = [v for m in out.values() for v in m.values()]
+    mean_abs = {name: float(np.mean([abs(c[f"violation_rate_{name}"] - c["violation_rate_replay"]) for c in cells]))
+                for name in ("live", "live_retimed")} if cells else {}
+    return {"by_method": out, "mean_abs_violation_diff_from_replay": mean_abs}
+
+
 def make_live_env(device: str, per_family_pool: int, calibration_requests: int, dtype: str | None = None):
     """`FlexVLM-v0` (micro) serving the recorded pool's val requests (the same request ids as the
     replay tables: procedural val, task seed 0), budgets from its own calibration on this device.
@@ -477,6 +521,12 @@ COLORS = {"full": "k", "tokens_only": "tab:blue", "depth_only": "tab:orange", "w
           "greedy": "tab:purple", "flexvlm": "tab:red", "lut": "tab:brown"}
 
 
+def _style(method: str) -> dict:
+    """Colour of a method; a re-timed one (`<method>+retimed`, live only) in its method's colour, dashed."""
+    base = method.removesuffix(RETIMED_SUFFIX)
+    return {"color": COLORS.get(base), **({"ls": "--"} if base != method else {})}
+
+
 def plot_from_results(results_dir: Path) -> list[Path]:
     """Rebuild E4's figures from `results/e4_summary.json` alone."""
     results_dir = Path(results_dir)
@@ -485,7 +535,9 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     written = []
     panels = [(s, summary["replay"][s]["metrics"], summary["replay"][s].get("oracle")) for s in summary["replay"]]
     if summary.get("live", {}).get("metrics"):
-        panels.append(("live " + summary["live"]["device"], summary["live"]["metrics"], None))
+        live = summary["live"]["metrics"]
+        retimed = any(m.endswith(RETIMED_SUFFIX) for m in live)
+        panels.append(("live " + summary["live"]["device"] + (" (dashed: re-timed on this host)" if retimed else ""), live, None))
 
     def grid_plot(name, title, draw):
         plt = pyplot()
@@ -497,6 +549,8 @@ def plot_from_results(results_dir: Path) -> list[Path]:
                         ls=":", lw=2, label="floor: fastest config over budget")
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
+            if any(m.endswith(RETIMED_SUFFIX) for m in data):  # methods the first panel's legend lacks
+                ax.legend(fontsize=6)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
@@ -506,9 +560,10 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         for method, by_f in data.items():
             p95 = [m["latency_p95_ms"] for m in by_f.values()]
             ret = [m["quality_retention"] for m in by_f.values()]
-            ax.scatter(p95, ret, color=COLORS.get(method), s=18, label=method)
+            style = _style(method)
+            ax.scatter(p95, ret, color=style["color"], s=18, marker="^" if "ls" in style else "o", label=method)
             idx = pareto_frontier(p95, ret)
-            ax.plot(np.asarray(p95)[idx], np.asarray(ret)[idx], color=COLORS.get(method), lw=1)
+            ax.plot(np.asarray(p95)[idx], np.asarray(ret)[idx], lw=1, **style)
         ax.set_xlabel("P95 latency (ms)")
         ax.set_ylabel("quality retention vs full")
 
@@ -516,7 +571,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         def draw(ax, data):
             for method, by_f in data.items():
                 fr = [float(f) for f in by_f]
-                ax.plot(fr, [m[key] for m in by_f.values()], marker="o", ms=3, color=COLORS.get(method), label=method)
+                ax.plot(fr, [m[key] for m in by_f.values()], marker="o", ms=3, label=method, **_style(method))
             if hline is not None:
                 ax.axhline(hline, color="k", lw=0.8, ls="--")
             ax.set_xlabel("budget fraction of full latency")
@@ -537,7 +592,8 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         for method, by_f in data.items():
             saved = [m["saved_ms_median"] for m in by_f.values()]
             cost = [m["decision_ms_median"] + m["features_ms_median"] for m in by_f.values()]
-            ax.scatter(saved, cost, color=COLORS.get(method), s=18, label=method)
+            style = _style(method)
+            ax.scatter(saved, cost, color=style["color"], s=18, marker="^" if "ls" in style else "o", label=method)
         ax.set_yscale("log")
         ax.set_xlabel("median latency saved vs full (ms)")
         ax.set_ylabel("decision (+ features, live) ms, median")
