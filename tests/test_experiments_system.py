@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from flexvlm_env.envs.core import FAMILY_NAMES
 from flexvlm_env.experiments import overhead as m3
 from flexvlm_env.experiments import system_eval as e4
 from conftest import load_script
@@ -192,8 +194,9 @@ def test_e4_quick_live_then_analysis(tmp_path):
           "--out-dir", str(tmp_path / "live")])
     live = json.loads((tmp_path / "live" / "e4_live_records.json").read_text())
     assert live["finished"] and len(live["records"]) == 2 * 2 * (len(e4.METHODS) + len(e4.RETIMED))
-    assert len(live["retiming"]["factor"]) == 140 and live["retiming"]["factor"][-1] == 1.0
     assert len(live["retiming"]["requests"]) == 2  # one train-half request of each of the two quick families
+    assert np.asarray(live["retiming"]["factor"]).shape == (len(FAMILY_NAMES), 140)  # per family and configuration
+    assert np.asarray(live["retiming"]["residual"]).shape == (140, 2)  # 2 requests x 1 timed pass per configuration
     _run(["scripts/e4_system_eval.py", "--quick", "--live-records", str(tmp_path / "live" / "e4_live_records.json"),
           "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs2")])
     summary = json.loads((tmp_path / "e4_summary.json").read_text())

@@ -1,6 +1,8 @@
 """Re-timing a recorded table on the serving host (`flexvlm_env.latency.retime`, `agents.retime`)."""
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -26,7 +28,10 @@ SOURCE = "micro-h200-measured"
 
 @pytest.fixture(scope="module")
 def profiles() -> ProfileTables:
-    return ProfileTables.load(latency=SOURCE, split="train")
+    """The table's train half with 60 of its 900 residuals per configuration: every guardrail and
+    LUT here is rebuilt from profiles, and its quantiles cost in proportion to the residuals."""
+    tables = ProfileTables.load(latency=SOURCE, split="train")
+    return dataclasses.replace(tables, noise_factor=tables.noise_factor[:, ::15].copy())
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,7 @@ def test_retimed_controllers_keep_to_the_hosts_latency(profiles, observations):
 
 
 def test_host_residuals_wider_than_the_tables_make_guardrails_stricter(profiles, observations):
-    """Serving's spread (live P95 1.17-1.20 of the prediction on E4's hosts, against the table's 1.04)
+    """Serving's spread (live P95 1.17-1.27 of the re-timed prediction on E4's hosts, against the table's 1.04)
     must move the guardrail's quantile: the re-timed guardrail is the one of the re-timed profiles."""
     factor = slower_small_configs(profiles.grid)
     wide = np.tile(np.exp(np.linspace(-0.2, 0.2, 41)), (len(profiles.grid), 1))  # P95 about 1.18

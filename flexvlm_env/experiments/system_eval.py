@@ -438,7 +438,7 @@ def serving_pattern_probe(vlm, samples: Sequence, configs: Sequence[Config], gap
 # -- live ------------------------------------------------------------------------------------------
 
 
-def add_retimed(controllers: dict, env, per_family: int, repeats: int = 2, seed: int = 0,
+def add_retimed(controllers: dict, env, per_family: int, repeats: int = 3, seed: int = 0,
                 families: Sequence[str] | None = None) -> tuple[dict, dict]:
     """`controllers` plus `RETIMED`'s methods re-timed on `env`'s host (`agents.retime`: factors
     and residuals from `per_family` train-half requests per family, `measure_host_factors`), named

@@ -21,9 +21,10 @@ passes, each in a seeded shuffled order, as a server switches configurations). F
   while budgets were calibrated at 1.03x, and the factors came out 2.4% low).
 - `host_residuals`: each run's host / recorded ratio over its configuration's median, the spread a
   prediction must leave room for. The table's own residuals (repeats recorded back to back, one
-  configuration at a time) are far narrower than serving's: on two E4 hosts, live latency over
-  the re-timed prediction had a P95 of 1.17-1.20 against the table residuals' 1.04, so controllers
-  re-timed by the factors alone still missed 12-20% of the 0.7 budgets.
+  configuration at a time) are far narrower than serving's: on E4's live H200 hosts, live latency
+  over the re-timed prediction had a P95 of 1.17-1.27 against the table residuals' 1.04, and
+  re-timed by the factors alone FlexVLM still missed 12.2% of the 0.7 budgets (8.6% with the
+  host's residuals on another host, 1.1% in replay).
 
 `agents.retime` applies both to controllers.
 """
@@ -37,7 +38,7 @@ import numpy as np
 from ..config import Config
 
 
-def time_configurations(vlm, samples: Sequence, configs: Sequence[Config], repeats: int = 2, seed: int = 0,
+def time_configurations(vlm, samples: Sequence, configs: Sequence[Config], repeats: int = 3, seed: int = 0,
                         warm: bool = True) -> tuple[np.ndarray, float]:
     """(float64 [repeats, R, C] end-to-end ms of each sample at each configuration on `vlm`'s
     device, seconds spent). Every (sample, configuration) pair runs `repeats` times (plus once
@@ -111,7 +112,7 @@ def check_factors(factor, n_families: int, n_configs: int) -> np.ndarray:
     return out
 
 
-def measure_host_factors(env, latency: str, requests_per_family: int = 2, repeats: int = 2, seed: int = 0,
+def measure_host_factors(env, latency: str, requests_per_family: int = 3, repeats: int = 3, seed: int = 0,
                          families: Sequence[str] | None = None) -> dict:
     """`host_factors` of latency table `latency` on the device of `env` (a `FlexVLM-v0`, after its
     warm-up and calibration), from the first `requests_per_family` requests of each family it
