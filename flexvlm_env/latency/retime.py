@@ -112,9 +112,10 @@ def check_factors(factor, n_families: int, n_configs: int) -> np.ndarray:
     return out
 
 
-def measure_host_factors(env, latency: str, requests_per_family: int = 3, repeats: int = 3, seed: int = 0,
+def measure_host_factors(env, latency, requests_per_family: int = 3, repeats: int = 3, seed: int = 0,
                          families: Sequence[str] | None = None) -> dict:
-    """`host_factors` of latency table `latency` on the device of `env` (a `FlexVLM-v0`, after its
+    """`host_factors` of latency table `latency` (a shipped source's key, or a `ReplayData` built from
+    your own `flexvlm-profile` tables) on the device of `env` (a `FlexVLM-v0`, after its
     warm-up and calibration), from the first `requests_per_family` requests of each family it
     serves (or of `families`) that are in the table's train half (the half controllers are fitted
     on, so held-out requests stay unseen), each timed at every configuration of the grid. Families
@@ -125,14 +126,15 @@ def measure_host_factors(env, latency: str, requests_per_family: int = 3, repeat
     median host / recorded latency), the requests, `repeats`, `seconds` and summary figures."""
     from ..envs.core import FAMILY_NAMES
     from ..profiles import load_replay_data
-    from ..profiles.replay import request_split_mask
+    from ..profiles.replay import ReplayData, request_split_mask
 
     if isinstance(requests_per_family, bool) or not isinstance(requests_per_family, int) or requests_per_family < 1:
         raise ValueError(f"requests_per_family={requests_per_family!r} must be an int >= 1")
     live = env.unwrapped
-    data = load_replay_data(quality="micro", latency=latency)
+    data = latency if isinstance(latency, ReplayData) else load_replay_data(quality="micro", latency=latency)
+    source = data.metadata.get("latency_source", "given ReplayData")
     if live.grid != data.grid:
-        raise ValueError(f"the env's grid {live.grid} is not the grid of latency table {latency!r} ({data.grid})")
+        raise ValueError(f"the env's grid {live.grid} is not the grid of latency table {source!r} ({data.grid})")
     train = request_split_mask(data.request_ids, data.families, "train")
     row = {rid: i for i, rid in enumerate(data.request_ids) if train[i]}
     chosen, taken = [], {}
@@ -142,8 +144,8 @@ def measure_host_factors(env, latency: str, requests_per_family: int = 3, repeat
             chosen.append(sample)
             taken[sample.family] = taken.get(sample.family, 0) + 1
     if not chosen:
-        raise ValueError(f"none of the env's requests is in the train half of latency table {latency!r}: serve the "
-                         "procedural val split with task_seed 0, which the shipped tables record")
+        raise ValueError(f"none of the env's requests is in the train half of latency table {source!r}: serve the "
+                         "requests the table recorded (the shipped tables: procedural val split, task_seed 0)")
     host_ms, seconds = time_configurations(live.vlm, chosen, live.grid.configs(), repeats, seed)  # [N, R, C]
     recorded = data.total_ms[[row[s.request_id] for s in chosen]].astype(np.float64)
     table_reference = data.family_full_latency_ms()
@@ -153,7 +155,7 @@ def measure_host_factors(env, latency: str, requests_per_family: int = 3, repeat
     factor = host_factors(host_ms, recorded, reference_ratio)
     residual = host_residuals(host_ms, recorded)
     config_ratio = np.median((host_ms / recorded[None]).reshape(-1, recorded.shape[1]), axis=0)
-    return {"latency_source": latency, "families": list(FAMILY_NAMES), "factor": factor.tolist(),
+    return {"latency_source": source, "families": list(FAMILY_NAMES), "factor": factor.tolist(),
             "residual": residual.tolist(), "residual_p95_median": float(np.median(np.quantile(residual, 0.95, axis=1))),
             "reference_ratio": dict(zip(FAMILY_NAMES, reference_ratio.tolist())), "config_ratio": config_ratio.tolist(),
             "requests": [s.request_id for s in chosen], "repeats": repeats, "seconds": seconds,
