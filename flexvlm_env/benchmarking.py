@@ -203,7 +203,7 @@ class HFBaseline:
             num_attention_heads=args.n_heads,
             num_experts=args.n_experts,
             num_experts_per_tok=top_k,
-            norm_topk_prob=False,
+            norm_topk_prob=args.norm_topk_prob,
             max_position_embeddings=4096,
         )
         with torch.device(device):

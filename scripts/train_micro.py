@@ -129,6 +129,10 @@ class Args:
     """hidden units of each of the 64 experts (the shipped micro: 16, an eighth of d_model 128;
     MolmoE-1B's experts are half its d_model). Other sizes are for ablations of the width knob:
     at 64 the weights are about 55 MB in bf16, beyond what the package ships"""
+    norm_topk_prob: bool = False
+    """renormalise each token's kept top-k router weights to sum to 1 (Mixtral; OLMoE's
+    norm_topk_prob). Off, as in MolmoE-1B, whose width knob micro stands in for; on, an ablation of
+    the router: top_k = 1 then gives the heaviest expert weight 1 instead of its softmax share"""
     device: str = "auto"
     """cuda, cpu or auto"""
     num_workers: int = -1
@@ -260,7 +264,7 @@ def main(args: Args) -> None:
     started = time.perf_counter()
     rank, world, device = setup_processes(args.device, args.batch_size)
     torch.manual_seed(args.seed)
-    model_args = dataclasses.replace(micro_args(args.crop_px), expert_hidden=args.expert_hidden)
+    model_args = dataclasses.replace(micro_args(args.crop_px), expert_hidden=args.expert_hidden, norm_topk_prob=args.norm_topk_prob)
     tokenizer = TextTokenizer.from_file(assets_dir("micro"))
     module = MolmoE(model_args).to(device)
     init_for_training_(module, args.seed)
@@ -287,7 +291,7 @@ def main(args: Args) -> None:
         saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
                       **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
         for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "top_k_choices", "min_blocks", "family_weights",
-                    "crop_px", "expert_hidden", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
+                    "crop_px", "expert_hidden", "norm_topk_prob", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
             if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
                                  f"resuming must keep the data stream and the model (use a new --run-dir to change it)")

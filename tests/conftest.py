@@ -31,9 +31,9 @@ TINY = ModelArgs(
 )
 
 
-def make_tiny_vlm(seed: int = 0, **kwargs) -> VLM:
+def make_tiny_vlm(seed: int = 0, args: ModelArgs = TINY, **kwargs) -> VLM:
     torch.manual_seed(seed)
-    module = MolmoE(TINY).init_random_(seed)
+    module = MolmoE(args).init_random_(seed)
     tokenizer = TextTokenizer.from_file(assets_dir("molmoe-1b"))
     return VLM(module, tokenizer, random_weights=True, **kwargs)
 

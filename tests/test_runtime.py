@@ -1,6 +1,7 @@
 """Runtime behaviour on a tiny random-weight MolmoE: equivalences, knobs, token layout, timing, errors."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -377,17 +378,43 @@ def test_flexvlm_checkpoint_roundtrip(tmp_path):
     assert loaded.generate(_image(), "q", config, max_new_tokens=4, ignore_eos=True).token_ids == vlm.generate(_image(), "q", config, max_new_tokens=4, ignore_eos=True).token_ids
 
 
+def test_renormalising_router_known_values():
+    """`norm_topk_prob` (the router ablation) scales the kept weights to sum to 1: top-1 keeps the
+    heaviest expert at weight 1, and at top_k = n_experts nothing is dropped, so the model computes
+    exactly what MolmoE's router does (which micro keeps by default, as old exports load)."""
+    molmoe = make_tiny_vlm(seed=3)
+    renormalising = make_tiny_vlm(seed=3, args=dataclasses.replace(TINY, norm_topk_prob=True))
+    assert not molmoe.args.norm_topk_prob and not PRESETS["micro"].norm_topk_prob
+    assert not type(TINY).from_dict({k: v for k, v in TINY.to_dict().items() if k != "norm_topk_prob"}).norm_topk_prob
+    h = torch.randn(6, TINY.d_model, generator=torch.Generator().manual_seed(0))
+    plain, renormalised = molmoe.module.transformer.blocks[1].mlp, renormalising.module.transformer.blocks[1].mlp
+    for top_k in (1, 3, TINY.n_experts):
+        (w, ids), (w_norm, ids_norm) = plain.route(h, top_k), renormalised.route(h, top_k)
+        assert torch.equal(ids, ids_norm) and bool((w.sum(-1) < 1 + 1e-6).all())
+        torch.testing.assert_close(w_norm, w / w.sum(-1, keepdim=True))
+        torch.testing.assert_close(w_norm.sum(-1), torch.ones(6))
+    full = Config(crops=2, top_k=TINY.n_experts, active_blocks=TINY.n_layers)
+    answers = [vlm.generate(_image(seed=4), "What is it?", full, max_new_tokens=5, ignore_eos=True).token_ids
+               for vlm in (molmoe, renormalising)]
+    assert answers[0] == answers[1]
+
+
 def vlm_tokenizer_path():
     from flexvlm_env.model.runtime import assets_dir
 
     return assets_dir("molmoe-1b") / "tokenizer.json.gz"
 
 
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
 @pytest.mark.parametrize("config", [Config(crops=2, top_k=2, active_blocks=4), Config(crops=1, top_k=(1, 3, 8, 2), active_blocks=3)])
-def test_fused_decode_step_equals_plain_step(tiny_vlm, config):
+def test_fused_decode_step_equals_plain_step(tiny_vlm, config, norm_topk_prob):
     """The decode path used inside CUDA graphs (fused residual+norm, q/k norm+RoPE+KV write, router)
-    computes what Transformer.forward computes for one token (here with the torch references)."""
+    computes what Transformer.forward computes for one token (here with the torch references), with
+    MolmoE's router and with the renormalising one of the router ablation."""
     from flexvlm_env.model.decoder import KVCache
+
+    if norm_topk_prob:
+        tiny_vlm = make_tiny_vlm(args=dataclasses.replace(TINY, norm_topk_prob=True))
     from flexvlm_env.model.generate import decode_one_token
 
     result = tiny_vlm.generate(_image(seed=2), "Read it.", config, max_new_tokens=3, ignore_eos=True)

@@ -61,20 +61,30 @@ def test_preprocess_image_batch_rejects_bad_pixels():
         preprocess_image_batch(torch.zeros(2, 10, 10, 3), 1, MICRO.vision, _special())
 
 
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
 @pytest.mark.parametrize("top_k", [1, 3, 8])
-def test_moe_dense_equals_sparse_reference(top_k):
+def test_moe_dense_equals_sparse_reference(top_k, norm_topk_prob):
     generator = torch.Generator().manual_seed(top_k)
     h = torch.randn(20, 32, generator=generator, dtype=torch.float64)
     probs = torch.softmax(torch.randn(20, 8, generator=generator, dtype=torch.float64) * 3, dim=-1)
     w_gate_up = torch.randn(8, 2 * 16, 32, generator=generator, dtype=torch.float64) / 6
     w_down = torch.randn(8, 32, 16, generator=generator, dtype=torch.float64) / 4
     weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     expected = moe_reference(h, ids, weights, w_gate_up, w_down)
-    torch.testing.assert_close(moe_dense(h, probs, top_k, w_gate_up, w_down), expected, rtol=1e-10, atol=1e-10)
+    got = moe_dense(h, probs, top_k, w_gate_up, w_down, norm_topk_prob=norm_topk_prob)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_teacher_forced_loss_equals_runtime_next_token_loss(micro_module, micro_tokenizer):
-    """The training forward (batched, right-padded, dense MoE) gives the runtime's logits."""
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_teacher_forced_loss_equals_runtime_next_token_loss(micro_module, micro_tokenizer, norm_topk_prob):
+    """The training forward (batched, right-padded, dense MoE) gives the runtime's logits, with
+    MolmoE's router and with the renormalising one of the router ablation."""
+    if norm_topk_prob:
+        renormalising = MolmoE(dataclasses.replace(micro_module.args, norm_topk_prob=True))
+        renormalising.load_state_dict(micro_module.state_dict())
+        micro_module = renormalising.eval()
     spec = TrainBatchSpec(batch_size=3, seed=1)
     knobs = ElasticKnobs(enabled=False)
     batch = build_batch(0, spec, knobs, MICRO, micro_tokenizer)
@@ -465,24 +475,28 @@ def test_compiled_loss_equals_eager(micro_tokenizer):
             torch.testing.assert_close(other[name], eager[name], rtol=0, atol=1e-3 * scale, msg=name)
 
 
-def test_train_script_expert_hidden_changes_the_experts_only(tmp_path):
-    """--expert-hidden (an ablation of the width knob) trains and exports experts of that size, and the
-    export loads through load_model like the shipped weights; a bad size is refused by name."""
+def test_train_script_width_ablations_change_the_experts_and_router_only(tmp_path):
+    """--expert-hidden and --norm-topk-prob (ablations of the width knob) train and export experts of
+    that size and a renormalising router, and the export loads through load_model like the shipped
+    weights; a bad size is refused by name, and so is resuming with another router."""
     script = load_script("train_micro")
     with pytest.raises(ValueError, match="--expert-hidden=0 must be >= 1"):
         script.Args(expert_hidden=0)
     args = script.Args(run_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), total_steps=1, batch_size=2,
-                       device="cpu", num_workers=0, seed=7, expert_hidden=32, finalize=False)
+                       device="cpu", num_workers=0, seed=7, expert_hidden=32, norm_topk_prob=True, finalize=False)
     script.main(args)
-    model_args = dataclasses.replace(MICRO, expert_hidden=32)
+    model_args = dataclasses.replace(MICRO, expert_hidden=32, norm_topk_prob=True)
     trained = MolmoE(model_args)
     load_training_state(tmp_path / "run" / "checkpoint", trained, None)
     # The export itself (the block ranking it would measure first is 17 full evaluations: left out here).
     script.export(trained, args, {"ranking": list(range(16)), "requests": 0}, {"step": 1}, model_args)
     vlm = load_model("micro", weights=str(tmp_path / "export" / "model.safetensors"), device="cpu", dtype="float32")
-    assert vlm.args.expert_hidden == 32 and vlm.args.d_model == MICRO.d_model
+    assert vlm.args.expert_hidden == 32 and vlm.args.d_model == MICRO.d_model and vlm.args.norm_topk_prob
     mlp = vlm.module.transformer.blocks[0].mlp
+    assert mlp.norm_topk_prob
     assert tuple(mlp.w_gate_up.shape) == (64, 64, 128) and tuple(mlp.w_down.shape) == (64, 128, 32)
     assert json.loads((tmp_path / "export" / "model.json").read_text())["training"]["args"]["expert_hidden"] == 32
     with pytest.raises(ValueError, match="--expert-hidden=16 differs from the checkpoint's 32"):
         script.main(dataclasses.replace(args, expert_hidden=16, total_steps=2))
+    with pytest.raises(ValueError, match="--norm-topk-prob=False differs from the checkpoint's True"):
+        script.main(dataclasses.replace(args, norm_topk_prob=False, total_steps=2))

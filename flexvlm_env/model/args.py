@@ -95,6 +95,11 @@ class ModelArgs:
     n_experts: int = 64
     expert_hidden: int = 1024
     top_k: int = 8
+    # MolmoE (and OLMoE) keep the top_k router probabilities as they are: a block at top_k = k adds
+    # the k heaviest experts at their full-softmax weights. True renormalises the kept weights to
+    # sum to 1 (Mixtral; OLMoE's `norm_topk_prob`), which changes what the width knob computes: an
+    # ablation of micro's router (scripts/train_micro.py --norm-topk-prob), not MolmoE-1B.
+    norm_topk_prob: bool = False
     vocab_size: int = 50280  # tokenizer vocabulary (for reference only)
     embedding_size: int = 50304  # rows of wte.embedding and lm_head
     additional_vocab_size: int = 128  # rows of wte.new_embedding

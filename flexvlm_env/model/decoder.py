@@ -140,6 +140,11 @@ class Attention(nn.Module):
         return self.attn_out(out.transpose(1, 2).reshape(b, t, d))
 
 
+def renormalise_topk(weights: torch.Tensor) -> torch.Tensor:
+    """Kept router weights [..., top_k] scaled to sum to 1 per token (`ModelArgs.norm_topk_prob`)."""
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -148,12 +153,14 @@ class MoE(nn.Module):
         self.gate = nn.Linear(d, e, bias=False)
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * h, d))
         self.w_down = nn.Parameter(torch.empty(e, d, h))
+        self.norm_topk_prob = args.norm_topk_prob
 
     def route(self, h: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax over all experts in float32, keep the top_k, do NOT renormalise (MolmoE)."""
+        """Softmax over all experts in float32, keep the top_k; MolmoE does NOT renormalise them
+        (`ModelArgs.norm_topk_prob` False), the router ablation does."""
         probs = torch.softmax(self.gate(h).float(), dim=-1)
         weights, ids = torch.topk(probs, top_k, dim=-1)
-        return weights, ids
+        return (renormalise_topk(weights) if self.norm_topk_prob else weights), ids
 
     def forward(self, x: torch.Tensor, top_k: int, moe_impl: str = "auto") -> torch.Tensor:
         b, t, d = x.shape
@@ -305,6 +312,8 @@ def decode_forward_fused(
         else:
             h, residual = fused_add_rms_norm_auto(attn_out, residual, mlp.ff_norm.weight, eps, impl=impl)
             weights, ids = softmax_topk_auto(mlp.gate(h), top_k[i], impl=impl)
+        if mlp.norm_topk_prob:
+            weights = renormalise_topk(weights)
         y = moe_forward(h, ids, weights, mlp.w_gate_up, mlp.w_down, impl=transformer.moe_impl)
     if lm_head_weight is not None:
         return decode_gemv_auto(y, lm_head_weight, residual=residual, norm_weight=transformer.ln_f.weight, eps=eps,

@@ -2,10 +2,11 @@
 
 `moe_dense` computes every expert and weights each by its routing probability where the expert is
 in the token's top-k and by zero elsewhere: the same function as the sparse MoE (probabilities not
-renormalised, MolmoE), written as two large matmuls. For narrow experts (micro: 64 x 16 hidden
-units) that is much faster to train than gathering tokens per expert, and the router gets the
-gradient of the selected probabilities exactly as in sparse training. Load-balancing (Switch /
-OLMoE) and router z-losses keep the 64 experts in use; they are measured at the drawn top_k.
+renormalised as in MolmoE, unless the model's `norm_topk_prob` says so), written as two large
+matmuls. For narrow experts (micro: 64 x 16 hidden units) that is much faster to train than
+gathering tokens per expert, and the router gets the gradient of the selected probabilities exactly
+as in sparse training. Load-balancing (Switch / OLMoE) and router z-losses keep the 64 experts in
+use; they are measured at the drawn top_k.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model.decoder import rope_tables
+from ..model.decoder import renormalise_topk, rope_tables
 from ..model.molmoe import MolmoE
 from ..model.preprocess import IGNORE_INDEX
 
@@ -54,13 +55,17 @@ def init_for_training_(module: MolmoE, seed: int = 0) -> MolmoE:
 
 def moe_dense(
     h: torch.Tensor, probs: torch.Tensor, top_k: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, return_ids: bool = False,
+    norm_topk_prob: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """h [N, d], router probabilities probs [N, E] (float32) -> MoE output [N, d] (see module doc);
-    with `return_ids`, also the chosen experts [N, top_k] (for the balance loss: one top-k, not two)."""
+    with `return_ids`, also the chosen experts [N, top_k] (for the balance loss: one top-k, not two).
+    `norm_topk_prob` renormalises the kept probabilities as `MoE.route` does for such a model."""
     n, d = h.shape
     experts, two_hidden, _ = w_gate_up.shape
     hidden = two_hidden // 2
     weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = renormalise_topk(weights)
     gates = torch.zeros_like(probs).scatter(-1, ids, weights).to(h.dtype)  # [N, E]
     gate_up = (h @ w_gate_up.reshape(experts * two_hidden, d).t()).view(n, experts, two_hidden)
     act = F.silu(gate_up[..., :hidden]) * gate_up[..., hidden:] * gates[..., None]
@@ -114,7 +119,8 @@ def teacher_forced_loss(
         h = block.mlp.ff_norm(x).reshape(batch * length, d)
         logits = block.mlp.gate(h).float()
         probs = torch.softmax(logits, dim=-1)
-        out, ids = moe_dense(h, probs, top_k, block.mlp.w_gate_up, block.mlp.w_down, return_ids=True)
+        out, ids = moe_dense(h, probs, top_k, block.mlp.w_gate_up, block.mlp.w_down, return_ids=True,
+                             norm_topk_prob=block.mlp.norm_topk_prob)
         x = x + out.view(batch, length, d)
         # Switch-style balance: fraction of routed slots per expert times its mean probability.
         chosen = torch.zeros_like(probs).scatter(-1, ids, 1.0)
