@@ -40,6 +40,7 @@ CONTROLLER_CLASSES: dict[str, str] = {
     "grpo": "agents.lm:LMController",
     "random": "agents.base:RandomController",
     "baseline": "baselines.knobs:KnobPathController",
+    "online_margin": "agents.online:OnlineMarginController",
 }
 
 

@@ -17,9 +17,12 @@ serves the first `--live-per-family` held-out requests of each family x fraction
 by request until `--time-limit-s` (counted from the start, setup included); steps that captured a CUDA graph are executed again.
 With `--retime-per-family N` (default 3) FlexVLM, the LUT and greedy are also served re-timed on
 that host (`agents.retime`, from N train-half requests per family timed at every configuration
-before serving), as methods `<method>+retimed`. Writes only `--out-dir/e4_live_records.json`; a
-replay-mode run with `--live-records` adds the live metrics, the live-minus-replay differences on
-the same requests and the re-timed methods against the same methods as trained.
+before serving), as methods `<method>+retimed`. With `--online-target A` (default 0.05) those
+methods, as trained and re-timed, are served a second time with an online budget margin
+(`agents.online`: the budget each is told adapted after every outcome toward a violation rate A),
+as `<method>+online`. Writes only `--out-dir/e4_live_records.json`; a replay-mode run with
+`--live-records` adds the live metrics, the live-minus-replay differences on the same requests,
+the re-timed methods against the same methods as trained, and the online margins against none.
 
 Writes (replay mode) to `--out-dir` (default results/): `e4_summary.json` (headline numbers, bars,
 metrics per source/method/fraction, operating curves, live comparison), `e4_records_replay.parquet`
@@ -27,6 +30,7 @@ metrics per source/method/fraction, operating curves, live comparison), `e4_reco
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import time
@@ -88,6 +92,12 @@ class Args:
     configuration after the warm-up (0: no re-timed methods)"""
     retime_repeats: int = 3
     """live mode: timed passes over the re-timing requests (after one untimed pass)"""
+    online_target: float = 0.05
+    """live mode: also serve FlexVLM, the LUT and greedy (as trained and re-timed) with an online
+    budget margin aiming at this violation rate per budget fraction (`agents.online`), as methods
+    `<method>+online` (0: none)"""
+    online_step: float = 0.05
+    """live mode: the online margin's learning rate on its log budget scale"""
     time_limit_s: float = 230.0
     """live mode: stop serving new requests once the live step (setup included) has run this many seconds"""
     live_records: Path | None = None
@@ -120,6 +130,12 @@ class Args:
         if self.retime_per_family < 0 or self.retime_repeats < 1:
             raise ValueError(f"--retime-per-family={self.retime_per_family} must be >= 0 (0: no re-timing) and "
                              f"--retime-repeats={self.retime_repeats} >= 1")
+        if not 0 <= self.online_target < 1:
+            raise ValueError(f"--online-target={self.online_target} must be in [0, 1) (0: no online margins)")
+        if self.online_target > 0:
+            from agents.online import OnlineMargin
+
+            OnlineMargin(target_violation_rate=self.online_target, step=self.online_step)  # names a bad --online-step
         if self.live_per_family < 1 or self.calibration_requests < 1:
             raise ValueError(f"--live-per-family={self.live_per_family} and --calibration-requests="
                              f"{self.calibration_requests} must be >= 1")
@@ -176,6 +192,14 @@ def run_live(args: Args) -> Path:
                                                args.seed, families_wanted)
         print(f"re-timed on this host in {retiming['seconds']:.0f} s: factors {retiming['factor_min']:.3f}-"
               f"{retiming['factor_max']:.3f} (median {retiming['factor_median']:.3f})")
+    online = None
+    if args.online_target > 0:
+        from agents.online import OnlineMargin
+
+        margin = OnlineMargin(target_violation_rate=args.online_target, step=args.online_step,
+                              budget_fractions=tuple(sorted(fractions)))
+        controllers = e4.add_online(controllers, margin)
+        online = dataclasses.asdict(margin)
     serving_started = time.perf_counter()
     # the limit covers the whole live step (model load, warm-up, calibration, serving)
     remaining_s = max(1.0, args.time_limit_s - (time.perf_counter() - started))
@@ -188,7 +212,7 @@ def run_live(args: Args) -> Path:
         "setup_s": setup_s, "serving_s": time.perf_counter() - serving_started, "finished": finished,
         "requests_planned": chosen, "requests_served": list(dict.fromkeys(r["request_id"] for r in records)),
         "fractions": list(fractions), "records": records,
-        "graph_captures_redone": int(sum(r["redone"] for r in records)), "retiming": retiming,
+        "graph_captures_redone": int(sum(r["redone"] for r in records)), "retiming": retiming, "online_margin": online,
     })
     print(f"live: {len(records)} executions of {len(set(r['request_id'] for r in records))} requests on "
           f"{unwrapped.vlm.device} ({'finished' if finished else 'stopped at the time limit'}), wrote {out}")
@@ -246,7 +270,8 @@ def main(args: Args) -> dict | Path:
 
     replay, all_records = {}, []
     # A live run's records: the JSON the GPU run writes, or the gzipped copy kept in results/.
-    payload = read_json(args.live_records) if args.live_records is not None else None
+    # Times rounded to 100 ns before anything reads them, so the kept copy reproduces the summary.
+    payload = e4.compact_live_records(read_json(args.live_records)) if args.live_records is not None else None
     live_ids = set(payload["requests_served"]) if payload is not None else set()
     for source in args.sources:
         t0 = time.perf_counter()
@@ -291,12 +316,13 @@ def main(args: Args) -> dict | Path:
                 # the re-timing's summary figures (its arrays stay in the records file)
                 "retiming": {k: v for k, v in (payload.get("retiming") or {}).items() if k not in ("factor", "residual", "config_ratio")},
                 "retimed_vs_original": e4.compare_retimed(live_metrics, replay_same),
+                "online_margin": payload.get("online_margin"),
+                "online_vs_none": e4.compare_online(live_metrics, payload["records"]),
                 "bar_strict_only": e4.bar_check(live_metrics, {}, fractions=[f for f in e4.BAR_FRACTIONS
                                                                             if e4.fkey(f) in live_metrics.get("flexvlm", {})])}
-        kept = args.out_dir / "e4_live_records.json.gz"  # ~10x smaller than the raw JSON the GPU run writes
-        if Path(args.live_records).resolve() != kept.resolve():
-            with gzip.open(kept, "wt") as handle:
-                json.dump(payload, handle)
+        kept = args.out_dir / "e4_live_records.json.gz"  # ~20x smaller than the raw JSON the GPU run writes
+        with gzip.open(kept, "wt") as handle:  # rewritten even over itself: the times are rounded now
+            json.dump(payload, handle)
 
     headline = {}
     for source, entry in replay.items():

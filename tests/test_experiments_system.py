@@ -141,6 +141,9 @@ def test_decision_times_take_turns():
     ({"train_budget_fractions": (0.5, 11.0)}, "train-budget-fractions"),
     ({"retime_per_family": -1}, "retime-per-family=-1"),
     ({"retime_repeats": 0}, "retime-repeats=0"),
+    ({"online_target": 1.0}, "online-target=1.0"),
+    ({"online_target": -0.1}, "online-target=-0.1"),
+    ({"online_step": 0.0}, "step=0.0 must be a finite number > 0"),
 ])
 def test_e4_args_errors(kwargs, match):
     module = load_script("e4_system_eval")
@@ -193,7 +196,10 @@ def test_e4_quick_live_then_analysis(tmp_path):
     _run(["scripts/e4_system_eval.py", "--quick", "--live", "--controllers-dir", str(tmp_path / "runs" / "controllers_quick"),
           "--out-dir", str(tmp_path / "live")])
     live = json.loads((tmp_path / "live" / "e4_live_records.json").read_text())
-    assert live["finished"] and len(live["records"]) == 2 * 2 * (len(e4.METHODS) + len(e4.RETIMED))
+    assert live["finished"] and len(live["records"]) == 2 * 2 * (len(e4.METHODS) + 3 * len(e4.RETIMED))
+    online = [r for r in live["records"] if r["method"].endswith(e4.ONLINE_SUFFIX)]
+    assert len(online) == 2 * 2 * 2 * len(e4.RETIMED) and all(r["online_scale"] > 0 for r in online)
+    assert live["online_margin"]["target_violation_rate"] == 0.05
     assert len(live["retiming"]["requests"]) == 2  # one train-half request of each of the two quick families
     assert np.asarray(live["retiming"]["factor"]).shape == (len(FAMILY_NAMES), 140)  # per family and configuration
     assert np.asarray(live["retiming"]["residual"]).shape == (140, 2)  # 2 requests x 1 timed pass per configuration
@@ -202,6 +208,51 @@ def test_e4_quick_live_then_analysis(tmp_path):
     summary = json.loads((tmp_path / "e4_summary.json").read_text())
     assert summary["live"]["n_requests"] == 2 and "flexvlm" in summary["live"]["live_minus_replay"]["by_method"]
     assert set(summary["live"]["retimed_vs_original"]["by_method"]) == set(e4.RETIMED)
+    assert set(summary["live"]["online_vs_none"]) == set(e4.RETIMED) | {m + e4.RETIMED_SUFFIX for m in e4.RETIMED}
+
+
+def test_serve_feeds_online_margins_their_outcomes_and_compare_online_reads_them():
+    """`serve` tells an online-margin controller each outcome in serving order and records the scale
+    it decided with; `compare_online` sets it against the same controller served without one."""
+    import gymnasium as gym
+
+    import flexvlm_env  # noqa: F401
+    from agents.online import OnlineMargin
+    from baselines import make_baselines
+    from agents.guardrail import LatencyGuardrail
+    from agents.profiles import ProfileTables
+    from flexvlm_env.envs import LatencyDrift
+
+    profiles = ProfileTables.load(latency=e4.LIVE_SOURCE, split="train")
+    controllers = {name: c for name, c in make_baselines(profiles, guardrail=LatencyGuardrail.from_profiles(profiles)).items()
+                   if name in ("full", "greedy")}
+    controllers = e4.add_online(controllers, OnlineMargin(step=0.1, budget_fractions=(0.85, 1.0)))
+    assert set(controllers) == {"full", "greedy", "greedy" + e4.ONLINE_SUFFIX}
+    env = LatencyDrift(gym.make("FlexVLMReplay-v0", latency=e4.LIVE_SOURCE, split="heldout", episode_length=1), [(0, 1.3)])
+    ids = e4.heldout_subset(list(env.unwrapped.request_ids), 8)
+    records, finished = e4.serve(controllers, env, ids, (0.85, 1.0))
+    assert finished and len(records) == len(ids) * 2 * 3
+    online = [r for r in records if r["method"] == "greedy+online"]
+    served = controllers["greedy+online"]
+    assert served.observed.sum() == len(online) and served.violations.sum() == sum(r["violation"] for r in online)
+    assert [r["online_scale"] for r in online if r["fraction"] == 0.85][0] == 1.0  # decided before any outcome
+    live = e4.summarize(records)
+    comparison = e4.compare_online(live, records)
+    assert set(comparison) == {"greedy"}
+    by_f = comparison["greedy"]["by_fraction"]
+    assert by_f["0.85"]["violation_rate"] == live["greedy"]["0.85"]["violation_rate"]
+    assert by_f["1"]["last_budget_scale"] == [r["online_scale"] for r in online if r["fraction"] == 1.0][-1]
+    quarters = comparison["greedy"]["violation_rate_by_quarter"]["greedy+online"]
+    assert set(quarters) == {"0.85", "1"} and all(len(q) == 4 and all(0 <= v <= 1 for v in q) for q in quarters.values())
+    first = [r["violation"] for r in online if r["fraction"] == 0.85][:len(ids) // 4]  # requests served in order
+    assert quarters["0.85"][0] == pytest.approx(np.mean(first))
+    # the kept copy's times are rounded to 100 ns; nothing else changes
+    compact = e4.compact_live_records({"records": records, "other": 1})
+    assert compact["other"] == 1 and len(compact["records"]) == len(records)
+    assert all(c["latency_ms"] == round(r["latency_ms"], 4) and c["quality"] == r["quality"]
+               for c, r in zip(compact["records"], records))
+    # a host 1.3x slower than the table: the margin ends tighter than it started
+    assert served.budget_scale(1.0) < 1.0
 
 
 def test_m3_quick_smoke(tmp_path):

@@ -140,6 +140,32 @@ def test_fast_path_matches_plain_path_float32():
 
 
 @torch.inference_mode()
+def test_fast_path_matches_plain_path_with_a_renormalising_router(tmp_path):
+    """The router ablation (`ModelArgs.norm_topk_prob`, `train_micro.py --norm-topk-prob`) on the
+    fast path: the fused decode step renormalises the Triton router's top-k weights as `MoE.route`
+    does, so float32 greedy tokens and teacher-forced logits match the plain path."""
+    import dataclasses
+
+    from flexvlm_env.model.args import PRESETS
+    from flexvlm_env.model.checkpoint import save_flexvlm
+    from flexvlm_env.model.molmoe import MolmoE
+
+    torch.manual_seed(6)
+    module = MolmoE(dataclasses.replace(PRESETS["micro"], norm_topk_prob=True)).init_random_(6)
+    save_flexvlm(module, tmp_path / "model.safetensors", {"block_ranking": str(list(range(16)))})
+    fast = sharpened(load_model("micro", weights=tmp_path / "model.safetensors", device="cuda", dtype="float32"))
+    plain = sharpened(load_model("micro", weights=tmp_path / "model.safetensors", device="cuda", dtype="float32",
+                                 use_cuda_graphs=False, moe_impl="reference"))
+    assert fast.args.norm_topk_prob and fast.fused_decode and not plain.fused_decode
+    for seed, config in enumerate(CONFIGS[1:3]):
+        a = fast.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
+        b = plain.generate(_image(seed), "Count the shapes.", config, max_new_tokens=8, ignore_eos=True)
+        assert a.token_ids == b.token_ids, config
+        errors, _ = _teacher_forced(fast, plain, config, seed)
+        assert max(errors) < 1e-2, (config, errors)
+
+
+@torch.inference_mode()
 def test_fast_path_close_to_plain_path_bf16():
     """The same comparison in bf16. The float32 test above is the equivalence check; here two
     summation orders through 16 random MoE blocks drift apart (H100, 2026-11-27: median decode-step

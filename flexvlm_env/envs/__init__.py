@@ -23,6 +23,7 @@ _LAZY = {
     "QualityMinusOvershoot": ".rewards",
     "DiscreteKnobs": ".wrappers",
     "EpisodeRecorder": ".wrappers",
+    "LatencyDrift": ".wrappers",
     "validate": ".validate",
     "synthetic_replay_data": ".synthetic",
 }
@@ -35,6 +36,7 @@ __all__ = [
     "FlexVLMEnv",
     "FlexVLMReplayEnv",
     "FlexVLMReplayVectorEnv",
+    "LatencyDrift",
     "QualityMinusOvershoot",
     "register_envs",
     "synthetic_replay_data",

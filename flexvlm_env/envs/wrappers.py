@@ -1,4 +1,4 @@
-"""Wrappers for the FlexVLM environments: a flat masked action space, and an episode recorder.
+"""Wrappers for the FlexVLM environments: a flat masked action space, latency drift, and an episode recorder.
 
 `DiscreteKnobs` turns the `MultiDiscrete(grid.shape)` action into `Discrete(len(grid))` (the
 config index, row-major in `grid.configs()`) and exposes `action_masks()` for sb3-contrib's
@@ -6,9 +6,12 @@ MaskablePPO; the masks come from a callable such as a latency guardrail. `Episod
 writes every step (request, configuration, budget, stage latencies, quality, answer, reward) to
 a Parquet file whose metadata names the env, its arguments, the hardware and the package
 versions, so that `flexvlm-validate` (`flexvlm_env.envs.validate`) can replay and check it.
+`LatencyDrift` multiplies every step's latency by a factor that changes with the steps served: a
+host whose speed moves, to test how controllers (`agents.online`) hold their budgets under drift.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import platform
@@ -88,6 +91,44 @@ class DiscreteKnobs(gym.ActionWrapper):
         if not mask.any():
             raise ValueError("mask_fn masked every configuration; at least one must stay allowed")
         return mask
+
+
+class LatencyDrift(gym.Wrapper):
+    """Each step's latency (total and stages) times the factor of the schedule in force: a serving
+    host that slows down or speeds up while it serves. `schedule` is `[(first_step, factor), ...]`
+    from step 0, in increasing steps, counted over every `step` call since the wrapper was built
+    (across episodes: drift belongs to the host, not to an episode). The step's `violation` and
+    `reward` are recomputed from the drifted latency with the env's own reward; `info` also gets
+    `drift_factor`. Budgets are not touched: they stay what the host was calibrated to."""
+
+    def __init__(self, env: gym.Env, schedule):
+        super().__init__(env)
+        try:
+            steps = [int(step) for step, _ in schedule]
+            factors = [float(factor) for _, factor in schedule]
+        except (TypeError, ValueError):
+            raise ValueError(f"schedule={schedule!r} must be a sequence of (first_step, factor) pairs") from None
+        if not steps or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"schedule={schedule!r}: the first steps must start at 0 and increase")
+        if not all(math.isfinite(f) and f > 0 for f in factors):
+            raise ValueError(f"schedule={schedule!r}: every factor must be a finite number > 0")
+        self._steps, self._factors = steps, factors
+        self.steps_served = 0
+
+    def factor(self, step: int) -> float:
+        """The schedule's factor at `step` (steps served before it)."""
+        return self._factors[bisect.bisect_right(self._steps, step) - 1]
+
+    def step(self, action):
+        observation, _, terminated, truncated, info = self.env.step(action)
+        factor = self.factor(self.steps_served)
+        self.steps_served += 1
+        latency_ms = float(info["latency_ms"]) * factor
+        info = {**info, "latency_ms": latency_ms, "violation": latency_ms > float(info["budget_ms"]), "drift_factor": factor}
+        if isinstance(info.get("latency"), dict):
+            info["latency"] = {key: float(value) * factor for key, value in info["latency"].items()}
+        reward = self.env.unwrapped.reward_fn(float(info["quality"]), latency_ms, float(info["budget_ms"]))
+        return observation, reward, terminated, truncated, info
 
 
 def package_versions() -> dict[str, str | None]:

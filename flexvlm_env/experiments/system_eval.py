@@ -45,6 +45,7 @@ LEARNED = ("flexvlm", "lut")
 METHODS = (*BASELINES, *LEARNED)
 RETIMED = ("flexvlm", "lut", "greedy")  # served live a second time, re-timed on the live host (`add_retimed`)
 RETIMED_SUFFIX = "+retimed"
+ONLINE_SUFFIX = "+online"  # RETIMED's methods, as trained and re-timed, with an online budget margin (`add_online`)
 CONTENDERS = ("tokens_only", "depth_only", "width_only", "greedy")  # what the bar compares FlexVLM with
 BAR_FRACTIONS = (0.5, 0.35)
 # FlexVLM's training budgets: the evaluation's five fractions plus two looser than the full
@@ -158,7 +159,9 @@ def serve_case(controller, env, request_id: str, fraction: float, seed: int, bud
 def serve(controllers: dict, env, request_ids: Sequence[str], fractions: Sequence[float], seed: int = 0,
           time_limit_s: float | None = None, redo_if=None, shuffle: bool = True) -> tuple[list[dict], bool]:
     """Every method x fraction for each request in turn (methods in a seeded order per request).
-    Returns (records, finished); with `time_limit_s` it stops after the request in progress."""
+    Returns (records, finished); with `time_limit_s` it stops after the request in progress. An
+    online-margin controller (`agents.online`) is told each outcome after its execution, and its
+    record keeps the budget scale it decided with (`online_scale`)."""
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     records = []
@@ -169,7 +172,13 @@ def serve(controllers: dict, env, request_ids: Sequence[str], fractions: Sequenc
         order = rng.permutation(len(cases)) if shuffle else range(len(cases))
         for j in order:
             method, fraction = cases[j]
-            record = serve_case(controllers[method], env, request_id, fraction, seed + i, redo_if=redo_if)
+            controller = controllers[method]
+            online = getattr(controller, "kind", None) == "online_margin"
+            scale = controller.budget_scale(fraction) if online else None
+            record = serve_case(controller, env, request_id, fraction, seed + i, redo_if=redo_if)
+            if online:  # the margin learns from each outcome, in serving order
+                controller.observe(record["violation"], fraction)
+                record["online_scale"] = scale
             records.append({"method": method, **record})
     return records, True
 
@@ -478,6 +487,60 @@ def compare_retimed(live: dict, replay: dict) -> dict:
     return {"by_method": out, "mean_abs_violation_diff_from_replay": mean_abs}
 
 
+def add_online(controllers: dict, margin=None) -> dict:
+    """`controllers` plus `<method>+online` for `RETIMED`'s methods and their re-timed copies: each
+    wrapped in its own online budget margin (`agents.online.OnlineMarginController`, `margin`:
+    an `OnlineMargin`, default settings if None), which `serve` updates after every outcome."""
+    from agents.online import OnlineMarginController
+
+    bases = [m for m in controllers if m.removesuffix(RETIMED_SUFFIX) in RETIMED]
+    return {**controllers, **{m + ONLINE_SUFFIX: OnlineMarginController(controllers[m], margin) for m in bases}}
+
+
+def compare_online(live: dict, records: list[dict], quarters: int = 4) -> dict:
+    """Per method served with and without an online margin: per fraction, violation rate and
+    retention of both and the margin's last budget scale; and both violation rates per fraction
+    over the run's successive quarters of requests (how each follows a host whose speed moves)."""
+    order = list(dict.fromkeys(r["request_id"] for r in records))
+    quarter = {rid: min(quarters - 1, i * quarters // max(1, len(order))) for i, rid in enumerate(order)}
+    out: dict = {}
+    for method in live:
+        if not method.endswith(ONLINE_SUFFIX) or method.removesuffix(ONLINE_SUFFIX) not in live:
+            continue
+        base = method.removesuffix(ONLINE_SUFFIX)
+        entry: dict = {"by_fraction": {}, "violation_rate_by_quarter": {}}
+        for f, om in live[method].items():
+            pm = live[base].get(f)
+            if pm is None:
+                continue
+            scales = [r["online_scale"] for r in records if r["method"] == method and fkey(r["fraction"]) == f]
+            entry["by_fraction"][f] = {
+                "violation_rate": pm["violation_rate"], "violation_rate_online": om["violation_rate"],
+                "quality_retention": pm["quality_retention"], "quality_retention_online": om["quality_retention"],
+                "last_budget_scale": scales[-1] if scales else None}
+        for name in (base, method):
+            by_quarter = entry["violation_rate_by_quarter"][name] = {}
+            for f in live[method]:
+                cells = [[] for _ in range(quarters)]
+                for r in records:
+                    if r["method"] == name and fkey(r["fraction"]) == f:
+                        cells[quarter[r["request_id"]]].append(r["violation"])
+                by_quarter[f] = [float(np.mean(c)) if c else None for c in cells]
+        out[base] = entry
+    return out
+
+
+def compact_live_records(payload: dict, decimals: int = 4) -> dict:
+    """A live run's payload with every record's times (`*_ms`) rounded to `decimals` places of a
+    millisecond (100 ns by default, far below the run-to-run noise of these timings): full-precision
+    float timings barely compress, and the kept copy's gzip is about half the size. Nothing else
+    changes."""
+    def rounded(record: dict) -> dict:
+        return {k: round(v, decimals) if k.endswith("_ms") and isinstance(v, float) else v for k, v in record.items()}
+
+    return {**payload, "records": [rounded(r) for r in payload["records"]]}
+
+
 def make_live_env(device: str, per_family_pool: int, calibration_requests: int, dtype: str | None = None):
     """`FlexVLM-v0` (micro) serving the recorded pool's val requests (the same request ids as the
     replay tables: procedural val, task seed 0), budgets from its own calibration on this device.
@@ -522,9 +585,13 @@ COLORS = {"full": "k", "tokens_only": "tab:blue", "depth_only": "tab:orange", "w
 
 
 def _style(method: str) -> dict:
-    """Colour of a method; a re-timed one (`<method>+retimed`, live only) in its method's colour, dashed."""
-    base = method.removesuffix(RETIMED_SUFFIX)
-    return {"color": COLORS.get(base), **({"ls": "--"} if base != method else {})}
+    """Colour of a method; live only, in its method's colour: re-timed (`<method>+retimed`) dashed,
+    with an online margin (`+online`) dotted, both dash-dotted."""
+    online = method.endswith(ONLINE_SUFFIX)
+    retimed = method.removesuffix(ONLINE_SUFFIX).endswith(RETIMED_SUFFIX)
+    base = method.removesuffix(ONLINE_SUFFIX).removesuffix(RETIMED_SUFFIX)
+    ls = {(True, False): "--", (False, True): ":", (True, True): "-."}.get((retimed, online))
+    return {"color": COLORS.get(base), **({"ls": ls} if ls else {})}
 
 
 def plot_from_results(results_dir: Path) -> list[Path]:
@@ -535,9 +602,15 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     written = []
     panels = [(s, summary["replay"][s]["metrics"], summary["replay"][s].get("oracle")) for s in summary["replay"]]
     if summary.get("live", {}).get("metrics"):
-        live = summary["live"]["metrics"]
+        # in METHODS' order, each followed by its online, re-timed and re-timed online copies (the
+        # records' order is the serving order, shuffled per request)
+        variants = ("", ONLINE_SUFFIX, RETIMED_SUFFIX, RETIMED_SUFFIX + ONLINE_SUFFIX)
+        rank = {m + v: i for i, (m, v) in enumerate((m, v) for m in METHODS for v in variants)}
+        live = dict(sorted(summary["live"]["metrics"].items(), key=lambda item: rank.get(item[0], len(rank))))
         retimed = any(m.endswith(RETIMED_SUFFIX) for m in live)
-        panels.append(("live " + summary["live"]["device"] + (" (dashed: re-timed on this host)" if retimed else ""), live, None))
+        online = any(m.endswith(ONLINE_SUFFIX) for m in live)
+        note = ", ".join(n for n, shown in (("dashed: re-timed on this host", retimed), ("dotted: online margin", online)) if shown)
+        panels.append(("live " + summary["live"]["device"] + (f" ({note})" if note else ""), live, None))
 
     def grid_plot(name, title, draw):
         plt = pyplot()
@@ -549,7 +622,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
                         ls=":", lw=2, label="floor: fastest config over budget")
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
-            if any(m.endswith(RETIMED_SUFFIX) for m in data):  # methods the first panel's legend lacks
+            if any(m.endswith((RETIMED_SUFFIX, ONLINE_SUFFIX)) for m in data):  # methods the first panel's legend lacks
                 ax.legend(fontsize=6)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
@@ -599,6 +672,33 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         ax.set_ylabel("decision (+ features, live) ms, median")
 
     grid_plot("e4_overhead_vs_savings.png", "E4: controller overhead vs latency saved", overhead)
+
+    online = summary.get("live", {}).get("online_vs_none") or {}
+    if online:
+        fractions = [f for f in ("0.7", "0.85", "1") if any(f in e["violation_rate_by_quarter"][b] for b, e in online.items())]
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(fractions), figsize=(4.6 * len(fractions), 3.6), squeeze=False)
+        for ax, f in zip(axes[0], fractions):
+            for base in RETIMED:  # as trained, solid, and with the margin, dotted
+                entry = online.get(base)
+                if entry is None or f not in entry["violation_rate_by_quarter"][base]:
+                    continue
+                for name in (base, base + ONLINE_SUFFIX):
+                    rates = [np.nan if r is None else r for r in entry["violation_rate_by_quarter"][name][f]]
+                    ax.plot(range(1, len(rates) + 1), rates, marker="o", ms=3, label=name, **_style(name))
+                    ax.set_xticks(range(1, len(rates) + 1))
+            target = summary["live"].get("online_margin") or {}
+            if target.get("target_violation_rate"):
+                ax.axhline(target["target_violation_rate"], color="k", lw=0.8, ls="--", label="target")
+            ax.set_xlabel("quarter of the live run (requests in serving order)")
+            ax.set_ylabel("violation rate")
+            ax.set_title(f"budget fraction {f}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"E4 live ({summary['live']['device']}): violations over the run, as trained (solid) and "
+                     "with an online budget margin (dotted)", fontsize=10)
+        fig.tight_layout()
+        written.append(save_figure(fig, figures / "e4_online_margin.png", 120))
 
     curves = {s: v.get("operating_curve") for s, v in summary["replay"].items() if v.get("operating_curve")}
     if curves:
