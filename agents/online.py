@@ -16,9 +16,9 @@ distribution shift", NeurIPS 2021), on the log scale:
 A missed budget tightens the scale by `step * (1 - target)`, a met one loosens it by
 `step * target`, so the scale settles where the controller misses `target_violation_rate` of its
 budgets, and moves again when the host's speed does. The guarantee needs no model of the host: the
-log scale moves by the sum of the updates, so over any T requests in a row during which the scale
-is never clipped to [min_scale, max_scale], the violation rate is within
-log(max_scale / min_scale) / (step * T) of the target.
+log scale moves by the sum of the updates, so over any T successive requests of one budget bucket
+(below) during which its scale is never clipped to [min_scale, max_scale], their violation rate is
+within log(max_scale / min_scale) / (step * T) of the target.
 
 There is one scale per budget bucket (`OnlineMargin.budget_fractions`: bucket i holds the budget
 fractions from the i-th value up to the next, as the LUT buckets them), so the target holds at
