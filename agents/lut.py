@@ -2,8 +2,9 @@
 
 For each family and each budget fraction the table holds the configuration with the best mean
 profiled quality among those whose profiled violation rate (over the family's requests and the
-recorded latency residuals) is at most `max_violation_rate`; when none is, the one with the lowest
-violation rate. At decision time a budget fraction is mapped to the largest tabulated fraction not
+recorded latency residuals) is at most `max_violation_rate`; when none is, the one with the smallest
+expected relative overshoot of the budget (what the env's reward subtracts), which where every
+configuration misses is the fastest relative to the budgets. At decision time a budget fraction is mapped to the largest tabulated fraction not
 above it (a smaller budget than any tabulated one uses the smallest), so an unseen budget never
 gets a configuration tabulated for a looser one.
 """
@@ -63,7 +64,12 @@ class LUTController(Controller):
                     # best quality, then the faster of equals
                     key = np.lexsort((mean_latency, -np.where(feasible, quality, -np.inf)))
                 else:
-                    key = np.lexsort((mean_latency, violation))
+                    # No configuration meets the bound: the smallest expected overshoot (the env's
+                    # penalty), then the fastest. The fewest violations would favour a configuration
+                    # whose latency spreads wide, often a slower one, so a tighter budget could get a
+                    # slower configuration than a looser one.
+                    overshoot = np.maximum(latency / budget[:, None, None] - 1.0, 0.0).mean(axis=(0, 2))
+                    key = np.lexsort((mean_latency, overshoot))
                 table[f, b] = key[0]
         return cls(table, fractions, profiles.grid, max_violation_rate)
 

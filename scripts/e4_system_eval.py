@@ -105,12 +105,14 @@ class Args:
     pattern_probe: bool = False
     """run only the serving-pattern probe (micro on --device; same pairs config-major, switching, and
     switching with host idle gaps) and write e4_serving_pattern.json to --out-dir"""
-    pattern_file: Path | None = ROOT / "results/device/e4_serving_pattern_h100.json"
-    """replay mode with --live-records: a serving-pattern probe's output to include in the summary"""
-    recheck_table: Path | None = ROOT / "results/device/e4_profile_recheck_h100.parquet"
+    pattern_file: Path | None = ROOT / "results/device/e4_serving_pattern_h200.json"
+    """replay mode with --live-records: a serving-pattern probe's output to include in the summary
+    (default: the probe on the H200, where micro's live runs are served)"""
+    recheck_table: Path | None = None
     """replay mode with --live-records: a `flexvlm-profile requests` table re-measured on another GPU
     instance (column omp_num_threads), compared with the recorded table on the same (request,
-    config) like the live records are: separates the instance from the serving pattern"""
+    config) like the live records are: separates the instance from the serving pattern (the one
+    kept, results/device/e4_profile_recheck_h100.parquet, is an H100 re-measurement of an earlier table)"""
 
     def validate(self) -> None:
         for source in self.sources:

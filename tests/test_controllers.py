@@ -113,6 +113,30 @@ def test_lut_picks_best_feasible_config_per_budget():
     assert budget_buckets(np.array([0.1, 0.35, 0.5, 0.84, 5.0]), np.array([0.35, 0.5, 0.85])).tolist() == [0, 0, 1, 1, 2]
 
 
+def test_lut_falls_back_to_the_smallest_expected_overshoot_not_the_fewest_violations():
+    # Three configurations, one request, budget reference 10 ms. Config 0 (crops 1) takes 2.2 ms and
+    # config 2 (crops 3) 3.0 ms, every time; config 1 (crops 2) has a median of 4 ms but its runs
+    # spread wide: 1 or 7 ms. Config 1 answers best, then config 0.
+    # - 0.25 x 10 = 2.5 ms: config 0 meets every budget, so it is kept (config 1 misses half).
+    # - 0.2 x 10 = 2 ms: nothing meets a 5% bound. The fewest violations would keep config 1 (half
+    #   missed, by 2.5x when missed), slower on average than the 2.5 ms bucket's config 0; the
+    #   expected overshoot is 0.1 for config 0, (0 + 2.5) / 2 = 1.25 for config 1, 0.5 for config 2.
+    # - 0.05 x 10 = 0.5 ms: every run misses; overshoots 3.4, 7.0 (the mean of 1 and 13) and 5.0.
+    tables = ProfileTables(
+        grid=KnobGrid(crops=(1, 2, 3), top_k=(8,), active_blocks=(16,)), request_ids=("r0",),
+        family_index=np.zeros(1, np.int64), quality=np.array([[0.5, 0.9, 0.1]]),
+        latency_ms=np.array([[2.2, 4.0, 3.0]]), noise_factor=np.array([[1.0, 1.0], [0.25, 1.75], [1.0, 1.0]]),
+        reference_ms=np.full(1, 10.0), prompt_features=np.zeros((1, 4), np.float32),
+        image_features=np.zeros((1, 6), np.float32), metadata={})
+    lut = LUTController.fit(tables, budget_fractions=(0.05, 0.2, 0.25))
+    assert lut.table[0].tolist() == [0, 0, 0]
+    # So a tighter budget never gets a slower configuration here (the online margin relies on it);
+    # the previous rule, the fewest violations, kept config 1 at 0.2 (and config 0 at 0.05).
+    fewest_violations = [int(np.argmin([(tables.latency_ms[0, c] * tables.noise_factor[c] > fraction * 10.0).mean()
+                                        for c in range(3)])) for fraction in (0.05, 0.2)]
+    assert fewest_violations == [0, 1]
+
+
 def test_guardrail_never_empty_and_monotone_in_budget(profiles):
     guardrail = LatencyGuardrail.from_profiles(profiles)
     families = np.repeat(np.arange(len(FAMILY_NAMES)), 4)
