@@ -8,8 +8,11 @@ Replay mode: for each latency source (`--sources`: molmoe-1b H100 and micro H100
 fits the controllers on that source's train half (FlexVLM = MaskablePPO through `trainers.ppo`,
 the LUT, the five baselines; saved under `--controllers-dir/<source>/<method>` and reused when
 present), serves every held-out request x budget fraction once per method on `FlexVLMReplay-v0`
-(timed decision, one execution), and runs FlexVLM's operating curve (budgets told x 0.8..6, violations
-against the true budget) for the bar's "at equal or lower violation rate" comparison.
+(timed decision, one execution), and runs FlexVLM's operating curve at every fraction (budgets told
+x 0.8..6, violations against the true budget) for the "at equal or lower violation rate"
+comparisons: E4's bar at fractions 0.5 and 0.35 (`bar_check`) and issue [controllers]' bar, +5
+points of retention over the best single-knob baseline averaged over the five fractions
+(`controllers_bar`, under each source's `bar`).
 
 Live mode (`--live`): loads the controllers of the micro H100 replay source, builds `FlexVLM-v0`
 (micro on `--device`; budgets = fractions of the full latency it calibrates on that device) and
@@ -287,11 +290,12 @@ def main(args: Args) -> dict | Path:
             ids += [rid for rid in env.unwrapped.request_ids if rid in live_ids and rid not in set(ids)]
         t0 = time.perf_counter()
         records, _ = e4.serve(controllers, env, ids, args.budget_fractions, args.seed, shuffle=False)
-        curve_records = e4.operating_curve(controllers["flexvlm"], env, ids, e4.BAR_FRACTIONS, args.budget_scales, args.seed)
+        curve_records = e4.operating_curve(controllers["flexvlm"], env, ids, args.budget_fractions, args.budget_scales, args.seed)
         serve_s = time.perf_counter() - t0
         metrics = e4.summarize(records)
         curve = e4.curve_points(curve_records, e4.full_quality_by_request(records))
         bar = e4.bar_check(metrics, curve)
+        bar["controllers_bar"] = e4.controllers_bar(metrics, curve, args.budget_fractions)
         replay[source] = {"n_requests": len(ids), "controllers": {m: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
                                                                   for m, p in dirs.items()},
                           "flexvlm_training": json.loads((dirs["flexvlm"] / "controller.json").read_text())["metadata"],
@@ -300,6 +304,10 @@ def main(args: Args) -> dict | Path:
         all_records += [{"source": source, **r} for r in records]
         print(f"{source}: {len(ids)} held-out requests; bar strict={bar['retention_bar_strict']} "
               f"at-equal-violation={bar['retention_bar_at_equal_violation']} p95={bar['p95_bar']}")
+        cb = bar["controllers_bar"]
+        print(f"  issue [controllers] bar (+{cb['points']:g} over the best single-knob baseline, mean of {len(cb['fractions'])} "
+              f"fractions): met={cb['met']}; margins " + ", ".join(
+                  f"{name} {c['margin']:+.3f}" if c["margin"] is not None else f"{name} -" for name, c in cb["comparisons"].items()))
 
     live = {}
     if payload is not None:

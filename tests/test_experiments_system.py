@@ -74,6 +74,42 @@ def test_retention_at_violation_and_bar_check():
     assert not e4.bar_check(summary, curve)["p95_bar"]
 
 
+def test_controllers_bar_known_values():
+    """Means over two fractions; FlexVLM's operating curve at one scale for both fractions."""
+    def m(ret, viol):
+        return {"quality_retention": ret, "violation_rate": viol}
+
+    summary = {"flexvlm": {"0.5": m(0.80, 0.00), "1": m(0.90, 0.02)},  # mean 0.85 at 1%
+               "tokens_only": {"0.5": m(0.70, 0.40), "1": m(0.80, 0.00)},  # mean 0.75 at 20%
+               "depth_only": {"0.5": m(0.78, 0.02), "1": m(0.82, 0.00)},  # mean 0.80 at 1%
+               "width_only": {"0.5": m(0.96, 1.00), "1": m(0.98, 0.20)}}  # mean 0.97 at 60%
+    curve = {"0.5": [{"budget_scale": 1.0, "violation_rate": 0.00, "quality_retention": 0.80},
+                     {"budget_scale": 1.5, "violation_rate": 0.30, "quality_retention": 0.90},
+                     {"budget_scale": 3.0, "violation_rate": 0.90, "quality_retention": 0.98}],
+             "1": [{"budget_scale": 1.0, "violation_rate": 0.02, "quality_retention": 0.90},
+                   {"budget_scale": 1.5, "violation_rate": 0.10, "quality_retention": 0.96},
+                   {"budget_scale": 3.0, "violation_rate": 0.30, "quality_retention": 1.00},
+                   {"budget_scale": 6.0, "violation_rate": 0.50, "quality_retention": 1.00}]}  # not at 0.5: left out
+    bar = e4.controllers_bar(summary, curve, (0.5, 1.0))
+    assert [p["budget_scale"] for p in bar["mean_operating_curve"]] == [1.0, 1.5, 3.0]
+    assert bar["mean_operating_curve"][1] == pytest.approx({"budget_scale": 1.5, "violation_rate": 0.2, "quality_retention": 0.93})
+    rows = bar["comparisons"]
+    # tokens_only: at <= 20% the curve's scale 1.5 keeps 0.93: +18 points
+    assert rows["tokens_only"]["flexvlm_retention_at_their_violation"] == pytest.approx(0.93)
+    assert rows["tokens_only"]["margin"] == pytest.approx(0.18) and rows["tokens_only"]["met"]
+    # depth_only: only FlexVLM as served (1%) is at <= 1%: 0.85 against 0.80, exactly +5 points
+    assert rows["depth_only"]["margin"] == pytest.approx(0.05) and rows["depth_only"]["met"]
+    # width_only keeps the most (0.97 at 60%), so it is the one the bar is read against: 0.99 is +2
+    assert bar["best_single_knob"] == "width_only"
+    assert rows["width_only"]["flexvlm_retention_at_their_violation"] == pytest.approx(0.99)
+    assert not rows["width_only"]["met"] and not bar["met"]
+    # a baseline that violates less than any point of FlexVLM's: nothing to compare at
+    summary["depth_only"] = {"0.5": m(0.5, 0.0), "1": m(0.5, 0.0)}
+    assert e4.controllers_bar(summary, curve, (0.5, 1.0))["comparisons"]["depth_only"]["margin"] is None
+    with pytest.raises(ValueError, match=r"fractions \['0.7'\]"):
+        e4.controllers_bar(summary, curve, (0.5, 0.7))
+
+
 def test_compare_live_replay_differences():
     a = {"x": {"0.5": {"violation_rate": 0.2, "latency_p95_ms": 5.0, "latency_over_budget_p95": 1.1, "quality_retention": 0.9}}}
     b = {"x": {"0.5": {"violation_rate": 0.1, "latency_p95_ms": 4.0, "latency_over_budget_p95": 1.0, "quality_retention": 0.95}}}

@@ -23,7 +23,9 @@ full configuration on the same requests, latency mean/P50/P95/P99, SLO violation
 latency/budget (budgets differ per family), per-family P95 vs budget, decision overhead and the
 median latency saved vs full. `operating_curve` serves a controller with budget fractions scaled
 (0.8x to 6x), scoring violations against the true budget, which gives its retention at other
-violation levels: `bar_check` uses it to compare with a baseline "at equal or lower violation rate".
+violation levels: `bar_check` uses it to compare with a baseline "at equal or lower violation rate"
+at fractions 0.5 and 0.35 (E4's bar), `controllers_bar` averaged over the five fractions with one
+scale for all of them (issue [controllers]' bar: +5 points over the best single-knob baseline).
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ RETIMED = ("flexvlm", "lut", "greedy")  # served live a second time, re-timed on
 RETIMED_SUFFIX = "+retimed"
 ONLINE_SUFFIX = "+online"  # RETIMED's methods, as trained and re-timed, with an online budget margin (`add_online`)
 CONTENDERS = ("tokens_only", "depth_only", "width_only", "greedy")  # what the bar compares FlexVLM with
+SINGLE_KNOB = ("tokens_only", "depth_only", "width_only")
+CONTROLLERS_BAR_POINTS = 0.05  # issue [controllers]: >= the best single-knob baseline's retention + 5 points
 BAR_FRACTIONS = (0.5, 0.35)
 # FlexVLM's training budgets: the evaluation's five fractions plus two looser than the full
 # configuration's latency, so a loose budget is spent on quality rather than extrapolated to.
@@ -312,6 +316,49 @@ def retention_at_violation(points: list[dict], violation_rate: float) -> float |
     `violation_rate` (None when every point violates more)."""
     ok = [p["quality_retention"] for p in points if p["violation_rate"] <= violation_rate + 1e-12]
     return max(ok) if ok else None
+
+
+def controllers_bar(summary: dict, curve: dict[str, list[dict]], fractions: Sequence[float], method: str = "flexvlm",
+                    contenders: Sequence[str] = SINGLE_KNOB, points: float = CONTROLLERS_BAR_POINTS) -> dict:
+    """Issue [controllers]' bar, averaged over `fractions`: `method`'s retention at a violation rate
+    no higher than each single-knob baseline's, minus that baseline's retention, against `points`.
+
+    Means are over the fractions (retention and violation rate per fraction, then averaged). The
+    method's retention "at their violation rate" is the best of its own (if it violates no more)
+    and of its operating curve's points, one budget scale for every fraction, whose mean violation
+    rate is no higher. The bar is met against the single-knob baseline with the highest retention
+    (`best_single_knob`); every contender's margin is reported."""
+    keys = [fkey(f) for f in fractions]
+    missing = [k for k in keys if k not in curve or k not in summary[method]]
+    if missing:
+        raise ValueError(f"fractions {missing}: no operating curve or metrics of {method!r} there; "
+                         f"the curve has {sorted(curve)}")
+    by_scale: dict[float, list[dict]] = {}
+    for k in keys:
+        for p in curve[k]:
+            by_scale.setdefault(p["budget_scale"], []).append(p)
+    mean_curve = [{"budget_scale": scale,
+                   "violation_rate": float(np.mean([p["violation_rate"] for p in pts])),
+                   "quality_retention": float(np.mean([p["quality_retention"] for p in pts]))}
+                  for scale, pts in sorted(by_scale.items()) if len(pts) == len(keys)]
+
+    def mean_of(name: str) -> dict:
+        return {m: float(np.mean([summary[name][k][m] for k in keys])) for m in ("quality_retention", "violation_rate")}
+
+    ours = mean_of(method)
+    rows = {}
+    for name in contenders:
+        theirs = mean_of(name)
+        candidates = [r for r in (ours["quality_retention"] if ours["violation_rate"] <= theirs["violation_rate"] + 1e-12 else None,
+                                  retention_at_violation(mean_curve, theirs["violation_rate"])) if r is not None]
+        at = max(candidates) if candidates else None
+        margin = None if at is None else at - theirs["quality_retention"]
+        rows[name] = {"retention": theirs["quality_retention"], "violation_rate": theirs["violation_rate"],
+                      f"{method}_retention_at_their_violation": at, "margin": margin,
+                      "met": bool(margin is not None and margin >= points - 1e-12)}
+    best = max(contenders, key=lambda name: rows[name]["retention"])
+    return {"fractions": keys, "points": points, method: ours, "mean_operating_curve": mean_curve,
+            "comparisons": rows, "best_single_knob": best, "met": rows[best]["met"]}
 
 
 def bar_check(summary: dict, curve: dict[str, list[dict]], method: str = "flexvlm",
