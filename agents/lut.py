@@ -4,9 +4,9 @@ For each family and each budget fraction the table holds the configuration with 
 profiled quality among those whose profiled violation rate (over the family's requests and the
 recorded latency residuals) is at most `max_violation_rate`; when none is, the one with the smallest
 expected relative overshoot of the budget (what the env's reward subtracts), which where every
-configuration misses is the fastest relative to the budgets. At decision time a budget fraction is mapped to the largest tabulated fraction not
-above it (a smaller budget than any tabulated one uses the smallest), so an unseen budget never
-gets a configuration tabulated for a looser one.
+configuration misses is the fastest relative to the budgets. At decision time a budget fraction is
+mapped to the largest tabulated fraction not above it (a smaller budget than any tabulated one uses
+the smallest), so an unseen budget never gets a configuration tabulated for a looser one.
 """
 from __future__ import annotations
 

@@ -119,8 +119,8 @@ def test_lut_falls_back_to_the_smallest_expected_overshoot_not_the_fewest_violat
     # spread wide: 1 or 7 ms. Config 1 answers best, then config 0.
     # - 0.25 x 10 = 2.5 ms: config 0 meets every budget, so it is kept (config 1 misses half).
     # - 0.2 x 10 = 2 ms: nothing meets a 5% bound. The fewest violations would keep config 1 (half
-    #   missed, by 2.5x when missed), slower on average than the 2.5 ms bucket's config 0; the
-    #   expected overshoot is 0.1 for config 0, (0 + 2.5) / 2 = 1.25 for config 1, 0.5 for config 2.
+    #   its runs missed, each by 7 / 2 - 1 = 2.5), slower on average than the 2.5 ms bucket's config
+    #   0; the expected overshoot is 0.1 for config 0, (0 + 2.5) / 2 = 1.25 for config 1, 0.5 for 2.
     # - 0.05 x 10 = 0.5 ms: every run misses; overshoots 3.4, 7.0 (the mean of 1 and 13) and 5.0.
     tables = ProfileTables(
         grid=KnobGrid(crops=(1, 2, 3), top_k=(8,), active_blocks=(16,)), request_ids=("r0",),
