@@ -167,7 +167,8 @@ def test_retimed_lut_with_the_margin_gets_faster_when_told_tighter_budgets(profi
     records = ROOT / "results/device/session24/e4_live_records_call3.json.gz"
     with gzip.open(records, "rt") as handle:
         retiming = json.load(handle)["retiming"]
-    lut = LUTController.fit(profiles.retimed(np.asarray(retiming["factor"]), np.asarray(retiming["residual"])))
+    retimed = profiles.retimed(np.asarray(retiming["factor"]), np.asarray(retiming["residual"]))
+    lut = LUTController.fit(retimed)
     assert lut.fractions.tolist() == [0.35, 0.5, 0.7, 0.85, 1.0]
 
     def slower():
@@ -180,7 +181,6 @@ def test_retimed_lut_with_the_margin_gets_faster_when_told_tighter_budgets(profi
     assert plain[at_07].mean() > 0.1 and online[at_07].mean() < 0.09
     # per family, the tightest bucket's configuration is expected no slower on that host (its
     # residuals included) than the 0.7 bucket's
-    retimed = profiles.retimed(np.asarray(retiming["factor"]), np.asarray(retiming["residual"]))
     for family in np.unique(retimed.family_index):
         rows = retimed.family_index == family
         fraction = (retimed.latency_ms[rows] / retimed.reference_ms[rows, None]).mean(axis=0) * retimed.noise_factor.mean(axis=1)

@@ -550,6 +550,9 @@ def compare_online(live: dict, records: list[dict], quarters: int = 4) -> dict:
     over the run's successive quarters of requests (how each follows a host whose speed moves)."""
     order = list(dict.fromkeys(r["request_id"] for r in records))
     quarter = {rid: min(quarters - 1, i * quarters // max(1, len(order))) for i, rid in enumerate(order)}
+    by_case: dict[tuple[str, str], list[dict]] = {}  # (method, fraction) -> its records in serving order, one pass
+    for r in records:
+        by_case.setdefault((r["method"], fkey(r["fraction"])), []).append(r)
     out: dict = {}
     for method in live:
         if not method.endswith(ONLINE_SUFFIX) or method.removesuffix(ONLINE_SUFFIX) not in live:
@@ -560,7 +563,7 @@ def compare_online(live: dict, records: list[dict], quarters: int = 4) -> dict:
             pm = live[base].get(f)
             if pm is None:
                 continue
-            scales = [r["online_scale"] for r in records if r["method"] == method and fkey(r["fraction"]) == f]
+            scales = [r["online_scale"] for r in by_case.get((method, f), [])]
             entry["by_fraction"][f] = {
                 "violation_rate": pm["violation_rate"], "violation_rate_online": om["violation_rate"],
                 "quality_retention": pm["quality_retention"], "quality_retention_online": om["quality_retention"],
@@ -569,9 +572,8 @@ def compare_online(live: dict, records: list[dict], quarters: int = 4) -> dict:
             by_quarter = entry["violation_rate_by_quarter"][name] = {}
             for f in live[method]:
                 cells = [[] for _ in range(quarters)]
-                for r in records:
-                    if r["method"] == name and fkey(r["fraction"]) == f:
-                        cells[quarter[r["request_id"]]].append(r["violation"])
+                for r in by_case.get((name, f), []):
+                    cells[quarter[r["request_id"]]].append(r["violation"])
                 by_quarter[f] = [float(np.mean(c)) if c else None for c in cells]
         out[base] = entry
     return out
