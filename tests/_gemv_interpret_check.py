@@ -129,7 +129,9 @@ def main() -> int:
     for dtype in (F32, BF16):
         for mode in ("plain", "norm", "add+norm"):
             gemv_case(report, 96, 200, dtype, GemvConfig(8, 64, 4), mode)  # tiles that do not divide N or K
-            gemv_case(report, 384, 2048, dtype, GemvConfig(2, 512, 2), mode)  # MolmoE's K, the H200 tile
+            # MolmoE's K and the H200 tile; N is cut to 64 outputs (32 programs), since the interpreter
+            # runs every program in Python and N only repeats what each program does.
+            gemv_case(report, 64, 2048, dtype, GemvConfig(2, 512, 2), mode)
             gemv_case(report, 5, 33, dtype, GemvConfig(4, 16, 1), mode)
     x, weight = nonzero_randn(1, 64), torch.randn(48, 64)
     got, _ = decode_gemv_auto(x, weight, impl="triton")

@@ -39,14 +39,15 @@ def test_reader_outputs_letter_logits():
 
 
 def test_reader_can_fit_a_small_set_of_words():
-    """The reader's gradient path works end to end: on 16 fixed images of large text it fits the
-    letters (whether it generalises at a text size is what the probe itself measures)."""
+    """The reader's gradient path works end to end: on 8 fixed images of large text it fits the
+    letters (whether it generalises at a text size is what the probe itself measures). Chance is
+    1 / 26; seeds 0-5 fit 22-24 of the 24 letters in 60 steps on this project's CPU."""
     torch.manual_seed(0)
     model = probe.Reader()
-    images, labels = probe.make_batch(16, 28, model.vision.crop_px, np.random.default_rng(0))
+    images, labels = probe.make_batch(8, 28, model.vision.crop_px, np.random.default_rng(0))
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    fit(model, images, labels, steps=150)
-    assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
+    fit(model, images, labels, steps=60)
+    assert probe.evaluate(model, images, labels)["letter_accuracy"] >= 0.8
 
 
 def fit(model, images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
@@ -95,14 +96,15 @@ def test_probe_resumes_height_by_height(tmp_path, monkeypatch):
 
 
 def test_reader_on_pooled_features_outputs_letter_logits_and_fits():
-    """--read-from pooled reads through micro's own 2x2 attention pooling (64 dims per cell)."""
+    """--read-from pooled reads through micro's own 2x2 attention pooling (64 dims per cell). It fits
+    more slowly than the ViT's cells: seeds 0-5 fit 21-24 of 24 letters in 120 steps."""
     torch.manual_seed(0)
     model = probe.Reader("pooled")
-    images, labels = probe.make_batch(16, 28, model.vision.crop_px, np.random.default_rng(0))
+    images, labels = probe.make_batch(8, 28, model.vision.crop_px, np.random.default_rng(0))
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    assert model(images).shape == (16, 3, 26)
-    fit(model, images, labels, steps=200)
-    assert probe.evaluate(model, images, labels)["letter_accuracy"] > 0.9
+    assert model(images).shape == (8, 3, 26)
+    fit(model, images, labels, steps=120)
+    assert probe.evaluate(model, images, labels)["letter_accuracy"] >= 0.8
     with pytest.raises(ValueError, match="--read-from='cells' is not valid"):
         probe.Args(read_from="cells")
 

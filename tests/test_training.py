@@ -255,18 +255,18 @@ def test_training_reduces_loss_on_a_fixed_batch(micro_tokenizer):
     module = init_for_training_(MolmoE(MICRO), seed=1)
     # One crop keeps the sequences short (fast on a CPU); the answers still depend on the images.
     knobs = ElasticKnobs(enabled=False, crops_choices=(1,))
-    batch = build_batch(0, TrainBatchSpec(batch_size=4), knobs, MICRO, micro_tokenizer)
+    batch = build_batch(0, TrainBatchSpec(batch_size=2), knobs, MICRO, micro_tokenizer)
     images, masks = batch_views(batch, 1, MICRO.vision, micro_tokenizer.special, "cpu")
     optimizer = torch.optim.AdamW(module.parameters(), lr=5e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(30):  # the loss crosses 1.5 near step 24 and is ~0.6 at step 30
         loss, _ = teacher_forced_loss(module, images, masks, batch["input_ids"], batch["labels"], batch["feature_pos"],
                                       batch["feature_rows"], tuple(range(16)), 8, micro_tokenizer.special.pad)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[0] > 6.0 and losses[-1] < 1.5  # from ~ln(1024) to memorising the four answers
+    assert losses[0] > 6.0 and losses[-1] < 1.5  # from ~ln(1024) to memorising the two answers
 
 
 def test_training_state_round_trip(tmp_path):
