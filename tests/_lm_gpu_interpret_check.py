@@ -73,7 +73,7 @@ def run_cases(report, device: str = "cpu", precision: str | None = None) -> None
     env = gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
     observations, _, _ = pool_observations(env, (0.35, 0.7, 1.0))
     rng = np.random.default_rng(0)
-    pick = rng.choice(len(observations["family"]), size=24, replace=False)  # the interpreter runs a program per row
+    pick = rng.choice(len(observations["family"]), size=40, replace=False)
     sample = {k: v[pick] for k, v in observations.items()}
     for kind in ("dpo", "grpo"):
         check(report, f"M3 {kind} controller", load_controller(ROOT / "results/m3_controllers" / kind), sample, device, precision)
