@@ -346,14 +346,17 @@ def test_supervised_resume_continues_without_loss_or_duplicates(tmp_path):
 
 
 def test_trainer_bad_input(tmp_path):
-    bad = train("lut", tmp_path, "--total-env-steps", "0")
-    assert bad.returncode != 0 and "--total-env-steps=0" in bad.stderr
-    bad = train("lut", tmp_path, "--env", "CartPole-v1")
-    assert bad.returncode != 0 and "--env='CartPole-v1'" in bad.stderr
-    bad = train("lut", tmp_path, "--resume", str(tmp_path / "nothing"))
-    assert bad.returncode != 0 and "not a run directory" in bad.stderr
-    bad = train("lut", tmp_path, "--latency", "molmoe-1b-a100")
-    assert bad.returncode != 0 and "--latency='molmoe-1b-a100'" in bad.stderr and "molmoe-1b-h200" in bad.stderr
+    """A bad value is a usage error: exit status 2, one line naming it, no traceback, no run directory."""
+    for args, message in [(("--total-env-steps", "0"), "--total-env-steps=0 must be >= 1"),
+                          (("--seed", "-1"), "--seed=-1 must be >= 0"),
+                          (("--env", "CartPole-v1"), "--env='CartPole-v1' is not known"),
+                          (("--resume", str(tmp_path / "nothing")), f"--resume={tmp_path / 'nothing'} is not a run directory"),
+                          (("--latency", "molmoe-1b-a100"), "--latency='molmoe-1b-a100'")]:
+        bad = train("lut", tmp_path, *args)
+        assert bad.returncode == 2 and f"flexvlm-train lut: error: {message}" in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+    assert "molmoe-1b-h200" in bad.stderr  # the allowed sources are listed
+    assert not any(tmp_path.iterdir())
     unknown = subprocess.run([sys.executable, "-m", "trainers.cli", "sarsa"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr
 

@@ -602,6 +602,14 @@ def test_validate_command_replays_a_live_recording(micro, tmp_path, capsys):
     assert "2/2" in out and "REPRODUCED" in out
 
 
+def test_validate_command_refuses_a_missing_record_as_a_usage_error(tmp_path, capsys):
+    """Exit status 2 (a usage error; 1 means "not reproduced"), naming the file, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main([str(tmp_path / "none.parquet")])
+    assert exit_info.value.code == 2
+    assert f"record='{tmp_path / 'none.parquet'}': no such file" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # shipped tables and doctests
 

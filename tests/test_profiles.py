@@ -7,6 +7,7 @@ a few procedural requests and a 2 x 2 x 2 knob grid.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -941,10 +942,10 @@ def test_cli_quality(tmp_path, capsys):
     assert sharded[columns].sort_values(columns[:4]).reset_index(drop=True).equals(
         merged[columns].sort_values(columns[:4]).reset_index(drop=True))
     assert sharded_meta["protocol"]["shard"] == "merged"
-    with pytest.raises(ValueError, match="shard"):
-        cli.main(["quality", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "bad")])
-    with pytest.raises(ValueError, match="--cache-gib=-1.0 must be >= 0"):
-        cli.main(["quality", *POOL_ARGS, "--cache-gib", "-1", "--out", str(tmp_path / "bad")])
+    # usage errors, refused before anything runs
+    assert "--shard='2/2'" in cli_usage_error(capsys, ["quality", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "bad")])
+    assert "--cache-gib=-1.0 must be >= 0" in cli_usage_error(capsys, ["quality", *POOL_ARGS, "--cache-gib", "-1", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
     # Keeping no prepared request (every batch prepared when answered) answers alike.
     cli.main(["quality", *POOL_ARGS, "--cache-gib", "0", "--out", str(tmp_path / "streamed")])
     _cli_json(capsys)
@@ -967,8 +968,7 @@ def test_cli_quality_mask_policy(tmp_path, capsys, micro):
     for s in load_samples("tally_qa", "procedural", "val", 2, 0):
         row = frame.set_index("request_id").loc[s.request_id]
         assert row["answer"] == micro.generate(s.image, s.prompt, config, max_new_tokens=s.max_new_tokens).text
-    with pytest.raises(ValueError, match="mask_policy='middle'"):
-        cli.main([*args, "--mask-policy", "middle", "--out", str(tmp_path / "bad")])
+    assert "mask_policy='middle' is not valid" in cli_usage_error(capsys, [*args, "--mask-policy", "middle", "--out", str(tmp_path / "bad")])
 
 
 def test_cli_requests_and_resume(tmp_path, capsys):
@@ -989,11 +989,20 @@ def test_cli_requests_rerun_resumes(tmp_path, capsys):
     assert again["rows_written_now"] == 0 and again["complete"] is True and again["rows_present"] == 12
 
 
-def test_cli_requests_shard_argument(tmp_path):
-    with pytest.raises(ValueError, match="shard"):
-        cli.main(["requests", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "r")])
-    with pytest.raises(ValueError, match="shard"):
-        cli.main(["requests", *POOL_ARGS, "--shard", "x", "--out", str(tmp_path / "r")])
+def cli_usage_error(capsys, argv: list[str]) -> str:
+    """stderr of a `flexvlm-profile` command refused as a usage error (exit status 2, no traceback), as
+    one line: tyro prints the message in a box wrapped to the terminal's width."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().err).split())
+
+
+def test_cli_requests_shard_argument(tmp_path, capsys):
+    assert "INDEX must be in 0..COUNT-1" in cli_usage_error(capsys, ["requests", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "r")])
+    assert "--shard='x' must be INDEX/COUNT" in cli_usage_error(capsys, ["requests", *POOL_ARGS, "--shard", "x", "--out", str(tmp_path / "r")])
+    assert "KnobGrid.crops=0 is out of range" in cli_usage_error(capsys, ["requests", "--crops", "0", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_stages_and_validate(tmp_path, capsys):
@@ -1030,9 +1039,8 @@ def test_cli_request_table_matches_shipped(tmp_path, capsys):
     pd.testing.assert_frame_equal(mine, shipped.loc[mine.index, mine.columns], check_dtype=False)
 
 
-def test_cli_rejects_nonpositive_max_minutes(tmp_path):
-    with pytest.raises(ValueError, match="max-minutes"):
-        cli.main(["quality", *POOL_ARGS, "--max-minutes", "0", "--out", str(tmp_path / "q")])
+def test_cli_rejects_nonpositive_max_minutes(tmp_path, capsys):
+    assert "--max-minutes=0.0 must be > 0" in cli_usage_error(capsys, ["quality", *POOL_ARGS, "--max-minutes", "0", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "q").exists()
 
 

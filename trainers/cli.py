@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     import tyro
 
     module = importlib.import_module(METHODS[method])
-    args = tyro.cli(module.Args, args=rest, prog=f"flexvlm-train {method}",
+    prog = f"flexvlm-train {method}"
+    args = tyro.cli(module.Args, args=rest, prog=prog,
                     default=module.Args(maskable=True) if method == "maskable_ppo" else None)
+    try:
+        args.validate()  # main() validates again; here a bad value is a usage error, not a traceback
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     module.main(args)
 
 

@@ -84,6 +84,8 @@ class CommonArgs:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
         check_source("--latency", self.latency)
         check_source("--quality", self.quality, "quality")
+        if self.seed < 0:
+            raise ValueError(f"--seed={self.seed!r} must be >= 0")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
             value = getattr(self, name)
             if value < 1:

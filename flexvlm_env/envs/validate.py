@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--env-kwargs={args.env_kwargs!r} is not valid JSON: {error}")
     if not isinstance(env_kwargs, dict):
         parser.error(f"--env-kwargs={args.env_kwargs!r} must be a JSON object")
+    if not args.record.is_file():
+        parser.error(f"record={str(args.record)!r}: no such file (a Parquet file written by EpisodeRecorder)")
     report = validate(args.record, env=args.env, **env_kwargs)
     print(report.summary())
     return 0 if report.reproduced else 1

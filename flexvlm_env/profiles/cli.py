@@ -21,7 +21,7 @@ from typing import Annotated, Optional, Union
 import numpy as np
 import tyro
 
-from ..config import KnobGrid
+from ..config import MASK_POLICIES, KnobGrid
 
 
 @dataclass
@@ -55,6 +55,12 @@ class Common:
     progress: bool = True
     """show a progress bar with ETA"""
 
+    def __post_init__(self) -> None:
+        # Every argument checked here, before a model loads or a table directory is made.
+        self.grid()
+        self.pool()
+        self.deadline()
+
     def grid(self) -> KnobGrid:
         return KnobGrid(crops=self.crops, top_k=self.top_k, active_blocks=self.active_blocks)
 
@@ -80,6 +86,10 @@ class Sharded(Common):
     shard: str = "0/1"
     """INDEX/COUNT: measure every COUNT-th request from INDEX (one process per GPU, e.g.
     CUDA_VISIBLE_DEVICES=i ... --shard i/4 --out DIR/shard-i; merge with `consolidate`)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shard_tuple()
 
     def shard_tuple(self) -> tuple[int, int]:
         try:
@@ -119,6 +129,12 @@ class Quality(Sharded):
     """memory (GiB, on the model's device) for prepared requests kept across the configurations
     of one crops value; past it each batch is prepared when it is answered (a 224 px micro request
     at 12 crops holds about 8 MB)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.max_cached_bytes()
+        if self.mask_policy not in MASK_POLICIES:
+            raise ValueError(f"mask_policy={self.mask_policy!r} is not valid; allowed: {MASK_POLICIES}")
 
     def max_cached_bytes(self) -> int:
         if not self.cache_gib >= 0:
@@ -323,7 +339,7 @@ def validate_stages(cmd: ValidateStages) -> dict:
 
 
 def main(argv=None) -> None:
-    cmd = tyro.cli(Command, args=argv)
+    cmd = tyro.cli(Command, args=argv)  # a ValueError of a command's __post_init__ is a usage error (exit 2)
     print(json.dumps(run(cmd), indent=1, default=str))
 
 
