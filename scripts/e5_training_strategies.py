@@ -52,6 +52,16 @@ class Args:
     extra: tuple[str, ...] = ()
     """extra arguments passed to every `flexvlm-train` call"""
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if not self.methods or unknown:
+            raise ValueError(f"--methods={self.methods}: give one or more of {METHODS} (unknown: {unknown})")
+        if not self.seeds or min(self.seeds) < 0:
+            raise ValueError(f"--seeds={self.seeds}: give one or more seeds >= 0")
+        for name in ("total_env_steps", "eval_every_env_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+
 
 def find_run(runs_dir: Path, method: str, seed: int) -> Path | None:
     """The newest finished run of (method, seed), if any."""

@@ -75,6 +75,17 @@ class Args:
     """a shipped replay latency source (flexvlm_env.profiles.LATENCY_SOURCES, e.g. micro-h200): its
     median latency per configuration instead of timing on this machine"""
 
+    def __post_init__(self) -> None:
+        for name in ("requests_per_family", "grid_requests_per_family", "latency_requests", "latency_repeats",
+                     "latency_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.quality_table is None and self.grid_requests_per_family > self.requests_per_family:
+            raise ValueError(f"--grid-requests-per-family={self.grid_requests_per_family} must be <= "
+                             f"--requests-per-family={self.requests_per_family} (they are its first requests)")
+        if self.threads < 0:
+            raise ValueError(f"--threads={self.threads} must be >= 0 (0: torch's default)")
+
 
 def table_configs(grid: KnobGrid) -> list[tuple[str, Config]]:
     full = grid.full

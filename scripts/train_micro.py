@@ -162,6 +162,15 @@ class Args:
 
     def __post_init__(self) -> None:
         micro = micro_args(self.crop_px)  # a bad crop size fails here, naming --crop-px
+        for name in ("total_steps", "batch_size", "log_every", "ranking_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "profile_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        if not (self.lr > 0 and 0 <= self.min_lr_frac <= 1 and 0 <= self.decay_frac <= 1):
+            raise ValueError(f"--lr={self.lr} must be > 0, --min-lr-frac={self.min_lr_frac} and "
+                             f"--decay-frac={self.decay_frac} in [0, 1]")
         if self.expert_hidden < 1:
             raise ValueError(f"--expert-hidden={self.expert_hidden} must be >= 1 (the shipped micro has {micro.expert_hidden})")
         if not 0 <= self.focus_steps <= self.total_steps:

@@ -215,6 +215,21 @@ def test_train_script_checks_the_elastic_shares():
         script.Args(min_blocks=0)
 
 
+@pytest.mark.parametrize("script_name, kwargs, message", [
+    ("train_micro", {"batch_size": 0}, "--batch-size=0 must be >= 1"),
+    ("train_micro", {"warmup_steps": -1}, "--warmup-steps=-1 must be >= 0"),
+    ("train_micro", {"lr": 0.0}, "--lr=0.0 must be > 0"),
+    ("eval_micro", {"requests_per_family": 0}, "--requests-per-family=0 must be >= 1"),
+    ("eval_micro", {"grid_requests_per_family": 50, "requests_per_family": 20}, "--grid-requests-per-family=50 must be <="),
+    ("e5_training_strategies", {"seeds": ()}, r"--seeds=\(\): give one or more seeds >= 0"),
+    ("e5_training_strategies", {"methods": ("sarsa",)}, r"unknown: \['sarsa'\]"),
+])
+def test_scripts_refuse_bad_arguments_when_parsed(script_name, kwargs, message):
+    """Checked in the arguments' dataclass, so tyro reports them as usage errors before anything runs."""
+    with pytest.raises(ValueError, match=message):
+        load_script(script_name).Args(**kwargs)
+
+
 def test_focus_phase_rejects_bad_values():
     with pytest.raises(ValueError, match="focus_steps=2 needs focus_weights"):
         TrainBatchSpec(focus_steps=2)
