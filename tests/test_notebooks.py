@@ -10,6 +10,7 @@ import pytest
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("nbformat")  # in the test extra; a bare GPU machine running `-m gpu` may lack it
 build = load_script("build_notebooks")
 
 
