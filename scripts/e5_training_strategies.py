@@ -1,11 +1,13 @@
 """E5: LUT, supervised, PPO, MaskablePPO, DPO and GRPO on the same env, budgets and env-step budget.
 
-    python scripts/e5_training_strategies.py [--seeds 0 1 2] [--total-env-steps 126000] [--methods ...]
+    python scripts/e5_training_strategies.py [--seeds 0 1 2] [--total-env-steps 126000] [--methods ...] [--merge]
 
 Every (method, seed) is one `flexvlm-train METHOD --seed S --total-env-steps N --no-baselines`
 run on `FlexVLMReplay-v0` (train half of the recorded requests to learn on, held-out half to
 evaluate on); a run whose `final.json` exists is reused, so the script resumes where it stopped.
-The baselines are evaluated once per seed on the same held-out requests.
+The baselines are evaluated once per seed on the same held-out requests. `--merge` reruns only the
+listed methods: their entries and curves replace those in the existing summary (each marked with its
+date and machine, and listed under `updates`); the other methods and the baselines are kept as they are.
 
 Outputs (committed):
 - `results/e5_summary.json`: per method and baseline `{method, seeds, env_steps_to_threshold,
@@ -51,6 +53,8 @@ class Args:
     """summary JSON; curves and figures go beside it"""
     extra: tuple[str, ...] = ()
     """extra arguments passed to every `flexvlm-train` call"""
+    merge: bool = False
+    """replace only these methods' entries and curves in the existing --out summary (baselines kept)"""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -61,6 +65,8 @@ class Args:
         for name in ("total_env_steps", "eval_every_env_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.merge and not self.out.exists():
+            raise ValueError(f"--merge: --out={str(self.out)!r} does not exist; run without --merge first")
 
 
 def find_run(runs_dir: Path, method: str, seed: int) -> Path | None:
@@ -137,9 +143,17 @@ def plot(curves: dict[str, list[list[dict]]], summary: list[dict], figures: Path
     metrics = ("eval/reward", "eval/quality_retention", "eval/violation_rate", "eval/latency_p95_ms")
     fig, axes = plt.subplots(1, len(metrics), figsize=(18, 3.8))
     for method, runs in curves.items():
-        steps = sorted({r["env_steps"] for run in runs for r in run})
+        if len({len(run) for run in runs}) == 1:
+            # The k-th evaluation of every seed, at their mean env steps: the LM trainers stop a batch short of
+            # or past each eval point (12,597-12,655 env steps for the first), so exact step matches would split
+            # one evaluation into a point per seed.
+            steps = np.mean([[r["env_steps"] for r in run] for run in runs], axis=0)
+            rows = [list(run) for run in runs]
+        else:
+            steps = sorted({r["env_steps"] for run in runs for r in run})
+            rows = [[next((r for r in run if r["env_steps"] == s), None) for s in steps] for run in runs]
         for ax, metric in zip(axes, metrics):
-            values = np.array([[next((r[metric] for r in run if r["env_steps"] == s), np.nan) for s in steps] for run in runs])
+            values = np.array([[np.nan if r is None else r[metric] for r in row] for row in rows])
             mean = np.nanmean(values, axis=0)
             line, = ax.plot(steps, mean, marker="o", markersize=3, label=method)
             ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.2)
@@ -172,53 +186,77 @@ def plot(curves: dict[str, list[list[dict]]], summary: list[dict], figures: Path
     plt.close(fig)
 
 
-def main(args: Args) -> None:
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    curves: dict[str, list[list[dict]]] = {}
-    summary = []
-    for method in args.methods:
-        finals, runs = [], []
-        for seed in args.seeds:
-            run_dir = run_method(args, method, seed)
-            final = json.loads((run_dir / "final.json").read_text())
-            curve = [json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()]
-            finals.append(final)
-            runs.append(curve)
-        curves[method] = runs
-        results = [f["results"][method] for f in finals]
-        thresholds = [steps_to_threshold(c) for c in runs]
-        rewards = [r["mean"]["reward"] for r in results]
-        summary.append({
-            "method": method, "kind": "method", "seeds": list(args.seeds),
-            "env_steps_to_threshold": (None if any(t is None for t in thresholds) else float(np.mean(thresholds))),
-            "env_steps_to_threshold_per_seed": thresholds,
-            "final": mean_tables([final_table(r) for r in results]),
-            "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
-            "final_reward_std_over_seeds": float(np.std(rewards)),
-            "decision_overhead_ms": float(np.mean([f["decision_overhead_ms"][method]["median_ms"] for f in finals])),
-            "train_wall_clock_s": float(np.mean([f["wall_clock_s"] for f in finals])),
-            "env_steps": int(np.mean([f["env_steps"] for f in finals])),
-            "runs": [f["run"] for f in finals],
-        })
-    for name, results in evaluate_baselines(args.seeds).items():
-        summary.append({
-            "method": name, "kind": "baseline", "seeds": list(args.seeds), "env_steps_to_threshold": None,
-            "final": mean_tables([final_table(r) for r in results]),
-            "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
-            "final_reward_std_over_seeds": float(np.std([r["mean"]["reward"] for r in results])),
-            "decision_overhead_ms": float(np.mean([r["decision_overhead_ms"]["median_ms"] for r in results])),
-        })
+def machine() -> dict:
     import torch
 
-    header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro", "latency_source": "molmoe-1b-h100",
-              "eval": "held-out half of the recorded val pool (900 requests) x budget fractions 0.35/0.5/0.7/0.85/1.0",
-              "total_env_steps": args.total_env_steps, "threshold": THRESHOLD,
-              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "date": time.strftime("%Y-%m-%d")}
+    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def method_entry(args: Args, method: str) -> tuple[dict, list[list[dict]]]:
+    """Run (or reuse) every seed of `method`; its summary entry and its held-out curves."""
+    finals, runs = [], []
+    for seed in args.seeds:
+        run_dir = run_method(args, method, seed)
+        finals.append(json.loads((run_dir / "final.json").read_text()))
+        runs.append([json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()])
+    results = [f["results"][method] for f in finals]
+    thresholds = [steps_to_threshold(c) for c in runs]
+    rewards = [r["mean"]["reward"] for r in results]
+    return {
+        "method": method, "kind": "method", "seeds": list(args.seeds),
+        "env_steps_to_threshold": (None if any(t is None for t in thresholds) else float(np.mean(thresholds))),
+        "env_steps_to_threshold_per_seed": thresholds,
+        "final": mean_tables([final_table(r) for r in results]),
+        "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
+        "final_reward_std_over_seeds": float(np.std(rewards)),
+        "decision_overhead_ms": float(np.mean([f["decision_overhead_ms"][method]["median_ms"] for f in finals])),
+        "train_wall_clock_s": float(np.mean([f["wall_clock_s"] for f in finals])),
+        "env_steps": int(np.mean([f["env_steps"] for f in finals])),
+        "runs": [f["run"] for f in finals],
+    }, runs
+
+
+def baseline_entries(seeds) -> list[dict]:
+    return [{
+        "method": name, "kind": "baseline", "seeds": list(seeds), "env_steps_to_threshold": None,
+        "final": mean_tables([final_table(r) for r in results]),
+        "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
+        "final_reward_std_over_seeds": float(np.std([r["mean"]["reward"] for r in results])),
+        "decision_overhead_ms": float(np.mean([r["decision_overhead_ms"]["median_ms"] for r in results])),
+    } for name, results in evaluate_baselines(seeds).items()]
+
+
+def main(args: Args) -> None:
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    curves_path = args.out.parent / "e5_curves.json"
+    today = time.strftime("%Y-%m-%d")
+    fresh = {}
+    curves: dict[str, list[list[dict]]] = {}
+    for method in args.methods:
+        fresh[method], curves[method] = method_entry(args, method)
+    if args.merge:
+        previous = json.loads(args.out.read_text())
+        if previous["total_env_steps"] != args.total_env_steps:
+            raise ValueError(f"--merge: --total-env-steps={args.total_env_steps} differs from the summary's "
+                             f"{previous['total_env_steps']}; every method gets the same env-step budget")
+        header = {k: v for k, v in previous.items() if k != "entries"}
+        # an earlier update of only these methods is superseded by this one
+        header["updates"] = [*(u for u in header.get("updates", []) if not set(u["methods"]) <= set(args.methods)),
+                             {"methods": list(args.methods), "date": today, "machine": machine()}]
+        for entry in fresh.values():
+            entry.update(date=today, machine=machine())
+        summary = [fresh.pop(e["method"], e) for e in previous["entries"]] + list(fresh.values())
+        curves = {**json.loads(curves_path.read_text()), **curves}
+    else:
+        header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro",
+                  "latency_source": "molmoe-1b-h100",
+                  "eval": "held-out half of the recorded val pool (900 requests) x budget fractions 0.35/0.5/0.7/0.85/1.0",
+                  "total_env_steps": args.total_env_steps, "threshold": THRESHOLD, "machine": machine(), "date": today}
+        summary = list(fresh.values()) + baseline_entries(args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))
-    (args.out.parent / "e5_curves.json").write_text(json.dumps(curves))
+    curves_path.write_text(json.dumps(curves))
     figures = args.out.parent / "figures"
     figures.mkdir(exist_ok=True)
     plot(curves, summary, figures)
@@ -227,7 +265,7 @@ def main(args: Args) -> None:
         m = e["final_mean"]
         print(f"{e['method']:14s} {m['quality_retention']:7.3f} {m['violation_rate']:6.3f} {m['latency_p95_ms']:7.2f} "
               f"{m['reward']:7.3f} {str(e['env_steps_to_threshold']):>10s} {e['decision_overhead_ms']:11.4f}")
-    print(f"wrote {args.out}, {args.out.parent / 'e5_curves.json'}, {figures}/e5_*.png")
+    print(f"wrote {args.out}, {curves_path}, {figures}/e5_*.png")
 
 
 if __name__ == "__main__":

@@ -379,3 +379,56 @@ def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):
     assert (loaded.guardrail.predicted_fraction.argmax(axis=1) == len(KnobGrid()) - 1).all()
     bad = train("supervised", tmp_path, "--guardrail-estimator", str(tmp_path / "missing.json"))
     assert bad.returncode != 0 and "--guardrail-estimator" in bad.stderr
+
+
+def _fake_e5_run(runs_dir, method: str, seed: int, reward: float) -> None:
+    """A finished `flexvlm-train` run directory as the E5 script reads it (final.json and curves.jsonl)."""
+    metrics = {"reward": reward, "quality": 0.6, "quality_retention": 0.9, "violation_rate": 0.01,
+               "latency_p50_ms": 10.0, "latency_p95_ms": 20.0}
+    run = runs_dir / f"FlexVLMReplay-v0__{method}__{seed}__1"
+    run.mkdir(parents=True)
+    (run / "final.json").write_text(json.dumps({
+        "run": run.name, "wall_clock_s": 1.0, "env_steps": 100, "decision_overhead_ms": {method: {"median_ms": 0.1}},
+        "results": {method: {"by_fraction": {"0.5": metrics, "1": metrics}, "mean": metrics}}}))
+    (run / "curves.jsonl").write_text("".join(json.dumps({"env_steps": s, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n"
+                                              for s in (0, 100)))
+
+
+def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
+    """`--merge` reruns the listed methods and keeps every other entry, the baselines and their curves as they were."""
+    from conftest import load_script
+
+    e5 = load_script("e5_training_strategies")
+    out = tmp_path / "results" / "e5_summary.json"
+    for method, reward in (("lut", 0.5), ("grpo", 0.4)):
+        _fake_e5_run(tmp_path / "old", method, 0, reward)
+    kept_baseline = {"method": "greedy", "kind": "baseline", "seeds": [0], "env_steps_to_threshold": None,
+                     "final": {f: {"quality_retention": 0.8, "violation_rate": 0.0, "p95_latency_ms": 9.0} for f in ("0.5", "1")},
+                     "final_mean": {"quality_retention": 0.8, "violation_rate": 0.0, "latency_p95_ms": 9.0, "reward": 0.45},
+                     "decision_overhead_ms": 0.01}
+    header = {"experiment": "E5", "total_env_steps": 100, "date": "2026-01-01", "machine": {"cpu": "old"}}
+    entries = [e5.method_entry(e5.Args(methods=("lut", "grpo"), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "old", out=out), m)
+               for m in ("lut", "grpo")]
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({**header, "entries": [entries[0][0], entries[1][0], kept_baseline]}))
+    (out.parent / "e5_curves.json").write_text(json.dumps({"lut": entries[0][1], "grpo": entries[1][1]}))
+
+    _fake_e5_run(tmp_path / "new", "grpo", 0, 0.7)
+    e5.main(e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "new", out=out, merge=True))
+    merged = json.loads(out.read_text())
+    assert [e["method"] for e in merged["entries"]] == ["lut", "grpo", "greedy"]
+    lut, grpo, greedy = merged["entries"]
+    assert lut == entries[0][0] and greedy == kept_baseline  # untouched, not re-evaluated
+    assert grpo["final_mean"]["reward"] == 0.7 and grpo["date"] == merged["updates"][0]["date"]
+    assert merged["date"] == "2026-01-01" and merged["updates"][0]["methods"] == ["grpo"]
+    curves = json.loads((out.parent / "e5_curves.json").read_text())
+    assert curves["lut"] == entries[0][1] and curves["grpo"][0][-1]["eval/reward"] == 0.7
+    assert (out.parent / "figures" / "e5_learning_curves.png").exists()
+
+    e5.main(e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "new", out=out, merge=True))
+    again = json.loads(out.read_text())
+    assert again["entries"] == merged["entries"] and len(again["updates"]) == 1  # rerunning supersedes, not appends
+    with pytest.raises(ValueError, match="--total-env-steps=50 differs from the summary's 100"):
+        e5.main(e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=50, runs_dir=tmp_path / "new", out=out, merge=True))
+    with pytest.raises(ValueError, match="--merge: --out=.*does not exist"):
+        e5.Args(out=tmp_path / "missing.json", merge=True)

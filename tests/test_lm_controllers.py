@@ -440,6 +440,8 @@ def test_cli_smoke_run(method, tmp_path):
     final = json.loads((run_dir / "final.json").read_text())
     assert final["method"] == method and set(final["results"]) >= {method, "full", "greedy"}
     assert 0 < final["env_steps"] <= 48
+    if method == "grpo":  # the env-step budget, not the optimizer-step bound, ends the run (4 steps per batch)
+        assert final["env_steps"] > 48 - 16
     lines = curves(run_dir)
     steps = [line["env_steps"] for line in lines]
     assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == final["env_steps"]
@@ -448,6 +450,29 @@ def test_cli_smoke_run(method, tmp_path):
     controller = load_controller(run_dir / "controller")
     assert isinstance(controller, LMController) and controller.kind == method
     assert final["decision_overhead_ms"][method]["median_ms"] > 0
+
+
+def test_grpo_env_step_budget_ends_the_run_when_most_completions_are_invalid(tmp_path, monkeypatch):
+    """Invalid completions take no env step, and each generated batch takes num_iterations optimizer steps: with
+    three completions in four invalid, the run still spends its env-step budget (it once stopped at an
+    optimizer-step bound that ignored num_iterations, a third of the way in, without its final evaluation)."""
+    module, args = tiny_args("grpo", tmp_path)
+    args.total_env_steps, args.eval_every_env_steps = 48, 48
+    assert args.num_iterations == 4
+    real = module.EnvReward.__call__
+
+    def mostly_invalid(self, prompts, completions, completion_ids, *rest, **kwargs):
+        eos = self.controller.vocabulary.eos_id
+        completion_ids = [ids if i % 4 == 0 else [eos] for i, ids in enumerate(completion_ids)]
+        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
+
+    monkeypatch.setattr(module.EnvReward, "__call__", mostly_invalid)
+    final = module.main(args)
+    (run_dir,) = tmp_path.iterdir()
+    steps = [line["env_steps"] for line in curves(run_dir)]
+    # it stops before a batch (16 completions) could pass the budget; the old bound stopped it at 18
+    assert 48 - 16 < final["env_steps"] <= 48
+    assert steps[-1] == final["env_steps"]
 
 
 class Crash(Exception):
@@ -507,7 +532,9 @@ def test_resume_continues_without_losing_or_repeating_env_steps(method, tmp_path
 def test_learns_to_beat_random_on_heldout_requests(method, steps, tmp_path):
     """A short seeded run on the replay env beats the random controller on held-out mean reward by a clear margin
     (and improves on its own warm-started start: with the shipped micro, GRPO's start is already above
-    random, 0.506 vs 0.437, and 25,200 steps take it to 0.520)."""
+    random, 0.506 vs 0.437, and 25,200 steps take it to 0.578; seeds 1 and 2 went from 0.541 and 0.538 to
+    0.580 and 0.568 on the same CPU, where with one optimizer step per generated batch they ended below their
+    starts)."""
     result = run_cli(method, "--no-wandb", "--no-baselines", "--runs-dir", str(tmp_path), "--seed", "0",
                      "--total-env-steps", str(steps), "--eval-every-env-steps", str(steps), "--eval-requests", "300",
                      cwd=tmp_path)
@@ -520,7 +547,7 @@ def test_learns_to_beat_random_on_heldout_requests(method, steps, tmp_path):
     print(f"{method}: held-out reward {learned:.3f} after {lines[-1]['env_steps']} env steps "
           f"(start {start:.3f}, random {random_reward:.3f})")
     assert learned > random_reward + 0.08
-    assert learned > start + {"dpo": 0.05, "grpo": 0.01}[method]
+    assert learned > start + {"dpo": 0.05, "grpo": 0.03}[method]
     assert lines[-1]["train/unconstrained_invalid_rate"] < 0.05
 
 

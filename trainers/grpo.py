@@ -13,8 +13,12 @@ log-scaled features); the completion names the three knobs (``crops=4 top_k=2 ac
    the prompt's request and budget in a train-split env (`env.reset(options={"request_id", "budget_fraction"})`)
    and executes the configuration (`env.step`), whose reward is the completion's. Invalid completions get
    `invalid_penalty` (below any valid reward) without an env step. Env steps are the completions the env
-   scored; training stops before a batch could take them past `total_env_steps`. The learning rate decays with
-   the env steps spent, and TRL's adaptive entropy bonus keeps the policy exploring: without it, the policy
+   scored; training stops before a batch could take them past `total_env_steps`. Each generated batch is trained
+   on for `num_iterations` (4) optimizer steps, its importance ratio clipped as in PPO. With one step per batch
+   the policy learned only which configurations are cheap on average and ignored its prompt: one or two
+   configurations for all 4,500 held-out (request, budget) pairs, and a held-out reward of 0.507-0.526 after
+   25,200 env steps at seeds 0-2 in our runs, against 0.568-0.580 with four. The learning rate decays with the
+   env steps spent, and TRL's adaptive entropy bonus keeps the policy exploring: without it, the policy
    collapsed within 5,000 env steps onto one cheap configuration for every request and budget in our runs.
 3. Every `eval_every_env_steps` the controller (greedy decoding, constrained to the knob tokens) is evaluated on
    the held-out requests (`agents.evaluation.evaluate`), with the unconstrained invalid-output rate, and a
@@ -61,8 +65,8 @@ class Args(LMArgs):
     """adaptive entropy control (TRL's use_adaptive_entropy): raise the bonus while the mean per-token entropy is below this"""
     epsilon: float = 0.2
     """PPO-style clipping range of the importance ratio"""
-    num_iterations: int = 1
-    """optimizer passes over each generated batch"""
+    num_iterations: int = 4
+    """optimizer steps on each generated batch (PPO-style reuse, clipped by epsilon; see the module docstring)"""
     loss_type: str = "dapo"
     """TRL GRPO loss aggregation: grpo, dr_grpo, dapo, bnpo, ..."""
     scale_rewards: str = "group"
@@ -179,6 +183,11 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
                     self.trl_logs[key.replace("/", "_")] = float(value)
 
         def on_step_end(self, _args, state, control, **kwargs):
+            # A generated batch is trained on for num_iterations optimizer steps: evaluate, checkpoint and stop
+            # only once its last one is done, so no batch's env steps go half-used and a resumed run starts
+            # with a fresh generation, as the uninterrupted one does.
+            if state.global_step % args.num_iterations:
+                return control
             done = reward.env_steps + args.batch_size > args.total_env_steps
             if (self.points and reward.env_steps >= self.points[0]) or done:
                 while self.points and reward.env_steps >= self.points[0]:
@@ -291,8 +300,9 @@ def main(args: Args) -> dict:
         num_iterations=args.num_iterations,
         loss_type=args.loss_type,
         scale_rewards=args.scale_rewards,
-        # an upper bound only: the env-step budget stops training (invalid completions take no env step)
-        max_steps=4 * math.ceil(args.total_env_steps / args.batch_size) + 10,
+        # an upper bound only: the env-step budget stops training (invalid completions take no env step);
+        # each generated batch takes num_iterations optimizer steps
+        max_steps=args.num_iterations * (4 * math.ceil(args.total_env_steps / args.batch_size) + 10),
         save_strategy="no",  # checkpoints are written at the eval points (the callback asks for them)
         save_total_limit=1,
         logging_steps=10,
