@@ -230,7 +230,7 @@ def baseline_entries(seeds) -> list[dict]:
 def main(args: Args) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     curves_path = args.out.parent / "e5_curves.json"
-    today = time.strftime("%Y-%m-%d")
+    today, host = time.strftime("%Y-%m-%d"), machine()
     fresh = {}
     curves: dict[str, list[list[dict]]] = {}
     for method in args.methods:
@@ -243,16 +243,16 @@ def main(args: Args) -> None:
         header = {k: v for k, v in previous.items() if k != "entries"}
         # an earlier update of only these methods is superseded by this one
         header["updates"] = [*(u for u in header.get("updates", []) if not set(u["methods"]) <= set(args.methods)),
-                             {"methods": list(args.methods), "date": today, "machine": machine()}]
+                             {"methods": list(args.methods), "date": today, "machine": host}]
         for entry in fresh.values():
-            entry.update(date=today, machine=machine())
+            entry.update(date=today, machine=host)
         summary = [fresh.pop(e["method"], e) for e in previous["entries"]] + list(fresh.values())
         curves = {**json.loads(curves_path.read_text()), **curves}
     else:
         header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro",
                   "latency_source": "molmoe-1b-h100",
                   "eval": "held-out half of the recorded val pool (900 requests) x budget fractions 0.35/0.5/0.7/0.85/1.0",
-                  "total_env_steps": args.total_env_steps, "threshold": THRESHOLD, "machine": machine(), "date": today}
+                  "total_env_steps": args.total_env_steps, "threshold": THRESHOLD, "machine": host, "date": today}
         summary = list(fresh.values()) + baseline_entries(args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))
