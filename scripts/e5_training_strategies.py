@@ -4,7 +4,8 @@
 
 Every (method, seed) is one `flexvlm-train METHOD --seed S --total-env-steps N --no-baselines`
 run on `FlexVLMReplay-v0` (train half of the recorded requests to learn on, held-out half to
-evaluate on); a run whose `final.json` exists is reused, so the script resumes where it stopped.
+evaluate on); a finished run trained with the same arguments (its `args.json`) is reused, so the script
+resumes where it stopped, and a run trained with other `--extra` flags or defaults is not.
 The baselines are evaluated once per seed on the same held-out requests. `--merge` reruns only the
 listed methods: their entries and curves replace those in the existing summary (each marked with its
 date and machine, and listed under `updates`); the other methods and the baselines are kept as they are.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -51,8 +53,9 @@ class Args:
     """where the runs go (reused when rerun)"""
     out: Path = Path("results/e5_summary.json")
     """summary JSON; curves and figures go beside it"""
-    extra: tuple[str, ...] = ()
-    """extra arguments passed to every `flexvlm-train` call"""
+    extra: str = ""
+    """extra `flexvlm-train` arguments for every run, one string split as a shell would; it starts with `--`,
+    so give it with `=`: `--extra="--num-iterations 8 --learning-rate 5e-4"`"""
     merge: bool = False
     """replace only these methods' entries and curves in the existing --out summary (baselines kept)"""
 
@@ -69,30 +72,59 @@ class Args:
             raise ValueError(f"--merge: --out={str(self.out)!r} does not exist; run without --merge first")
 
 
-def find_run(runs_dir: Path, method: str, seed: int) -> Path | None:
-    """The newest finished run of (method, seed), if any."""
-    finished = sorted(runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*/final.json"))
-    return finished[-1].parent if finished else None
+# args.json keys that change neither what a run learns nor how it is evaluated
+UNCOMPARED = ("runs_dir", "resume", "wandb", "wandb_project", "baselines")
 
 
-def unfinished_run(runs_dir: Path, method: str, seed: int) -> Path | None:
-    started = sorted(p for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*") if (p / "checkpoint").exists())
+def train_argv(args: Args, seed: int) -> list[str]:
+    """`flexvlm-train METHOD` arguments of one E5 run (the same for every method)."""
+    return ["--seed", str(seed), "--total-env-steps", str(args.total_env_steps), "--eval-every-env-steps",
+            str(args.eval_every_env_steps), "--no-wandb", "--no-baselines", "--runs-dir", str(args.runs_dir),
+            *shlex.split(args.extra)]
+
+
+def wanted_args(args: Args, method: str, seed: int) -> dict:
+    """The `args.json` an E5 run of (method, seed) writes, less UNCOMPARED: a run is reused only if it matches."""
+    from trainers.cli import parse_args
+    from trainers.common import args_record
+
+    record = args_record(method, parse_args(method, train_argv(args, seed)))
+    return {k: v for k, v in record.items() if k not in UNCOMPARED}
+
+
+def matches(run: Path, wanted: dict) -> bool:
+    try:
+        record = json.loads((run / "args.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: v for k, v in record.items() if k not in UNCOMPARED} == wanted
+
+
+def find_run(runs_dir: Path, method: str, seed: int, wanted: dict) -> Path | None:
+    """The newest finished run of (method, seed) trained with the wanted arguments, if any."""
+    finished = sorted(p.parent for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*/final.json"))
+    finished = [p for p in finished if matches(p, wanted)]
+    return finished[-1] if finished else None
+
+
+def unfinished_run(runs_dir: Path, method: str, seed: int, wanted: dict) -> Path | None:
+    started = sorted(p for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*")
+                     if (p / "checkpoint").exists() and matches(p, wanted))
     return started[-1] if started else None
 
 
 def run_method(args: Args, method: str, seed: int) -> Path:
-    done = find_run(args.runs_dir, method, seed)
+    wanted = wanted_args(args, method, seed)
+    done = find_run(args.runs_dir, method, seed, wanted)
     if done is not None:
         return done
-    command = [sys.executable, "-m", "trainers.cli", method, "--seed", str(seed), "--total-env-steps",
-               str(args.total_env_steps), "--eval-every-env-steps", str(args.eval_every_env_steps), "--no-wandb",
-               "--no-baselines", "--runs-dir", str(args.runs_dir), *args.extra]
-    partial = unfinished_run(args.runs_dir, method, seed)
+    command = [sys.executable, "-m", "trainers.cli", method, *train_argv(args, seed)]
+    partial = unfinished_run(args.runs_dir, method, seed, wanted)
     if partial is not None:
         command += ["--resume", str(partial)]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
-    found = find_run(args.runs_dir, method, seed)
+    found = find_run(args.runs_dir, method, seed, wanted)
     if found is None:
         raise RuntimeError(f"{method} seed {seed} finished without a final.json in {args.runs_dir}")
     return found
@@ -204,7 +236,7 @@ def method_entry(args: Args, method: str) -> tuple[dict, list[list[dict]]]:
     thresholds = [steps_to_threshold(c) for c in runs]
     rewards = [r["mean"]["reward"] for r in results]
     return {
-        "method": method, "kind": "method", "seeds": list(args.seeds),
+        "method": method, "kind": "method", "seeds": list(args.seeds), "extra_args": shlex.split(args.extra),
         "env_steps_to_threshold": (None if any(t is None for t in thresholds) else float(np.mean(thresholds))),
         "env_steps_to_threshold_per_seed": thresholds,
         "final": mean_tables([final_table(r) for r in results]),
@@ -231,15 +263,16 @@ def main(args: Args) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     curves_path = args.out.parent / "e5_curves.json"
     today, host = time.strftime("%Y-%m-%d"), machine()
+    if args.merge:  # checked before any training: every method gets the same env-step budget
+        previous = json.loads(args.out.read_text())
+        if previous["total_env_steps"] != args.total_env_steps:
+            raise ValueError(f"--merge: --total-env-steps={args.total_env_steps} differs from the summary's "
+                             f"{previous['total_env_steps']}; every method gets the same env-step budget")
     fresh = {}
     curves: dict[str, list[list[dict]]] = {}
     for method in args.methods:
         fresh[method], curves[method] = method_entry(args, method)
     if args.merge:
-        previous = json.loads(args.out.read_text())
-        if previous["total_env_steps"] != args.total_env_steps:
-            raise ValueError(f"--merge: --total-env-steps={args.total_env_steps} differs from the summary's "
-                             f"{previous['total_env_steps']}; every method gets the same env-step budget")
         header = {k: v for k, v in previous.items() if k != "entries"}
         # an earlier update of only these methods is superseded by this one
         header["updates"] = [*(u for u in header.get("updates", []) if not set(u["methods"]) <= set(args.methods)),

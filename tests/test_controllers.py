@@ -381,12 +381,15 @@ def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):
     assert bad.returncode != 0 and "--guardrail-estimator" in bad.stderr
 
 
-def _fake_e5_run(runs_dir, method: str, seed: int, reward: float) -> None:
-    """A finished `flexvlm-train` run directory as the E5 script reads it (final.json and curves.jsonl)."""
+def _fake_e5_run(e5, e5_args, method: str, seed: int, reward: float, stamp: int = 1, **trained_with):
+    """A finished `flexvlm-train` run directory as the E5 script reads it (args.json, final.json and curves.jsonl),
+    trained with E5's arguments unless `trained_with` overrides some."""
     metrics = {"reward": reward, "quality": 0.6, "quality_retention": 0.9, "violation_rate": 0.01,
                "latency_p50_ms": 10.0, "latency_p95_ms": 20.0}
-    run = runs_dir / f"FlexVLMReplay-v0__{method}__{seed}__1"
+    run = e5_args.runs_dir / f"FlexVLMReplay-v0__{method}__{seed}__{stamp}"
     run.mkdir(parents=True)
+    record = {**e5.wanted_args(e5_args, method, seed), "runs_dir": str(e5_args.runs_dir), **trained_with}
+    (run / "args.json").write_text(json.dumps(record))
     (run / "final.json").write_text(json.dumps({
         "run": run.name, "wall_clock_s": 1.0, "env_steps": 100, "decision_overhead_ms": {method: {"median_ms": 0.1}},
         "results": {method: {"by_fraction": {"0.5": metrics, "1": metrics}, "mean": metrics}}}))
@@ -400,21 +403,22 @@ def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
 
     e5 = load_script("e5_training_strategies")
     out = tmp_path / "results" / "e5_summary.json"
+    old_args = e5.Args(methods=("lut", "grpo"), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "old", out=out)
     for method, reward in (("lut", 0.5), ("grpo", 0.4)):
-        _fake_e5_run(tmp_path / "old", method, 0, reward)
+        _fake_e5_run(e5, old_args, method, 0, reward)
     kept_baseline = {"method": "greedy", "kind": "baseline", "seeds": [0], "env_steps_to_threshold": None,
                      "final": {f: {"quality_retention": 0.8, "violation_rate": 0.0, "p95_latency_ms": 9.0} for f in ("0.5", "1")},
                      "final_mean": {"quality_retention": 0.8, "violation_rate": 0.0, "latency_p95_ms": 9.0, "reward": 0.45},
                      "decision_overhead_ms": 0.01}
     header = {"experiment": "E5", "total_env_steps": 100, "date": "2026-01-01", "machine": {"cpu": "old"}}
-    entries = [e5.method_entry(e5.Args(methods=("lut", "grpo"), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "old", out=out), m)
-               for m in ("lut", "grpo")]
+    entries = [e5.method_entry(old_args, m) for m in ("lut", "grpo")]
     out.parent.mkdir(parents=True)
     out.write_text(json.dumps({**header, "entries": [entries[0][0], entries[1][0], kept_baseline]}))
     (out.parent / "e5_curves.json").write_text(json.dumps({"lut": entries[0][1], "grpo": entries[1][1]}))
 
-    _fake_e5_run(tmp_path / "new", "grpo", 0, 0.7)
-    e5.main(e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "new", out=out, merge=True))
+    new_args = e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "new", out=out, merge=True)
+    _fake_e5_run(e5, new_args, "grpo", 0, 0.7)
+    e5.main(new_args)
     merged = json.loads(out.read_text())
     assert [e["method"] for e in merged["entries"]] == ["lut", "grpo", "greedy"]
     lut, grpo, greedy = merged["entries"]
@@ -432,3 +436,25 @@ def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
         e5.main(e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=50, runs_dir=tmp_path / "new", out=out, merge=True))
     with pytest.raises(ValueError, match="--merge: --out=.*does not exist"):
         e5.Args(out=tmp_path / "missing.json", merge=True)
+
+
+def test_e5_reuses_only_runs_trained_with_its_arguments(tmp_path):
+    """A finished run is reused only if its args.json matches the E5 command's (defaults and `--extra` flags
+    included); a run made with other flags is left alone, and the entry records the flags it was run with."""
+    import tyro
+    from conftest import load_script
+
+    e5 = load_script("e5_training_strategies")
+    args = e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "runs",
+                   out=tmp_path / "e5_summary.json", extra="--num-iterations 8")
+    assert tyro.cli(e5.Args, args=["--extra=--num-iterations 8 --learning-rate 5e-4"]).extra == \
+        "--num-iterations 8 --learning-rate 5e-4"  # several flags in one value (a tuple kept only the last)
+    wanted = e5.wanted_args(args, "grpo", 0)
+    assert wanted["num_iterations"] == 8 and wanted["total_env_steps"] == 100 and "runs_dir" not in wanted
+    _fake_e5_run(e5, args, "grpo", 0, 0.3, stamp=1, num_iterations=4)  # newer code's default, not the flag
+    assert e5.find_run(args.runs_dir, "grpo", 0, wanted) is None
+    _fake_e5_run(e5, args, "grpo", 0, 0.6, stamp=2)
+    _fake_e5_run(e5, args, "grpo", 0, 0.5, stamp=3, learning_rate=5e-4)
+    assert e5.find_run(args.runs_dir, "grpo", 0, wanted).name.endswith("__2")
+    entry, _ = e5.method_entry(args, "grpo")
+    assert entry["final_mean"]["reward"] == 0.6 and entry["extra_args"] == ["--num-iterations", "8"]

@@ -475,6 +475,31 @@ def test_grpo_env_step_budget_ends_the_run_when_most_completions_are_invalid(tmp
     assert steps[-1] == final["env_steps"]
 
 
+def test_grpo_run_that_reaches_the_optimizer_step_bound_is_evaluated_and_says_so(tmp_path, monkeypatch, capsys):
+    """With fifteen completions in sixteen invalid, the env-step budget cannot be spent within TRL's optimizer-step
+    bound: the run ends there with a last curve line at the env steps it did spend and a message naming the cause
+    (a run of the sweep in results/device/session28 once ended so, at 6,205 of 25,200 env steps, silently)."""
+    module, args = tiny_args("grpo", tmp_path)
+    args.total_env_steps, args.eval_every_env_steps = 48, 48
+    assert args.batch_size == 16
+    real = module.EnvReward.__call__
+
+    def nearly_all_invalid(self, prompts, completions, completion_ids, *rest, **kwargs):
+        eos = self.controller.vocabulary.eos_id
+        completion_ids = [ids if i % 16 == 0 else [eos] for i, ids in enumerate(completion_ids)]
+        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
+
+    monkeypatch.setattr(module.EnvReward, "__call__", nearly_all_invalid)
+    final = module.main(args)
+    (run_dir,) = tmp_path.iterdir()
+    lines = curves(run_dir)
+    # at most one env step per generated batch (the kept completion can be invalid too); the bound allows
+    # 4 x ceil(48 / 16) + 10 = 22 batches
+    assert 0 < final["env_steps"] <= 22 and lines[-1]["env_steps"] == final["env_steps"]
+    assert lines[-1]["train/invalid_rate"] > 0.9
+    assert "optimizer-step bound" in capsys.readouterr().err
+
+
 class Crash(Exception):
     pass
 

@@ -18,6 +18,15 @@ METHODS = {
 }
 
 
+def parse_args(method: str, argv: list[str]):
+    """The method's `Args` from `flexvlm-train METHOD ARGV...` (tyro: a malformed flag exits with status 2)."""
+    import tyro
+
+    module = importlib.import_module(METHODS[method])
+    return tyro.cli(module.Args, args=argv, prog=f"flexvlm-train {method}",
+                    default=module.Args(maskable=True) if method == "maskable_ppo" else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -28,12 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     if method not in METHODS:
         print(f"flexvlm-train: method={method!r} is not known; allowed: {list(METHODS)}", file=sys.stderr)
         raise SystemExit(2)
-    import tyro
-
     module = importlib.import_module(METHODS[method])
     prog = f"flexvlm-train {method}"
-    args = tyro.cli(module.Args, args=rest, prog=prog,
-                    default=module.Args(maskable=True) if method == "maskable_ppo" else None)
+    args = parse_args(method, rest)
     try:
         args.validate()  # main() validates again; here a bad value is a usage error, not a traceback
     except ValueError as error:

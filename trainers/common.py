@@ -145,6 +145,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def args_record(method: str, args: CommonArgs) -> dict:
+    """A run's `args.json`: the method and every argument, JSON-typed."""
+    return {"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}}
+
+
 class Run:
     """The run directory, its curves and W&B (see the module docstring)."""
 
@@ -167,8 +172,7 @@ class Run:
                     break
                 except FileExistsError:
                     stamp += 1
-            record = {"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}}
-            (self.dir / "args.json").write_text(json.dumps(record, indent=1))
+            (self.dir / "args.json").write_text(json.dumps(args_record(method, args), indent=1))
         self.name = self.dir.name
         self.curves_path = self.dir / CURVES_FILE
         self.checkpoint_dir = self.dir / CHECKPOINT_DIR
@@ -181,7 +185,7 @@ class Run:
             os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
             run_id = f"{method}-" + hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:10]
             self._wandb = wandb.init(project=args.wandb_project, name=self.name, id=run_id, resume="allow",
-                                     config={"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}},
+                                     config=args_record(method, args),
                                      dir=str(self.dir), reinit="finish_previous")
 
     @property

@@ -17,7 +17,9 @@ log-scaled features); the completion names the three knobs (``crops=4 top_k=2 ac
    on for `num_iterations` (4) optimizer steps, its importance ratio clipped as in PPO. With one step per batch
    the policy learned only which configurations are cheap on average and ignored its prompt: one or two
    configurations for all 4,500 held-out (request, budget) pairs, and a held-out reward of 0.507-0.526 after
-   25,200 env steps at seeds 0-2 in our runs, against 0.568-0.580 with four. The learning rate decays with the
+   25,200 env steps at seeds 0-2 in our runs, against 0.568-0.580 with four (over 8 seeds on another CPU, four
+   still left one seed prompt-blind; 8 steps at lr 5e-4 did better at that length but not over 126,000 env
+   steps: results/device/session28, README "GRPO's settings"). The learning rate decays with the
    env steps spent, and TRL's adaptive entropy bonus keeps the policy exploring: without it, the policy
    collapsed within 5,000 env steps onto one cheap configuration for every request and budget in our runs.
 3. Every `eval_every_env_steps` the controller (greedy decoding, constrained to the knob tokens) is evaluated on
@@ -30,6 +32,7 @@ log-scaled features); the completion names the three knobs (``crops=4 top_k=2 ac
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +192,14 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
             if state.global_step % args.num_iterations:
                 return control
             done = reward.env_steps + args.batch_size > args.total_env_steps
+            # TRL's optimizer-step bound (max_steps below) leaves room for three invalid completions in four;
+            # a run whose policy writes more ends there, short of its env-step budget: evaluate it and say so
+            at_step_bound = 0 < state.max_steps <= state.global_step
+            if at_step_bound and not done:
+                print(f"grpo: stopped at TRL's optimizer-step bound ({state.max_steps} steps) after "
+                      f"{reward.env_steps} of {args.total_env_steps} env steps: most completions (three in four or "
+                      f"more) were invalid (see train/invalid_rate in curves.jsonl)", file=sys.stderr)
+                done = True
             if (self.points and reward.env_steps >= self.points[0]) or done:
                 while self.points and reward.env_steps >= self.points[0]:
                     self.points.pop(0)
