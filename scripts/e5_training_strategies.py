@@ -70,6 +70,10 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.merge and not self.out.exists():
             raise ValueError(f"--merge: --out={str(self.out)!r} does not exist; run without --merge first")
+        try:
+            shlex.split(self.extra)
+        except ValueError as error:
+            raise ValueError(f"--extra={self.extra!r} does not split into arguments ({error})") from None
 
 
 # args.json keys that change neither what a run learns nor how it is evaluated

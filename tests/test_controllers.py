@@ -458,3 +458,5 @@ def test_e5_reuses_only_runs_trained_with_its_arguments(tmp_path):
     assert e5.find_run(args.runs_dir, "grpo", 0, wanted).name.endswith("__2")
     entry, _ = e5.method_entry(args, "grpo")
     assert entry["final_mean"]["reward"] == 0.6 and entry["extra_args"] == ["--num-iterations", "8"]
+    with pytest.raises(ValueError, match="--extra='--learning-rate \"5e-4' does not split"):
+        e5.Args(extra='--learning-rate "5e-4')

@@ -452,6 +452,18 @@ def test_cli_smoke_run(method, tmp_path):
     assert final["decision_overhead_ms"][method]["median_ms"] > 0
 
 
+def keep_one_completion_in(n: int, module, monkeypatch) -> None:
+    """Make GRPO's reward see every completion but each n-th as a bare EOS (invalid: no env step)."""
+    real = module.EnvReward.__call__
+
+    def invalidated(self, prompts, completions, completion_ids, *rest, **kwargs):
+        eos = self.controller.vocabulary.eos_id
+        completion_ids = [ids if i % n == 0 else [eos] for i, ids in enumerate(completion_ids)]
+        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
+
+    monkeypatch.setattr(module.EnvReward, "__call__", invalidated)
+
+
 def test_grpo_env_step_budget_ends_the_run_when_most_completions_are_invalid(tmp_path, monkeypatch):
     """Invalid completions take no env step, and each generated batch takes num_iterations optimizer steps: with
     three completions in four invalid, the run still spends its env-step budget (it once stopped at an
@@ -459,14 +471,7 @@ def test_grpo_env_step_budget_ends_the_run_when_most_completions_are_invalid(tmp
     module, args = tiny_args("grpo", tmp_path)
     args.total_env_steps, args.eval_every_env_steps = 48, 48
     assert args.num_iterations == 4
-    real = module.EnvReward.__call__
-
-    def mostly_invalid(self, prompts, completions, completion_ids, *rest, **kwargs):
-        eos = self.controller.vocabulary.eos_id
-        completion_ids = [ids if i % 4 == 0 else [eos] for i, ids in enumerate(completion_ids)]
-        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
-
-    monkeypatch.setattr(module.EnvReward, "__call__", mostly_invalid)
+    keep_one_completion_in(4, module, monkeypatch)
     final = module.main(args)
     (run_dir,) = tmp_path.iterdir()
     steps = [line["env_steps"] for line in curves(run_dir)]
@@ -482,14 +487,7 @@ def test_grpo_run_that_reaches_the_optimizer_step_bound_is_evaluated_and_says_so
     module, args = tiny_args("grpo", tmp_path)
     args.total_env_steps, args.eval_every_env_steps = 48, 48
     assert args.batch_size == 16
-    real = module.EnvReward.__call__
-
-    def nearly_all_invalid(self, prompts, completions, completion_ids, *rest, **kwargs):
-        eos = self.controller.vocabulary.eos_id
-        completion_ids = [ids if i % 16 == 0 else [eos] for i, ids in enumerate(completion_ids)]
-        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
-
-    monkeypatch.setattr(module.EnvReward, "__call__", nearly_all_invalid)
+    keep_one_completion_in(16, module, monkeypatch)
     final = module.main(args)
     (run_dir,) = tmp_path.iterdir()
     lines = curves(run_dir)
