@@ -7,6 +7,7 @@ Fast tests build controllers from the replay env's observations in-process; the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import pytest
 import torch
 
 import flexvlm_env  # noqa: F401  (registers the env ids)
+from conftest import load_script
 from agents.base import CONTROLLER_FILE, WEIGHTS_FILE, RandomController, as_batch, load_controller, stack_observations
-from agents.evaluation import decision_overhead_ms, evaluate
+from agents.evaluation import decision_overhead_ms, evaluate, evaluation_requests
 from agents.features import observation_features
 from agents.lm import (
     EOS,
@@ -326,6 +328,36 @@ def test_save_load_round_trip_gives_identical_decisions(train_pool, heldout_batc
         assert torch.equal(loaded.model.state_dict()[key], value)
 
 
+def test_knob_choices_script_reports_what_a_controller_chooses(controller, tmp_path):
+    """scripts/knob_choices.py: per budget fraction, the share of requests at each knob value (read back from
+    the controller's own decisions), the evaluation's retention, and for an LM its first answer token's
+    probability over the crops values; a controller that is not an LM gets no such row."""
+    knob_choices = load_script("knob_choices")
+    controller.save(tmp_path / "lm" / "controller")
+    RandomController(seed=0).save(tmp_path / "random")
+    out = tmp_path / "choices.json"
+    result = knob_choices.main(knob_choices.Args(controllers=(tmp_path / "lm" / "controller", tmp_path / "random"),
+                                                 fractions=(0.5, 1.0), requests=20, out=out))
+    assert json.loads(out.read_text()) == result and list(result["controllers"]) == ["lm", str(tmp_path / "random")]
+    env = gym.make("FlexVLMReplay-v0", split="heldout", episode_length=1)
+    heldout = evaluate(controller, env, (0.5, 1.0), 20, 0)["by_fraction"]
+    for fraction in ("0.5", "1"):
+        row = result["controllers"]["lm"][fraction]
+        assert row["quality_retention"] == heldout[fraction]["quality_retention"]
+        for knob, values in zip(("crops", "top_k", "active_blocks"), controller.vocabulary.knob_values):
+            assert list(row[knob]) == [str(v) for v in values] and sum(row[knob].values()) == pytest.approx(1.0)
+        probabilities = row["first_token_crops_probability"]
+        assert list(probabilities) == [str(v) for v in controller.vocabulary.knob_values[0]]
+        assert 0 < sum(probabilities.values()) <= 1 + 1e-6
+        assert "first_token_crops_probability" not in result["controllers"][str(tmp_path / "random")][fraction]
+    # the shares are the controller's decisions: at 1.0 the first request's crops value has a share >= 1/20
+    observation, _ = env.reset(seed=0, options={"request_id": evaluation_requests(env, 20, 0)[0], "budget_fraction": 1.0})
+    first = int(controller.select_action(observation)[0])
+    assert result["controllers"]["lm"]["1"]["crops"][str(controller.vocabulary.knob_values[0][first])] >= 1 / 20
+    with pytest.raises(ValueError, match="controllers"):
+        knob_choices.main(knob_choices.Args(controllers=()))
+
+
 def test_load_rejects_inconsistent_saves(controller, tmp_path):
     path = controller.save(tmp_path / "controller")
     record = json.loads((path / CONTROLLER_FILE).read_text())
@@ -400,6 +432,7 @@ def trainer_module(method):
     ("grpo", ["--scale-rewards", "max"], "scale-rewards"),
     ("grpo", ["--lr-scheduler", "step"], "lr-scheduler"),
     ("grpo", ["--learning-rate", "0"], "learning-rate"),
+    ("grpo", ["--max-invalid-batches", "-1"], "max-invalid-batches"),
     ("grpo", ["--env", "NoSuchEnv-v0"], "is not known"),
     ("dpo", ["--candidates", "1"], "candidates"),
     ("dpo", ["--random-candidates", "9"], "random-candidates"),
@@ -496,6 +529,54 @@ def test_grpo_run_that_reaches_the_optimizer_step_bound_is_evaluated_and_says_so
     assert 0 < final["env_steps"] <= 22 and lines[-1]["env_steps"] == final["env_steps"]
     assert lines[-1]["train/invalid_rate"] > 0.9
     assert "optimizer-step bound" in capsys.readouterr().err
+
+
+def invalidate_after(calls: int, module, monkeypatch) -> None:
+    """Make GRPO's reward see every completion as a bare EOS (invalid: no env step) after its first `calls` calls."""
+    real = module.EnvReward.__call__
+    seen = []
+
+    def invalidated(self, prompts, completions, completion_ids, *rest, **kwargs):
+        seen.append(1)
+        if len(seen) > calls:
+            completion_ids = [[self.controller.vocabulary.eos_id] for _ in completion_ids]
+        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
+
+    monkeypatch.setattr(module.EnvReward, "__call__", invalidated)
+
+
+def test_grpo_policy_that_writes_only_invalid_answers_stops_the_run_and_stays_stopped(tmp_path, monkeypatch, capsys):
+    """After `max_invalid_batches` generated batches in a row without a valid completion the run ends there: every
+    group's rewards are equal, so GRPO cannot recover (a device run once sat at 7,484 of 126,000 env steps for
+    minutes, on its way to TRL's optimizer-step bound of 31,544 steps). It is evaluated at the env steps it spent,
+    says why, and a resume neither trains it further nor adds a curve line."""
+    module, args = tiny_args("grpo", tmp_path, total_env_steps=480, eval_every_env_steps=480, max_invalid_batches=3)
+    assert args.batch_size == 16 and args.num_iterations == 4
+    invalidate_after(2, module, monkeypatch)
+    final = module.main(args)
+    (run_dir,) = tmp_path.iterdir()
+    lines = curves(run_dir)
+    assert 0 < final["env_steps"] <= 32 and [line["env_steps"] for line in lines] == [0, final["env_steps"]]
+    # two batches with valid completions, then three without: 5 generated batches x 4 optimizer steps
+    assert lines[-1]["train/optimizer_steps"] == 20
+    assert "after 3 generated batches in a row (48 completions) without a valid answer" in capsys.readouterr().err
+    _, resumed = tiny_args("grpo", tmp_path, total_env_steps=480, eval_every_env_steps=480, max_invalid_batches=3,
+                           resume=run_dir)
+    again = module.main(resumed)
+    assert again["env_steps"] == final["env_steps"] and curves(run_dir) == lines
+    assert "stopped after 3 generated batches" in capsys.readouterr().err
+
+
+def test_grpo_stop_without_an_env_step_since_the_last_evaluation_adds_no_curve_line(tmp_path, monkeypatch):
+    """A policy that never writes a valid answer stops at 0 env steps: the curve keeps its one line there
+    (one line per env-step count), and final.json still evaluates the final weights."""
+    module, args = tiny_args("grpo", tmp_path, max_invalid_batches=2)
+    invalidate_after(0, module, monkeypatch)
+    final = module.main(args)
+    (run_dir,) = tmp_path.iterdir()
+    assert final["env_steps"] == 0 and [line["env_steps"] for line in curves(run_dir)] == [0]
+    written = json.loads((run_dir / "final.json").read_text())
+    assert written["env_steps"] == 0 and math.isfinite(written["results"]["grpo"]["mean"]["reward"])
 
 
 class Crash(Exception):

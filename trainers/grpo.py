@@ -13,7 +13,9 @@ log-scaled features); the completion names the three knobs (``crops=4 top_k=2 ac
    the prompt's request and budget in a train-split env (`env.reset(options={"request_id", "budget_fraction"})`)
    and executes the configuration (`env.step`), whose reward is the completion's. Invalid completions get
    `invalid_penalty` (below any valid reward) without an env step. Env steps are the completions the env
-   scored; training stops before a batch could take them past `total_env_steps`. Each generated batch is trained
+   scored; training stops before a batch could take them past `total_env_steps`, or once `max_invalid_batches`
+   generated batches in a row had no valid completion (all of a group's rewards equal, nothing left to learn;
+   the run is evaluated there and says so). Each generated batch is trained
    on for `num_iterations` (4) optimizer steps, its importance ratio clipped as in PPO. With one step per batch
    the policy learned only which configurations are cheap on average and ignored its prompt: one or two
    configurations for all 4,500 held-out (request, budget) pairs, and a held-out reward of 0.507-0.526 after
@@ -76,12 +78,16 @@ class Args(LMArgs):
     """advantage scaling: group (per-prompt std), batch, or none"""
     invalid_penalty: float | None = None
     """reward of an invalid completion (None: -(1 + lam * (1.25 / min budget fraction - 1)) - 0.5, below any valid one)"""
+    max_invalid_batches: int = 50
+    """stop the run once this many generated batches in a row had no valid completion (0: never; see EnvReward)"""
 
     def validate(self) -> None:
         super().validate()
         for name in ("prompts_per_step", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
+        if self.max_invalid_batches < 0:
+            raise ValueError(f"--max-invalid-batches={self.max_invalid_batches!r} must be >= 0 (0: never stop on it)")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations={self.num_generations!r} must be >= 2 (GRPO compares completions of a prompt)")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -111,7 +117,14 @@ class Args(LMArgs):
 
 
 class EnvReward:
-    """GRPO's reward function: the env's reward of each valid completion, `penalty` for invalid ones."""
+    """GRPO's reward function: the env's reward of each valid completion, `penalty` for invalid ones.
+
+    `invalid_batches` counts the generated batches in a row (calls) that had no valid completion. Such a batch
+    teaches nothing: every completion of a group gets the same penalty, so every advantage is zero, and the
+    policy moves only by the entropy bonus (off while the entropy is above its target, under the adaptive
+    control), which favours no answer. A policy that writes only invalid answers therefore stays so: one run of results/device/session29 did, at 7,484 of 126,000
+    env steps, and would have spun to TRL's optimizer-step bound (31,544 steps) without another env step.
+    """
 
     __name__ = "env_reward"
 
@@ -120,6 +133,7 @@ class EnvReward:
         self.env_steps = env_steps
         self.progress = progress
         self._actions = controller._actions
+        self.invalid_batches = 0
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -127,6 +141,7 @@ class EnvReward:
 
     def __call__(self, prompts, completions, completion_ids, request_id, budget_fraction, **kwargs):
         rewards = []
+        env_steps_before = self.env_steps
         for ids, rid, fraction in zip(completion_ids, request_id, budget_fraction):
             index = self.controller.parse(ids)
             self.window["completions"] += 1
@@ -144,6 +159,7 @@ class EnvReward:
             self.window["quality"] += float(info["quality"])
             self.window["violation"] += int(info["violation"])
             rewards.append(float(reward))
+        self.invalid_batches = 0 if self.env_steps > env_steps_before else self.invalid_batches + 1
         if self.progress is not None:
             self.progress.update(self.env_steps - self.progress.n)
         return rewards
@@ -171,9 +187,17 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
         def __init__(self):
             self.points = eval_points(args.total_env_steps, args.eval_every_env_steps, start_point)
             self.trl_logs: dict[str, float] = {}
+            self.logged_at = start_point  # env steps of the run's last curve line
+            self.stopped = ""  # why the run ended short of its env-step budget, if it did
 
         def state(self) -> dict:
-            return {"args": {}, "attributes": {"env_steps": reward.env_steps, "wall_clock_s": run.wall_clock_s}}
+            return {"args": {}, "attributes": {"env_steps": reward.env_steps, "wall_clock_s": run.wall_clock_s,
+                                               "stopped": self.stopped}}
+
+        def stop(self, where: str, why: str) -> None:
+            self.stopped = where
+            print(f"grpo: stopped {where}, at {reward.env_steps} of {args.total_env_steps} env steps: {why}",
+                  file=sys.stderr)
 
         def on_step_begin(self, _args, state, control, optimizer=None, **kwargs):
             if optimizer is not None:
@@ -196,16 +220,25 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
             # a run whose policy writes more ends there, short of its env-step budget: evaluate it and say so
             at_step_bound = 0 < state.max_steps <= state.global_step
             if at_step_bound and not done:
-                print(f"grpo: stopped at TRL's optimizer-step bound ({state.max_steps} steps) after "
-                      f"{reward.env_steps} of {args.total_env_steps} env steps: most completions (three in four or "
-                      f"more) were invalid (see train/invalid_rate in curves.jsonl)", file=sys.stderr)
+                self.stop(f"at TRL's optimizer-step bound ({state.max_steps} steps)", "most completions (three in "
+                          "four or more) were invalid (see train/invalid_rate in curves.jsonl)")
+                done = True
+            if 0 < args.max_invalid_batches <= reward.invalid_batches and not done:
+                n = reward.invalid_batches
+                self.stop(f"after {n} generated batches in a row ({n * args.batch_size} completions) without a valid "
+                          "answer (--max-invalid-batches)", "every completion of a group got the same penalty, so "
+                          "GRPO had nothing to learn from and the policy could not recover")
                 done = True
             if (self.points and reward.env_steps >= self.points[0]) or done:
                 while self.points and reward.env_steps >= self.points[0]:
                     self.points.pop(0)
-                log_evaluation(args, run, controller, reward, heldout, heldout_observations,
-                               {**self.trl_logs, "optimizer_steps": state.global_step,
-                                "learning_rate": learning_rate(args, reward.env_steps)})
+                # one curve line per env-step count: a run that stops without an env step since its last line
+                # adds none (its final.json still evaluates the final weights)
+                if reward.env_steps > self.logged_at:
+                    log_evaluation(args, run, controller, reward, heldout, heldout_observations,
+                                   {**self.trl_logs, "optimizer_steps": state.global_step,
+                                    "learning_rate": learning_rate(args, reward.env_steps)})
+                    self.logged_at = reward.env_steps
                 control.should_save = True
             if done:
                 control.should_training_stop = True
@@ -326,9 +359,11 @@ def main(args: Args) -> dict:
                           processing_class=controller.tokenizer, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if reward.env_steps + args.batch_size <= args.total_env_steps:
+    if saved.get("stopped"):
+        print(f"grpo: this run stopped {saved['stopped']} before; it is not trained further", file=sys.stderr)
+    if reward.env_steps + args.batch_size <= args.total_env_steps and not saved.get("stopped"):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    elif checkpoint is not None:  # finished before: just restore the final weights
+    elif checkpoint is not None:  # finished or stopped before: just restore the final weights
         from safetensors.torch import load_file
 
         controller.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
