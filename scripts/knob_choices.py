@@ -57,10 +57,12 @@ def knob_choices(controller, env: gym.Env, fractions, n_requests: int | None) ->
     requests = evaluation_requests(env, n_requests, 0)
     retention = evaluate(controller, env, fractions, n_requests, 0)["by_fraction"]
     table = {}
-    for fraction in fractions:
+    for k, fraction in enumerate(fractions):
         observations = []
-        for i, request_id in enumerate(requests):
-            observation, _ = env.reset(seed=i, options={"request_id": request_id, "budget_fraction": float(fraction)})
+        for j, request_id in enumerate(requests):
+            # the seed `evaluate` resets this (request, fraction) case with
+            observation, _ = env.reset(seed=k * len(requests) + j,
+                                       options={"request_id": request_id, "budget_fraction": float(fraction)})
             observations.append(observation)
         batch = stack_observations(observations)
         actions = np.asarray(controller.select_action(batch))

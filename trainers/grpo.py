@@ -119,11 +119,12 @@ class Args(LMArgs):
 class EnvReward:
     """GRPO's reward function: the env's reward of each valid completion, `penalty` for invalid ones.
 
-    `invalid_batches` counts the generated batches in a row (calls) that had no valid completion. Such a batch
-    teaches nothing: every completion of a group gets the same penalty, so every advantage is zero, and the
-    policy moves only by the entropy bonus (off while the entropy is above its target, under the adaptive
-    control), which favours no answer. A policy that writes only invalid answers therefore stays so: one run of results/device/session29 did, at 7,484 of 126,000
-    env steps, and would have spun to TRL's optimizer-step bound (31,544 steps) without another env step.
+    `invalid_batches` counts the generated batches in a row (one call each) that had no valid completion. Such
+    a batch teaches nothing: every completion of a group gets the same penalty, so every advantage is zero,
+    and the policy moves only by the entropy bonus (off while the entropy is above its target, under the
+    adaptive control), which favours no answer. A policy that writes only invalid answers therefore stays so:
+    one run of results/device/session29 did, at 7,484 of 126,000 env steps, and would have spun to TRL's
+    optimizer-step bound (31,544 steps) without another env step.
     """
 
     __name__ = "env_reward"
