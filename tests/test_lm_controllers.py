@@ -485,24 +485,36 @@ def test_cli_smoke_run(method, tmp_path):
     assert final["decision_overhead_ms"][method]["median_ms"] > 0
 
 
-def keep_one_completion_in(n: int, module, monkeypatch) -> None:
-    """Make GRPO's reward see every completion but each n-th as a bare EOS (invalid: no env step)."""
+def invalidate_completions(module, monkeypatch, keep) -> None:
+    """Make GRPO's reward see each completion for which `keep(call, i)` is false (call: the reward function's
+    0-based call, one per generated batch; i: the completion's place in it) as a bare EOS (invalid: no env step)."""
     real = module.EnvReward.__call__
+    calls = []
 
     def invalidated(self, prompts, completions, completion_ids, *rest, **kwargs):
         eos = self.controller.vocabulary.eos_id
-        completion_ids = [ids if i % n == 0 else [eos] for i, ids in enumerate(completion_ids)]
+        completion_ids = [ids if keep(len(calls), i) else [eos] for i, ids in enumerate(completion_ids)]
+        calls.append(1)
         return real(self, prompts, completions, completion_ids, *rest, **kwargs)
 
     monkeypatch.setattr(module.EnvReward, "__call__", invalidated)
+
+
+def keep_one_completion_in(n: int, module, monkeypatch) -> None:
+    """Every completion but each n-th is invalid."""
+    invalidate_completions(module, monkeypatch, lambda call, i: i % n == 0)
+
+
+def invalidate_after(calls: int, module, monkeypatch) -> None:
+    """Every completion is invalid after the reward function's first `calls` calls."""
+    invalidate_completions(module, monkeypatch, lambda call, i: call < calls)
 
 
 def test_grpo_env_step_budget_ends_the_run_when_most_completions_are_invalid(tmp_path, monkeypatch):
     """Invalid completions take no env step, and each generated batch takes num_iterations optimizer steps: with
     three completions in four invalid, the run still spends its env-step budget (it once stopped at an
     optimizer-step bound that ignored num_iterations, a third of the way in, without its final evaluation)."""
-    module, args = tiny_args("grpo", tmp_path)
-    args.total_env_steps, args.eval_every_env_steps = 48, 48
+    module, args = tiny_args("grpo", tmp_path, total_env_steps=48, eval_every_env_steps=48)
     assert args.num_iterations == 4
     keep_one_completion_in(4, module, monkeypatch)
     final = module.main(args)
@@ -517,8 +529,7 @@ def test_grpo_run_that_reaches_the_optimizer_step_bound_is_evaluated_and_says_so
     """With fifteen completions in sixteen invalid, the env-step budget cannot be spent within TRL's optimizer-step
     bound: the run ends there with a last curve line at the env steps it did spend and a message naming the cause
     (a run of the sweep in results/device/session28 once ended so, at 6,205 of 25,200 env steps, silently)."""
-    module, args = tiny_args("grpo", tmp_path)
-    args.total_env_steps, args.eval_every_env_steps = 48, 48
+    module, args = tiny_args("grpo", tmp_path, total_env_steps=48, eval_every_env_steps=48)
     assert args.batch_size == 16
     keep_one_completion_in(16, module, monkeypatch)
     final = module.main(args)
@@ -529,20 +540,6 @@ def test_grpo_run_that_reaches_the_optimizer_step_bound_is_evaluated_and_says_so
     assert 0 < final["env_steps"] <= 22 and lines[-1]["env_steps"] == final["env_steps"]
     assert lines[-1]["train/invalid_rate"] > 0.9
     assert "optimizer-step bound" in capsys.readouterr().err
-
-
-def invalidate_after(calls: int, module, monkeypatch) -> None:
-    """Make GRPO's reward see every completion as a bare EOS (invalid: no env step) after its first `calls` calls."""
-    real = module.EnvReward.__call__
-    seen = []
-
-    def invalidated(self, prompts, completions, completion_ids, *rest, **kwargs):
-        seen.append(1)
-        if len(seen) > calls:
-            completion_ids = [[self.controller.vocabulary.eos_id] for _ in completion_ids]
-        return real(self, prompts, completions, completion_ids, *rest, **kwargs)
-
-    monkeypatch.setattr(module.EnvReward, "__call__", invalidated)
 
 
 def test_grpo_policy_that_writes_only_invalid_answers_stops_the_run_and_stays_stopped(tmp_path, monkeypatch, capsys):
