@@ -629,16 +629,24 @@ def test_resume_continues_without_losing_or_repeating_env_steps(method, tmp_path
     assert final["results"][method]["mean"]["reward"] == pytest.approx(fresh["results"][method]["mean"]["reward"], abs=1e-9)
 
 
-@pytest.mark.parametrize("method, steps", [("dpo", 12_600), ("grpo", 25_200)])
-def test_learns_to_beat_random_on_heldout_requests(method, steps, tmp_path):
+# GRPO runs with the settings the README gives for runs of about 25,000 env steps. With the defaults (tuned for
+# E5's 126,000 env steps), a 25,200-step run can end with a policy that barely reads the budget, at seeds that
+# depend on the host's floating-point path: seed 0 reached 0.578 on the earlier AMD EPYC sandboxes but 0.522 on
+# an AVX-512 AMD EPYC (family 26) on 2026-12-01, and seed 3 ended prompt-blind on the lent H200 machine's CPU
+# (results/device/session28). These settings reached 0.558-0.607 at all 8 seeds there (seed 0: 0.583), and
+# 0.572 / 0.576 at seeds 0 / 1 on the AVX-512 host.
+GRPO_SHORT_RUN = ("--num-iterations", "8", "--learning-rate", "5e-4")
+
+
+@pytest.mark.parametrize("method, steps, extra", [("dpo", 12_600, ()), ("grpo", 25_200, GRPO_SHORT_RUN)])
+def test_learns_to_beat_random_on_heldout_requests(method, steps, extra, tmp_path):
     """A short seeded run on the replay env beats the random controller on held-out mean reward by a clear margin
     (and improves on its own warm-started start: with the shipped micro, GRPO's start is already above
-    random, 0.506 vs 0.437, and 25,200 steps take it to 0.578; seeds 1 and 2 went from 0.541 and 0.538 to
-    0.580 and 0.568 on the same CPU, where with one optimizer step per generated batch they ended below their
-    starts)."""
+    random, 0.506 vs 0.437 at seed 0; with one optimizer step per generated batch, seeds 1 and 2 ended below
+    their starts)."""
     result = run_cli(method, "--no-wandb", "--no-baselines", "--runs-dir", str(tmp_path), "--seed", "0",
                      "--total-env-steps", str(steps), "--eval-every-env-steps", str(steps), "--eval-requests", "300",
-                     cwd=tmp_path)
+                     *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     lines = curves(run_dir)
