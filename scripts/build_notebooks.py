@@ -191,8 +191,8 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "print(json.dumps({k: s[k] for k in s if k in ('margin', 'mean_over_fractions')}, indent=1)[:1500])",
                     show_pngs("m4_guardrail.png")),
             Section("e5", "E5 - training strategies (issue [controllers])",
-                    "LUT, supervised, PPO, MaskablePPO, DPO, GRPO at the same env-step budget, 3 seeds. Figures drawn "
-                    "by `scripts/e5_training_strategies.py`.",
+                    "LUT, supervised, PPO, MaskablePPO, DPO, GRPO, and DPO then GRPO from its controller (`dpo_grpo`) "
+                    "at the same env-step budget, 3 seeds. Figures drawn by `scripts/e5_training_strategies.py`.",
                     "for e in s['entries']:\n"
                     "    m = e['final_mean']\n"
                     "    print(f\"{e['method']:14s} reward {m['reward']:.3f} retention {m['quality_retention']:.3f} violations {m['violation_rate']:.3f}\")",

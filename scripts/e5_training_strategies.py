@@ -1,11 +1,13 @@
-"""E5: LUT, supervised, PPO, MaskablePPO, DPO and GRPO on the same env, budgets and env-step budget.
+"""E5: LUT, supervised, PPO, MaskablePPO, DPO, GRPO and DPO-then-GRPO on the same env, budgets and env-step budget.
 
     python scripts/e5_training_strategies.py [--seeds 0 1 2] [--total-env-steps 126000] [--methods ...] [--merge]
 
 Every (method, seed) is one `flexvlm-train METHOD --seed S --total-env-steps N --no-baselines`
 run on `FlexVLMReplay-v0` (train half of the recorded requests to learn on, held-out half to
-evaluate on); a finished run trained with the same arguments (its `args.json`) is reused, so the script
-resumes where it stopped, and a run trained with other `--extra` flags or defaults is not.
+evaluate on); a pipeline (`dpo_grpo`) is one such run per stage, each started from the one before
+(`--init-from`), their env steps adding up to N. A finished run trained with the same arguments (its
+`args.json`) is reused, so the script resumes where it stopped, and a run trained with other `--extra`
+flags or defaults is not.
 The baselines are evaluated once per seed on the same held-out requests. `--merge` reruns only the
 listed methods: their entries and curves replace those in the existing summary (each marked with its
 date and machine, and listed under `updates`); the other methods and the baselines are kept as they are.
@@ -31,18 +33,24 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tyro
 
-METHODS = ("lut", "supervised", "ppo", "maskable_ppo", "dpo", "grpo")
+# dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
+# controller (`--init-from`) for the rest, at a quarter of GRPO's default learning rate: a policy that already
+# reads the budget is fine-tuned, not learned from scratch (session 30's device runs: 0.616 mean held-out reward
+# at seeds 0-4 against 0.607 at the default rate and 0.594 for GRPO alone; results/device/session30/INDEX.md).
+PIPELINES = {"dpo_grpo": (("dpo", 0.2, ()), ("grpo", 0.8, ("--learning-rate", "2.5e-4")))}
+METHODS = ("lut", "supervised", "ppo", "maskable_ppo", "dpo", "grpo", *PIPELINES)
 THRESHOLD = {"violation_rate": 0.05, "quality_retention": 0.90}
 
 
 @dataclass
 class Args:
     methods: tuple[str, ...] = METHODS
-    """methods to run (`flexvlm-train` names)"""
+    """methods to run (`flexvlm-train` names, and dpo_grpo: DPO for a fifth of the env steps, then GRPO from it)"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds per method"""
     total_env_steps: int = 126_000
@@ -55,7 +63,8 @@ class Args:
     """summary JSON; curves and figures go beside it"""
     extra: str = ""
     """extra `flexvlm-train` arguments for every run, one string split as a shell would; it starts with `--`,
-    so give it with `=`: `--extra="--num-iterations 8 --learning-rate 5e-4"`"""
+    so give it with `=`: `--extra="--num-iterations 8 --learning-rate 5e-4"` (not with a pipeline: its stages
+    are different trainers)"""
     merge: bool = False
     """replace only these methods' entries and curves in the existing --out summary (baselines kept)"""
 
@@ -70,6 +79,9 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.merge and not self.out.exists():
             raise ValueError(f"--merge: --out={str(self.out)!r} does not exist; run without --merge first")
+        if self.extra and any(m in PIPELINES for m in self.methods):
+            raise ValueError(f"--extra={self.extra!r} cannot go with --methods {' '.join(self.methods)}: a pipeline's "
+                             "stages are different trainers; run the pipeline without --extra")
         try:
             shlex.split(self.extra)
         except ValueError as error:
@@ -80,19 +92,20 @@ class Args:
 UNCOMPARED = ("runs_dir", "resume", "wandb", "wandb_project", "baselines")
 
 
-def train_argv(args: Args, seed: int) -> list[str]:
-    """`flexvlm-train METHOD` arguments of one E5 run (the same for every method)."""
-    return ["--seed", str(seed), "--total-env-steps", str(args.total_env_steps), "--eval-every-env-steps",
+def train_argv(args: Args, seed: int, env_steps: int | None = None, extra: list[str] | None = None) -> list[str]:
+    """`flexvlm-train METHOD` arguments of one E5 run (the same for every method; a pipeline stage gives its own
+    env steps and extra arguments)."""
+    return ["--seed", str(seed), "--total-env-steps", str(env_steps or args.total_env_steps), "--eval-every-env-steps",
             str(args.eval_every_env_steps), "--no-wandb", "--no-baselines", "--runs-dir", str(args.runs_dir),
-            *shlex.split(args.extra)]
+            *(shlex.split(args.extra) if extra is None else extra)]
 
 
-def wanted_args(args: Args, method: str, seed: int) -> dict:
+def wanted_args(args: Args, method: str, seed: int, env_steps: int | None = None, extra: list[str] | None = None) -> dict:
     """The `args.json` an E5 run of (method, seed) writes, less UNCOMPARED: a run is reused only if it matches."""
     from trainers.cli import parse_args
     from trainers.common import args_record
 
-    record = args_record(method, parse_args(method, train_argv(args, seed)))
+    record = args_record(method, parse_args(method, train_argv(args, seed, env_steps, extra)))
     return {k: v for k, v in record.items() if k not in UNCOMPARED}
 
 
@@ -117,12 +130,12 @@ def unfinished_run(runs_dir: Path, method: str, seed: int, wanted: dict) -> Path
     return started[-1] if started else None
 
 
-def run_method(args: Args, method: str, seed: int) -> Path:
-    wanted = wanted_args(args, method, seed)
+def run_method(args: Args, method: str, seed: int, env_steps: int | None = None, extra: list[str] | None = None) -> Path:
+    wanted = wanted_args(args, method, seed, env_steps, extra)
     done = find_run(args.runs_dir, method, seed, wanted)
     if done is not None:
         return done
-    command = [sys.executable, "-m", "trainers.cli", method, *train_argv(args, seed)]
+    command = [sys.executable, "-m", "trainers.cli", method, *train_argv(args, seed, env_steps, extra)]
     partial = unfinished_run(args.runs_dir, method, seed, wanted)
     if partial is not None:
         command += ["--resume", str(partial)]
@@ -132,6 +145,52 @@ def run_method(args: Args, method: str, seed: int) -> Path:
     if found is None:
         raise RuntimeError(f"{method} seed {seed} finished without a final.json in {args.runs_dir}")
     return found
+
+
+def pipeline_stages(args: Args, name: str) -> list[tuple[str, int, list[str]]]:
+    """(trainer, env steps, extra arguments) of each stage of pipeline `name`; the stages' env steps add up to
+    --total-env-steps (the last stage takes what the others leave)."""
+    stages, left = [], args.total_env_steps
+    for i, (method, share, extra) in enumerate(PIPELINES[name]):
+        steps = left if i == len(PIPELINES[name]) - 1 else round(args.total_env_steps * share)
+        if steps < 1:
+            raise ValueError(f"--total-env-steps={args.total_env_steps} leaves stage {i + 1} of {name} ({method}) no env step")
+        stages.append((method, steps, list(extra)))
+        left -= steps
+    return stages
+
+
+class SeedRun(NamedTuple):
+    """What E5 reads of one (method, seed): its final evaluation, held-out curve, and the run directories."""
+    final: dict  # the last run's final.json, its result under "results"[method's trainer]
+    result: dict
+    curve: list[dict]
+    env_steps: int
+    wall_clock_s: float
+    overhead_ms: float
+    runs: list[str]
+
+
+def seed_run(args: Args, method: str, seed: int) -> SeedRun:
+    """Run (or reuse) one seed of `method`. A pipeline's stages run in turn, each started from the controller the
+    one before it saved; their curves are joined on one env-step axis (a later stage's first evaluation, of the
+    weights it starts from, is the earlier stage's last, so it is left out)."""
+    stages = pipeline_stages(args, method) if method in PIPELINES else [(method, None, None)]
+    curve, env_steps, wall_clock_s, runs, previous = [], 0, 0.0, [], None
+    for trainer, steps, extra in stages:
+        if previous is not None:
+            extra = [*extra, "--init-from", str(previous / "controller")]
+        run_dir = run_method(args, trainer, seed, steps, extra)
+        final = json.loads((run_dir / "final.json").read_text())
+        lines = [json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()]
+        curve += [{**line, "env_steps": line["env_steps"] + env_steps, "wall_clock_s": line.get("wall_clock_s", 0.0) + wall_clock_s}
+                  for line in (lines if previous is None else lines[1:])]
+        env_steps += final["env_steps"]
+        wall_clock_s += final["wall_clock_s"]
+        runs.append(final["run"])
+        previous = run_dir
+    return SeedRun(final, final["results"][trainer], curve, env_steps, wall_clock_s,
+                   final["decision_overhead_ms"][trainer]["median_ms"], runs)
 
 
 def steps_to_threshold(curve: list[dict]) -> int | None:
@@ -231,26 +290,25 @@ def machine() -> dict:
 
 def method_entry(args: Args, method: str) -> tuple[dict, list[list[dict]]]:
     """Run (or reuse) every seed of `method`; its summary entry and its held-out curves."""
-    finals, runs = [], []
-    for seed in args.seeds:
-        run_dir = run_method(args, method, seed)
-        finals.append(json.loads((run_dir / "final.json").read_text()))
-        runs.append([json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()])
-    results = [f["results"][method] for f in finals]
-    thresholds = [steps_to_threshold(c) for c in runs]
+    seeds = [seed_run(args, method, seed) for seed in args.seeds]
+    results = [s.result for s in seeds]
+    thresholds = [steps_to_threshold(s.curve) for s in seeds]
     rewards = [r["mean"]["reward"] for r in results]
-    return {
+    entry = {
         "method": method, "kind": "method", "seeds": list(args.seeds), "extra_args": shlex.split(args.extra),
         "env_steps_to_threshold": (None if any(t is None for t in thresholds) else float(np.mean(thresholds))),
         "env_steps_to_threshold_per_seed": thresholds,
         "final": mean_tables([final_table(r) for r in results]),
         "final_mean": {k: float(np.mean([r["mean"][k] for r in results])) for k in results[0]["mean"]},
         "final_reward_std_over_seeds": float(np.std(rewards)),
-        "decision_overhead_ms": float(np.mean([f["decision_overhead_ms"][method]["median_ms"] for f in finals])),
-        "train_wall_clock_s": float(np.mean([f["wall_clock_s"] for f in finals])),
-        "env_steps": int(np.mean([f["env_steps"] for f in finals])),
-        "runs": [f["run"] for f in finals],
-    }, runs
+        "decision_overhead_ms": float(np.mean([s.overhead_ms for s in seeds])),
+        "train_wall_clock_s": float(np.mean([s.wall_clock_s for s in seeds])),
+        "env_steps": int(np.mean([s.env_steps for s in seeds])),
+        "runs": [run for s in seeds for run in s.runs],
+    }
+    if method in PIPELINES:
+        entry["stages"] = [{"method": m, "env_steps": n, "extra_args": extra} for m, n, extra in pipeline_stages(args, method)]
+    return entry, [s.curve for s in seeds]
 
 
 def baseline_entries(seeds) -> list[dict]:

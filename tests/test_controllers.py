@@ -381,20 +381,48 @@ def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):
     assert bad.returncode != 0 and "--guardrail-estimator" in bad.stderr
 
 
-def _fake_e5_run(e5, e5_args, method: str, seed: int, reward: float, stamp: int = 1, **trained_with):
+def _fake_e5_run(e5, e5_args, method: str, seed: int, reward: float, stamp: int = 1, stage=(None, None), **trained_with):
     """A finished `flexvlm-train` run directory as the E5 script reads it (args.json, final.json and curves.jsonl),
-    trained with E5's arguments unless `trained_with` overrides some."""
+    trained with E5's arguments (a pipeline stage's `(env steps, extra arguments)`) unless `trained_with` overrides
+    some. Returns the run directory."""
     metrics = {"reward": reward, "quality": 0.6, "quality_retention": 0.9, "violation_rate": 0.01,
                "latency_p50_ms": 10.0, "latency_p95_ms": 20.0}
+    steps = stage[0] or e5_args.total_env_steps
     run = e5_args.runs_dir / f"FlexVLMReplay-v0__{method}__{seed}__{stamp}"
     run.mkdir(parents=True)
-    record = {**e5.wanted_args(e5_args, method, seed), "runs_dir": str(e5_args.runs_dir), **trained_with}
+    record = {**e5.wanted_args(e5_args, method, seed, *stage), "runs_dir": str(e5_args.runs_dir), **trained_with}
     (run / "args.json").write_text(json.dumps(record))
     (run / "final.json").write_text(json.dumps({
-        "run": run.name, "wall_clock_s": 1.0, "env_steps": 100, "decision_overhead_ms": {method: {"median_ms": 0.1}},
+        "run": run.name, "wall_clock_s": 1.0, "env_steps": steps, "decision_overhead_ms": {method: {"median_ms": 0.1}},
         "results": {method: {"by_fraction": {"0.5": metrics, "1": metrics}, "mean": metrics}}}))
     (run / "curves.jsonl").write_text("".join(json.dumps({"env_steps": s, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n"
-                                              for s in (0, 100)))
+                                              for s in (0, steps)))
+    return run
+
+
+def test_e5_pipeline_starts_each_stage_from_the_last_and_joins_their_curves(tmp_path):
+    """dpo_grpo: a DPO run for a fifth of the env steps, then a GRPO run whose --init-from is that run's
+    controller; the entry is the GRPO run's final evaluation on one curve over the pipeline's env steps, and a
+    GRPO run started from another controller is not reused."""
+    from conftest import load_script
+
+    e5 = load_script("e5_training_strategies")
+    args = e5.Args(methods=("dpo_grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "runs",
+                   out=tmp_path / "e5_summary.json")
+    grpo_extra = ["--learning-rate", "2.5e-4"]
+    assert e5.pipeline_stages(args, "dpo_grpo") == [("dpo", 20, []), ("grpo", 80, grpo_extra)]
+    dpo = _fake_e5_run(e5, args, "dpo", 0, 0.5, stage=(20, []))
+    grpo = _fake_e5_run(e5, args, "grpo", 0, 0.6, stage=(80, [*grpo_extra, "--init-from", str(dpo / "controller")]))
+    _fake_e5_run(e5, args, "grpo", 0, 0.9, stamp=2, stage=(80, [*grpo_extra, "--init-from", "elsewhere/controller"]))
+    wanted = e5.wanted_args(args, "grpo", 0, 80, [*grpo_extra, "--init-from", str(dpo / "controller")])
+    assert wanted["learning_rate"] == 2.5e-4 and wanted["total_env_steps"] == 80
+    entry, (curve,) = e5.method_entry(args, "dpo_grpo")
+    assert [line["env_steps"] for line in curve] == [0, 20, 100]
+    assert [line["eval/reward"] for line in curve] == [0.5, 0.5, 0.6]
+    assert entry["final_mean"]["reward"] == 0.6 and entry["env_steps"] == 100 and entry["train_wall_clock_s"] == 2.0
+    assert entry["runs"] == [dpo.name, grpo.name] and [s["method"] for s in entry["stages"]] == ["dpo", "grpo"]
+    with pytest.raises(ValueError, match="cannot go with --methods grpo dpo_grpo"):
+        e5.Args(methods=("grpo", "dpo_grpo"), extra="--beta 0.1")
 
 
 def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
@@ -447,7 +475,7 @@ def test_e5_reuses_only_runs_trained_with_its_arguments(tmp_path):
     e5 = load_script("e5_training_strategies")
     args = e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "runs",
                    out=tmp_path / "e5_summary.json", extra="--num-iterations 8")
-    assert tyro.cli(e5.Args, args=["--extra=--num-iterations 8 --learning-rate 5e-4"]).extra == \
+    assert tyro.cli(e5.Args, args=["--methods", "grpo", "--extra=--num-iterations 8 --learning-rate 5e-4"]).extra == \
         "--num-iterations 8 --learning-rate 5e-4"  # several flags in one value (a tuple kept only the last)
     wanted = e5.wanted_args(args, "grpo", 0)
     assert wanted["num_iterations"] == 8 and wanted["total_env_steps"] == 100 and "runs_dir" not in wanted
@@ -459,4 +487,4 @@ def test_e5_reuses_only_runs_trained_with_its_arguments(tmp_path):
     entry, _ = e5.method_entry(args, "grpo")
     assert entry["final_mean"]["reward"] == 0.6 and entry["extra_args"] == ["--num-iterations", "8"]
     with pytest.raises(ValueError, match="--extra='--learning-rate \"5e-4' does not split"):
-        e5.Args(extra='--learning-rate "5e-4')
+        e5.Args(methods=("grpo",), extra='--learning-rate "5e-4')

@@ -591,6 +591,41 @@ def tiny_args(method, tmp_path, **overrides):
     return module, args
 
 
+def test_grpo_init_from_a_dpo_controller_starts_from_its_weights(tmp_path):
+    """`--init-from` starts GRPO from a saved DPO controller: its first held-out evaluation is the DPO run's final
+    one (same weights, requests and seed), no format warm start runs, and the result is saved as a grpo controller."""
+    dpo, dpo_args = tiny_args("dpo", tmp_path / "dpo", total_env_steps=32)
+    dpo.main(dpo_args)
+    (dpo_run,) = (tmp_path / "dpo").iterdir()
+    dpo_final = json.loads((dpo_run / "final.json").read_text())["results"]["dpo"]["mean"]["reward"]
+    grpo, grpo_args = tiny_args("grpo", tmp_path / "grpo", total_env_steps=32, init_from=dpo_run / "controller")
+    grpo.main(grpo_args)
+    (grpo_run,) = (tmp_path / "grpo").iterdir()
+    lines = curves(grpo_run)
+    assert lines[0]["env_steps"] == 0 and lines[0]["eval/reward"] == pytest.approx(dpo_final, abs=1e-12)
+    assert lines[0]["train/invalid_before"] == lines[0]["train/invalid_after"]  # no warm-start step taken
+    assert lines[-1]["env_steps"] > 0
+    controller = load_controller(grpo_run / "controller")
+    assert controller.kind == "grpo"
+    moved = load_controller(dpo_run / "controller").model.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in controller.model.state_dict().items())
+    assert json.loads((grpo_run / "args.json").read_text())["init_from"] == str(dpo_run / "controller")
+
+
+def test_init_from_rejects_what_it_cannot_start_from(train_pool, tmp_path):
+    RandomController(seed=0).save(tmp_path / "random")
+    random_controller(train_pool, kind="dpo").save(tmp_path / "lm")
+    cases = [(tmp_path / "none", {}, "is not a saved controller"),
+             (tmp_path / "random", {}, "holds a 'random' controller"),
+             (tmp_path / "lm", {"hidden_size": 32}, r"--hidden-size=32 \(the saved model's is 64\)"),
+             (tmp_path / "lm", {"n_buckets": 4}, r"--n-buckets=4 \(the saved model's is")]
+    for path, overrides, message in cases:
+        module, args = tiny_args("grpo", tmp_path / "runs", init_from=path, **overrides)
+        with pytest.raises(ValueError, match=message):
+            module.main(args)
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_resume_continues_without_losing_or_repeating_env_steps(method, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ rendering of an observation and writes ``crops=C top_k=K active_blocks=A<eos>``.
 
 1. Format warm start (`agents.lm.format_warm_start`): next-token steps on uniformly random configurations, so the
    random model writes well-formed answers; it learns no preference (labels ignore the prompt; no env step).
+   `--init-from` starts from a saved LM controller instead, without it.
 2. Rounds of iterative (online) DPO until the env-step budget is spent. Each round:
    - draws (request, budget fraction) pairs from the train-split pool until the round's `round_env_steps` are
      spent; for each, `candidates` configurations: `candidates - random_candidates` sampled from the current
@@ -299,7 +300,7 @@ def main(args: Args) -> dict:
     else:
         if args.resume is not None:
             run.resumed_from(-1, 0.0)  # no checkpoint yet: start over, dropping every curve line
-        warm = format_warm_start(controller, observations, args.format_warmup_steps, seed=args.seed)
+        warm = format_warm_start(controller, observations, args.warmup_steps(), seed=args.seed)
         log_lm_evaluation(args, run, controller, heldout, heldout_observations, 0, warm)
         window = {}
     controller.model.eval()

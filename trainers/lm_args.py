@@ -3,12 +3,15 @@ run's start (envs, observation pools, the fresh controller) and the held-out eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from agents.evaluation import evaluate
+from agents.base import CONTROLLER_FILE, load_controller
 from agents.lm import DEFAULT_BUCKETS, LMController, pool_observations, quiet_libraries
+from flexvlm_env.config import KnobGrid
 
 from .common import CommonArgs, Run, eval_requests, make_env
 
@@ -29,6 +32,10 @@ class LMArgs(CommonArgs):
     """buckets per observation feature in the text rendering"""
     torch_threads: int = 1
     """PyTorch CPU threads (a model this small gains little from more; on shared cores more threads can be far slower)"""
+    init_from: Path | None = None
+    """start from a saved LM controller (a dpo or grpo run's controller/ directory) instead of a fresh model: its
+    weights, architecture and feature buckets are kept, the format warm start is skipped, and the env steps of the
+    run that trained it are not counted in this run's"""
 
     def validate(self) -> None:
         super().validate()
@@ -37,6 +44,40 @@ class LMArgs(CommonArgs):
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if self.format_warmup_steps < 0:
             raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
+        if self.init_from is not None and not (Path(self.init_from) / CONTROLLER_FILE).is_file():
+            raise ValueError(f"--init-from={self.init_from} is not a saved controller (no {CONTROLLER_FILE} in it)")
+
+    def warmup_steps(self) -> int:
+        """Format warm-start steps: none for a model that already writes answers (--init-from)."""
+        return 0 if self.init_from is not None else self.format_warmup_steps
+
+
+ARCHITECTURE = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "intermediate_size": "intermediate_size"}
+
+
+def initial_controller(args: LMArgs, method: str, observations: dict) -> LMController:
+    """A fresh controller of `method`, or the one `--init-from` names. The architecture and bucket arguments
+    must then be the saved model's (a run's args.json says what its model is), so that they tell the truth."""
+    if args.init_from is None:
+        return LMController.create(observations, kind=method, seed=args.seed, n_buckets=args.n_buckets,
+                                   hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+                                   intermediate_size=args.intermediate_size)
+    controller = load_controller(args.init_from)
+    if not isinstance(controller, LMController):
+        raise ValueError(f"--init-from={args.init_from} holds a {controller.kind!r} controller; allowed: an LM "
+                         f"controller ({', '.join(LMController.KINDS)})")
+    if controller.grid != KnobGrid():
+        raise ValueError(f"--init-from={args.init_from}: its knob grid {controller.grid} is not the env's {KnobGrid()}")
+    saved = {"n_buckets": controller.buckets.n_buckets,
+             **{name: getattr(controller.model.config, key) for name, key in ARCHITECTURE.items()}}
+    wrong = [f"--{name.replace('_', '-')}={getattr(args, name)} (the saved model's is {value})"
+             for name, value in saved.items() if getattr(args, name) != value]
+    if wrong:
+        raise ValueError(f"--init-from={args.init_from}: {', '.join(wrong)}; pass the saved model's values")
+    controller.kind = method
+    controller.model.train()
+    return controller
 
 
 class LMRun(NamedTuple):
@@ -52,8 +93,8 @@ class LMRun(NamedTuple):
 
 def start_lm_run(args: LMArgs, method: str) -> LMRun:
     """The run directory, seeded torch, the train and held-out envs (one request per episode),
-    their observation pools, and a freshly initialised controller of `method`."""
-    run = Run(method, args)
+    their observation pools, and the controller of `method` to train (fresh, or `--init-from`'s)."""
+    args.validate()
     torch.set_num_threads(args.torch_threads)
     quiet_libraries()
     torch.manual_seed(args.seed)
@@ -61,9 +102,8 @@ def start_lm_run(args: LMArgs, method: str) -> LMRun:
     heldout = make_env(args, "heldout", episode_length=1)
     observations, request_ids, fractions = pool_observations(train_env, args.budget_fractions)
     heldout_observations, _, _ = pool_observations(heldout, args.budget_fractions)
-    controller = LMController.create(observations, kind=method, seed=args.seed, n_buckets=args.n_buckets,
-                                     hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                                     intermediate_size=args.intermediate_size)
+    controller = initial_controller(args, method, observations)
+    run = Run(method, args)  # last: an --init-from that cannot be used stops the command before a run directory exists
     return LMRun(run, train_env, heldout, observations, request_ids, fractions, heldout_observations, controller)
 
 
