@@ -41,7 +41,8 @@ import tyro
 # dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
 # controller (`--init-from`) for the rest, at a quarter of GRPO's default learning rate: a policy that already
 # reads the budget is fine-tuned, not learned from scratch (session 30's device runs: 0.616 mean held-out reward
-# at seeds 0-4 against 0.607 at the default rate and 0.594 for GRPO alone; results/device/session30/INDEX.md).
+# at seeds 0-4, against 0.607 at the default rate at seeds 0-2 and 0.594 for GRPO alone at seeds 0-4;
+# results/device/session30/INDEX.md).
 PIPELINES = {"dpo_grpo": (("dpo", 0.2, ()), ("grpo", 0.8, ("--learning-rate", "2.5e-4")))}
 METHODS = ("lut", "supervised", "ppo", "maskable_ppo", "dpo", "grpo", *PIPELINES)
 THRESHOLD = {"violation_rate": 0.05, "quality_retention": 0.90}
@@ -161,8 +162,8 @@ def pipeline_stages(args: Args, name: str) -> list[tuple[str, int, list[str]]]:
 
 
 class SeedRun(NamedTuple):
-    """What E5 reads of one (method, seed): its final evaluation, held-out curve, and the run directories."""
-    final: dict  # the last run's final.json, its result under "results"[method's trainer]
+    """What E5 reads of one (method, seed): the final held-out evaluation (its last run's), the held-out curve
+    over all its runs, their env steps, wall-clock and run names, and the decision overhead."""
     result: dict
     curve: list[dict]
     env_steps: int
@@ -189,7 +190,7 @@ def seed_run(args: Args, method: str, seed: int) -> SeedRun:
         wall_clock_s += final["wall_clock_s"]
         runs.append(final["run"])
         previous = run_dir
-    return SeedRun(final, final["results"][trainer], curve, env_steps, wall_clock_s,
+    return SeedRun(final["results"][trainer], curve, env_steps, wall_clock_s,
                    final["decision_overhead_ms"][trainer]["median_ms"], runs)
 
 

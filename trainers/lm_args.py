@@ -1,5 +1,6 @@
 """What the methods whose controller is a tiny causal LM (`dpo`, `grpo`) share: arguments, the
-run's start (envs, observation pools, the fresh controller) and the held-out evaluation record."""
+run's start (envs, observation pools, the controller to train: fresh or `--init-from`'s) and the held-out
+evaluation record."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from agents.evaluation import evaluate
 from agents.base import CONTROLLER_FILE, load_controller
+from agents.evaluation import evaluate
 from agents.lm import DEFAULT_BUCKETS, LMController, pool_observations, quiet_libraries
 from flexvlm_env.config import KnobGrid
 
@@ -52,6 +53,7 @@ class LMArgs(CommonArgs):
         return 0 if self.init_from is not None else self.format_warmup_steps
 
 
+# LMArgs' architecture arguments and the names the Llama config gives them
 ARCHITECTURE = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                 "intermediate_size": "intermediate_size"}
 
@@ -76,7 +78,7 @@ def initial_controller(args: LMArgs, method: str, observations: dict) -> LMContr
     if wrong:
         raise ValueError(f"--init-from={args.init_from}: {', '.join(wrong)}; pass the saved model's values")
     controller.kind = method
-    controller.model.train()
+    controller.model.train()  # loaded for inference (eval mode); trained from here, as a fresh model is
     return controller
 
 
