@@ -598,7 +598,7 @@ def test_grpo_init_from_a_dpo_controller_starts_from_its_weights(tmp_path):
     dpo.main(dpo_args)
     (dpo_run,) = (tmp_path / "dpo").iterdir()
     dpo_final = json.loads((dpo_run / "final.json").read_text())["results"]["dpo"]["mean"]["reward"]
-    grpo, grpo_args = tiny_args("grpo", tmp_path / "grpo", total_env_steps=32, init_from=dpo_run / "controller")
+    grpo, grpo_args = tiny_args("grpo", tmp_path / "grpo", total_env_steps=32, init_from=dpo_run)  # its controller/
     grpo.main(grpo_args)
     (grpo_run,) = (tmp_path / "grpo").iterdir()
     lines = curves(grpo_run)
@@ -609,13 +609,13 @@ def test_grpo_init_from_a_dpo_controller_starts_from_its_weights(tmp_path):
     assert controller.kind == "grpo"
     moved = load_controller(dpo_run / "controller").model.state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in controller.model.state_dict().items())
-    assert json.loads((grpo_run / "args.json").read_text())["init_from"] == str(dpo_run / "controller")
+    assert json.loads((grpo_run / "args.json").read_text())["init_from"] == str(dpo_run)
 
 
 def test_init_from_rejects_what_it_cannot_start_from(train_pool, tmp_path):
     RandomController(seed=0).save(tmp_path / "random")
     random_controller(train_pool, kind="dpo").save(tmp_path / "lm")
-    cases = [(tmp_path / "none", {}, "is not a saved controller"),
+    cases = [(tmp_path / "none", {}, "is not a saved controller or a run directory holding one"),
              (tmp_path / "random", {}, "holds a 'random' controller"),
              (tmp_path / "lm", {"hidden_size": 32}, r"--hidden-size=32 \(the saved model's is 64\)"),
              (tmp_path / "lm", {"n_buckets": 4}, r"--n-buckets=4 \(the saved model's is")]

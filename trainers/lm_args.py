@@ -34,9 +34,9 @@ class LMArgs(CommonArgs):
     torch_threads: int = 1
     """PyTorch CPU threads (a model this small gains little from more; on shared cores more threads can be far slower)"""
     init_from: Path | None = None
-    """start from a saved LM controller (a dpo or grpo run's controller/ directory) instead of a fresh model: its
-    weights, architecture and feature buckets are kept, the format warm start is skipped, and the env steps of the
-    run that trained it are not counted in this run's"""
+    """start from a saved LM controller (a dpo or grpo run directory, or its controller/ directory) instead of a fresh
+    model: its weights, architecture and feature buckets are kept, the format warm start is skipped, and the env
+    steps of the run that trained it are not counted in this run's"""
 
     def validate(self) -> None:
         super().validate()
@@ -45,8 +45,16 @@ class LMArgs(CommonArgs):
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if self.format_warmup_steps < 0:
             raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
-        if self.init_from is not None and not (Path(self.init_from) / CONTROLLER_FILE).is_file():
-            raise ValueError(f"--init-from={self.init_from} is not a saved controller (no {CONTROLLER_FILE} in it)")
+        if self.init_from is not None and self.init_controller_dir() is None:
+            raise ValueError(f"--init-from={self.init_from} is not a saved controller or a run directory holding one "
+                             f"(no {CONTROLLER_FILE} in it or in its controller/)")
+
+    def init_controller_dir(self) -> Path | None:
+        """The saved controller --init-from names: the directory itself, or a run directory's controller/."""
+        for path in (Path(self.init_from), Path(self.init_from) / "controller"):
+            if (path / CONTROLLER_FILE).is_file():
+                return path
+        return None
 
     def warmup_steps(self) -> int:
         """Format warm-start steps: none for a model that already writes answers (--init-from)."""
@@ -65,7 +73,7 @@ def initial_controller(args: LMArgs, method: str, observations: dict) -> LMContr
         return LMController.create(observations, kind=method, seed=args.seed, n_buckets=args.n_buckets,
                                    hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                                    intermediate_size=args.intermediate_size)
-    controller = load_controller(args.init_from)
+    controller = load_controller(args.init_controller_dir())
     if not isinstance(controller, LMController):
         raise ValueError(f"--init-from={args.init_from} holds a {controller.kind!r} controller; allowed: an LM "
                          f"controller ({', '.join(LMController.KINDS)})")
