@@ -624,6 +624,11 @@ def test_init_from_rejects_what_it_cannot_start_from(train_pool, tmp_path):
         with pytest.raises(ValueError, match=message):
             module.main(args)
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # from the command line: a usage error (exit status 2, one line naming the argument), not a traceback
+    result = run_cli("grpo", "--no-wandb", "--init-from", str(tmp_path / "lm"), "--hidden-size", "32",
+                     "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --init-from=" in result.stderr and "--hidden-size=32 (the saved model's is 64)" in result.stderr
 
 
 @pytest.mark.slow

@@ -17,6 +17,11 @@ from flexvlm_env.config import KnobGrid
 from .common import CommonArgs, Run, eval_requests, make_env
 
 
+# LMArgs' architecture arguments and the names the Llama config gives them
+ARCHITECTURE = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "intermediate_size": "intermediate_size"}
+
+
 @dataclass
 class LMArgs(CommonArgs):
     format_warmup_steps: int = 300
@@ -45,46 +50,43 @@ class LMArgs(CommonArgs):
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if self.format_warmup_steps < 0:
             raise ValueError(f"--format-warmup-steps={self.format_warmup_steps!r} must be >= 0")
-        if self.init_from is not None and self.init_controller_dir() is None:
+        if self.init_from is not None:
+            self.load_init_from()  # a controller this run cannot start from is a usage error, found up front
+
+    def load_init_from(self) -> LMController:
+        """The saved controller --init-from names (the directory itself, or a run directory's controller/), checked
+        against this run: an LM controller on the env's knob grid whose architecture and buckets are the ones
+        this run's arguments give (a run's args.json says what its model is), so that they tell the truth."""
+        found = [p for p in (Path(self.init_from), Path(self.init_from) / "controller") if (p / CONTROLLER_FILE).is_file()]
+        if not found:
             raise ValueError(f"--init-from={self.init_from} is not a saved controller or a run directory holding one "
                              f"(no {CONTROLLER_FILE} in it or in its controller/)")
-
-    def init_controller_dir(self) -> Path | None:
-        """The saved controller --init-from names: the directory itself, or a run directory's controller/."""
-        for path in (Path(self.init_from), Path(self.init_from) / "controller"):
-            if (path / CONTROLLER_FILE).is_file():
-                return path
-        return None
+        controller = load_controller(found[0])
+        if not isinstance(controller, LMController):
+            raise ValueError(f"--init-from={self.init_from} holds a {controller.kind!r} controller; allowed: an LM "
+                             f"controller ({', '.join(LMController.KINDS)})")
+        if controller.grid != KnobGrid():
+            raise ValueError(f"--init-from={self.init_from}: its knob grid {controller.grid} is not the env's {KnobGrid()}")
+        saved = {"n_buckets": controller.buckets.n_buckets,
+                 **{name: getattr(controller.model.config, key) for name, key in ARCHITECTURE.items()}}
+        wrong = [f"--{name.replace('_', '-')}={getattr(self, name)} (the saved model's is {value})"
+                 for name, value in saved.items() if getattr(self, name) != value]
+        if wrong:
+            raise ValueError(f"--init-from={self.init_from}: {', '.join(wrong)}; pass the saved model's values")
+        return controller
 
     def warmup_steps(self) -> int:
         """Format warm-start steps: none for a model that already writes answers (--init-from)."""
         return 0 if self.init_from is not None else self.format_warmup_steps
 
 
-# LMArgs' architecture arguments and the names the Llama config gives them
-ARCHITECTURE = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                "intermediate_size": "intermediate_size"}
-
-
 def initial_controller(args: LMArgs, method: str, observations: dict) -> LMController:
-    """A fresh controller of `method`, or the one `--init-from` names. The architecture and bucket arguments
-    must then be the saved model's (a run's args.json says what its model is), so that they tell the truth."""
+    """A fresh controller of `method`, or the one `--init-from` names (`LMArgs.load_init_from`)."""
     if args.init_from is None:
         return LMController.create(observations, kind=method, seed=args.seed, n_buckets=args.n_buckets,
                                    hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                                    intermediate_size=args.intermediate_size)
-    controller = load_controller(args.init_controller_dir())
-    if not isinstance(controller, LMController):
-        raise ValueError(f"--init-from={args.init_from} holds a {controller.kind!r} controller; allowed: an LM "
-                         f"controller ({', '.join(LMController.KINDS)})")
-    if controller.grid != KnobGrid():
-        raise ValueError(f"--init-from={args.init_from}: its knob grid {controller.grid} is not the env's {KnobGrid()}")
-    saved = {"n_buckets": controller.buckets.n_buckets,
-             **{name: getattr(controller.model.config, key) for name, key in ARCHITECTURE.items()}}
-    wrong = [f"--{name.replace('_', '-')}={getattr(args, name)} (the saved model's is {value})"
-             for name, value in saved.items() if getattr(args, name) != value]
-    if wrong:
-        raise ValueError(f"--init-from={args.init_from}: {', '.join(wrong)}; pass the saved model's values")
+    controller = args.load_init_from()
     controller.kind = method
     controller.model.train()  # loaded for inference (eval mode); trained from here, as a fresh model is
     return controller
@@ -104,7 +106,7 @@ class LMRun(NamedTuple):
 def start_lm_run(args: LMArgs, method: str) -> LMRun:
     """The run directory, seeded torch, the train and held-out envs (one request per episode),
     their observation pools, and the controller of `method` to train (fresh, or `--init-from`'s)."""
-    args.validate()
+    run = Run(method, args)  # validates the arguments (--init-from's controller included) first
     torch.set_num_threads(args.torch_threads)
     quiet_libraries()
     torch.manual_seed(args.seed)
@@ -113,7 +115,6 @@ def start_lm_run(args: LMArgs, method: str) -> LMRun:
     observations, request_ids, fractions = pool_observations(train_env, args.budget_fractions)
     heldout_observations, _, _ = pool_observations(heldout, args.budget_fractions)
     controller = initial_controller(args, method, observations)
-    run = Run(method, args)  # last: an --init-from that cannot be used stops the command before a run directory exists
     return LMRun(run, train_env, heldout, observations, request_ids, fractions, heldout_observations, controller)
 
 
