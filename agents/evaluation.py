@@ -48,6 +48,16 @@ def evaluation_requests(env: gym.Env, n_requests: int | None, seed: int) -> list
     return [ids[i] for i in sorted(chosen.tolist())]
 
 
+def evaluation_cases(env: gym.Env, requests: Sequence[str], budget_fractions: Sequence[float],
+                     seed: int) -> tuple[list[tuple[str, float]], list[dict]]:
+    """The (request, budget fraction) cases `evaluate` serves, fraction-major, and the observation of each: the
+    env reset with the case pinned and seed `seed + case index`, as `evaluate` resets it."""
+    cases = [(request_id, float(f)) for f in budget_fractions for request_id in requests]
+    observations = [env.reset(seed=seed + i, options={"request_id": request_id, "budget_fraction": fraction})[0]
+                    for i, (request_id, fraction) in enumerate(cases)]
+    return cases, observations
+
+
 def evaluate(
     controller: Controller,
     env: gym.Env,
@@ -63,11 +73,7 @@ def evaluate(
     for i, request_id in enumerate(requests):
         env.reset(seed=seed + i, options={"request_id": request_id})
         full_quality[request_id] = env.step(full_action)[4]["quality"]
-    cases = [(request_id, float(f)) for f in budget_fractions for request_id in requests]
-    observations = []
-    for i, (request_id, fraction) in enumerate(cases):
-        observation, _ = env.reset(seed=seed + i, options={"request_id": request_id, "budget_fraction": fraction})
-        observations.append(observation)
+    cases, observations = evaluation_cases(env, requests, budget_fractions, seed)
     start = time.perf_counter()
     actions = controller.select_action(stack_observations(observations))
     decision_ms = (time.perf_counter() - start) * 1e3 / len(cases)
@@ -125,4 +131,4 @@ def format_comparison(results: dict[str, dict], budget_fractions: Sequence[float
     return "\n".join(lines)
 
 
-__all__ = ["METRICS", "evaluate", "decision_overhead_ms", "evaluation_requests", "format_comparison"]
+__all__ = ["METRICS", "evaluate", "decision_overhead_ms", "evaluation_cases", "evaluation_requests", "format_comparison"]

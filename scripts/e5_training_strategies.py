@@ -176,6 +176,8 @@ def seed_run(args: Args, method: str, seed: int) -> SeedRun:
     """Run (or reuse) one seed of `method`. A pipeline's stages run in turn, each started from the controller the
     one before it saved; their curves are joined on one env-step axis (a later stage's first evaluation, of the
     weights it starts from, is the earlier stage's last, so it is left out)."""
+    from trainers.common import read_curves
+
     stages = pipeline_stages(args, method) if method in PIPELINES else [(method, None, None)]
     curve, env_steps, wall_clock_s, runs, previous = [], 0, 0.0, [], None
     for trainer, steps, extra in stages:
@@ -183,7 +185,7 @@ def seed_run(args: Args, method: str, seed: int) -> SeedRun:
             extra = [*extra, "--init-from", str(previous / "controller")]
         run_dir = run_method(args, trainer, seed, steps, extra)
         final = json.loads((run_dir / "final.json").read_text())
-        lines = [json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines() if line.strip()]
+        lines = read_curves(run_dir)
         curve += [{**line, "env_steps": line["env_steps"] + env_steps, "wall_clock_s": line.get("wall_clock_s", 0.0) + wall_clock_s}
                   for line in (lines if previous is None else lines[1:])]
         env_steps += final["env_steps"]

@@ -20,7 +20,7 @@ import tyro
 
 import flexvlm_env  # noqa: F401  (registers the env ids)
 from agents.base import load_controller, stack_observations
-from agents.evaluation import evaluate, evaluation_requests
+from agents.evaluation import evaluate, evaluation_cases, evaluation_requests
 from agents.lm import LMController
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 
@@ -56,20 +56,16 @@ def knob_choices(controller, env: gym.Env, fractions, n_requests: int | None) ->
     grid = env.unwrapped.grid
     requests = evaluation_requests(env, n_requests, 0)
     retention = evaluate(controller, env, fractions, n_requests, 0)["by_fraction"]
+    # evaluate's own cases and observations (seed 0), fraction-major: one block of len(requests) per fraction
+    _, observations = evaluation_cases(env, requests, fractions, 0)
     table = {}
     for k, fraction in enumerate(fractions):
-        observations = []
-        for j, request_id in enumerate(requests):
-            # the seed `evaluate` resets this (request, fraction) case with
-            observation, _ = env.reset(seed=k * len(requests) + j,
-                                       options={"request_id": request_id, "budget_fraction": float(fraction)})
-            observations.append(observation)
-        batch = stack_observations(observations)
+        batch = stack_observations(observations[k * len(requests):(k + 1) * len(requests)])
         actions = np.asarray(controller.select_action(batch))
         row = {"quality_retention": retention[f"{float(fraction):g}"]["quality_retention"]}
-        for k, (name, values) in enumerate((("crops", grid.crops), ("top_k", grid.top_k),
-                                            ("active_blocks", grid.active_blocks))):
-            row[name] = shares(actions[:, k], values)
+        for knob, (name, values) in enumerate((("crops", grid.crops), ("top_k", grid.top_k),
+                                               ("active_blocks", grid.active_blocks))):
+            row[name] = shares(actions[:, knob], values)
         if isinstance(controller, LMController):
             row["first_token_crops_probability"] = first_token_probabilities(controller, batch)
         table[f"{float(fraction):g}"] = row

@@ -219,9 +219,7 @@ class Run:
         return self.log(env_steps, metrics)
 
     def curves(self) -> list[dict]:
-        if not self.curves_path.exists():
-            return []
-        return [json.loads(line) for line in self.curves_path.read_text().splitlines() if line.strip()]
+        return read_curves(self.dir)
 
     def finish(self, controller: Controller, profiles: ProfileTables | None, heldout_env: gym.Env,
                env_steps: int) -> dict:
@@ -276,6 +274,14 @@ def plot_curves(runs: Sequence[list[dict]], labels: Sequence[str], path: Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def read_curves(run_dir: Path) -> list[dict]:
+    """A run directory's curve lines (`curves.jsonl`; none if it has none yet)."""
+    path = Path(run_dir) / CURVES_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def eval_points(total_env_steps: int, every: int, start: int = 0) -> list[int]:
