@@ -124,7 +124,7 @@ class Args:
     """micro's crop size (px; a multiple of 28). The shipped micro uses 224: at 112 the reading
     families' text is only 8-14 px tall at 12 crops and reading stayed near chance; 224 doubles it
     at about 6x the vision tokens
-    (README, the micro model; scripts/reading_probe.py)"""
+    (docs/MICRO.md; scripts/reading_probe.py)"""
     expert_hidden: int = 16
     """hidden units of each of the 64 experts (the shipped micro: 16, an eighth of d_model 128;
     MolmoE-1B's experts are half its d_model). Other sizes are for ablations of the width knob:

@@ -11,13 +11,13 @@ written in the image?" with the text itself as the answer (lower case, as the re
 references are). It is not an evaluation family: it exists only in training batches
 (`TrainBatchSpec(families=(..., "transcribe"))`) and draws from its own seeded stream.
 
-Measured on 2 x H200 (README, the micro model): 2 000 full-configuration steps with this task as
+Measured on 2 x H200 (docs/MICRO.md, the 224 px round): 2 000 full-configuration steps with this task as
 37.5% of the batches taught micro the answers' form but not what is written; its answers do not
 depend on the image (scripts/reading_check.py). The second half of this module is therefore the
 step before: reading pretraining of the vision tower alone on single crops of the same kind of
 text (`reading_crop`, `ReadingCropStream`, `ReadingHead`; scripts/pretrain_reader.py). With the
 tower pretrained so, micro's text_vqa and transcribe answers came to depend on the image (4 x H200,
-README: the reading round).
+docs/MICRO.md: the reading round).
 """
 from __future__ import annotations
 
