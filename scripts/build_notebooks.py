@@ -60,7 +60,6 @@ class Section:
     title: str
     commentary: str
     headline: str  # Python printing the headline numbers from `s = summary(experiment)`
-    plot: str = ""  # figure cell; default: the experiment module's plot_from_results
 
 
 @dataclass
@@ -78,15 +77,10 @@ def notebook(title: str, intro: str, sections: list[Section]) -> nbformat.Notebo
     for section in sections:
         cells.append(nbformat.v4.new_markdown_cell(f"## {section.title}\n\n{section.commentary}"))
         cells.append(nbformat.v4.new_code_cell(f"s = summary({section.experiment!r})\n{section.headline}"))
-        cells.append(nbformat.v4.new_code_cell(section.plot or f"figures({section.experiment!r})"))
+        cells.append(nbformat.v4.new_code_cell(f"figures({section.experiment!r})"))
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb
-
-
-def show_pngs(*names: str) -> str:
-    """A cell that shows figures another driver made (E3, M4, E5: their drivers draw them)."""
-    return "\n".join(f"show(RESULTS / 'figures' / {n!r})" for n in names)
 
 
 NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
@@ -119,10 +113,9 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "print('bar:', {k: v['holds'] for k, v in s['cov_bar']['by_run'].items()})"),
             Section("e3", "E3 - the stage-aware latency estimator (issue [estimator])",
                     "Held-out-config errors of the physics-shaped stage model, and recalibration to another device "
-                    "from N samples. Figures drawn by `scripts/e3_latency_estimator.py`.",
+                    "from N samples.",
                     "for k, v in s['same_device'].items():\n"
-                    "    print(f\"{k}: MAPE {v['mape_total']:.2f}%, P95 APE {v['p95_ape_total']:.2f}%\")",
-                    show_pngs("e3_error_vs_n.png", "e3_predicted_vs_actual.png")),
+                    "    print(f\"{k}: MAPE {v['mape_total']:.2f}%, P95 APE {v['p95_ape_total']:.2f}%\")"),
         ],
     ),
     "workloads": (
@@ -186,17 +179,14 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "for key, h in s['headline'].items():\n"
                     "    print(key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()})"),
             Section("m4", "M4 - budget guardrail (issue [estimator])",
-                    "Violation rate and retention with no guardrail, an oracle, the trained estimator and a noisy one. "
-                    "Figure drawn by `scripts/m4_guardrail.py`.",
-                    "print(json.dumps({k: s[k] for k in s if k in ('margin', 'mean_over_fractions')}, indent=1)[:1500])",
-                    show_pngs("m4_guardrail.png")),
+                    "Violation rate and retention with no guardrail, an oracle, the trained estimator and a noisy one.",
+                    "print(json.dumps({k: s[k] for k in s if k in ('margin', 'mean_over_fractions')}, indent=1)[:1500])"),
             Section("e5", "E5 - training strategies (issue [controllers])",
                     "LUT, supervised, PPO, MaskablePPO, DPO, GRPO, and DPO then GRPO from its controller (`dpo_grpo`) "
-                    "at the same env-step budget, 3 seeds. Figures drawn by `scripts/e5_training_strategies.py`.",
+                    "at the same env-step budget, 3 seeds.",
                     "for e in s['entries']:\n"
                     "    m = e['final_mean']\n"
-                    "    print(f\"{e['method']:14s} reward {m['reward']:.3f} retention {m['quality_retention']:.3f} violations {m['violation_rate']:.3f}\")",
-                    show_pngs("e5_learning_curves.png", "e5_frontiers.png")),
+                    "    print(f\"{e['method']:14s} reward {m['reward']:.3f} retention {m['quality_retention']:.3f} violations {m['violation_rate']:.3f}\")"),
         ],
     ),
     "ablations": (

@@ -28,8 +28,11 @@ The estimator of the shipped micro is also fitted on its own H200 stage table
 
 `--quick`: stage tables only as training data for micro on the H100 (no 352,800-row requests
 table), one split, 3 recalibration draws, a short MLP; runs in well under a minute on a CPU and
-writes `results/e3_summary_quick.json` unless `--out` is given. Writes `<out>` (JSON), figures under `--figures`, and the
-fitted estimators (JSON) under `--estimators`.
+writes `results/e3_summary_quick.json` unless `--out` is given. Writes `<out>` (JSON), `e3_scatter.parquet` beside
+it (the stage estimator's held-out predictions that the second figure draws, at most 2,000 seeded rows per
+same-device set), figures under `--figures`, and the fitted estimators (JSON) under `--estimators`. The fitting and
+scoring are `flexvlm_env.experiments.latency_estimator`'s; `python scripts/make_figures.py --only e3` redraws the
+figures from the summary and the scatter table.
 """
 from __future__ import annotations
 
@@ -38,19 +41,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import tyro
 
-from flexvlm_env.latency import (
-    METHODS,
-    STAGES,
-    LogLinearTotal,
-    MLPTotal,
-    StageLatencyEstimator,
-    recalibrate,
-)
-from flexvlm_env.profiles.tables import read_parquet
+from flexvlm_env.experiments import latency_estimator as e3
+from flexvlm_env.experiments.common import versions
+from flexvlm_env.latency import StageLatencyEstimator
+from flexvlm_env.profiles.tables import read_parquet, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "flexvlm_env" / "assets" / "profiles"
@@ -59,7 +56,6 @@ DEVICE_TABLES = RESULTS / "device_tables"
 # Stage tables of the H100 -> H200 recalibration pairs: molmoe-1b's shipped one, the retired micro's archive.
 H100_STAGES = {"molmoe-1b": ASSETS / "molmoe-1b_h100_stages.parquet", "micro": DEVICE_TABLES / "micro112_h100_stages.parquet"}
 H200_NAMES = {"molmoe-1b": "molmoe-1b_h200", "micro": "micro112_h200"}
-NS = (10, 25, 50, 100)
 
 
 @dataclass
@@ -100,29 +96,10 @@ def _validation(path: Path) -> tuple[pd.DataFrame, str]:
     return frame, device
 
 
-def _with_measured_prefix(frame: pd.DataFrame) -> pd.DataFrame:
-    """A requests / stage table with its stage columns also under measured_<stage>_ms."""
-    cols = {f"measured_{s}_ms": frame[f"{s}_ms"] for s in STAGES}
-    cols["measured_total_ms"] = frame["total_ms"]
-    return frame.assign(**cols)
-
-
 def _bucket(meta: dict) -> int:
     """Prefill padding of the runtime that measured a table: 64-token CUDA-graph buckets, none
     (eager) on a CPU."""
     return 1 if meta.get("device", {}).get("device_type") == "cpu" else 64
-
-
-def noise_floor(frame: pd.DataFrame, keys: list[str]) -> dict:
-    """Repeat-to-repeat spread of the total: mean and P95 of |repeat - group mean| / group mean
-    (%) over the groups of `keys` measured more than once; what no estimator can beat."""
-    g = frame.groupby(keys)["total_ms"]
-    size = g.transform("size")
-    mean = g.transform("mean")
-    ape = (np.abs(frame["total_ms"] - mean) / mean * 100)[size > 1]
-    if ape.empty:
-        return {"n": 0}
-    return {"mape": float(ape.mean()), "p95_ape": float(np.percentile(ape, 95)), "n": len(ape), "keys": keys}
 
 
 def _rel(path: Path | str) -> str:
@@ -131,126 +108,43 @@ def _rel(path: Path | str) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _config_key(frame: pd.DataFrame) -> pd.Series:
-    return frame["crops"].astype(str) + "/" + frame["top_k"].astype(str) + "/" + frame["active_blocks"].astype(str)
-
-
 def same_device_sets(args: Args) -> dict[str, dict]:
     """name -> {train: table, tests: {name: table with measured_* columns}, primary: test name}."""
     sets = {}
     st, meta = read_parquet(ASSETS / "molmoe-1b_h100_stages.parquet")
     val, _ = _validation(RESULTS / "replay_latency_validation.parquet")
     sets[f"molmoe-1b@{meta['device_name']}"] = {
-        "train": st, "bucket": _bucket(meta), "noise": noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]), "train_source": "molmoe-1b_h100_stages.parquet",
-        "tests": {"validation_requests": val, "stage_table": _with_measured_prefix(st)}, "primary": "validation_requests"}
+        "train": st, "bucket": _bucket(meta), "noise": e3.noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]), "train_source": "molmoe-1b_h100_stages.parquet",
+        "tests": {"validation_requests": val, "stage_table": e3.with_measured_prefix(st)}, "primary": "validation_requests"}
     st, meta = read_parquet(H100_STAGES["micro"])
     val, _ = _validation(RESULTS / "replay_latency_validation_micro112_h100.parquet")
     entry = {"train": st, "train_source": H100_STAGES["micro"].name, "bucket": _bucket(meta),
-             "noise": noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]),
-             "tests": {"validation_requests": val, "stage_table": _with_measured_prefix(st)}, "primary": "validation_requests"}
+             "noise": e3.noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"]),
+             "tests": {"validation_requests": val, "stage_table": e3.with_measured_prefix(st)}, "primary": "validation_requests"}
     if not args.quick and args.micro112_requests.exists():
         req, _ = read_parquet(args.micro112_requests)
         req = req.drop(columns=["answer"])
         entry.update(train=req, train_source=f"{args.micro112_requests.name} (random subset of the training configs' rows)", weighting="total",
-                     primary="requests_table", noise=noise_floor(req, ["request_id", "crops", "top_k", "active_blocks"]))
-        entry["tests"]["requests_table"] = _with_measured_prefix(req)
+                     primary="requests_table", noise=e3.noise_floor(req, ["request_id", "crops", "top_k", "active_blocks"]))
+        entry["tests"]["requests_table"] = e3.with_measured_prefix(req)
     elif not args.quick:
         print(f"{args.micro112_requests} is missing: micro@{meta['device_name']} uses its stage table alone, unlike the "
               "committed results/e3_summary.json (see the module docstring for the file)")
     sets[f"micro@{meta['device_name']}"] = entry
     if args.cpu_stages.exists():
         st, meta = read_parquet(args.cpu_stages)
-        entry = {"train": st, "train_source": args.cpu_stages.name, "tests": {"stage_table": _with_measured_prefix(st)},
-                 "primary": "stage_table", "bucket": _bucket(meta), "noise": noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"])}
+        entry = {"train": st, "train_source": args.cpu_stages.name, "tests": {"stage_table": e3.with_measured_prefix(st)},
+                 "primary": "stage_table", "bucket": _bucket(meta), "noise": e3.noise_floor(st, ["crops", "input_tokens", "top_k", "active_blocks"])}
         if args.cpu_requests.exists():
             req, _ = read_parquet(args.cpu_requests)
             req = req.drop(columns=["answer"], errors="ignore")
-            entry["tests"]["requests_table"] = _with_measured_prefix(req)
+            entry["tests"]["requests_table"] = e3.with_measured_prefix(req)
             # the requests table covers every config (one measurement each): train on its training
             # configs' rows, as for micro on the H100; the stage table (other session) is a test set
             entry.update(train=req, train_source=args.cpu_requests.name, primary="requests_table", weighting="total")
         sets[f"micro@{meta['device_name']}"] = entry
     return sets
 
-
-# ---------------------------------------------------------------------------- metrics
-
-def errors(pred, measured) -> np.ndarray:
-    pred, measured = np.asarray(pred, float), np.asarray(measured, float)
-    keep = measured > 0  # a one-token answer has no decode stage
-    return np.abs(pred[keep] - measured[keep]) / measured[keep] * 100, np.abs(pred[keep] - measured[keep])
-
-
-def summarize(ape: np.ndarray, ae: np.ndarray) -> dict:
-    if len(ape) == 0:
-        return {"n": 0}
-    return {"mape": float(np.mean(ape)), "mdape": float(np.median(ape)), "p95_ape": float(np.percentile(ape, 95)), "mae_ms": float(np.mean(ae)),
-            "p95_ae_ms": float(np.percentile(ae, 95)), "n": len(ape)}
-
-
-# ---------------------------------------------------------------------------- same device
-
-def same_device(name: str, spec: dict, args: Args, splits: int) -> tuple[dict, dict]:
-    train_all = spec["train"]
-    configs = np.array(sorted(_config_key(train_all).unique()))
-    # end-to-end requests (their own output lengths): weight stage rows by 1/total, the relative error
-    # of what is predicted; a stage table's forced 32-token decode would distort those weights
-    weighting = spec.get("weighting", "stage")
-    pooled: dict = {}  # (model, test, column) -> [ape arrays], [ae arrays]
-    scatter = None
-    for seed in range(splits):
-        rng = np.random.default_rng(seed)
-        train_cfg = set(rng.choice(configs, size=round(args.train_fraction * len(configs)), replace=False))
-        train = train_all[_config_key(train_all).isin(train_cfg)]
-        if len(train) > args.max_train_rows:
-            train = train.sample(args.max_train_rows, random_state=seed)
-        mlp_rows = train.sample(min(len(train), 10000), random_state=seed)
-        models = {
-            "stage_estimator": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"], weighting=weighting),
-            "stage_estimator_huber": StageLatencyEstimator.fit(train, prefill_bucket=spec["bucket"], robust=True, weighting=weighting),
-            "loglinear_total": LogLinearTotal.fit(train),
-            "mlp_total": MLPTotal(seed=seed).fit(mlp_rows, steps=args.mlp_steps),
-        }
-        for test_name, test in spec["tests"].items():
-            held = test[~_config_key(test).isin(train_cfg)]
-            if held.empty:
-                continue
-            for model_name, model in models.items():
-                if model_name.startswith("stage_estimator"):
-                    pred = model.predict_frame(held)
-                    cols = {c: pred[c].to_numpy() for c in pred}
-                else:
-                    cols = {"total_ms": model.predict_frame(held)}
-                for col, p in cols.items():
-                    ape, ae = errors(p, held[f"measured_{col}"])
-                    slot = pooled.setdefault((model_name, test_name, col), ([], []))
-                    slot[0].append(ape)
-                    slot[1].append(ae)
-                if model_name == "stage_estimator" and test_name == spec["primary"] and seed == 0:
-                    scatter = (held["measured_total_ms"].to_numpy(), cols["total_ms"])
-    out: dict = {"train_source": spec["train_source"], "primary_test": spec["primary"], "split_seeds": splits,
-                 "prefill_bucket": spec["bucket"], "fit_weighting": weighting, "repeat_noise_floor_total": spec["noise"],
-                 "train_fraction": args.train_fraction, "n_configs": len(configs), "models": {}}
-    for (model_name, test_name, col), (apes, aes) in pooled.items():
-        out["models"].setdefault(model_name, {}).setdefault(test_name, {})[col] = summarize(np.concatenate(apes), np.concatenate(aes))
-    primary = out["models"]["stage_estimator"][spec["primary"]]
-    headline = {
-        "mape_total": primary["total_ms"]["mape"], "p95_ape_total": primary["total_ms"]["p95_ape"],
-        "mdape_total": primary["total_ms"]["mdape"],
-        "mae_total_ms": primary["total_ms"]["mae_ms"],
-        "per_stage_mape": {s: primary[f"{s}_ms"]["mape"] for s in STAGES if primary.get(f"{s}_ms", {}).get("n")},
-        "per_stage_p95_ape": {s: primary[f"{s}_ms"]["p95_ape"] for s in STAGES if primary.get(f"{s}_ms", {}).get("n")},
-        "per_stage_mae_ms": {s: primary[f"{s}_ms"]["mae_ms"] for s in STAGES if primary.get(f"{s}_ms", {}).get("n")},
-        "test_set": spec["primary"],
-        "repeat_noise_floor_mape_total": spec["noise"].get("mape"),
-        "total_only_mape": {m: out["models"][m][spec["primary"]]["total_ms"]["mape"] for m in ("loglinear_total", "mlp_total")},
-        "huber_stage_estimator": {k: out["models"]["stage_estimator_huber"][spec["primary"]]["total_ms"][k] for k in ("mape", "mdape", "p95_ape")},
-        "total_only_p95_ape": {m: out["models"][m][spec["primary"]]["total_ms"]["p95_ape"] for m in ("loglinear_total", "mlp_total")},
-    }
-    return {**headline, "detail": out}, {"name": name, "scatter": scatter}
-
-
-# ---------------------------------------------------------------------------- recalibration
 
 def recal_pairs(args: Args) -> list[dict]:
     pairs = []
@@ -267,97 +161,9 @@ def recal_pairs(args: Args) -> list[dict]:
         tgt_table, _ = read_parquet(args.cpu_stages)
         pairs.append({"key": f"micro@{src_meta['device_name']}->micro@{req_meta['device_name']}", "source": src,
                       "target_bucket": _bucket(req_meta),
-                      "target": _with_measured_prefix(req.drop(columns=["answer"], errors="ignore")),
+                      "target": e3.with_measured_prefix(req.drop(columns=["answer"], errors="ignore")),
                       "target_table": tgt_table, "target_set": args.cpu_requests.name})
     return pairs
-
-
-def recalibration(pair: dict, args: Args, seeds: int) -> tuple[dict, dict]:
-    source = StageLatencyEstimator.fit(pair["source"])
-    reference = StageLatencyEstimator.fit(pair["target_table"], prefill_bucket=pair["target_bucket"])
-    target = pair["target"].reset_index(drop=True)
-    curves: dict = {m: {} for m in METHODS}
-    detail: dict = {m: {} for m in (*METHODS, "target_stage_table")}
-    for n in NS:
-        if n >= len(target) - 10:
-            continue
-        acc: dict = {}
-        for seed in range(seeds):
-            rng = np.random.default_rng(1000 + seed)
-            idx = rng.permutation(len(target))
-            cal, test = target.iloc[idx[:n]], target.iloc[idx[n:]]
-            predictors = {m: recalibrate(source, cal, m, prefix="measured_", ridge=args.ridge, prefill_bucket=pair["target_bucket"])
-                          for m in METHODS}
-            predictors["target_stage_table"] = reference
-            for m, predictor in predictors.items():
-                pred = predictor.predict_frame(test)
-                for col in (*[f"{s}_ms" for s in STAGES], "total_ms"):
-                    ape, _ = errors(pred[col], test[f"measured_{col}"])
-                    acc.setdefault((m, col), []).append(ape)
-        for (m, col), apes in acc.items():
-            per_seed = [float(np.mean(a)) for a in apes]
-            entry = detail[m].setdefault(str(n), {})
-            entry[col] = {"mape_mean": float(np.mean(per_seed)), "mape_std": float(np.std(per_seed)),
-                          "p95_ape": float(np.percentile(np.concatenate(apes), 95))}
-            if col == "total_ms" and m in curves:
-                curves[m][str(n)] = float(np.mean(per_seed))
-    return curves, {"target_set": pair["target_set"], "n_target_requests": len(target), "seeds": seeds,
-                    "ridge": args.ridge, "per_method": detail,
-                    "source_coefficients": source.to_dict()["coefficients"]}
-
-
-# ---------------------------------------------------------------------------- figures
-
-def figures(args: Args, scatters: list[dict], recal_detail: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    args.figures.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig, axes = plt.subplots(1, len(recal_detail), figsize=(4.5 * len(recal_detail), 3.6), squeeze=False)
-    for ax, (key, det) in zip(axes[0], recal_detail.items()):
-        for m in (*METHODS, "target_stage_table"):
-            ns = sorted(int(n) for n in det["per_method"][m])
-            mean = [det["per_method"][m][str(n)]["total_ms"]["mape_mean"] for n in ns]
-            std = [det["per_method"][m][str(n)]["total_ms"]["mape_std"] for n in ns]
-            ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m == "target_stage_table" else "-")
-        ax.axhline(8, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xticks(list(NS), [str(n) for n in NS])
-        ax.set_xlabel("target calibration requests N")
-        ax.set_ylabel("total MAPE on held-out target requests (%)")
-        ax.set_title(key.replace("->", "\n-> "), fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = args.figures / ("e3_error_vs_n_quick.png" if args.quick else "e3_error_vs_n.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
-    fig, axes = plt.subplots(1, len(scatters), figsize=(4 * len(scatters), 3.8), squeeze=False)
-    for ax, sc in zip(axes[0], scatters):
-        measured, pred = sc["scatter"]
-        ax.scatter(measured, pred, s=4, alpha=0.4)
-        lo, hi = min(measured.min(), pred.min()), max(measured.max(), pred.max())
-        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-        ax.plot([lo, hi], [lo * 1.1, hi * 1.1], "k:", lw=0.6)
-        ax.plot([lo, hi], [lo / 1.1, hi / 1.1], "k:", lw=0.6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("measured total (ms)")
-        ax.set_ylabel("predicted total (ms)")
-        ax.set_title(f"{sc['name']}\n(held-out configs, split 0)", fontsize=8)
-    fig.tight_layout()
-    path = args.figures / ("e3_predicted_vs_actual_quick.png" if args.quick else "e3_predicted_vs_actual.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
-    return written
 
 
 def main(args: Args) -> dict:
@@ -380,12 +186,12 @@ def main(args: Args) -> dict:
                      "recalibration_detail": {}, "notes": []}
     scatters = []
     for name, spec in same_device_sets(args).items():
-        entry, sc = same_device(name, spec, args, splits)
+        entry, sc = e3.same_device(name, spec, splits, args.train_fraction, args.max_train_rows, args.mlp_steps)
         summary["same_device"][name] = entry
         scatters.append(sc)
     args.estimators.mkdir(parents=True, exist_ok=True)
     for pair in recal_pairs(args):
-        curves, detail = recalibration(pair, args, seeds)
+        curves, detail = e3.recalibration(pair, seeds, args.ridge)
         summary["recalibration"][pair["key"]] = curves
         summary["recalibration_detail"][pair["key"]] = detail
     # Estimators fitted on whole source tables (what a guardrail would load).
@@ -403,7 +209,15 @@ def main(args: Args) -> dict:
         # keyed by the file's stem: the retired and the shipped micro share a device name
         saved[f"{out.stem} ({preset}@{meta.get('device_name')})"] = _rel(est.save(out))
     summary["estimators"] = saved
-    summary["figures"] = [_rel(p) for p in figures(args, scatters, summary["recalibration_detail"])]
+    scatter = e3.scatter_table(scatters)
+    scatter_path = args.out.with_name("e3_scatter_quick.parquet" if args.quick else "e3_scatter.parquet")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(scatter, scatter_path, {"experiment": "E3", "what": "stage estimator on held-out configurations, split 0 "
+                                          f"(at most {e3.SCATTER_POINTS} seeded rows per same-device set)", **versions()},
+                  compression_level=19)
+    summary["scatter"] = _rel(scatter_path)
+    summary["figures"] = [_rel(p) for p in e3.plot(summary["recalibration_detail"], scatter, args.figures,
+                                                   "_quick" if args.quick else "")]
     summary["notes"].append(
         "molmoe-1b on the H200: the stage table's host preprocessing medians (3.4-6.6 ms) are far above those of its "
         "own validation runs (~2.2 ms); recalibration uses the validation runs, so per-stage errors are reported in "

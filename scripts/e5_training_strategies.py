@@ -18,7 +18,9 @@ Outputs (committed):
   decision_overhead_ms, ...}` (means over seeds; the per-seed values and spreads alongside);
 - `results/e5_curves.json`: every run's held-out curve;
 - `results/figures/e5_learning_curves.png` (mean over seeds, min-max band) and
-  `results/figures/e5_frontiers.png` (P95 latency vs quality retention per budget fraction).
+  `results/figures/e5_frontiers.png` (P95 latency vs quality retention per budget fraction); what E5 computes from
+  the runs, and these figures, are in `flexvlm_env.experiments.training_strategies`
+  (`python scripts/make_figures.py --only e5` redraws them from the two JSON files).
 
 The threshold is E5's: violation rate <= 5% and quality >= 90% of the full configuration's
 (retention >= 0.9), both averaged over the five budget fractions, on the held-out requests.
@@ -38,6 +40,8 @@ from typing import NamedTuple
 import numpy as np
 import tyro
 
+from flexvlm_env.experiments.training_strategies import THRESHOLD, final_table, mean_tables, plot, steps_to_threshold
+
 # dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
 # controller (`--init-from`) for the rest, at a quarter of GRPO's default learning rate: a policy that already
 # reads the budget is fine-tuned, not learned from scratch (session 30's device runs: 0.616 mean held-out reward
@@ -45,7 +49,6 @@ import tyro
 # results/device/session30/INDEX.md).
 PIPELINES = {"dpo_grpo": (("dpo", 0.2, ()), ("grpo", 0.8, ("--learning-rate", "2.5e-4")))}
 METHODS = ("lut", "supervised", "ppo", "maskable_ppo", "dpo", "grpo", *PIPELINES)
-THRESHOLD = {"violation_rate": 0.05, "quality_retention": 0.90}
 
 
 @dataclass
@@ -196,24 +199,6 @@ def seed_run(args: Args, method: str, seed: int) -> SeedRun:
                    final["decision_overhead_ms"][trainer]["median_ms"], runs)
 
 
-def steps_to_threshold(curve: list[dict]) -> int | None:
-    for record in curve:
-        if (record["eval/violation_rate"] <= THRESHOLD["violation_rate"]
-                and record["eval/quality_retention"] >= THRESHOLD["quality_retention"]):
-            return record["env_steps"]
-    return None
-
-
-def final_table(result: dict) -> dict:
-    return {f: {"quality_retention": m["quality_retention"], "violation_rate": m["violation_rate"],
-                "p95_latency_ms": m["latency_p95_ms"], "quality": m["quality"], "reward": m["reward"]}
-            for f, m in result["by_fraction"].items()}
-
-
-def mean_tables(tables: list[dict]) -> dict:
-    return {f: {k: float(np.mean([t[f][k] for t in tables])) for k in tables[0][f]} for f in tables[0]}
-
-
 def evaluate_baselines(seeds) -> dict[str, list[dict]]:
     import gymnasium as gym
 
@@ -230,58 +215,6 @@ def evaluate_baselines(seeds) -> dict[str, list[dict]]:
             result["decision_overhead_ms"] = decision_overhead_ms(baseline, env, seed=seed)
             out.setdefault(name, []).append(result)
     return out
-
-
-def plot(curves: dict[str, list[list[dict]]], summary: list[dict], figures: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ("eval/reward", "eval/quality_retention", "eval/violation_rate", "eval/latency_p95_ms")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(18, 3.8))
-    for method, runs in curves.items():
-        if len({len(run) for run in runs}) == 1:
-            # The k-th evaluation of every seed, at their mean env steps: the LM trainers stop a batch short of
-            # or past each eval point (12,597-12,655 env steps for the first), so exact step matches would split
-            # one evaluation into a point per seed.
-            steps = np.mean([[r["env_steps"] for r in run] for run in runs], axis=0)
-            rows = [list(run) for run in runs]
-        else:
-            steps = sorted({r["env_steps"] for run in runs for r in run})
-            rows = [[next((r for r in run if r["env_steps"] == s), None) for s in steps] for run in runs]
-        for ax, metric in zip(axes, metrics):
-            values = np.array([[np.nan if r is None else r[metric] for r in row] for row in rows])
-            mean = np.nanmean(values, axis=0)
-            line, = ax.plot(steps, mean, marker="o", markersize=3, label=method)
-            ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.2)
-    for ax, metric in zip(axes, metrics):
-        ax.set_xlabel("env steps")
-        ax.set_title(f"held-out {metric.split('/')[1]}")
-        ax.grid(alpha=0.3)
-    axes[2].axhline(THRESHOLD["violation_rate"], color="k", lw=0.8, ls="--")
-    axes[1].axhline(THRESHOLD["quality_retention"], color="k", lw=0.8, ls="--")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("E5: training strategies on FlexVLMReplay-v0 (mean over seeds, min-max band)")
-    fig.tight_layout()
-    fig.savefig(figures / "e5_learning_curves.png", dpi=110)
-    plt.close(fig)
-
-    fractions = list(summary[0]["final"])
-    fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.6), sharey=True)
-    for entry in summary:
-        for ax, f in zip(axes, fractions):
-            m = entry["final"][f]
-            ax.scatter(m["p95_latency_ms"], m["quality_retention"], marker="o" if entry["kind"] == "method" else "x")
-            ax.annotate(entry["method"], (m["p95_latency_ms"], m["quality_retention"]), fontsize=7)
-    for ax, f in zip(axes, fractions):
-        ax.set_title(f"budget fraction {f}")
-        ax.set_xlabel("P95 latency (ms)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("quality retention")
-    fig.tight_layout()
-    fig.savefig(figures / "e5_frontiers.png", dpi=110)
-    plt.close(fig)
 
 
 def machine() -> dict:
@@ -356,7 +289,6 @@ def main(args: Args) -> None:
     args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))
     curves_path.write_text(json.dumps(curves))
     figures = args.out.parent / "figures"
-    figures.mkdir(exist_ok=True)
     plot(curves, summary, figures)
     print(f"{'method':14s} {'retain':>7s} {'viol':>6s} {'p95 ms':>7s} {'reward':>7s} {'steps→thr':>10s} {'overhead ms':>11s}")
     for e in summary:
