@@ -6,7 +6,7 @@ For each saved controller (`agents.base.load_controller`) and budget fraction: t
 value of `crops`, `top_k` and `active_blocks`, and the held-out quality retention. For an LM controller (GRPO,
 DPO) also the probability its model gives each `crops` value as the first answer token (mean over the requests):
 a value whose probability is near zero is one the controller can no longer write, and one sampling will not
-bring back during training. That is how GRPO's conservatism at loose budgets shows (README, E5).
+bring back during training. That is how GRPO's conservatism at loose budgets shows (docs/LM_CONTROLLERS.md).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ log-scaled features); the completion names the three knobs (``crops=4 top_k=2 ac
    configurations for all 4,500 held-out (request, budget) pairs, and a held-out reward of 0.507-0.526 after
    25,200 env steps at seeds 0-2 in our runs, against 0.568-0.580 with four (over 8 seeds on another CPU, four
    still left one seed prompt-blind; 8 steps at lr 5e-4 did better at that length but not over 126,000 env
-   steps: results/device/session28, README "GRPO's settings"). The learning rate decays with the
+   steps: results/device/session28, docs/LM_CONTROLLERS.md). The learning rate decays with the
    env steps spent, and TRL's adaptive entropy bonus keeps the policy exploring: without it, the policy
    collapsed within 5,000 env steps onto one cheap configuration for every request and budget in our runs.
 3. Every `eval_every_env_steps` the controller (greedy decoding, constrained to the knob tokens) is evaluated on
