@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import tyro
 
+from flexvlm_env.experiments.common import machine as common_machine
 from flexvlm_env.experiments.training_strategies import THRESHOLD, final_table, mean_tables, plot, steps_to_threshold
 
 # dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
@@ -218,10 +219,11 @@ def evaluate_baselines(seeds) -> dict[str, list[dict]]:
 
 
 def machine() -> dict:
+    """The CPU (model name, from `flexvlm_env.experiments.common.machine`), Python, torch and its thread count."""
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {**common_machine(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def method_entry(args: Args, method: str) -> tuple[dict, list[list[dict]]]:

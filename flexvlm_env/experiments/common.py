@@ -33,16 +33,25 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    """The host a CPU-side analysis ran on (GPU runs record `benchmarking.device_info` instead)."""
+    """The host a CPU-side analysis ran on (GPU runs record `benchmarking.device_info` instead). On Linux also the
+    CPU family and model and whether it has AVX-512: two hosts with one model name ("AMD EPYC") can differ there,
+    and with them the floating-point path of a training run (a short GRPO run's outcome moved with it)."""
     import os
 
-    cpu = platform.processor() or platform.machine()
+    out = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+            fields = dict(line.split(":", 1) for line in handle.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+        return out
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    out["cpu"] = fields.get("model name", out["cpu"])
+    for key in ("cpu family", "model"):
+        if key in fields:
+            out[f"cpu_{key.split()[-1]}"] = fields[key]
+    if "flags" in fields:
+        out["avx512"] = "avx512f" in fields["flags"].split()
+    return out
 
 
 def run_header(experiment: str, args: Any = None, **extra: Any) -> dict[str, Any]:
