@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,11 @@ def test_writing_your_own_controller_runs_and_prints_it_against_the_baselines(tm
     # the mean retention and violation rate the README quotes after the example (replay is seeded: exact)
     retention, violations = (float(x) for x in rows["crops_by_budget"].split("|")[-1].split()[:2])
     assert (retention, violations) == (0.815, 0.263)
+
+
+@pytest.mark.parametrize("heading", ["## Using it", "## The environments"])
+def test_first_steps_run_as_written(heading, tmp_path):
+    """The model (answer, latency record, score) and the env (reset, step, info) examples."""
+    out = subprocess.run([sys.executable, "-c", readme_block(heading)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
