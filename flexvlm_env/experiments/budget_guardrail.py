@@ -86,10 +86,10 @@ def evaluate_guardrails(data, estimator, budget_fractions: Sequence[float], marg
     full_quality = quality[:, data.full_index].mean()
     rows = np.arange(len(heldout))
 
-    def outcome(variant: str, fraction: float, margin: float):
+    def outcome(variant: str, fraction: float, at_margin: float):
         budget = fraction * budget_ref
         pred = predictions[variant]
-        allowed = np.ones(quality.shape, bool) if pred is None else budget_mask(pred, budget, margin)
+        allowed = np.ones(quality.shape, bool) if pred is None else budget_mask(pred, budget, at_margin)
         c = choose(scores, allowed)
         return allowed, budget, {"violation_rate": float(np.mean(served_ms[rows, c] > budget)),
                                  "quality_retention": float(quality[rows, c].mean() / full_quality)}
