@@ -57,10 +57,12 @@ class ProfileTables:
         )
 
     @classmethod
-    def load(cls, quality: str = "micro", latency: str = "molmoe-1b-h100", split: str = "train") -> ProfileTables:
+    def load(cls, quality: str = "micro", latency: str = "molmoe-1b-h100", split: str = "train",
+             requests: str | None = None) -> ProfileTables:
+        """The `split` half of the tables `flexvlm_env.profiles.load_replay_data` loads (shipped names or paths)."""
         from flexvlm_env.profiles import load_replay_data
 
-        return cls.from_replay(load_replay_data(quality=quality, latency=latency), split)
+        return cls.from_replay(load_replay_data(quality=quality, latency=latency, requests=requests), split)
 
     @property
     def n_requests(self) -> int:

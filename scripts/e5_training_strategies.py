@@ -6,8 +6,8 @@ Every (method, seed) is one `flexvlm-train METHOD --seed S --total-env-steps N -
 run on `FlexVLMReplay-v0` (train half of the recorded requests to learn on, held-out half to
 evaluate on); a pipeline (`dpo_grpo`) is one such run per stage, each started from the one before
 (`--init-from`), their env steps adding up to N. A finished run trained with the same arguments (its
-`args.json`) is reused, so the script resumes where it stopped, and a run trained with other `--extra`
-flags or defaults is not.
+`args.json`; an argument added to the trainer after the run counts at its default) is reused, so the script
+resumes where it stopped, and a run trained with other `--extra` flags or defaults is not.
 The baselines are evaluated once per seed on the same held-out requests. `--merge` reruns only the
 listed methods: their entries and curves replace those in the existing summary (each marked with its
 date and machine, and listed under `updates`); the other methods and the baselines are kept as they are.
@@ -27,6 +27,7 @@ The threshold is E5's: violation rate <= 5% and quality >= 90% of the full confi
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shlex
@@ -114,24 +115,37 @@ def wanted_args(args: Args, method: str, seed: int, env_steps: int | None = None
     return {k: v for k, v in record.items() if k not in UNCOMPARED}
 
 
-def matches(run: Path, wanted: dict) -> bool:
+def matches(run: Path, wanted: dict, method: str) -> bool:
+    """Whether `run` was trained with the `wanted` arguments. An argument its `args.json` lacks was added to the
+    trainer after the run, which then ran as that argument's default does (e.g. `--init-from` None, a fresh model):
+    it matches the default only."""
     try:
         record = json.loads((run / "args.json").read_text())
     except (OSError, ValueError):
         return False
+    record = {**{k: v for k, v in default_args(method).items() if k not in record}, **record}
     return {k: v for k, v in record.items() if k not in UNCOMPARED} == wanted
+
+
+@functools.lru_cache(maxsize=None)
+def default_args(method: str) -> dict:
+    """The `args.json` record of `flexvlm-train METHOD` with every argument at its default (cached: read only)."""
+    from trainers.cli import parse_args
+    from trainers.common import args_record
+
+    return args_record(method, parse_args(method, []))
 
 
 def find_run(runs_dir: Path, method: str, seed: int, wanted: dict) -> Path | None:
     """The newest finished run of (method, seed) trained with the wanted arguments, if any."""
     finished = sorted(p.parent for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*/final.json"))
-    finished = [p for p in finished if matches(p, wanted)]
+    finished = [p for p in finished if matches(p, wanted, method)]
     return finished[-1] if finished else None
 
 
 def unfinished_run(runs_dir: Path, method: str, seed: int, wanted: dict) -> Path | None:
     started = sorted(p for p in runs_dir.glob(f"FlexVLMReplay-v0__{method}__{seed}__*")
-                     if (p / "checkpoint").exists() and matches(p, wanted))
+                     if (p / "checkpoint").exists() and matches(p, wanted, method))
     return started[-1] if started else None
 
 

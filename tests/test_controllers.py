@@ -381,6 +381,26 @@ def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):
     assert bad.returncode != 0 and "--guardrail-estimator" in bad.stderr
 
 
+def test_e5_reuses_a_run_older_than_an_argument_only_at_its_default(tmp_path):
+    """A run made before an argument existed (its args.json lacks it) ran as the argument's default does: E5
+    reuses it when the default is wanted, and not when another value is."""
+    from conftest import load_script
+
+    e5 = load_script("e5_training_strategies")
+    args = e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "runs",
+                   out=tmp_path / "e5_summary.json")
+    run = _fake_e5_run(e5, args, "grpo", 0, 0.6)
+    record = json.loads((run / "args.json").read_text())
+    assert record["init_from"] is None and record["requests_table"] is None
+    del record["init_from"], record["requests_table"]
+    (run / "args.json").write_text(json.dumps(record))
+    assert e5.find_run(args.runs_dir, "grpo", 0, e5.wanted_args(args, "grpo", 0)) == run
+    requests = tmp_path / "requests.parquet"
+    requests.write_bytes(b"")
+    other = e5.wanted_args(args, "grpo", 0, None, ["--requests-table", str(requests)])
+    assert other["requests_table"] == str(requests) and e5.find_run(args.runs_dir, "grpo", 0, other) is None
+
+
 def _fake_e5_run(e5, e5_args, method: str, seed: int, reward: float, stamp: int = 1, stage=(None, None), **trained_with):
     """A finished `flexvlm-train` run directory as the E5 script reads it (args.json, final.json and curves.jsonl),
     trained with E5's arguments (a pipeline stage's `(env steps, extra arguments)`) unless `trained_with` overrides

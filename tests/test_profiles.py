@@ -808,9 +808,11 @@ def test_shipped_molmoe_h200_source(replay):
 
 
 def test_unknown_sources_name_the_argument_and_the_shipped_ones():
-    with pytest.raises(ValueError, match=r"latency='molmoe-1b-a100' is not a shipped latency source; allowed: .*molmoe-1b-h200"):
+    with pytest.raises(ValueError, match=r"latency='molmoe-1b-a100' is neither a shipped latency source \(allowed: .*molmoe-1b-h200.*\) "
+                                         r"nor an existing path of a `flexvlm-profile stages or requests` table"):
         loading.load_replay_data(latency="molmoe-1b-a100")
-    with pytest.raises(ValueError, match=r"quality='big' is not a shipped quality table; allowed: \['micro'\]"):
+    with pytest.raises(ValueError, match=r"quality='big' is neither a shipped quality table \(allowed: \['micro'\]\) nor an "
+                                         r"existing path of a `flexvlm-profile quality` table"):
         loading.load_replay_data(quality="big")
 
 

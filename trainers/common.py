@@ -58,10 +58,15 @@ class CommonArgs:
     lam: float = 1.0
     """reward penalty weight of the relative budget overshoot"""
     quality: str = "micro"
-    """recorded quality table (replay env and profiles)"""
+    """recorded quality table (replay env and profiles): micro (shipped), or the path of a `flexvlm-profile quality`
+    table (your checkpoint or adapter)"""
     latency: str = "molmoe-1b-h100"
     """recorded latency source (replay env and profiles): a key of `flexvlm_env.profiles.loading.LATENCY_SOURCES`
-    (molmoe-1b-h100, molmoe-1b-h200, micro-h200, micro-h200-measured)"""
+    (molmoe-1b-h100, molmoe-1b-h200, micro-h200, micro-h200-measured), or the path of a `flexvlm-profile stages` or
+    `requests` table (your GPU)"""
+    requests_table: str | None = None
+    """the request table of a --quality table profiled on another request pool (`flexvlm-profile request-table`);
+    None: the shipped one (the procedural val pool, flexvlm-profile's default)"""
     requests_per_family: int = 2
     """live env only: procedural requests per family in each pool"""
     runs_dir: Path = Path("runs")
@@ -84,6 +89,9 @@ class CommonArgs:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
         check_source("--latency", self.latency)
         check_source("--quality", self.quality, "quality")
+        if self.requests_table is not None and not Path(self.requests_table).exists():
+            raise ValueError(f"--requests-table={self.requests_table!r} does not exist (a `flexvlm-profile request-table` "
+                             "Parquet file)")
         if self.seed < 0:
             raise ValueError(f"--seed={self.seed!r} must be >= 0")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
@@ -111,14 +119,15 @@ def make_env(args: CommonArgs, split: str, episode_length: int = 16) -> gym.Env:
         raise ValueError(f"split={split!r}; allowed: 'train', 'heldout'")
     common = {"budget_fractions": args.budget_fractions, "lam": args.lam, "episode_length": episode_length}
     if args.env == "FlexVLMReplay-v0":
-        return gym.make(args.env, quality=args.quality, latency=args.latency, split=split, **common)
+        return gym.make(args.env, quality=args.quality, latency=args.latency, requests=args.requests_table, split=split,
+                        **common)
     return gym.make(args.env, split="train" if split == "train" else "val",
                     requests_per_family=args.requests_per_family, **common)
 
 
 def load_profiles(args: CommonArgs) -> ProfileTables:
     """The recorded train-half profiles (what LUT, supervised, the guardrail and baselines read)."""
-    return ProfileTables.load(quality=args.quality, latency=args.latency, split="train")
+    return ProfileTables.load(quality=args.quality, latency=args.latency, split="train", requests=args.requests_table)
 
 
 def make_guardrail(args: CommonArgs, profiles: ProfileTables) -> LatencyGuardrail:
@@ -129,7 +138,7 @@ def make_guardrail(args: CommonArgs, profiles: ProfileTables) -> LatencyGuardrai
     from flexvlm_env.latency import StageLatencyEstimator
     from flexvlm_env.profiles import load_replay_data
 
-    data = load_replay_data(quality=args.quality, latency=args.latency)
+    data = load_replay_data(quality=args.quality, latency=args.latency, requests=args.requests_table)
     return LatencyGuardrail.from_estimator(data, StageLatencyEstimator.load(args.guardrail_estimator), split="train")
 
 

@@ -41,19 +41,20 @@ from .core import (
 from .rewards import QualityMinusOvershoot
 
 
-def resolve_replay_data(data: ReplayData | None, quality: str, latency: str) -> ReplayData:
-    """`data` itself, or the shipped tables named by (`quality`, `latency`)."""
+def resolve_replay_data(data: ReplayData | None, quality: str, latency: str, requests: str | None = None) -> ReplayData:
+    """`data` itself, or the tables named by (`quality`, `latency`, `requests`): shipped names or table paths
+    (`flexvlm_env.profiles.load_replay_data`)."""
     if data is not None:
         if not isinstance(data, ReplayData):
             raise ValueError(f"data={type(data).__name__} must be a flexvlm_env.profiles.replay.ReplayData or None")
         return data
     for name, value in (("quality", quality), ("latency", latency)):
         if not isinstance(value, str):
-            raise ValueError(f"{name}={value!r} must be the name of a shipped table (a str)")
+            raise ValueError(f"{name}={value!r} must be the name of a shipped table or a table's path (a str)")
     # Imported here: the loader reads Parquet (pandas), which the env's step never needs.
     from ..profiles import load_replay_data
 
-    return load_replay_data(quality=quality, latency=latency)
+    return load_replay_data(quality=quality, latency=latency, requests=requests)
 
 
 class ReplayTables:
@@ -122,14 +123,18 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
 
     **Arguments.**
 
-    - `data`: a `ReplayData`; None loads the shipped tables named by `quality` and `latency`
+    - `data`: a `ReplayData`; None loads the tables named by `quality`, `latency` and `requests`
       through `flexvlm_env.profiles.load_replay_data`.
     - `split`: "all" (default), "train" or "heldout": a fixed half of each family's recorded
       requests (`flexvlm_env.profiles.replay.request_split_mask`), so that controllers learn from
       one half and are evaluated on the other. Budgets are fractions of the family's
       full-configuration latency over the whole table, whichever half is served.
-    - `quality`: which recorded answers/qualities (default "micro": the shipped micro model).
-    - `latency`: which recorded latencies (default "molmoe-1b-h100": MolmoE-1B on an H100).
+    - `quality`: which recorded answers/qualities (default "micro": the shipped micro model), or the path of
+      a table `flexvlm-profile quality` made (a Parquet file or its shard directory).
+    - `latency`: which recorded latencies (default "molmoe-1b-h100": MolmoE-1B on an H100), or the path of
+      a table `flexvlm-profile stages` (composed) or `flexvlm-profile requests` (measured) made on your GPU.
+    - `requests`: the path of the request table of `quality`'s request pool (`flexvlm-profile
+      request-table`); None: the shipped one (the procedural val pool that `flexvlm-profile` profiles by default).
     - `families`: families to serve (default: all nine that the data holds).
     - `budget_fractions`: default (0.35, 0.5, 0.7, 0.85, 1.0).
     - `lam`, `penalty`: the reward's λ (>= 0) and "linear" or "squared".
@@ -185,6 +190,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         data: ReplayData | None = None,
         quality: str = "micro",
         latency: str = "molmoe-1b-h100",
+        requests: str | None = None,
         families: Sequence[str] | None = None,
         budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
         lam: float = 1.0,
@@ -194,7 +200,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         split: str = "all",
     ):
         data_given = data is not None
-        data = resolve_replay_data(data, quality, latency)
+        data = resolve_replay_data(data, quality, latency, requests)
         tables = ReplayTables(data, check_families(families), split)
         self.data = data
         self._tables = tables
@@ -215,6 +221,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         self._init_kwargs = {
             "quality": None if data_given else quality,
             "latency": None if data_given else latency,
+            "requests": None if data_given else requests,
             "families": list(check_families(families)),
             "split": split,
             "budget_fractions": list(self.budget_fractions),
@@ -268,6 +275,7 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         data: ReplayData | None = None,
         quality: str = "micro",
         latency: str = "molmoe-1b-h100",
+        requests: str | None = None,
         families: Sequence[str] | None = None,
         budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
         lam: float = 1.0,
@@ -286,7 +294,7 @@ class FlexVLMReplayVectorEnv(VectorEnv):
             mode = None
         if mode != AutoresetMode.NEXT_STEP:
             raise ValueError(f"autoreset_mode={autoreset_mode!r} is not supported; allowed: AutoresetMode.NEXT_STEP ('next_step')")
-        self.data = resolve_replay_data(data, quality, latency)
+        self.data = resolve_replay_data(data, quality, latency, requests)
         self._tables = ReplayTables(self.data, check_families(families), split)
         self.grid = self.data.grid
         self.budget_fractions = check_budget_fractions(budget_fractions)

@@ -19,6 +19,10 @@ tables validated against end-to-end runs (`results/replay_latency_validation*.js
 `micro-h200-measured`, every (request, config) timed once on an H200 plus repeats of a 10% subset
 (`flexvlm-profile requests`; `micro_h200_requests.parquet`). Both micro H200 tables were recorded with
 the current engine (2026-11-30); `data.metadata` names the code version of every table.
+
+Your own tables load the same way, by path: a `flexvlm-profile quality` table for `quality=`, a `flexvlm-profile
+stages` or `requests` table for `latency=`, and, for a request pool other than the shipped one, its
+`flexvlm-profile request-table` for `requests=` (each a Parquet file or a shard directory; `load_replay_data`).
 """
 from __future__ import annotations
 
@@ -64,38 +68,104 @@ def _resolve(name: str, table: Path | str) -> Path:
     return path
 
 
+# What `flexvlm-profile` command makes each kind of table a path may name (for error messages).
+_MADE_BY = {"quality": "flexvlm-profile quality", "latency": "flexvlm-profile stages or requests",
+            "requests": "flexvlm-profile request-table"}
+
+
 def check_source(argument: str, value: str, kind: str = "latency") -> None:
-    """Raise a ValueError naming `argument`, `value` and the shipped choices unless `value` is a key of
-    LATENCY_SOURCES (`kind="latency"`) or QUALITY_SOURCES (`kind="quality"`)."""
+    """Raise a ValueError naming `argument`, `value` and what is allowed unless `value` is a key of
+    LATENCY_SOURCES (`kind="latency"`) or QUALITY_SOURCES (`kind="quality"`), or the path of an existing table
+    (a Parquet file or a `flexvlm-profile` shard directory; its kind is checked when it is read)."""
     table = {"latency": LATENCY_SOURCES, "quality": QUALITY_SOURCES}[kind]
-    if value not in table:
+    if not isinstance(value, (str, Path)) or (value not in table and not Path(value).exists()):
         what = "latency source" if kind == "latency" else "quality table"
-        raise ValueError(f"{argument}={value!r} is not a shipped {what}; allowed: {sorted(table)}")
+        raise ValueError(f"{argument}={value!r} is neither a shipped {what} (allowed: {sorted(table)}) nor an existing "
+                         f"path of a `{_MADE_BY[kind]}` table (a Parquet file or its shard directory)")
 
 
-def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100") -> ReplayData:
-    """Dense replay arrays for the shipped quality table and latency source (cached per pair).
+def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100", requests: str | None = None) -> ReplayData:
+    """Dense replay arrays for a quality table and a latency source (cached per combination).
 
     Args:
-        quality: `micro` (the shipped model's answers and scores).
-        latency: a key of `LATENCY_SOURCES` (see module docstring).
+        quality: `micro` (the shipped model's answers and scores), or the path of a table `flexvlm-profile quality`
+            made (your checkpoint, adapter or request pool).
+        latency: a key of `LATENCY_SOURCES` (see module docstring), or the path of a table `flexvlm-profile stages`
+            made (latency composed from stage timings, for the preset named in its metadata) or `flexvlm-profile
+            requests` made (every (request, config) timed end to end): your GPU.
+        requests: the request table (features and token counts per request and crop count) of the quality table's
+            request pool: None for the shipped one (the procedural val pool, 200 requests per family, task seed 0:
+            `flexvlm-profile`'s default pool), or the path of a table `flexvlm-profile request-table` made for the
+            same pool.
     """
     check_source("quality", quality, "quality")
     check_source("latency", latency)
-    return _load(quality, latency)
+    if requests is not None and not (isinstance(requests, (str, Path)) and Path(requests).exists()):
+        raise ValueError(f"requests={requests!r} is not an existing path of a `{_MADE_BY['requests']}` table "
+                         "(None: the shipped request table)")
+    return _load(_source_key(quality, QUALITY_SOURCES), _source_key(latency, LATENCY_SOURCES),
+                 None if requests is None else _source_key(requests, {}))
+
+
+def _source_key(value: str | Path, shipped: dict) -> tuple:
+    """A shipped name, or a path with its modification time (so that a table rewritten in place is read again)."""
+    if isinstance(value, str) and value in shipped:
+        return ("shipped", value)
+    path = Path(value).resolve()
+    return ("path", str(path), path.stat().st_mtime_ns)
+
+
+def _read_own(kind: str, path: str) -> pd.DataFrame:
+    """A table a user made with `flexvlm-profile`, checked to be of the kind its argument takes."""
+    frame = read_table(path)
+    metadata = frame.attrs.get("metadata", {})
+    found = metadata.get("kind")
+    if kind == "requests":
+        ok = found == "requests" and metadata.get("key") == ["request_id", "crops"]
+    elif kind == "quality":
+        ok = found == "quality"
+    else:
+        ok = found == "stages" or (found == "requests" and "total_ms" in frame.columns)
+    if not ok:
+        raise ValueError(f"{kind}={path!r} holds a table of kind {found!r}; a {kind} table comes from `{_MADE_BY[kind]}`")
+    if kind == "latency" and not metadata.get("preset"):
+        raise ValueError(f"latency={path!r}: its metadata names no model preset, which says whose token counts to use")
+    return frame
 
 
 @functools.lru_cache(maxsize=4)
-def _load(quality: str, latency: str) -> ReplayData:
-    requests, requests_meta = read_parquet(_resolve("requests", REQUESTS_TABLE))
-    answers, quality_meta = read_parquet(_resolve(f"quality={quality}", QUALITY_SOURCES[quality]))
-    preset, table_file, how = LATENCY_SOURCES[latency]
-    latency_table = read_table(_resolve(f"latency={latency}", table_file))
-    metadata = {"quality_source": quality, "latency_source": latency, "quality_table": quality_meta,
+def _load(quality: tuple, latency: tuple, requests_key: tuple | None) -> ReplayData:
+    if requests_key is None:
+        requests, requests_meta = read_parquet(_resolve("requests", REQUESTS_TABLE))
+    else:
+        requests = _read_own("requests", requests_key[1])
+        requests_meta = requests.attrs.get("metadata", {})
+    if quality[0] == "shipped":
+        answers, quality_meta = read_parquet(_resolve(f"quality={quality[1]}", QUALITY_SOURCES[quality[1]]))
+    else:
+        answers = _read_own("quality", quality[1])
+        quality_meta = answers.attrs.get("metadata", {})
+    if latency[0] == "shipped":
+        preset, table_file, how = LATENCY_SOURCES[latency[1]]
+        latency_table = read_table(_resolve(f"latency={latency[1]}", table_file))
+    else:
+        latency_table = _read_own("latency", latency[1])
+        preset = latency_table.attrs["metadata"]["preset"]
+        how = "composed" if latency_table.attrs["metadata"]["kind"] == "stages" else "measured"
+    if how == "composed" and f"{preset}/input_tokens" not in requests.columns:
+        raise ValueError(f"latency={latency[1]!r} composes {preset}'s latency, but the request table has no {preset} token "
+                         f"counts; make it with `{_MADE_BY['requests']} --presets {preset}`")
+    unknown = set(answers["request_id"].unique()) - set(requests["request_id"])
+    if unknown:
+        raise ValueError(f"quality={quality[1]!r} answers {len(unknown)} requests that the request table "
+                         f"({'shipped' if requests_key is None else requests_key[1]}) does not hold, e.g. "
+                         f"{sorted(unknown)[:3]}; make the table of its pool with `{_MADE_BY['requests']}` (the "
+                         "same --families, --split, --per-family and --task-seed) and give it as requests=")
+    metadata = {"quality_source": quality[1], "latency_source": latency[1], "quality_table": quality_meta,
                 "latency_table": latency_table.attrs.get("metadata", {}), "requests_table": requests_meta}
     if how == "measured":
         return build_replay_data_measured(requests, answers, latency_table, metadata=metadata)
-    return build_replay_data(requests, answers, latency_table, preset, answered_by=quality_meta.get("preset", quality),
+    return build_replay_data(requests, answers, latency_table, preset, answered_by=quality_meta.get("preset", quality[1]),
                              metadata=metadata)
 
 

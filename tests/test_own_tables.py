@@ -1,0 +1,119 @@
+"""Your own `flexvlm-profile` tables in the replay env and the trainers: quality, latency and request tables by path."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import flexvlm_env  # noqa: F401  (registers the envs)
+from flexvlm_env.profiles import loading
+from flexvlm_env.profiles.tables import ShardedTable, read_parquet, write_parquet
+
+ARRAYS = ("quality", "answers", "total_ms", "stage_ms", "output_tokens", "noise_log_ratio", "prompt_features",
+          "image_features")
+
+
+def shipped(name: str, tmp_path: Path) -> str:
+    """A copy of a shipped table at a path of its own (what `flexvlm-profile consolidate` writes)."""
+    return str(shutil.copy(loading.profiles_dir() / name, tmp_path / name))
+
+
+@pytest.mark.parametrize("source, table", [("micro-h200", "micro_h200_stages.parquet"),
+                                           ("micro-h200-measured", "micro_h200_requests.parquet")])
+def test_tables_given_by_path_replay_as_the_shipped_sources(source, table, tmp_path):
+    """A stage table (latency composed) and a requests table (latency measured) by path, with the quality and
+    request tables by path too, give the arrays of the shipped source they copy, and the same episodes."""
+    own = loading.load_replay_data(quality=shipped("micro_quality_val.parquet", tmp_path),
+                                   latency=shipped(table, tmp_path), requests=shipped("requests_val.parquet", tmp_path))
+    ref = loading.load_replay_data(latency=source)
+    assert own.request_ids == ref.request_ids and own.grid == ref.grid
+    for name in ARRAYS:
+        assert np.array_equal(getattr(own, name), getattr(ref, name)), name
+    assert own.metadata["latency_source"] == str(Path(tmp_path / table).resolve())
+    steps = []
+    for env in (gym.make("FlexVLMReplay-v0", data=own), gym.make("FlexVLMReplay-v0", latency=source)):
+        env.reset(seed=3)
+        env.action_space.seed(3)
+        steps.append([env.step(env.action_space.sample())[1:4] for _ in range(16)])  # one episode (16 requests)
+    assert steps[0] == steps[1]
+
+
+def two_family_quality_table(tmp_path: Path) -> Path:
+    """The shipped quality table's tally_qa and doc_qa rows, as the shard directory `flexvlm-profile quality`
+    leaves before it is consolidated."""
+    frame, metadata = read_parquet(loading.profiles_dir() / "micro_quality_val.parquet")
+    frame = frame[frame["family"].isin(["tally_qa", "doc_qa"])]
+    table = ShardedTable(tmp_path / "my_quality", metadata["key"], metadata)
+    half = len(frame) // 2
+    table.append(frame.iloc[:half].to_dict("records"))
+    table.append(frame.iloc[half:].to_dict("records"))
+    return table.directory
+
+
+def test_a_quality_table_of_two_families_in_shards_serves_them_in_the_env(tmp_path):
+    directory = two_family_quality_table(tmp_path)
+    env = gym.make("FlexVLMReplay-v0", quality=str(directory), latency="micro-h200", split="heldout")
+    data = env.unwrapped.data
+    assert sorted(set(data.families)) == ["doc_qa", "tally_qa"] and len(data.request_ids) == 400
+    assert data.metadata["quality_source"] == str(directory.resolve())
+    families = set()
+    env.reset(seed=0)
+    for _ in range(40):
+        _, _, terminated, _, info = env.step(env.action_space.sample())
+        families.add(info["family"])
+        if terminated:
+            env.reset()
+    assert families == {"doc_qa", "tally_qa"}
+    with pytest.raises(ValueError, match="families=.*has no requests in the replay data"):
+        gym.make("FlexVLMReplay-v0", quality=str(directory), latency="micro-h200", families=["okvqa"])
+
+
+def test_own_tables_that_cannot_replay_are_clear_errors(tmp_path):
+    stages = shipped("micro_h200_stages.parquet", tmp_path)
+    quality = shipped("micro_quality_val.parquet", tmp_path)
+    with pytest.raises(ValueError, match=r"quality=.*holds a table of kind 'stages'; a quality table comes from "
+                                         r"`flexvlm-profile quality`"):
+        loading.load_replay_data(quality=stages, latency="micro-h200")
+    with pytest.raises(ValueError, match=r"latency=.*holds a table of kind 'quality'"):
+        loading.load_replay_data(latency=quality)
+    requests, metadata = read_parquet(loading.profiles_dir() / "requests_val.parquet")
+    partial = write_parquet(requests[requests["family"] != "mmmu"], tmp_path / "partial.parquet", metadata)
+    with pytest.raises(ValueError, match=r"answers 200 requests that the request table .* does not hold.*"
+                                         r"`flexvlm-profile request-table`"):
+        loading.load_replay_data(quality=quality, latency=stages, requests=str(partial))
+    micro_only = requests.drop(columns=[c for c in requests.columns if c.startswith("molmoe-1b/")])
+    micro_only = write_parquet(micro_only, tmp_path / "micro_only.parquet", metadata)
+    with pytest.raises(ValueError, match=r"composes molmoe-1b's latency, but the request table has no molmoe-1b token "
+                                         r"counts.*--presets molmoe-1b"):
+        loading.load_replay_data(latency=shipped("molmoe-1b_h100_stages.parquet", tmp_path), requests=str(micro_only))
+    with pytest.raises(ValueError, match=r"requests='nowhere.parquet' is not an existing path"):
+        loading.load_replay_data(requests="nowhere.parquet")
+
+
+def test_flexvlm_train_learns_on_your_tables(tmp_path):
+    """`flexvlm-train --quality PATH --latency PATH`: the run reads them (and says so in args.json); a path that
+    does not exist is a usage error before any run directory."""
+    quality = str(two_family_quality_table(tmp_path))
+    latency = shipped("micro_h200_stages.parquet", tmp_path)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    runs = tmp_path / "runs"
+    cli = [sys.executable, "-m", "trainers.cli", "lut", "--quality", quality, "--latency", latency, "--runs-dir", str(runs),
+           "--total-env-steps", "1400", "--eval-every-env-steps", "1400", "--no-wandb"]
+    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["quality"] == quality and args["latency"] == latency
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["results"]["lut"]["mean"]["quality_retention"] > 0 and "greedy" in final["results"]
+    bad = subprocess.run([*cli[:6], "--latency", str(tmp_path / "my_gpu"), "--runs-dir", str(tmp_path / "none")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--latency=" in bad.stderr and "nor an existing path" in bad.stderr
+    assert not (tmp_path / "none").exists()
