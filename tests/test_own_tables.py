@@ -117,3 +117,27 @@ def test_flexvlm_train_learns_on_your_tables(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--latency=" in bad.stderr and "nor an existing path" in bad.stderr
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_profile_then_train_on_this_machine(tmp_path):
+    """The whole flow on a small grid: `flexvlm-profile quality` and `requests` here (the CPU standing in for your
+    GPU), then `flexvlm-train lut` on their shard directories, which replays the 2 x 2 x 2 grid they cover."""
+    pool = ["--families", "tally_qa", "doc_qa", "--per-family", "3", "--crops", "1", "12", "--top-k", "1", "8",
+            "--active-blocks", "8", "16", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for command in ("quality", "requests"):
+        out = subprocess.run([sys.executable, "-m", "flexvlm_env.profiles.cli", command, "--out", str(tmp_path / command),
+                              *pool], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    data = loading.load_replay_data(quality=str(tmp_path / "quality"), latency=str(tmp_path / "requests"))
+    assert data.grid.shape == (2, 2, 2) and len(data.request_ids) == 6
+    assert data.metadata["latency_table"]["device"]["device_type"] == "cpu"
+    out = subprocess.run([sys.executable, "-m", "trainers.cli", "lut", "--quality", str(tmp_path / "quality"),
+                          "--latency", str(tmp_path / "requests"), "--total-env-steps", "24", "--eval-every-env-steps", "24",
+                          "--no-wandb", "--runs-dir", str(tmp_path / "runs")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    final = json.loads((run_dir / "final.json").read_text())
+    assert set(final["results"]) >= {"lut", "greedy", "full"}
