@@ -9,7 +9,7 @@ Two modes, so that a GPU is held only while it measures:
   it cut short are listed under `truncated`).
 - `--mode analyse`: merge every raw device file found in `--inputs` (files or folders; those outside
   `--results` are copied there) into `<results>/e1_summary.json` (headline numbers per device),
-  `<results>/e1_data.json` and `<results>/figures/e1_*.png`. CPU only, seconds.
+  `<results>/e1_data.json.gz` and `<results>/figures/e1_*.png`. CPU only, seconds.
 - `--mode all` (default): measure, then analyse everything in `--results` plus the new file.
 
     # GPU (both presets), then on the CPU host:
@@ -64,7 +64,7 @@ class Args:
     inputs: tuple[Path, ...] = ()
     """analyse: raw files or folders holding e1_raw_*.json or .json.gz (default: --results, plus --out-dir in mode all)."""
     results: Path = ROOT / "results"
-    """analyse: where e1_summary.json, e1_data.json and figures/e1_*.png go."""
+    """analyse: where e1_summary.json, e1_data.json.gz and figures/e1_*.png go."""
 
 
 def validate(args: Args) -> None:

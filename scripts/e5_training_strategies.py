@@ -16,7 +16,7 @@ Outputs (committed):
 - `results/e5_summary.json`: per method and baseline `{method, seeds, env_steps_to_threshold,
   final: {"<budget fraction>": {quality_retention, violation_rate, p95_latency_ms}},
   decision_overhead_ms, ...}` (means over seeds; the per-seed values and spreads alongside);
-- `results/e5_curves.json`: every run's held-out curve;
+- `results/e5_curves.json.gz`: every run's held-out curve;
 - `results/figures/e5_learning_curves.png` (mean over seeds, min-max band) and
   `results/figures/e5_frontiers.png` (P95 latency vs quality retention per budget fraction); what E5 computes from
   the runs, and these figures, are in `flexvlm_env.experiments.training_strategies`
@@ -42,6 +42,7 @@ import numpy as np
 import tyro
 
 from flexvlm_env.experiments.common import machine as common_machine
+from flexvlm_env.experiments.common import read_json, write_json
 from flexvlm_env.experiments.training_strategies import THRESHOLD, final_table, mean_tables, plot, steps_to_threshold
 
 # dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
@@ -275,7 +276,7 @@ def baseline_entries(seeds) -> list[dict]:
 
 def main(args: Args) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
-    curves_path = args.out.parent / "e5_curves.json"
+    curves_path = args.out.parent / "e5_curves.json.gz"
     today, host = time.strftime("%Y-%m-%d"), machine()
     if args.merge:  # checked before any training: every method gets the same env-step budget
         previous = json.loads(args.out.read_text())
@@ -294,7 +295,7 @@ def main(args: Args) -> None:
         for entry in fresh.values():
             entry.update(date=today, machine=host)
         summary = [fresh.pop(e["method"], e) for e in previous["entries"]] + list(fresh.values())
-        curves = {**json.loads(curves_path.read_text()), **curves}
+        curves = {**read_json(curves_path), **curves}
     else:
         header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro",
                   "latency_source": "molmoe-1b-h100",
@@ -303,7 +304,7 @@ def main(args: Args) -> None:
         summary = list(fresh.values()) + baseline_entries(args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))
-    curves_path.write_text(json.dumps(curves))
+    write_json(curves_path, curves)
     figures = args.out.parent / "figures"
     plot(curves, summary, figures)
     print(f"{'method':14s} {'retain':>7s} {'viol':>6s} {'p95 ms':>7s} {'reward':>7s} {'steps→thr':>10s} {'overhead ms':>11s}")

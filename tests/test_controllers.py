@@ -21,6 +21,7 @@ from baselines import BASELINES, KnobPathController, knob_path, make_baselines
 from flexvlm_env.config import Config, KnobGrid
 from flexvlm_env.envs.core import FAMILY_NAMES
 from flexvlm_env.envs.synthetic import synthetic_replay_data
+from flexvlm_env.experiments.common import read_json, write_json
 from flexvlm_env.profiles.replay import request_split_mask
 
 
@@ -462,7 +463,7 @@ def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
     entries = [e5.method_entry(old_args, m) for m in ("lut", "grpo")]
     out.parent.mkdir(parents=True)
     out.write_text(json.dumps({**header, "entries": [entries[0][0], entries[1][0], kept_baseline]}))
-    (out.parent / "e5_curves.json").write_text(json.dumps({"lut": entries[0][1], "grpo": entries[1][1]}))
+    write_json(out.parent / "e5_curves.json.gz", {"lut": entries[0][1], "grpo": entries[1][1]})
 
     new_args = e5.Args(methods=("grpo",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "new", out=out, merge=True)
     _fake_e5_run(e5, new_args, "grpo", 0, 0.7)
@@ -473,7 +474,7 @@ def test_e5_merge_replaces_only_the_rerun_methods(tmp_path):
     assert lut == entries[0][0] and greedy == kept_baseline  # untouched, not re-evaluated
     assert grpo["final_mean"]["reward"] == 0.7 and grpo["date"] == merged["updates"][0]["date"]
     assert merged["date"] == "2026-01-01" and merged["updates"][0]["methods"] == ["grpo"]
-    curves = json.loads((out.parent / "e5_curves.json").read_text())
+    curves = read_json(out.parent / "e5_curves.json.gz")
     assert curves["lut"] == entries[0][1] and curves["grpo"][0][-1]["eval/reward"] == 0.7
     assert (out.parent / "figures" / "e5_learning_curves.png").exists()
 

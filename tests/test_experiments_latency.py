@@ -16,6 +16,7 @@ import pytest
 from flexvlm_env.config import Config
 from flexvlm_env.experiments import latency_decomposition as e1
 from flexvlm_env.experiments import repeatability as m2
+from flexvlm_env.experiments.common import read_json
 from flexvlm_env.model.args import ModelArgs, VisionArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,7 @@ def test_e1_driver_quick(tmp_path):
     assert set(head["median_stage_share_full"]) == set(e1.STAGES)
     assert sum(head["llm_operator_share_full"]["prefill"].values()) == pytest.approx(1)
     assert head["decode_ms_per_output_token"]["full"] > 0
-    data = json.loads((results / "e1_data.json").read_text())["runs"]["micro_cpu"]
+    data = read_json(results / "e1_data.json.gz")["runs"]["micro_cpu"]
     for entry in data["regimes"]:
         assert entry["total_ms"] >= max(entry[f"{s}_ms"] for s in e1.STAGES)
         assert entry["gflops"]["total"] > 0

@@ -75,9 +75,16 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write `payload` as indented JSON (NumPy scalars and arrays converted), creating the folder."""
+    """Write `payload` as indented JSON (NumPy scalars and arrays converted), creating the folder; gzipped, compact
+    and byte-reproducible (no timestamp in the header) when the name ends in ".gz", as the data files behind
+    figures are kept (the summaries people read stay plain)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        text = json.dumps(payload, separators=(",", ":"), default=_to_builtin)
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as handle:
+            handle.write(text.encode("utf-8"))
+        return path
     path.write_text(json.dumps(payload, indent=1, default=_to_builtin) + "\n")
     return path
 

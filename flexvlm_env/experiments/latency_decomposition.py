@@ -680,7 +680,7 @@ def analyse(records: Sequence[tuple[Path, dict]], args: Any = None, root: Path |
             "truncated": run["truncated"],
         }
     summary = run_header("e1", args, devices={k: r["device"] for k, r in runs.items()},
-                         data_sources={k: r["source"] for k, r in runs.items()}, data_file="results/e1_data.json")
+                         data_sources={k: r["source"] for k, r in runs.items()}, data_file="results/e1_data.json.gz")
     summary.update(
         title="E1 stage-aware latency decomposition",
         protocol="batch 1, forced output length (ignore_eos), warm-ups discarded, median of the timed repeats per (regime, knobs)",
@@ -705,7 +705,7 @@ def _relative(path: Path, root: Path | None) -> str:
 
 def write_results(summary: dict, data: dict, results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
-    paths = [write_json(results_dir / "e1_summary.json", summary), write_json(results_dir / "e1_data.json", data)]
+    paths = [write_json(results_dir / "e1_summary.json", summary), write_json(results_dir / "e1_data.json.gz", data)]
     return paths + plot_from_results(results_dir)
 
 
@@ -714,9 +714,9 @@ def write_results(summary: dict, data: dict, results_dir: Path) -> list[Path]:
 
 
 def plot_from_results(results_dir: Path) -> list[Path]:
-    """Rebuild results/figures/e1_*.png from results/e1_data.json."""
+    """Rebuild results/figures/e1_*.png from results/e1_data.json.gz."""
     results_dir = Path(results_dir)
-    runs = json.loads((results_dir / "e1_data.json").read_text())["runs"]
+    runs = read_json(results_dir / "e1_data.json.gz")["runs"]
     figures = results_dir / "figures"
     return [_plot_stages(runs, figures / "e1_stage_stack.png"), _plot_scaling(runs, figures / "e1_scaling.png"),
             _plot_operators(runs, figures / "e1_operators.png"), _plot_flops(runs, figures / "e1_flops_vs_latency.png")]

@@ -3,7 +3,7 @@
 `scripts/e5_training_strategies.py` trains every (method, seed) with `flexvlm-train` (it needs the `trainers`
 package, so the runs stay in the driver); this module holds what E5 computes from their held-out evaluations and
 curves: the threshold and the env steps to reach it, the per-fraction tables the summary keeps, and the figures.
-`plot_from_results(results_dir)` rebuilds the figures from `e5_summary.json` and `e5_curves.json` alone.
+`plot_from_results(results_dir)` rebuilds the figures from `e5_summary.json` and `e5_curves.json.gz` alone.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import pyplot, save_figure
+from .common import pyplot, read_json, save_figure
 
 # E5's threshold: violation rate <= 5% and quality >= 90% of the full configuration's (retention >= 0.9), both
 # averaged over the five budget fractions, on the held-out requests.
@@ -91,5 +91,5 @@ def plot(curves: dict[str, list[list[dict]]], entries: list[dict], figures_dir: 
 def plot_from_results(results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "e5_summary.json").read_text())
-    curves = json.loads((results_dir / "e5_curves.json").read_text())
+    curves = read_json(results_dir / "e5_curves.json.gz")
     return plot(curves, summary["entries"], results_dir / "figures")
