@@ -104,17 +104,18 @@ def test_flexvlm_train_learns_on_your_tables(tmp_path):
     latency = shipped("micro_h200_stages.parquet", tmp_path)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     runs = tmp_path / "runs"
-    cli = [sys.executable, "-m", "trainers.cli", "lut", "--quality", quality, "--latency", latency, "--runs-dir", str(runs),
-           "--total-env-steps", "1400", "--eval-every-env-steps", "1400", "--no-wandb"]
-    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
+    cli = [sys.executable, "-m", "trainers.cli", "lut", "--quality", "my_quality", "--latency", latency, "--runs-dir",
+           str(runs), "--total-env-steps", "1400", "--eval-every-env-steps", "1400", "--no-wandb"]
+    out = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = runs.iterdir()
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["quality"] == quality and args["latency"] == latency
+    # kept absolute (the command gave the quality table relative to its directory), so --resume works from anywhere
+    assert args["quality"] == str(Path(quality).resolve()) and args["latency"] == str(Path(latency).resolve())
     final = json.loads((run_dir / "final.json").read_text())
     assert final["results"]["lut"]["mean"]["quality_retention"] > 0 and "greedy" in final["results"]
     bad = subprocess.run([*cli[:6], "--latency", str(tmp_path / "my_gpu"), "--runs-dir", str(tmp_path / "none")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--latency=" in bad.stderr and "nor an existing path" in bad.stderr
     assert not (tmp_path / "none").exists()
 

@@ -32,7 +32,7 @@ from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
 from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
-from flexvlm_env.profiles.loading import check_source
+from flexvlm_env.profiles.loading import LATENCY_SOURCES, QUALITY_SOURCES, check_source
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
@@ -92,6 +92,13 @@ class CommonArgs:
         if self.requests_table is not None and not Path(self.requests_table).exists():
             raise ValueError(f"--requests-table={self.requests_table!r} does not exist (a `flexvlm-profile request-table` "
                              "Parquet file)")
+        # Tables given by path are kept absolute, so that args.json (and --resume) work from any directory.
+        if self.quality not in QUALITY_SOURCES:
+            self.quality = str(Path(self.quality).resolve())
+        if self.latency not in LATENCY_SOURCES:
+            self.latency = str(Path(self.latency).resolve())
+        if self.requests_table is not None:
+            self.requests_table = str(Path(self.requests_table).resolve())
         if self.seed < 0:
             raise ValueError(f"--seed={self.seed!r} must be >= 0")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
