@@ -190,7 +190,6 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         data: ReplayData | None = None,
         quality: str = "micro",
         latency: str = "molmoe-1b-h100",
-        requests: str | None = None,
         families: Sequence[str] | None = None,
         budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
         lam: float = 1.0,
@@ -198,6 +197,7 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         episode_length: int = DEFAULT_EPISODE_LENGTH,
         render_mode: str | None = None,
         split: str = "all",
+        requests: str | None = None,
     ):
         data_given = data is not None
         data = resolve_replay_data(data, quality, latency, requests)
@@ -275,7 +275,6 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         data: ReplayData | None = None,
         quality: str = "micro",
         latency: str = "molmoe-1b-h100",
-        requests: str | None = None,
         families: Sequence[str] | None = None,
         budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
         lam: float = 1.0,
@@ -284,6 +283,7 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         split: str = "all",
+        requests: str | None = None,
     ):
         self.num_envs = check_positive_int("num_envs", num_envs)
         if render_mode is not None:
