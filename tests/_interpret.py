@@ -25,8 +25,11 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # |reference| value: RoPE rounds its inputs (as decoder.py does) and a small output of a*cos - b*sin
 # keeps the rounding error of the larger a and b.
 CLOSE = {F32: (1e-5, 1e-5), F16: (2e-3, 2e-3), BF16: (2e-2, 2e-2)}
-# Relative error ||out - ref|| / ||ref|| against float64 from the same (rounded) inputs.
-REL_FP64 = {F32: 1e-5, F16: 2e-3, BF16: 1e-2}
+# Relative error ||out - ref|| / ||ref|| against float64 from the same (rounded) inputs. bfloat16: over 300 random
+# draws of the decode GEMV's smallest case (5 outputs, K=33, residual add + RMSNorm) in the interpreter, the kernel
+# was up to 1.18% off (0.7% of the draws above 1%: a few ulps on a 5-element vector) and the torch reference alone
+# up to 0.52%; a wrong kernel is ~100% off.
+REL_FP64 = {F32: 1e-5, F16: 2e-3, BF16: 2e-2}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,10 +110,16 @@ def compare(what, out, ref, ref64, dtype, problems):
 
 def run_interpret_check(script_name: str, *args: str, timeout: float = 300) -> None:
     """Runs tests/`script_name` with TRITON_INTERPRET=1 and the repo root on PYTHONPATH; fails the
-    calling test, showing the script's output, unless it exits 0. Skips when triton is missing."""
+    calling test, showing the script's output, unless it exits 0. Skips when triton is missing.
+
+    The data are seeded (`--seed`, from FLEXVLM_INTERPRET_SEED, default 0), so the suite gives the same
+    answer on every run; FLEXVLM_INTERPRET_SEED=random draws fresh data, as running a script by hand does."""
     import pytest
 
     pytest.importorskip("triton")
+    seed = os.environ.get("FLEXVLM_INTERPRET_SEED", "0")
+    if seed != "random" and "--seed" not in args:
+        args = (*args, "--seed", seed)
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, str(TESTS_DIR / script_name), *args],
