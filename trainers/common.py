@@ -32,7 +32,7 @@ from agents.evaluation import decision_overhead_ms, evaluate, format_comparison
 from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
-from flexvlm_env.profiles.loading import LATENCY_SOURCES, QUALITY_SOURCES, check_source
+from flexvlm_env.profiles.loading import SHIPPED, check_source
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
@@ -87,18 +87,14 @@ class CommonArgs:
     def validate(self) -> None:
         if self.env not in ENV_IDS:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
-        check_source("--latency", self.latency)
-        check_source("--quality", self.quality, "quality")
-        if self.requests_table is not None and not Path(self.requests_table).exists():
-            raise ValueError(f"--requests-table={self.requests_table!r} does not exist (a `flexvlm-profile request-table` "
-                             "Parquet file)")
-        # Tables given by path are kept absolute, so that args.json (and --resume) work from any directory.
-        if self.quality not in QUALITY_SOURCES:
-            self.quality = str(Path(self.quality).resolve())
-        if self.latency not in LATENCY_SOURCES:
-            self.latency = str(Path(self.latency).resolve())
-        if self.requests_table is not None:
-            self.requests_table = str(Path(self.requests_table).resolve())
+        for name, kind in (("latency", "latency"), ("quality", "quality"), ("requests_table", "requests")):
+            value = getattr(self, name)
+            if value is None:  # requests_table only: the shipped request table
+                continue
+            check_source(f"--{name.replace('_', '-')}", value, kind)
+            # Tables given by path are kept absolute, so that args.json (and --resume) work from any directory.
+            if value not in SHIPPED[kind]:
+                setattr(self, name, str(Path(value).resolve()))
         if self.seed < 0:
             raise ValueError(f"--seed={self.seed!r} must be >= 0")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):

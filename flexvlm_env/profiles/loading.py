@@ -73,15 +73,23 @@ _MADE_BY = {"quality": "flexvlm-profile quality", "latency": "flexvlm-profile st
             "requests": "flexvlm-profile request-table"}
 
 
+# The shipped names each kind of table argument takes (a request table has none: None means the shipped one).
+SHIPPED = {"latency": LATENCY_SOURCES, "quality": QUALITY_SOURCES, "requests": {}}
+
+
 def check_source(argument: str, value: str, kind: str = "latency") -> None:
-    """Raise a ValueError naming `argument`, `value` and what is allowed unless `value` is a key of
-    LATENCY_SOURCES (`kind="latency"`) or QUALITY_SOURCES (`kind="quality"`), or the path of an existing table
-    (a Parquet file or a `flexvlm-profile` shard directory; its kind is checked when it is read)."""
-    table = {"latency": LATENCY_SOURCES, "quality": QUALITY_SOURCES}[kind]
-    if not isinstance(value, (str, Path)) or (value not in table and not Path(value).exists()):
-        what = "latency source" if kind == "latency" else "quality table"
-        raise ValueError(f"{argument}={value!r} is neither a shipped {what} (allowed: {sorted(table)}) nor an existing "
-                         f"path of a `{_MADE_BY[kind]}` table (a Parquet file or its shard directory)")
+    """Raise a ValueError naming `argument`, `value` and what is allowed unless `value` is a shipped name of its
+    `kind` (`SHIPPED`) or the path of an existing table (a Parquet file or a `flexvlm-profile` shard directory;
+    its kind is checked when it is read)."""
+    table = SHIPPED[kind]
+    if isinstance(value, (str, Path)) and (value in table or Path(value).exists()):
+        return
+    if kind == "requests":
+        raise ValueError(f"{argument}={value!r} is not an existing path of a `{_MADE_BY[kind]}` table "
+                         "(None: the shipped request table)")
+    what = "latency source" if kind == "latency" else "quality table"
+    raise ValueError(f"{argument}={value!r} is neither a shipped {what} (allowed: {sorted(table)}) nor an existing "
+                     f"path of a `{_MADE_BY[kind]}` table (a Parquet file or its shard directory)")
 
 
 def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100", requests: str | None = None) -> ReplayData:
@@ -100,9 +108,8 @@ def load_replay_data(quality: str = "micro", latency: str = "molmoe-1b-h100", re
     """
     check_source("quality", quality, "quality")
     check_source("latency", latency)
-    if requests is not None and not (isinstance(requests, (str, Path)) and Path(requests).exists()):
-        raise ValueError(f"requests={requests!r} is not an existing path of a `{_MADE_BY['requests']}` table "
-                         "(None: the shipped request table)")
+    if requests is not None:
+        check_source("requests", requests, "requests")
     return _load(_source_key(quality, QUALITY_SOURCES), _source_key(latency, LATENCY_SOURCES),
                  None if requests is None else _source_key(requests, {}))
 
