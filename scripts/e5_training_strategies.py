@@ -112,7 +112,9 @@ def wanted_args(args: Args, method: str, seed: int, env_steps: int | None = None
     from trainers.cli import parse_args
     from trainers.common import args_record
 
-    record = args_record(method, parse_args(method, train_argv(args, seed, env_steps, extra)))
+    parsed = parse_args(method, train_argv(args, seed, env_steps, extra))
+    parsed.absolutize_paths()  # as the trainer's validate() does before it writes args.json
+    record = args_record(method, parsed)
     return {k: v for k, v in record.items() if k not in UNCOMPARED}
 
 
@@ -125,6 +127,9 @@ def matches(run: Path, wanted: dict, method: str) -> bool:
     except (OSError, ValueError):
         return False
     record = {**{k: v for k, v in default_args(method).items() if k not in record}, **record}
+    for key in ("init_from", "guardrail_estimator"):  # relative in the args.json of runs made before 2026-12-01
+        if record.get(key) is not None:
+            record[key] = str(Path(record[key]).resolve())
     return {k: v for k, v in record.items() if k not in UNCOMPARED} == wanted
 
 

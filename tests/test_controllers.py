@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -323,27 +324,94 @@ def test_trainer_smoke(tmp_path, method):
     assert "greedy" in done.stdout and "retain" in done.stdout
 
 
-def test_supervised_resume_continues_without_loss_or_duplicates(tmp_path):
-    straight = train("supervised", tmp_path / "a", "--total-env-steps", "4200", "--eval-every-env-steps", "1400",
-                     "--eval-requests", "30", "--no-baselines")
+class Crash(Exception):
+    pass
+
+
+def test_supervised_resume_continues_without_loss_or_duplicates(tmp_path, monkeypatch):
+    from trainers import supervised
+    from trainers.cli import parse_args
+
+    argv = ["--total-env-steps", "4200", "--eval-every-env-steps", "1400", "--eval-requests", "30", "--no-baselines",
+            "--no-wandb"]
+    straight = train("supervised", tmp_path / "a", *argv)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    first = train("supervised", tmp_path / "b", "--total-env-steps", "2800", "--eval-every-env-steps", "1400",
-                  "--eval-requests", "30", "--no-baselines")
-    assert first.returncode == 0, first.stderr[-2000:]
+    # a crash after the third evaluation's curve line but before its checkpoint: that line must go
+    real, saves = supervised.save_training_state, []
+
+    def save_then_crash(*a, **k):
+        saves.append(1)
+        if len(saves) == 3:
+            raise Crash
+        return real(*a, **k)
+
+    monkeypatch.setattr(supervised, "save_training_state", save_then_crash)
+    with pytest.raises(Crash):
+        supervised.main(parse_args("supervised", [*argv, "--runs-dir", str(tmp_path / "b")]))
     (run,) = run_dirs(tmp_path / "b", "supervised")
-    # a crash after the second evaluation's curve line but before its checkpoint: that line must go
-    with (run / "curves.jsonl").open("a") as handle:
-        handle.write(json.dumps({"env_steps": 4200, "wall_clock_s": 0.0, "eval/reward": 9.0}) + "\n")
+    assert len((run / "curves.jsonl").read_text().splitlines()) == 3
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["progress"]["env_steps"] == 2800
-    resumed = train("supervised", tmp_path / "b", "--total-env-steps", "4200", "--eval-every-env-steps", "1400",
-                    "--eval-requests", "30", "--no-baselines", "--resume", str(run))
+    resumed = train("supervised", tmp_path / "b", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     curves_a = [json.loads(line) for line in (run_dirs(tmp_path / "a", "supervised")[0] / "curves.jsonl").read_text().splitlines()]
     curves_b = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
     assert [c["env_steps"] for c in curves_b] == [1400, 2800, 4200]
     # deterministic training: the resumed run's curve equals the uninterrupted one
     assert [c["eval/reward"] for c in curves_b] == pytest.approx([c["eval/reward"] for c in curves_a])
+
+
+def test_resume_takes_the_runs_arguments_and_refuses_to_change_them(tmp_path):
+    """`--resume RUN_DIR` alone continues with the run's args.json; a flag that would change training is a usage
+    error naming it; a run of another method cannot be resumed by this one."""
+    first = train("lut", tmp_path, "--total-env-steps", "2800", "--eval-every-env-steps", "1400", "--eval-requests", "30",
+                  "--no-baselines", "--seed", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run,) = run_dirs(tmp_path, "lut")
+    (run / "final.json").unlink()
+    lines = (run / "curves.jsonl").read_text().splitlines()
+    (run / "curves.jsonl").write_text(lines[0] + "\n")  # a crash after the first evaluation
+    (run / "checkpoint" / "state.json").write_text(json.dumps({"env_steps": 1400, "wall_clock_s": 1.0}))
+    for args, message in [(("--seed", "5"), "--seed=5 (the run's is 2)"),
+                          (("--total-env-steps", "4200"), "--total-env-steps=4200 (the run's is 2800)")]:
+        bad = subprocess.run([sys.executable, "-m", "trainers.cli", "lut", "--resume", str(run), *args],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    other = subprocess.run([sys.executable, "-m", "trainers.cli", "supervised", "--resume", str(run)],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "is a 'lut' run, not 'supervised'" in other.stderr, other.stderr[-2000:]
+    # only the run directory on the command line (and where W&B goes): the rest comes from args.json
+    resumed = subprocess.run([sys.executable, "-m", "trainers.cli", "lut", "--resume", str(run), "--no-wandb"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    curves = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert [c["env_steps"] for c in curves] == [1400, 2800]
+    final = json.loads((run / "final.json").read_text())
+    assert final["seed"] == 2 and final["env_steps"] == 2800 and set(final["results"]) == {"lut"}  # --no-baselines kept
+    assert curves[1]["eval/reward"] == pytest.approx(json.loads(lines[1])["eval/reward"])
+
+
+@pytest.mark.parametrize("method", ["lut", "supervised"])
+def test_profiling_trainers_evaluate_at_whole_requests_and_restart_a_run_without_checkpoint(tmp_path, method):
+    """Their env steps are whole profiled requests (140 each): an interval that is not a multiple rounds to one, so
+    every curve point is a distinct count the run really profiled; a resume before the first checkpoint starts over."""
+    done = train(method, tmp_path, "--total-env-steps", "500", "--eval-every-env-steps", "100", "--eval-requests", "30",
+                 "--no-baselines")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = run_dirs(tmp_path, method)
+    curves = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert [c["env_steps"] for c in curves] == [140, 280, 420]
+    assert [c["train/profiled_requests"] for c in curves] == [1, 2, 3]
+    assert json.loads((run / "final.json").read_text())["env_steps"] == 420
+    # a crash after the first curve line, before the first checkpoint: the resumed run logs every point once
+    (run / "final.json").unlink()
+    shutil.rmtree(run / "checkpoint")
+    (run / "curves.jsonl").write_text(json.dumps(curves[0]) + "\n")
+    resumed = train(method, tmp_path, "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert [c["env_steps"] for c in again] == [140, 280, 420]
+    assert [c["eval/reward"] for c in again] == pytest.approx([c["eval/reward"] for c in curves])
 
 
 def test_trainer_bad_input(tmp_path):
@@ -360,6 +428,17 @@ def test_trainer_bad_input(tmp_path):
     assert not any(tmp_path.iterdir())
     unknown = subprocess.run([sys.executable, "-m", "trainers.cli", "sarsa"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr
+    for method, args, message in [("supervised", ("--epochs-per-eval", "0"), "--epochs-per-eval=0 must be >= 1"),
+                                  ("supervised", ("--hidden", "0"), "--hidden=(0,)"),
+                                  ("lut", ("--max-violation-rate", "-1"), "--max-violation-rate=-1.0 must be in [0, 1]")]:
+        bad = train(method, tmp_path, *args)
+        assert bad.returncode == 2 and f"flexvlm-train {method}: error: {message}" in bad.stderr, bad.stderr[-2000:]
+    # the method name sets MaskablePPO, not a flag
+    flag = train("maskable_ppo", tmp_path, "--no-maskable")
+    assert flag.returncode == 2 and "--no-maskable" in flag.stderr
+    assert not any(tmp_path.iterdir())
+    usage = subprocess.run([sys.executable, "-m", "trainers.cli"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "methods: lut" in usage.stderr and not usage.stdout
 
 
 def test_guardrail_from_estimator_drives_trainer_and_baselines(tmp_path):

@@ -433,6 +433,7 @@ def trainer_module(method):
     ("grpo", ["--lr-scheduler", "step"], "lr-scheduler"),
     ("grpo", ["--learning-rate", "0"], "learning-rate"),
     ("grpo", ["--max-invalid-batches", "-1"], "max-invalid-batches"),
+    ("grpo", ["--loss-type", "bogus"], "--loss-type='bogus'; allowed: grpo"),
     ("grpo", ["--env", "NoSuchEnv-v0"], "is not known"),
     ("dpo", ["--candidates", "1"], "candidates"),
     ("dpo", ["--random-candidates", "9"], "random-candidates"),
@@ -475,6 +476,9 @@ def test_cli_smoke_run(method, tmp_path):
     assert 0 < final["env_steps"] <= 48
     if method == "grpo":  # the env-step budget, not the optimizer-step bound, ends the run (4 steps per batch)
         assert final["env_steps"] > 48 - 16
+        # a Trainer checkpoint, less the TrainingArguments pickle it would hold
+        assert list(run_dir.glob("checkpoint/checkpoint-*/trainer_state.json"))
+        assert not list(run_dir.rglob("training_args.bin"))
     lines = curves(run_dir)
     steps = [line["env_steps"] for line in lines]
     assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == final["env_steps"]

@@ -306,7 +306,7 @@ def test_resume_continues_without_losing_or_repeating_env_steps(maskable, tmp_pa
     assert progress["wall_clock_s"] >= saved["wall_clock_s"]
 
     # resuming with a different architecture is refused, naming what differs
-    with pytest.raises(ValueError, match="net_arch|policy_kwargs"):
+    with pytest.raises(ValueError, match=r"--net-arch=\[8\] \(the run's is \[64\]\)"):
         trainer.main(tiny_args(tmp_path, maskable=maskable, resume=run_dir, net_arch=(8,)))
 
 

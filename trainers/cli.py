@@ -19,19 +19,31 @@ METHODS = {
 
 
 def parse_args(method: str, argv: list[str]):
-    """The method's `Args` from `flexvlm-train METHOD ARGV...` (tyro: a malformed flag exits with status 2)."""
+    """The method's `Args` from `flexvlm-train METHOD ARGV...` (tyro: a malformed flag exits with status 2).
+
+    With `--resume RUN_DIR` the run's args.json gives the defaults, so the flags given with it only repeat
+    or override them (`trainers.common.check_resume` then refuses an override that would change training)."""
     import tyro
 
+    from .common import resume_args
+
     module = importlib.import_module(METHODS[method])
-    return tyro.cli(module.Args, args=argv, prog=f"flexvlm-train {method}",
-                    default=module.Args(maskable=True) if method == "maskable_ppo" else None)
+    prog = f"flexvlm-train {method}"
+    default = module.Args(maskable=True) if method == "maskable_ppo" else module.Args()
+    args = tyro.cli(module.Args, args=argv, prog=prog, default=default)
+    if args.resume is not None:
+        args = tyro.cli(module.Args, args=argv, prog=prog, default=resume_args(default, args.resume))
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .common import check_resume
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print(f"\nmethods: {', '.join(METHODS)}; `flexvlm-train METHOD --help` lists a method's arguments")
+        usage = (f"{__doc__.strip()}\n\nmethods: {', '.join(METHODS)}; `flexvlm-train METHOD --help` lists a method's "
+                 "arguments")
+        print(usage, file=sys.stdout if argv else sys.stderr)  # no method: a usage error
         raise SystemExit(0 if argv else 2)
     method, rest = argv[0], argv[1:]
     if method not in METHODS:
@@ -39,9 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module = importlib.import_module(METHODS[method])
     prog = f"flexvlm-train {method}"
-    args = parse_args(method, rest)
     try:
+        args = parse_args(method, rest)
         args.validate()  # main() validates again; here a bad value is a usage error, not a traceback
+        if args.resume is not None:
+            check_resume(method, args)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

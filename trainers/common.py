@@ -5,11 +5,15 @@ A run lives in `{runs_dir}/{env}__{method}__{seed}__{unix time}` (CleanRL's layo
 under `eval/` and the method's training metrics under `train/`), `checkpoint/` (the method's
 resumable state: safetensors + JSON), `controller/` (the final controller, `agents.load_controller`
 reads it), `final.json` (the trained controller and the baselines on the held-out requests) and
-`learning_curves.png`. W&B gets the same records (offline unless `WANDB_API_KEY` or `WANDB_MODE`
+`learning_curves.png`. (GRPO's `checkpoint/` is a Hugging Face Trainer checkpoint: safetensors weights, and optimizer,
+scheduler and RNG states in torch files that the Trainer loads back with `weights_only=True`.) W&B gets the same records (offline unless `WANDB_API_KEY` or `WANDB_MODE`
 says otherwise; `--no-wandb` turns it off), so curves compare with and without W&B.
 
-Resume: `--resume RUN_DIR` continues a run from its last checkpoint; curve lines logged after that
-checkpoint are dropped first (they are logged again), so nothing is lost or duplicated.
+Resume: `--resume RUN_DIR` continues a run from its last checkpoint with the arguments in its `args.json`
+(`flexvlm-train METHOD --resume RUN_DIR` needs no other flag; a flag given with it may change only what
+`RESUME_MAY_CHANGE` lists, since a seed, table or step budget changed halfway would make a run that is
+neither the old one nor a new one). Curve lines logged after that checkpoint are dropped first (they
+are logged again), so nothing is lost or duplicated.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import hashlib
 import json
 import os
 import time
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,10 @@ from flexvlm_env.profiles.loading import SHIPPED, check_source
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
 CHECKPOINT_DIR = "checkpoint"
+# The table arguments and the kind of table each takes (`flexvlm_env.profiles.loading.check_source`)
+TABLE_ARGS = {"latency": "latency", "quality": "quality", "requests_table": "requests"}
+# What a resumed run may change: where it logs and whether it ends with the baselines, nothing that shapes training.
+RESUME_MAY_CHANGE = frozenset({"resume", "runs_dir", "wandb", "wandb_project", "baselines"})
 
 
 @dataclass
@@ -72,7 +82,8 @@ class CommonArgs:
     runs_dir: Path = Path("runs")
     """where run directories are created"""
     resume: Path | None = None
-    """a run directory to continue from its last checkpoint"""
+    """a run directory to continue from its last checkpoint, with the arguments in its args.json (flags given with it
+    may change only --runs-dir, --wandb, --wandb-project and --baselines)"""
     wandb: bool = True
     """log to Weights & Biases (offline unless WANDB_API_KEY or WANDB_MODE say otherwise)"""
     wandb_project: str = "flexvlm"
@@ -87,14 +98,9 @@ class CommonArgs:
     def validate(self) -> None:
         if self.env not in ENV_IDS:
             raise ValueError(f"--env={self.env!r} is not known; allowed: {list(ENV_IDS)}")
-        for name, kind in (("latency", "latency"), ("quality", "quality"), ("requests_table", "requests")):
-            value = getattr(self, name)
-            if value is None:  # requests_table only: the shipped request table
-                continue
-            check_source(f"--{name.replace('_', '-')}", value, kind)
-            # Tables given by path are kept absolute, so that args.json (and --resume) work from any directory.
-            if value not in SHIPPED[kind]:
-                setattr(self, name, str(Path(value).resolve()))
+        for name, kind in TABLE_ARGS.items():
+            if getattr(self, name) is not None:  # requests_table only: None is the shipped request table
+                check_source(f"--{name.replace('_', '-')}", getattr(self, name), kind)
         if self.seed < 0:
             raise ValueError(f"--seed={self.seed!r} must be >= 0")
         for name in ("total_env_steps", "eval_every_env_steps", "requests_per_family"):
@@ -111,6 +117,16 @@ class CommonArgs:
             raise ValueError(f"--guardrail-estimator={self.guardrail_estimator} is not a file (a StageLatencyEstimator JSON)")
         if self.resume is not None and not (Path(self.resume) / "args.json").exists():
             raise ValueError(f"--resume={self.resume} is not a run directory (no args.json in it)")
+        self.absolutize_paths()
+
+    def absolutize_paths(self) -> None:
+        """Make the files among the arguments absolute paths, so that args.json (and --resume) work from any directory."""
+        for name, kind in TABLE_ARGS.items():
+            value = getattr(self, name)
+            if value is not None and value not in SHIPPED[kind]:
+                setattr(self, name, str(Path(value).resolve()))
+        if self.guardrail_estimator is not None:
+            self.guardrail_estimator = Path(self.guardrail_estimator).resolve()
 
 
 def make_env(args: CommonArgs, split: str, episode_length: int = 16) -> gym.Env:
@@ -162,6 +178,46 @@ def args_record(method: str, args: CommonArgs) -> dict:
     return {"method": method, **{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}}
 
 
+def _from_json(hint: Any, value: Any) -> Any:
+    """An args.json value as the dataclass field typed `hint` holds it (JSON has lists and strings, not tuples and Paths)."""
+    if value is None:
+        return None
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if Path in options:
+        return Path(value)
+    if isinstance(value, list) and any(o is tuple or typing.get_origin(o) is tuple for o in options):
+        return tuple(value)
+    return value
+
+
+def resume_args(defaults: CommonArgs, run_dir: Path) -> CommonArgs:
+    """`defaults` with every argument the run in `run_dir` was started with (its args.json): what a
+    resumed run trains with. Arguments the file lacks (a run made before they existed) keep `defaults`'."""
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        raise ValueError(f"--resume={run_dir} is not a run directory (no args.json in it)")
+    saved = json.loads(path.read_text())
+    hints = typing.get_type_hints(type(defaults))
+    values = {f.name: _from_json(hints[f.name], saved[f.name]) for f in dataclasses.fields(defaults)
+              if f.name in saved and f.name != "resume"}
+    return dataclasses.replace(defaults, **values, resume=Path(run_dir))
+
+
+def check_resume(method: str, args: CommonArgs) -> None:
+    """Raise ValueError unless `args` may resume the run `args.resume` names: the same method, and the
+    arguments its args.json records, but for `RESUME_MAY_CHANGE`."""
+    saved = json.loads((Path(args.resume) / "args.json").read_text())
+    if saved.get("method") != method:
+        raise ValueError(f"--resume={args.resume} is a {saved.get('method')!r} run, not {method!r}")
+    given = args_record(method, args)
+    changed = [f"--{k.replace('_', '-')}={given[k]!r} (the run's is {saved[k]!r})" for k in saved
+               if k in given and k not in RESUME_MAY_CHANGE and given[k] != saved[k]]
+    if changed:
+        raise ValueError(f"--resume={args.resume}: a resumed run keeps the arguments it was started with (its args.json); "
+                         f"given: {'; '.join(changed)}. Drop them (`flexvlm-train {method} --resume RUN_DIR` reads "
+                         f"args.json), or start a new run; only {sorted(RESUME_MAY_CHANGE - {'resume'})} may change")
+
+
 class Run:
     """The run directory, its curves and W&B (see the module docstring)."""
 
@@ -170,10 +226,8 @@ class Run:
         self.method = method
         self.args = args
         if args.resume is not None:
+            check_resume(method, args)
             self.dir = Path(args.resume)
-            saved = json.loads((self.dir / "args.json").read_text())
-            if saved.get("method") != method:
-                raise ValueError(f"--resume={self.dir} is a {saved.get('method')!r} run, not {method!r}")
         else:
             stamp = int(time.time())
             Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
@@ -300,6 +354,13 @@ def eval_points(total_env_steps: int, every: int, start: int = 0) -> list[int]:
     """Env-step counts at which to evaluate: every `every` steps after `start`, and the end."""
     points = list(range(every, total_env_steps, every)) + [total_env_steps]
     return [p for p in points if p > start]
+
+
+def whole_unit_points(total_env_steps: int, every: int, unit: int, start: int = 0) -> list[int]:
+    """`eval_points` for a method that spends env steps in whole units (a PPO rollout, a profiled request's
+    grid): every ~`every` steps rounded to whole units, up to the total rounded down (at least one unit)."""
+    total = max(unit, total_env_steps // unit * unit)
+    return eval_points(total, max(1, round(every / unit)) * unit, start)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class Args(LMArgs):
     round_env_steps: int = 6_300
     """env steps collected per DPO round (each round then trains on its own preference pairs)"""
     candidates: int = 4
-    """configurations compared per (request, budget): the best is preferred over the worst"""
+    """configurations compared per (request, budget): the best is preferred over the others (see --all-pairs)"""
     random_candidates: int = 2
     """of those, drawn uniformly from the grid (the rest are sampled from the current policy)"""
     all_pairs: bool = True

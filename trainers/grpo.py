@@ -48,6 +48,11 @@ from .common import Run, eval_points
 from .lm_args import LMArgs, log_lm_evaluation, start_lm_run
 
 
+# TRL's GRPO losses (trl 1.16) that work with token-level importance sampling, which this trainer keeps (TRL's
+# default); TRL's "luspo" needs sequence-level sampling.
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo")
+
+
 @dataclass
 class Args(LMArgs):
     total_env_steps: int = 126_000
@@ -76,7 +81,7 @@ class Args(LMArgs):
     num_iterations: int = 4
     """optimizer steps on each generated batch (PPO-style reuse, clipped by epsilon; see the module docstring)"""
     loss_type: str = "dapo"
-    """TRL GRPO loss aggregation: grpo, dr_grpo, dapo, bnpo, ..."""
+    """TRL GRPO loss: one of GRPO_LOSS_TYPES (grpo, bnpo, dr_grpo, dapo, cispo, sapo, vespo)"""
     scale_rewards: str = "group"
     """advantage scaling: group (per-prompt std), batch, or none"""
     invalid_penalty: float | None = None
@@ -101,6 +106,8 @@ class Args(LMArgs):
             raise ValueError(f"--beta={self.beta!r} must be >= 0 and --epsilon={self.epsilon!r} > 0")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr-scheduler={self.lr_scheduler!r}; allowed: linear, cosine, constant")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"--loss-type={self.loss_type!r}; allowed: {', '.join(GRPO_LOSS_TYPES)}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"--scale-rewards={self.scale_rewards!r}; allowed: group, batch, none")
         if self.batch_size > self.total_env_steps:
@@ -212,6 +219,15 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
             for key, value in (logs or {}).items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self.trl_logs[key.replace("/", "_")] = float(value)
+
+        def on_save(self, trainer_args, state, control, **kwargs):
+            # The Trainer also pickles its TrainingArguments into each checkpoint; resuming never reads that file,
+            # and a run directory holds no pickle.
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            checkpoint = Path(trainer_args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (checkpoint / "training_args.bin").unlink(missing_ok=True)
+            return control
 
         def on_step_end(self, _args, state, control, **kwargs):
             # A generated batch is trained on for num_iterations optimizer steps: evaluate, checkpoint and stop

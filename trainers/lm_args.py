@@ -53,6 +53,11 @@ class LMArgs(CommonArgs):
         if self.init_from is not None:
             self.load_init_from()  # a controller this run cannot start from is a usage error, found up front
 
+    def absolutize_paths(self) -> None:
+        super().absolutize_paths()
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from).resolve()
+
     def load_init_from(self) -> LMController:
         """The saved controller --init-from names (the directory itself, or a run directory's controller/), checked
         against this run: an LM controller on the env's knob grid whose architecture and buckets are the ones

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from agents.evaluation import evaluate
 from agents.lut import DEFAULT_MAX_VIOLATION_RATE, LUTController
 
-from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env
+from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, whole_unit_points
 
 
 @dataclass
@@ -30,10 +30,27 @@ class Args(CommonArgs):
     max_violation_rate: float = DEFAULT_MAX_VIOLATION_RATE
     """largest profiled violation rate a tabulated configuration may have"""
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.max_violation_rate <= 1.0:
+            raise ValueError(f"--max-violation-rate={self.max_violation_rate!r} must be in [0, 1]")
+
 
 def profiled_rows(n_requests: int, seed: int) -> np.ndarray:
     """The order in which train requests are profiled (a seeded permutation)."""
     return np.random.default_rng(seed).permutation(n_requests)
+
+
+def request_points(args: CommonArgs, profiles, start: int = 0) -> list[int]:
+    """Env-step counts at which to evaluate: whole profiled requests (a grid's worth of env steps each), every
+    ~eval_every, up to the budget or every train request profiled."""
+    n_configs = len(profiles.grid)
+    total = min(args.total_env_steps, profiles.n_profiled)
+    points = whole_unit_points(total, args.eval_every_env_steps, n_configs, start)
+    if points and points[-1] != args.total_env_steps and start == 0:
+        print(f"--total-env-steps={args.total_env_steps}: profiling {points[-1] // n_configs} whole requests "
+              f"({points[-1]} env steps, {n_configs} per request)")
+    return points
 
 
 def main(args: Args) -> dict:
@@ -48,13 +65,14 @@ def main(args: Args) -> dict:
         state = json.loads(state_path.read_text())
         done = state["env_steps"]
         run.resumed_from(done, state["wall_clock_s"])
-    total = min(args.total_env_steps, profiles.n_profiled)
+    elif args.resume is not None:
+        run.resumed_from(-1, 0.0)  # no checkpoint yet: start over, dropping every curve line
     lut = None
-    for point in tqdm(eval_points(total, args.eval_every_env_steps, done), desc="lut", unit="eval"):
-        n = max(1, point // n_configs)
+    for point in tqdm(request_points(args, profiles, done), desc="lut", unit="eval"):
+        n = point // n_configs
         lut = LUTController.fit(profiles.subset(order[:n]), args.budget_fractions, args.max_violation_rate)
         result = evaluate(lut, heldout, args.budget_fractions, eval_requests(args), args.seed)
-        run.log_eval(n * n_configs, result, {"profiled_requests": n})
+        run.log_eval(point, result, {"profiled_requests": n})
         run.checkpoint_dir.mkdir(exist_ok=True)
         state_path.write_text(json.dumps({"env_steps": point, "wall_clock_s": run.wall_clock_s}))
         done = point

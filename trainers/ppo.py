@@ -2,7 +2,7 @@
 
 PPO learns on the train requests (`make_env(args, "train")`, `n_envs` copies in a `DummyVecEnv`,
 sub-env i seeded `seed + i`), observing the log-scaled observation (`ScaledObservation`) and
-acting with the env's `MultiDiscrete([7, 4, 5])` knobs. `--maskable` (what `flexvlm-train
+acting with the env's `MultiDiscrete([7, 4, 5])` knobs. `Args.maskable` (what `flexvlm-train
 maskable_ppo` sets) trains sb3-contrib's MaskablePPO instead, on the flat `Discrete(140)` action
 (`DiscreteKnobs`) masked by the latency guardrail built from the train-half profiles, so that it
 never explores a configuration the profiles say cannot meet the budget.
@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import tyro
 from tqdm import tqdm
 
 from agents.evaluation import evaluate
@@ -36,7 +37,7 @@ from agents.ppo import ACTIVATIONS, PPOController, policy_kwargs, sb3_policy_kwa
 from flexvlm_env.envs.wrappers import DiscreteKnobs
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env, make_guardrail
+from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, make_guardrail, whole_unit_points
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Args(CommonArgs):
     """env steps (requests served) to train for; rounded down to whole rollouts (n_envs x n_steps)"""
     eval_every_env_steps: int = 12_600
     """evaluate on the held-out requests (and checkpoint) every this many env steps (rounded to whole rollouts)"""
-    maskable: bool = False
+    # Set by the method name (`flexvlm-train maskable_ppo`), not a flag: `ppo --maskable` would be a maskable_ppo run
+    # under another name.
+    maskable: tyro.conf.Suppress[bool] = False
     """train MaskablePPO on the flat Discrete(140) action, masked by the latency guardrail (`flexvlm-train maskable_ppo`)"""
     # Defaults (tuned on the replay env, seeds 0-2): rollouts of 8 x 105 = 840 requests divide the
     # 12,600-step evaluation interval and the 126,000-step budget exactly (150 PPO updates), and a
@@ -115,10 +118,7 @@ class Args(CommonArgs):
 
 def rollout_points(args: Args, start: int = 0) -> list[int]:
     """Env-step counts at which to evaluate: whole rollouts, every ~eval_every, and the (rounded) end."""
-    rollout = args.n_envs * args.n_steps
-    total = args.total_env_steps // rollout * rollout
-    every = max(1, round(args.eval_every_env_steps / rollout)) * rollout
-    return eval_points(total, every, start)
+    return whole_unit_points(args.total_env_steps, args.eval_every_env_steps, args.n_envs * args.n_steps, start)
 
 
 def wrap_train_env(env, guardrail: LatencyGuardrail | None):

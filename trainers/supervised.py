@@ -8,6 +8,7 @@ evaluated on the held-out half. Checkpoints hold the network, the optimizer and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,8 @@ from agents.evaluation import evaluate
 from agents.supervised import SupervisedController, oracle_dataset
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_points, eval_requests, load_profiles, make_env, make_guardrail
-from .lut import profiled_rows
+from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, make_guardrail
+from .lut import profiled_rows, request_points
 
 
 @dataclass
@@ -40,11 +41,20 @@ class Args(CommonArgs):
     guardrail: bool = True
     """mask configurations the profiled latency rules out for the budget before the argmax"""
 
+    def validate(self) -> None:
+        super().validate()
+        for name in ("epochs_per_eval", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
+        if not self.hidden or any(n < 1 for n in self.hidden):
+            raise ValueError(f"--hidden={self.hidden!r}: one or more layer widths, each >= 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"--learning-rate={self.learning_rate!r} must be a finite number > 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--weight-decay={self.weight_decay!r} must be a finite number >= 0")
+
 
 def main(args: Args) -> dict:
-    if args.epochs_per_eval < 1 or args.batch_size < 1 or args.learning_rate <= 0:
-        raise ValueError(f"--epochs-per-eval={args.epochs_per_eval}, --batch-size={args.batch_size} must be >= 1 and "
-                         f"--learning-rate={args.learning_rate} > 0")
     run = Run("supervised", args)
     profiles = load_profiles(args)
     order = profiled_rows(profiles.n_requests, args.seed)
@@ -60,13 +70,14 @@ def main(args: Args) -> dict:
         done = progress["env_steps"]
         generator.set_state(torch.tensor(progress["generator_state"], dtype=torch.uint8))
         run.resumed_from(done, progress["wall_clock_s"])
-    total = min(args.total_env_steps, profiles.n_profiled)
-    for point in tqdm(eval_points(total, args.eval_every_env_steps, done), desc="supervised", unit="eval"):
-        n = max(1, point // n_configs)
+    elif args.resume is not None:
+        run.resumed_from(-1, 0.0)  # no checkpoint yet: start over, dropping every curve line
+    for point in tqdm(request_points(args, profiles, done), desc="supervised", unit="eval"):
+        n = point // n_configs
         features, targets = oracle_dataset(profiles.subset(order[:n]), args.budget_fractions)
         loss = controller.train_epochs(features, targets, optimizer, args.epochs_per_eval, args.batch_size, generator)
         result = evaluate(controller, heldout, args.budget_fractions, eval_requests(args), args.seed)
-        run.log_eval(n * n_configs, result, {"loss": loss, "profiled_requests": n})
+        run.log_eval(point, result, {"loss": loss, "profiled_requests": n})
         done = point
         save_training_state(run.checkpoint_dir, controller.net, optimizer, {
             "env_steps": done, "wall_clock_s": run.wall_clock_s, "generator_state": generator.get_state().tolist()})
