@@ -103,11 +103,12 @@ def scaled_observation_space() -> spaces.Dict:
     )
 
 
-class ScaledObservation(gym.ObservationWrapper):
+class ScaledObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """A FlexVLM env whose observations are log-scaled (`scale_observation`), for SB3 policies."""
 
     def __init__(self, env: gym.Env):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ObservationWrapper.__init__(self, env)
         self.observation_space = scaled_observation_space()
 
     def observation(self, observation):

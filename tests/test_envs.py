@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import importlib
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -33,6 +34,7 @@ from flexvlm_env.envs.wrappers import (
     RECORD_METADATA_KEY,
     DiscreteKnobs,
     EpisodeRecorder,
+    LatencyDrift,
 )
 from flexvlm_env.model.runtime import load_model
 from conftest import cpu_threads
@@ -277,6 +279,7 @@ def test_bad_vector_actions_raise_value_error(data):
         ({"budget_fractions": ()}, "budget_fractions"),
         ({"budget_fractions": (0.5, -1.0)}, "budget_fractions"),
         ({"budget_fractions": "abc"}, "budget_fractions"),
+        ({"budget_fractions": (0.5, 2000.0)}, r"budget_fractions=\(0.5, 2000.0\) must be .* in \(0, 1000\]"),
         ({"lam": -1.0}, "lam"),
         ({"lam": float("inf")}, "lam"),
         ({"penalty": "cubic"}, "penalty"),
@@ -318,8 +321,10 @@ def test_bad_replay_data_and_vector_kwargs(data):
         FlexVLMReplayEnv(data={"quality": 1})
     with pytest.raises(ValueError, match="num_envs"):
         FlexVLMReplayVectorEnv(num_envs=0, data=data)
-    with pytest.raises(ValueError, match="autoreset_mode"):
+    with pytest.raises(ValueError, match=r"autoreset_mode='same_step' is not supported; allowed: AutoresetMode.NEXT_STEP "
+                                         r"\('NextStep'\)"):
         FlexVLMReplayVectorEnv(num_envs=2, data=data, autoreset_mode="same_step")
+    assert FlexVLMReplayVectorEnv(num_envs=2, data=data, autoreset_mode="NextStep").num_envs == 2  # the value it names
     with pytest.raises(ValueError, match="seed"):
         FlexVLMReplayVectorEnv(num_envs=2, data=data).reset(seed=[1, 2, 3])
 
@@ -545,6 +550,35 @@ def test_reward_known_values():
 def test_reward_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QualityMinusOvershoot(**kwargs)
+
+
+def test_a_split_half_without_requests_says_so():
+    tiny = synthetic_replay_data(n_requests=9, seed=0)  # one request per family: the held-out half is empty
+    assert FlexVLMReplayEnv(data=tiny, split="train").data is tiny
+    with pytest.raises(ValueError, match=r"split='heldout' leaves families=.* no requests: of the replay data's requests "
+                                         r"per family \{'coco_2014_vqa': 1, .*the heldout half holds \{'coco_2014_vqa': 0"):
+        FlexVLMReplayEnv(data=tiny, split="heldout")
+
+
+def test_numpy_scalars_are_numbers(data, micro):
+    """A value read from a table (NumPy float32 / int64) is as good as a Python number."""
+    assert QualityMinusOvershoot(lam=np.float32(0.5)).lam == 0.5
+    assert FlexVLMReplayEnv(data=data, lam=np.float32(1.0), episode_length=np.int64(3)).episode_length == 3
+    env = FlexVLMEnv(**live_kwargs(micro, task_seed=np.int64(1),
+                                   full_latency_ms={f: np.float32(70.0) for f in LIVE_FAMILIES}))
+    assert env.recording_kwargs()["task_seed"] == 1 and type(env.recording_kwargs()["task_seed"]) is int
+
+
+def test_wrappers_pass_the_env_checker(data):
+    """gymnasium's checker rebuilds wrappers from their recorded constructor arguments."""
+    from agents.features import ScaledObservation
+
+    for wrap in (DiscreteKnobs, lambda env: LatencyDrift(env, [(0, 1.0), (4, 2.0)]), ScaledObservation):
+        env = wrap(gym.make("FlexVLMReplay-v0", data=data))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*different from the unwrapped version")
+            check_env(env, skip_render_check=True)
+        assert env.spec.additional_wrappers[-1].name == type(env).__name__
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,6 +97,69 @@ def test_own_tables_that_cannot_replay_are_clear_errors(tmp_path):
         loading.load_replay_data(requests="nowhere.parquet")
 
 
+def with_pool(source: str, tmp_path: Path, name: str, **pool) -> str:
+    """A copy of a shipped table whose metadata records another request pool (e.g. task_seed 1)."""
+    frame, metadata = read_parquet(loading.profiles_dir() / source)
+    holder = metadata["protocol"] if "protocol" in metadata else metadata
+    holder["pool"] = {**holder["pool"], **pool}
+    return str(write_parquet(frame, tmp_path / name, metadata))
+
+
+def test_tables_of_different_request_pools_do_not_join(tmp_path):
+    """Request ids name neither the task seed nor the split's generator: a quality table of another pool would join
+    the shipped request table's features by id alone, and a measured latency table of another pool its latencies."""
+    seed1 = with_pool("micro_quality_val.parquet", tmp_path, "q_seed1.parquet", task_seed=1)
+    with pytest.raises(ValueError, match=r"quality=.*q_seed1.parquet' and the request table \(the shipped one\) were "
+                                         r"made on different request pools \(task_seed 1 against 0\)"):
+        gym.make("FlexVLMReplay-v0", quality=seed1)
+    requests1 = with_pool("requests_val.parquet", tmp_path, "r_seed1.parquet", task_seed=1)
+    data = loading.load_replay_data(quality=seed1, latency="micro-h200", requests=requests1)  # one pool: fine
+    assert len(data.request_ids) == 1800
+    with pytest.raises(ValueError, match=r"latency=.*and quality=.* different request pools \(task_seed 0 against 1\)"):
+        loading.load_replay_data(quality=seed1, latency=shipped("micro_h200_requests.parquet", tmp_path),
+                                 requests=requests1)
+    test_split = with_pool("micro_quality_val.parquet", tmp_path, "q_test.parquet", split="test")
+    with pytest.raises(ValueError, match=r"split 'test' against 'val'"):
+        loading.load_replay_data(quality=test_split)
+    # a table that records no pool (made before pools were recorded) still loads
+    frame, metadata = read_parquet(loading.profiles_dir() / "micro_quality_val.parquet")
+    del metadata["protocol"]["pool"]
+    assert loading.load_replay_data(quality=str(write_parquet(frame, tmp_path / "q_nopool.parquet", metadata))).grid
+
+
+def test_a_table_argument_of_the_wrong_file_says_what_it_holds(tmp_path):
+    request_table = shipped("requests_val.parquet", tmp_path)
+    with pytest.raises(ValueError, match=r"latency=.*holds a `flexvlm-profile request-table` \(features and token "
+                                         r"counts\); a latency table comes from `flexvlm-profile stages or requests`"):
+        loading.load_replay_data(latency=request_table)
+    sweep = shipped("micro_h200_requests.parquet", tmp_path)
+    with pytest.raises(ValueError, match=r"requests=.*holds a `flexvlm-profile requests` sweep \(measured latency\)"):
+        loading.load_replay_data(requests=sweep)
+    not_a_table = tmp_path / "notes.txt"
+    not_a_table.write_text("hello")
+    with pytest.raises(ValueError, match=r"quality=.*notes.txt' is not a readable `flexvlm-profile quality` table"):
+        gym.make("FlexVLMReplay-v0", quality=str(not_a_table))
+
+
+def test_a_recording_names_own_tables_by_absolute_path_and_simulate_takes_them(tmp_path, monkeypatch):
+    """A recording made from a relative table path replays from any directory; `simulate` reads the same tables and
+    refuses a block-mask policy the tables were not recorded with."""
+    from flexvlm_env.config import Config
+    from flexvlm_env.envs.wrappers import EpisodeRecorder
+
+    shipped("micro_quality_val.parquet", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    env = EpisodeRecorder(gym.make("FlexVLMReplay-v0", quality="micro_quality_val.parquet"), tmp_path / "rec.parquet")
+    assert env.unwrapped.recording_kwargs()["quality"] == str(tmp_path.resolve() / "micro_quality_val.parquet")
+    assert env.unwrapped.recording_kwargs()["latency"] == "molmoe-1b-h100"  # shipped names stay names
+    request = env.unwrapped.data.request_ids[0]
+    own = loading.simulate(request, Config(4, 2, 12), quality="micro_quality_val.parquet")
+    assert own == loading.simulate(request, Config(4, 2, 12))
+    with pytest.raises(ValueError, match=r"config.mask_policy='prefix': the tables were recorded with "
+                                         r"mask_policy='importance'"):
+        loading.simulate(request, Config(4, 2, 12, mask_policy="prefix"))
+
+
 def test_flexvlm_train_learns_on_your_tables(tmp_path):
     """`flexvlm-train --quality PATH --latency PATH`: the run reads them (and says so in args.json); a path that
     does not exist is a usage error before any run directory."""

@@ -58,8 +58,9 @@ def check_budget_fractions(budget_fractions: Any) -> tuple[float, ...]:
         values = tuple(float(v) for v in budget_fractions)
     except (TypeError, ValueError):
         raise ValueError(f"budget_fractions={budget_fractions!r} must be a sequence of numbers > 0") from None
-    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"budget_fractions={budget_fractions!r} must be a non-empty sequence of finite numbers > 0")
+    if not values or any(not math.isfinite(v) or not 0 < v <= MAX_BUDGET_FRACTION for v in values):
+        raise ValueError(f"budget_fractions={budget_fractions!r} must be a non-empty sequence of numbers in "
+                         f"(0, {MAX_BUDGET_FRACTION:g}] (the observation's budget_fraction bound)")
     return values
 
 

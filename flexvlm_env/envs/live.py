@@ -9,6 +9,7 @@ measured at construction on this device unless given.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -156,8 +157,9 @@ class FlexVLMEnv(FlexVLMCoreEnv):
             raise ValueError(f"split={split!r} is not valid; allowed: {SPLITS}")
         requests_per_family = check_positive_int("requests_per_family", requests_per_family)
         calibration_requests = check_positive_int("calibration_requests", calibration_requests)
-        if isinstance(task_seed, bool) or not isinstance(task_seed, int) or task_seed < 0:
+        if isinstance(task_seed, bool) or not isinstance(task_seed, numbers.Integral) or task_seed < 0:
             raise ValueError(f"task_seed={task_seed!r} must be an int >= 0")
+        task_seed = int(task_seed)  # a NumPy integer would not go into the recording's JSON
         if full_latency_ms is not None:
             full_latency_ms = _check_full_latency(full_latency_ms, families)
         if warmup not in WARMUPS:
@@ -286,7 +288,8 @@ def _check_full_latency(full_latency_ms: Any, families: Sequence[str]) -> dict[s
     out = {}
     for family in families:
         value = full_latency_ms[family]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        # numbers.Real: NumPy scalars too (the replay tables' latencies are float32)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"full_latency_ms[{family!r}]={value!r} must be a finite number > 0 (milliseconds)")
         out[family] = float(value)
     return out

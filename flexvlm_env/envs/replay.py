@@ -11,6 +11,7 @@ episode's plan with the same generator call (see `core`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -57,6 +58,14 @@ def resolve_replay_data(data: ReplayData | None, quality: str, latency: str, req
     return load_replay_data(quality=quality, latency=latency, requests=requests)
 
 
+def _recorded_source(value: str | None, kind: str) -> str | None:
+    """A table argument as a recording keeps it: a shipped name, or an own table's absolute path (so that
+    `flexvlm-validate` finds it from any directory)."""
+    from ..profiles.loading import SHIPPED
+
+    return value if value is None or value in SHIPPED[kind] else str(Path(value).resolve())
+
+
 class ReplayTables:
     """The arrays a replay step reads, restricted to the requests of `families` and laid out for
     lookups: float64 copies of everything that enters the reward (so the single and the vector env
@@ -66,9 +75,14 @@ class ReplayTables:
         in_split = request_split_mask(data.request_ids, data.families, split)
         pool = [i for i, family in enumerate(data.families) if family in families and in_split[i]]
         if not pool:
-            raise ValueError(
-                f"families={list(families)} has no requests in the replay data (it holds {sorted(set(data.families))})"
-            )
+            held = sorted(set(data.families))
+            if split != "all" and set(families) & set(held):
+                total = {f: data.families.count(f) for f in held}
+                kept = {f: int(sum(inside for g, inside in zip(data.families, in_split) if g == f)) for f in held}
+                raise ValueError(f"split={split!r} leaves families={list(families)} no requests: of the replay data's "
+                                 f"requests per family {total}, the {split} half holds {kept} (a family needs 2 or "
+                                 "more requests to have both halves)")
+            raise ValueError(f"families={list(families)} has no requests in the replay data (it holds {held})")
         index = np.array(pool)
         full_by_family = data.family_full_latency_ms()
         self.data = data
@@ -219,9 +233,9 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         # One np.int64 per request for the `family` observation (no per-step conversion).
         self._family_obs = list(tables.family_index.astype(np.int64))
         self._init_kwargs = {
-            "quality": None if data_given else quality,
-            "latency": None if data_given else latency,
-            "requests": None if data_given else requests,
+            "quality": None if data_given else _recorded_source(quality, "quality"),
+            "latency": None if data_given else _recorded_source(latency, "latency"),
+            "requests": None if data_given else _recorded_source(requests, "requests"),
             "families": list(check_families(families)),
             "split": split,
             "budget_fractions": list(self.budget_fractions),
@@ -293,7 +307,8 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         except ValueError:
             mode = None
         if mode != AutoresetMode.NEXT_STEP:
-            raise ValueError(f"autoreset_mode={autoreset_mode!r} is not supported; allowed: AutoresetMode.NEXT_STEP ('next_step')")
+            raise ValueError(f"autoreset_mode={autoreset_mode!r} is not supported; allowed: AutoresetMode.NEXT_STEP "
+                             f"({AutoresetMode.NEXT_STEP.value!r})")
         self.data = resolve_replay_data(data, quality, latency, requests)
         self._tables = ReplayTables(self.data, check_families(families), split)
         self.grid = self.data.grid

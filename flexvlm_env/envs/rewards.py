@@ -12,6 +12,7 @@ env), so the two cannot drift apart.
 from __future__ import annotations
 
 import math
+import numbers
 
 PENALTIES = ("linear", "squared")
 
@@ -36,7 +37,8 @@ class QualityMinusOvershoot:
     platform_dependent = False
 
     def __init__(self, lam: float = 1.0, penalty: str = "linear"):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        # numbers.Real: NumPy scalars too (a float32 read from a table is a natural lam)
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam={lam!r} must be a finite number >= 0")
         if penalty not in PENALTIES:
             raise ValueError(f"penalty={penalty!r} is not valid; allowed: {PENALTIES}")

@@ -34,7 +34,7 @@ RECORD_COLUMNS = (
 )
 
 
-class DiscreteKnobs(gym.ActionWrapper):
+class DiscreteKnobs(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     """Flatten the knob action to `Discrete(len(grid))` and provide MaskablePPO's `action_masks()`.
 
     Args:
@@ -56,7 +56,9 @@ class DiscreteKnobs(gym.ActionWrapper):
     """
 
     def __init__(self, env: gym.Env, mask_fn: Callable[[gym.Env], Any] | None = None):
-        super().__init__(env)
+        # RecordConstructorArgs: gymnasium's env checker and `env.spec` rebuild a wrapper from its arguments
+        gym.utils.RecordConstructorArgs.__init__(self, mask_fn=mask_fn)
+        gym.ActionWrapper.__init__(self, env)
         space = env.action_space
         if not isinstance(space, spaces.MultiDiscrete) or space.nvec.ndim != 1:
             raise ValueError(f"env.action_space={space} must be a 1-D MultiDiscrete (a FlexVLM env's knob action)")
@@ -93,7 +95,7 @@ class DiscreteKnobs(gym.ActionWrapper):
         return mask
 
 
-class LatencyDrift(gym.Wrapper):
+class LatencyDrift(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Each step's latency (total and stages) times the factor of the schedule in force: a serving
     host that slows down or speeds up while it serves. `schedule` is `[(first_step, factor), ...]`
     from step 0, in increasing steps, counted over every `step` call since the wrapper was built
@@ -102,7 +104,8 @@ class LatencyDrift(gym.Wrapper):
     `drift_factor`. Budgets are not touched: they stay what the host was calibrated to."""
 
     def __init__(self, env: gym.Env, schedule):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, schedule=schedule)
+        gym.Wrapper.__init__(self, env)
         try:
             steps = [int(step) for step, _ in schedule]
             factors = [float(factor) for _, factor in schedule]

@@ -124,7 +124,11 @@ def _source_key(value: str | Path, shipped: dict) -> tuple:
 
 def _read_own(kind: str, path: str) -> pd.DataFrame:
     """A table a user made with `flexvlm-profile`, checked to be of the kind its argument takes."""
-    frame = read_table(path)
+    try:
+        frame = read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{kind}={path!r} is not a readable `{_MADE_BY[kind]}` table (a Parquet file or its shard "
+                         f"directory): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     metadata = frame.attrs.get("metadata", {})
     found = metadata.get("kind")
     if kind == "requests":
@@ -134,10 +138,37 @@ def _read_own(kind: str, path: str) -> pd.DataFrame:
     else:
         ok = found == "stages" or (found == "requests" and "total_ms" in frame.columns)
     if not ok:
-        raise ValueError(f"{kind}={path!r} holds a table of kind {found!r}; a {kind} table comes from `{_MADE_BY[kind]}`")
+        if found == "requests" and "total_ms" not in frame.columns and metadata.get("key") != ["request_id", "crops"]:
+            what = "a `flexvlm-profile requests` sweep with no rows yet (rerun it: it resumes)"
+        elif found == "requests":
+            what = ("a `flexvlm-profile request-table` (features and token counts)" if "total_ms" not in frame.columns
+                    else "a `flexvlm-profile requests` sweep (measured latency)")
+        else:
+            what = f"a table of kind {found!r}"
+        raise ValueError(f"{kind}={path!r} holds {what}; a {kind} table comes from `{_MADE_BY[kind]}`")
     if kind == "latency" and not metadata.get("preset"):
         raise ValueError(f"latency={path!r}: its metadata names no model preset, which says whose token counts to use")
     return frame
+
+
+def _pool(metadata: dict) -> dict | None:
+    """The request pool a table's metadata records (a request table's `pool`, a sweep's `protocol.pool`), if any."""
+    return metadata.get("pool") or (metadata.get("protocol") or {}).get("pool")
+
+
+def _check_same_pool(name: str, metadata: dict, other_name: str, other_metadata: dict) -> None:
+    """Raise unless two tables were made on one request pool. Request ids (`tally_qa/procedural/val/3`) name neither
+    the task seed nor the generator, so ids alone would join another pool's requests; a pool's first n requests
+    are those of a larger pool of the same split and seed, so the families and sizes may differ."""
+    pool, other = _pool(metadata), _pool(other_metadata)
+    if pool is None or other is None:  # a table made before pools were recorded: the id check below still runs
+        return
+    differ = {key: (pool.get(key), other.get(key)) for key in ("split", "task_seed") if pool.get(key) != other.get(key)}
+    if differ:
+        what = ", ".join(f"{key} {a!r} against {b!r}" for key, (a, b) in differ.items())
+        raise ValueError(f"{name} and {other_name} were made on different request pools ({what}): the same request ids "
+                         f"name different requests; profile both on one pool (the same --split and --task-seed); "
+                         f"for a pool other than the shipped one, requests= takes its `{_MADE_BY['requests']}`")
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,6 +193,11 @@ def _load(quality: tuple, latency: tuple, requests_key: tuple | None) -> ReplayD
     if how == "composed" and f"{preset}/input_tokens" not in requests.columns:
         raise ValueError(f"latency={latency[1]!r} composes {preset}'s latency, but the request table has no {preset} token "
                          f"counts; make it with `{_MADE_BY['requests']} --presets {preset}`")
+    requests_name = "the shipped one" if requests_key is None else repr(requests_key[1])
+    _check_same_pool(f"quality={quality[1]!r}", quality_meta, f"the request table ({requests_name})", requests_meta)
+    if how == "measured":
+        _check_same_pool(f"latency={latency[1]!r}", latency_table.attrs.get("metadata", {}), f"quality={quality[1]!r}",
+                         quality_meta)
     unknown = set(answers["request_id"].unique()) - set(requests["request_id"])
     if unknown:
         raise ValueError(f"quality={quality[1]!r} answers {len(unknown)} requests that the request table "
@@ -309,13 +345,22 @@ def build_replay_data_measured(requests: pd.DataFrame, answers: pd.DataFrame, me
     )
 
 
-def simulate(request_id: str, config: Config, quality: str = "micro", latency: str = "molmoe-1b-h100") -> dict:
-    """Quality, answer and the (median) latency record of one request at one config, from the tables.
+def simulate(request_id: str, config: Config, quality: str = "micro", latency: str = "molmoe-1b-h100",
+             requests: str | None = None) -> dict:
+    """Quality, answer and the (median) latency record of one request at one config, from the tables
+    (`load_replay_data`'s arguments).
 
     Returns `{quality, answer, output_tokens, preprocess_ms, vision_encoder_ms, projector_ms,
-    prefill_ms, decode_ms, total_ms}`.
+    prefill_ms, decode_ms, total_ms}`. The tables hold one block-mask policy and crop rule (the quality
+    table's protocol): a config asking for others raises ValueError rather than answer for the recorded ones.
     """
-    data = load_replay_data(quality, latency)
+    data = load_replay_data(quality, latency, requests)
+    protocol = data.metadata.get("quality_table", {}).get("protocol", {})
+    recorded = {"mask_policy": protocol.get("mask_policy"), "crop_rule": protocol.get("crop_rule")}
+    for name, value in recorded.items():
+        if value is not None and getattr(config, name) != value:
+            raise ValueError(f"config.{name}={getattr(config, name)!r}: the tables were recorded with {name}={value!r} "
+                             f"(quality={quality!r}); profile a quality table with that {name} to replay it")
     try:
         i = data.request_ids.index(request_id)
     except ValueError:
