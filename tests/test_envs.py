@@ -644,6 +644,40 @@ def test_validate_command_refuses_a_missing_record_as_a_usage_error(tmp_path, ca
     assert f"record='{tmp_path / 'none.parquet'}': no such file" in capsys.readouterr().err
 
 
+def test_validate_command_setup_errors_are_usage_errors(data, tmp_path, capsys):
+    """A record, env id or env kwargs that cannot be replayed is exit status 2 with a one-line message
+    (nothing was compared); a recording that replays but differs stays exit status 1."""
+    import json
+
+    path = tmp_path / "synthetic.parquet"
+    record(gym.make("FlexVLMReplay-v0", data=data, episode_length=2), path, episodes=1)
+    table = pq.read_table(path)
+    description = json.loads(table.schema.metadata[RECORD_METADATA_KEY])
+    description["env_kwargs"]["quality"] = str(tmp_path / "moved" / "quality.parquet")  # tables moved away
+    moved = tmp_path / "moved.parquet"
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                  RECORD_METADATA_KEY: json.dumps(description).encode()}), moved)
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("not a Parquet file")
+    for argv, message in (
+        ([str(path), "--env", "NoSuchEnv-v0"], "NoSuchEnv"),
+        ([str(path), "--env-kwargs", '{"bogus": 1}'], "unexpected keyword argument 'bogus'"),
+        ([str(path), "--env", "CartPole-v1"], "must be a FlexVLM environment"),
+        ([str(not_parquet)], "Parquet magic bytes not found"),
+        ([str(moved)], f"quality='{tmp_path / 'moved' / 'quality.parquet'}' is neither"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            validate_main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert "cannot be replayed (nothing was compared)" in err and message in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err  # usage line + one message line
+    # Replayed on the shipped tables (the synthetic data cannot be rebuilt from the recording), its
+    # requests are missing: a real mismatch, exit status 1.
+    assert validate_main([str(path)]) == 1
+    assert "NOT REPRODUCED" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # shipped tables and doctests
 

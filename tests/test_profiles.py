@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import tyro
 from PIL import Image
 
 import flexvlm_env
@@ -342,6 +343,55 @@ def test_request_shards_time_equally_many_runs(count):
         assert whole_pool == [1620, 900]
 
 
+class _InterruptedVLM:
+    """A model whose `generate` is interrupted (Ctrl-C: KeyboardInterrupt) at its `at`-th call among
+    those `counted` (a predicate of the config); every other attribute is the model's."""
+
+    def __init__(self, vlm, at: int, counted=lambda config: True):
+        self._vlm, self._left, self._counted = vlm, at, counted
+
+    def __getattr__(self, name):
+        return getattr(self._vlm, name)
+
+    def generate(self, image, prompt, config, **kwargs):
+        if self._counted(config):
+            self._left -= 1
+            if self._left == 0:
+                raise KeyboardInterrupt
+        return self._vlm.generate(image, prompt, config, **kwargs)
+
+
+def test_profile_requests_keeps_finished_rows_when_interrupted(micro, pool_samples, tmp_path):
+    """Ctrl-C in the middle of a config: the finished configs and the finished runs of the one in
+    progress are in the table (not held back until `shard_rows` rows), and a rerun completes the
+    plan with every key exactly once."""
+    configs = GRID.configs()[:3]
+    kw = dict(repeats=2, repeat_fraction=0.5, progress=False)
+    expected = _expected_request_keys(pool_samples, configs, repeats=2, repeat_fraction=0.5)
+    per_config = len(expected) // len(configs)  # 6: two requests twice, two once
+    table = ShardedTable(tmp_path / "r", sweeps.REQUEST_KEY, _metadata(micro, "requests"))
+    # The second config warms up on at most one request per prefill bucket (<= 4 calls) before its
+    # 6 timed runs: its 7th call is a timed run with at least 2 finished before it.
+    interrupted = _InterruptedVLM(micro, at=per_config + 1, counted=lambda c: c == configs[1])
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.profile_requests(interrupted, pool_samples, configs, table, **kw)
+    kept = table.done_keys()
+    first = {k for k in expected if k[1:4] == configs[0].as_tuple()}
+    assert first <= kept <= expected and per_config + 2 <= len(kept) < 2 * per_config
+    assert not list(table.directory.glob("*.tmp"))
+    resumed = sweeps.profile_requests(micro, pool_samples, configs, table, **kw)
+    assert resumed == len(expected) - len(kept)
+    keys = _keys(read_table(table.directory), sweeps.REQUEST_KEY)  # raises on a duplicate key
+    assert len(keys) == len(expected) and set(keys) == expected
+
+
+def test_profile_requests_writes_a_shard_per_config(micro, pool_samples, tmp_path):
+    configs = GRID.configs()[:2]
+    table = ShardedTable(tmp_path / "r", sweeps.REQUEST_KEY, _metadata(micro, "requests"))
+    sweeps.profile_requests(micro, pool_samples, configs, table, repeats=1, progress=False)
+    assert [len(pd.read_parquet(p)) for p in table.shards()] == [len(pool_samples)] * len(configs)
+
+
 @pytest.fixture(scope="module")
 def quality_runs(micro, pool_samples, tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
@@ -419,6 +469,25 @@ def stage_run(micro, pool_samples, tmp_path_factory):
     second = sweeps.profile_stages(micro, pairs, grid, table, repeats=2, output_tokens=4, progress=False)
     third = sweeps.profile_stages(micro, pairs, grid, table, repeats=2, output_tokens=4, progress=False)
     return {"pairs": pairs, "grid": grid, "table": table, "first": first, "second": second, "third": third}
+
+
+def test_profile_stages_keeps_finished_rows_when_interrupted(micro, pool_samples, tmp_path):
+    """Ctrl-C inside a (crops, length) pair keeps its finished points; a rerun completes it."""
+    pairs = sweeps.stage_plan(micro, pool_samples, (1,))[:1]
+    grid = KnobGrid(crops=(1,), top_k=(1, 8), active_blocks=(8, 16))
+    kw = dict(repeats=2, output_tokens=2, progress=False)
+    table = ShardedTable(tmp_path / "s", sweeps.STAGE_KEY, _metadata(micro, "stages"))
+    # Each (top_k, blocks) point: one warm-up and 2 timed runs. The 6th call is the second point's
+    # second timed run: the first point (2 rows) and one run of the second are finished.
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.profile_stages(_InterruptedVLM(micro, at=6), pairs, grid, table, **kw)
+    (crops, length), = pairs
+    assert table.done_keys() == {(crops, length, 1, 8, 0), (crops, length, 1, 8, 1), (crops, length, 1, 16, 0)}
+    assert sweeps.profile_stages(micro, pairs, grid, table, **kw) == 4 * 2 - 3
+    keys = _keys(read_table(table.directory), sweeps.STAGE_KEY)
+    assert len(keys) == len(set(keys)) == 8
+    with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
+        sweeps.profile_stages(micro, pairs, grid, table, repeats=0, progress=False)
 
 
 def test_stage_plan_covers_the_pool(stage_run, micro, pool_samples):
@@ -1003,7 +1072,7 @@ def cli_usage_error(capsys, argv: list[str]) -> str:
 def test_cli_requests_shard_argument(tmp_path, capsys):
     assert "INDEX must be in 0..COUNT-1" in cli_usage_error(capsys, ["requests", *POOL_ARGS, "--shard", "2/2", "--out", str(tmp_path / "r")])
     assert "--shard='x' must be INDEX/COUNT" in cli_usage_error(capsys, ["requests", *POOL_ARGS, "--shard", "x", "--out", str(tmp_path / "r")])
-    assert "KnobGrid.crops=0 is out of range" in cli_usage_error(capsys, ["requests", "--crops", "0", "--out", str(tmp_path / "r")])
+    assert "--crops=0 is out of range" in cli_usage_error(capsys, ["requests", "--crops", "0", "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 
@@ -1030,7 +1099,7 @@ def test_cli_stages_and_validate(tmp_path, capsys):
 def test_cli_request_table_matches_shipped(tmp_path, capsys):
     out = tmp_path / "sub" / "requests.parquet"
     cli.main(["request-table", "--families", "tally_qa", "doc_qa", "--per-family", "2", "--crops", "1", "12",
-              "--no-progress", "--out", str(out)])
+              "--out", str(out)])
     assert _cli_json(capsys) == {"written": str(out)}
     frame, meta = read_parquet(out)
     assert meta["key"] == ["request_id", "crops"] and meta["presets"] == ["micro", "molmoe-1b"]
@@ -1044,6 +1113,99 @@ def test_cli_request_table_matches_shipped(tmp_path, capsys):
 def test_cli_rejects_nonpositive_max_minutes(tmp_path, capsys):
     assert "--max-minutes=0.0 must be > 0" in cli_usage_error(capsys, ["quality", *POOL_ARGS, "--max-minutes", "0", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "q").exists()
+
+
+SWEEPS = ("requests", "quality", "stages")
+BAD_ARGUMENTS = [  # (argv, what the usage error says), run in a directory of prepared files
+    (["requests", "--crops", "1", "24"], "--crops=1 24: 24 exceeds the micro preset's max crops; allowed: 1..12"),
+    (["requests", "--active-blocks", "20"], "--active-blocks=20: 20 exceeds the micro preset's 16 blocks; allowed: 1..16"),
+    (["requests", "--top-k", "65"], "--top-k=65: 65 exceeds the micro preset's 64 experts; allowed: 1..64"),
+    (["requests", "--repeats", "0"], "--repeats=0 must be >= 1"),
+    (["requests", "--repeat-fraction", "2"], "--repeat-fraction=2.0 must be in [0, 1]"),
+    (["requests", "--split", "bogus"], "--split='bogus' is not valid; allowed: ('train', 'val', 'test')"),
+    (["requests", "--task-seed", "-1"], "--task-seed=-1 must be >= 0"),
+    (["requests", "--families", "tally_qa", "nope"], "--families=('tally_qa', 'nope'): unknown ['nope']"),
+    (["quality", "--batch-size", "0"], "--batch-size=0 must be >= 1"),
+    (["quality", "--mask-seed", "-1"], "--mask-seed=-1 must be >= 0"),
+    (["stages", "--output-tokens", "0"], "--output-tokens=0 must be >= 1"),
+    (["stages", "--repeats", "0"], "--repeats=0 must be >= 1"),
+    (["requests", "--preset", "bogus"], "--preset='bogus' is not known; allowed: ['micro', 'molmoe-1b']"),
+    (["requests", "--preset", "molmoe-1b"], "--preset='molmoe-1b' has no shipped weights: pass --weights"),
+    (["quality", "--device", "tpu"], "--device='tpu' is not a valid torch device"),
+    (["stages", "--dtype", "bf16"], "--dtype='bf16' is not supported; allowed: ['bfloat16', 'float16', 'float32']"),
+    (["requests", "--weights", "/nope"], "--weights='/nope' does not exist; allowed: a checkpoint directory"),
+    (["requests", "--adapter", "/nope"], "--adapter='/nope' is not a directory"),
+    (["validate-stages", "--stages", "nonexist"], "--stages='nonexist' does not exist"),
+    (["validate-stages", "--stages", "quality"], "--stages='quality' is a 'quality' table; allowed: a stage table"),
+    (["validate-stages", "--stages", "notes.txt"], "--stages='notes.txt' is not a Parquet file"),
+    (["validate-stages", "--stages", "empty_stages"], "holds no measurements yet"),
+    (["validate-stages", "--stages", "stages", "--top-k", "1", "2", "--crops", "1"],
+     "--top-k=1 2: [2] not in the stage table; allowed: values it measured, [1]"),
+    (["validate-stages", "--stages", "stages", "--n-requests", "0"], "--n-requests=0 must be >= 1"),
+    (["validate-stages", "--stages", "stages", "--repeats", "0"], "--repeats=0 must be >= 1"),
+    (["request-table", "--presets", "micro", "bogus"], "--presets=micro bogus: unknown ['bogus']"),
+    (["request-table", "--crops", "13"], "--crops=13: 13 exceeds the micro preset's max crops; allowed: 1..12"),
+    (["request-table", "--out", "quality"], "--out='quality' is a directory"),
+    (["consolidate", "out.parquet", "quality", "missing"], "TABLE='missing' does not exist"),
+    (["consolidate", "out.parquet", "notes.txt"], "TABLE='notes.txt' is not a Parquet file"),
+    (["consolidate", "out.parquet"], "TABLE: no table given"),
+    (["consolidate", "quality", "quality"], "OUT='quality' is a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_cli_bad_arguments_are_usage_errors_before_anything_runs(tmp_path, capsys, monkeypatch, argv, message):
+    """Exit status 2 naming the flag, the value and what is allowed; no model loads, no table
+    directory or file is made."""
+    monkeypatch.chdir(tmp_path)  # short relative paths: tyro wraps its message (and a long path) to the terminal
+    ShardedTable("quality", sweeps.QUALITY_KEY, {"kind": "quality"})
+    ShardedTable("empty_stages", sweeps.STAGE_KEY, {"kind": "stages"})
+    ShardedTable("stages", sweeps.STAGE_KEY, {"kind": "stages"}).append(
+        [{"crops": 1, "input_tokens": 64, "top_k": 1, "active_blocks": b, "repeat": 0} for b in (8, 10, 12, 14, 16)])
+    Path("notes.txt").write_text("not a table")
+    before = sorted(tmp_path.rglob("*"))
+    if argv[0] in SWEEPS:
+        argv = [argv[0], "--families", "tally_qa", "--out", "out", *argv[1:]]
+    monkeypatch.setattr(cli, "run", lambda cmd: pytest.fail(f"{argv} ran: {cmd}"))
+    assert message in cli_usage_error(capsys, argv)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_accepts_every_kind_of_weights(tmp_path):
+    """--weights random, a hub id (downloaded only when the model loads) and an existing path pass
+    the checks; so does a grid at the preset's limits."""
+    (tmp_path / "ckpt").mkdir()
+    for weights in ("random", "allenai/MolmoE-1B-0924", str(tmp_path / "ckpt")):
+        cmd = tyro.cli(cli.Command, args=["stages", "--preset", "molmoe-1b", "--weights", weights, "--crops", "12",
+                                           "--top-k", "64", "--active-blocks", "16", "--out", str(tmp_path / "s")])
+        assert cmd.weights == weights and cmd.grid().full == Config(crops=12, top_k=64, active_blocks=16)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_consolidate_makes_the_directory_of_out(tmp_path, capsys):
+    table = ShardedTable(tmp_path / "t", sweeps.QUALITY_KEY, {"kind": "quality"})
+    table.append([{"request_id": "tally_qa/procedural/val/0", "crops": 1, "top_k": 1, "active_blocks": 8, "quality": 1.0}])
+    out = tmp_path / "new" / "dir" / "t.parquet"
+    cli.main(["consolidate", str(out), str(tmp_path / "t")])
+    assert _cli_json(capsys) == {"written": str(out)}
+    assert len(read_parquet(out)[0]) == 1 and not list(out.parent.glob("*.tmp"))
+
+
+def cli_help(capsys, subcommand: str) -> set[str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    return set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+
+
+def test_cli_subcommands_list_only_the_options_they_use(capsys):
+    pool = {"--families", "--split", "--per-family", "--task-seed"}
+    model = {"--preset", "--weights", "--adapter", "--device", "--dtype", "--crops", "--top-k", "--active-blocks",
+             "--progress", "--no-progress"}
+    assert cli_help(capsys, "request-table") == pool | {"--crops", "--out", "--presets", "--help"}
+    assert cli_help(capsys, "validate-stages") == pool | model | {"--stages", "--n-requests", "--seed", "--repeats",
+                                                                   "--json-out", "--help"}
+    assert {"--max-minutes", "--progress", "--top-k"} <= cli_help(capsys, "stages")
 
 
 def test_analyze_replay_script_orders_the_policies(tmp_path):

@@ -86,6 +86,11 @@ def _make_env(description: dict[str, Any], env: str | None, env_kwargs: dict[str
     return gym.make(env_id, **kwargs)
 
 
+# What setting up a validation raises for a bad record, env id or env kwargs (pyarrow's ArrowInvalid
+# for a file that is not Parquet is a ValueError; a kwarg the env does not take, a TypeError).
+SETUP_ERRORS = (ValueError, TypeError, OSError, KeyError, gym.error.Error)
+
+
 def validate(path: str | Path, env: gym.Env | str | None = None, max_examples: int = 5, **env_kwargs) -> ValidationReport:
     """Serve every recorded (request, configuration, budget) again and compare (module docstring).
 
@@ -95,47 +100,67 @@ def validate(path: str | Path, env: gym.Env | str | None = None, max_examples: i
         max_examples: how many mismatches to describe in the report.
         env_kwargs: override or add kwargs of the env that is made (ignored for an instance).
     """
+    frame, env, own_env = prepare(path, env, env_kwargs)
+    try:
+        return replay(path, frame, env, max_examples)
+    finally:
+        if own_env:
+            env.close()
+
+
+def prepare(path: str | Path, env: gym.Env | str | None, env_kwargs: dict[str, Any]) -> tuple[Any, gym.Env, bool]:
+    """(recorded rows, the env to replay them on, whether this call made it) — everything `validate`
+    checks before the first step is replayed, so that a setup problem (one of `SETUP_ERRORS`) is told
+    apart from a recording that does not reproduce."""
     frame, description = read_record(path)
     own_env = not isinstance(env, gym.Env)
     if own_env:
         env = _make_env(description, env, env_kwargs)
+    try:
+        base = env.unwrapped
+        if not isinstance(base, FlexVLMCoreEnv):
+            raise ValueError(f"env={env} must be a FlexVLM environment (FlexVLM-v0 or FlexVLMReplay-v0)")
+        _check_configs_on_grid(frame, base.grid)
+    except BaseException:
+        if own_env:
+            env.close()
+        raise
+    return frame, env, own_env
+
+
+def _check_configs_on_grid(frame, grid: KnobGrid) -> None:
+    # The env could not even take the recorded action: a setup problem, not a mismatch.
+    for name in ("crops", "top_k", "active_blocks"):
+        off = sorted(set(frame[name].tolist()) - set(getattr(grid, name)))
+        if off:
+            raise ValueError(f"recorded {name} values {off} are not on the env's grid {grid}")
+
+
+def replay(path: str | Path, frame, env: gym.Env, max_examples: int = 5) -> ValidationReport:
+    """Step `env` through every recorded row of `frame` (from `prepare`) and compare."""
     base = env.unwrapped
-    if not isinstance(base, FlexVLMCoreEnv):
-        raise ValueError(f"env={env} must be a FlexVLM environment (FlexVLM-v0 or FlexVLMReplay-v0)")
     grid = base.grid
     report = ValidationReport(path=str(path), env=base.spec.id if base.spec is not None else type(base).__name__, steps=len(frame))
     ratios = []
-    try:
-        for row in frame.itertuples(index=False):
-            if row.request_id not in base.request_index_of:
-                report.missing_requests += 1
-                if len(report.examples) < max_examples:
-                    report.examples.append({"request_id": row.request_id, "problem": "not in the env's request pool"})
-                continue
-            try:
-                action = np.array(
-                    [grid.crops.index(row.crops), grid.top_k.index(row.top_k), grid.active_blocks.index(row.active_blocks)]
-                )
-            except ValueError:
-                raise ValueError(
-                    f"recorded config (crops={row.crops}, top_k={row.top_k}, active_blocks={row.active_blocks}) is not on "
-                    f"the env's grid {grid}"
-                ) from None
-            env.reset(seed=0, options={"request_id": row.request_id, "budget_ms": float(row.budget_ms)})
-            _, _, _, _, info = env.step(action)
-            quality_ok = info["quality"] == row.quality
-            answer_ok = info["answer"] == row.answer
-            report.quality_mismatches += not quality_ok
-            report.answer_mismatches += not answer_ok
-            ratios.append(info["latency_ms"] / row.total_ms)
-            if not (quality_ok and answer_ok) and len(report.examples) < max_examples:
-                report.examples.append(
-                    {"request_id": row.request_id, "config": info["config"], "recorded": (row.quality, row.answer),
-                     "replayed": (info["quality"], info["answer"])}
-                )
-    finally:
-        if own_env:
-            env.close()
+    for row in frame.itertuples(index=False):
+        if row.request_id not in base.request_index_of:
+            report.missing_requests += 1
+            if len(report.examples) < max_examples:
+                report.examples.append({"request_id": row.request_id, "problem": "not in the env's request pool"})
+            continue
+        action = np.array([grid.crops.index(row.crops), grid.top_k.index(row.top_k), grid.active_blocks.index(row.active_blocks)])
+        env.reset(seed=0, options={"request_id": row.request_id, "budget_ms": float(row.budget_ms)})
+        _, _, _, _, info = env.step(action)
+        quality_ok = info["quality"] == row.quality
+        answer_ok = info["answer"] == row.answer
+        report.quality_mismatches += not quality_ok
+        report.answer_mismatches += not answer_ok
+        ratios.append(info["latency_ms"] / row.total_ms)
+        if not (quality_ok and answer_ok) and len(report.examples) < max_examples:
+            report.examples.append(
+                {"request_id": row.request_id, "config": info["config"], "recorded": (row.quality, row.answer),
+                 "replayed": (info["quality"], info["answer"])}
+            )
     if ratios:
         report.latency_ratio_median = float(np.median(ratios))
         report.latency_ratio_p95 = float(np.percentile(ratios, 95))
@@ -143,7 +168,8 @@ def validate(path: str | Path, env: gym.Env | str | None = None, max_examples: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`flexvlm-validate RECORD.parquet [--env ID] [--env-kwargs JSON]`: exit 0 when reproduced."""
+    """`flexvlm-validate RECORD.parquet [--env ID] [--env-kwargs JSON]`: exit status 0 reproduced,
+    1 not reproduced, 2 a usage error (a bad record, env id or env kwargs: nothing was compared)."""
     parser = argparse.ArgumentParser(prog="flexvlm-validate", description=__doc__.splitlines()[0])
     parser.add_argument("record", type=Path, help="Parquet file written by EpisodeRecorder")
     parser.add_argument("--env", default=None, help="env id to replay on (default: the recording's own)")
@@ -157,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--env-kwargs={args.env_kwargs!r} must be a JSON object")
     if not args.record.is_file():
         parser.error(f"record={str(args.record)!r}: no such file (a Parquet file written by EpisodeRecorder)")
-    report = validate(args.record, env=args.env, **env_kwargs)
+    try:
+        frame, env, _ = prepare(args.record, args.env, env_kwargs)
+    except SETUP_ERRORS as error:
+        # A usage error, not "not reproduced" (exit status 1): nothing was compared.
+        message = " ".join(str(error).split()) or type(error).__name__
+        parser.error(f"record={str(args.record)!r} cannot be replayed (nothing was compared): {message}")
+    try:
+        report = replay(args.record, frame, env)
+    finally:
+        env.close()
     print(report.summary())
     return 0 if report.reproduced else 1
 

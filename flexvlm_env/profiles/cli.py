@@ -13,6 +13,7 @@ Every sweep is resumable: kill it, rerun the same command, and it measures only 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,84 @@ import tyro
 from ..config import MASK_POLICIES, KnobGrid
 
 
+def _as_flag(error: ValueError) -> ValueError:
+    """A library error that names its argument (`per_family=0 ...`, `KnobGrid.crops=0 ...`) as the flag
+    the user typed (`--per-family=0 ...`), so that the usage error points at the command line."""
+    match = re.match(r"(?:\w+\.)?(\w+)=", str(error))
+    if match is None:
+        return error
+    return ValueError(f"--{match.group(1).replace('_', '-')}={str(error)[match.end():]}")
+
+
+def _at_least(flag: str, value: float, low: float) -> None:
+    if not value >= low:  # `not >=`: NaN is refused too
+        raise ValueError(f"{flag}={value} must be >= {low}")
+
+
+def _fits(flag: str, values: tuple[int, ...], high: int, what: str) -> None:
+    if max(values) > high:
+        raise ValueError(f"{flag}={' '.join(map(str, values))}: {max(values)} exceeds {what}; allowed: 1..{high}")
+
+
+def _table_metadata(flag: str, path: Path) -> dict:
+    """Metadata of the profile table at `path` (a shard directory or a Parquet file), read without its
+    rows; a ValueError naming `flag` when `path` is no such table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .tables import METADATA_KEY, TABLE_JSON
+
+    allowed = "allowed: a table directory (with table.json) or a Parquet file written by flexvlm-profile"
+    if path.is_dir():
+        if not (path / TABLE_JSON).is_file():
+            raise ValueError(f"{flag}={str(path)!r} is a directory without {TABLE_JSON}; {allowed}")
+        return json.loads((path / TABLE_JSON).read_text())
+    if not path.is_file():
+        raise ValueError(f"{flag}={str(path)!r} does not exist; {allowed}")
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+    except (pa.ArrowException, OSError):
+        raise ValueError(f"{flag}={str(path)!r} is not a Parquet file; {allowed}") from None
+    return json.loads(raw) if raw else {}
+
+
 @dataclass
-class Common:
+class PoolOptions:
+    """The procedural request pool a command covers."""
+
+    families: tuple[str, ...] = ()
+    """task families of the request pool (default: all nine)"""
+    split: str = "val"
+    """procedural split of the request pool: train, val or test"""
+    per_family: int = 200
+    """requests per family"""
+    task_seed: int = 0
+    """seed of the procedural request pool (>= 0)"""
+
+    def __post_init__(self) -> None:
+        # Every argument is checked in __post_init__, before a model loads or a table directory is
+        # made: tyro turns the ValueError into a usage error (exit status 2) naming the flag.
+        self.pool()
+
+    def pool(self):
+        from ..tasks.families import FAMILIES
+        from .sweeps import RequestPool
+
+        try:
+            return RequestPool(families=self.families or tuple(FAMILIES), split=self.split, per_family=self.per_family,
+                               task_seed=self.task_seed)
+        except ValueError as error:
+            raise _as_flag(error) from None
+
+    def pool_metadata(self) -> dict:
+        return {"families": list(self.pool().families), "split": self.split, "per_family": self.per_family,
+                "task_seed": self.task_seed}
+
+
+@dataclass
+class ModelOptions(PoolOptions):
+    """A model and the knob grid it runs at."""
+
     preset: str = "micro"
     """model preset: micro or molmoe-1b"""
     weights: Optional[str] = None
@@ -36,53 +113,82 @@ class Common:
     """cpu, cuda, ... (default: CUDA when available)"""
     dtype: Optional[str] = None
     """float32, bfloat16 or float16 (default: bf16 on CUDA, float32 on CPU)"""
-    families: tuple[str, ...] = ()
-    """task families of the request pool (default: all nine)"""
-    split: str = "val"
-    """procedural split of the request pool"""
-    per_family: int = 200
-    """requests per family"""
-    task_seed: int = 0
-    """seed of the procedural request pool"""
     crops: tuple[int, ...] = KnobGrid().crops
-    """crops values of the grid"""
+    """crops values of the grid (at most the preset's max crops)"""
     top_k: tuple[int, ...] = KnobGrid().top_k
-    """top_k values of the grid"""
+    """top_k values of the grid (at most the preset's experts)"""
     active_blocks: tuple[int, ...] = KnobGrid().active_blocks
-    """active_blocks values of the grid"""
-    max_minutes: Optional[float] = None
-    """stop cleanly (between shards) after this many minutes; rerun to resume"""
+    """active_blocks values of the grid (at most the preset's blocks)"""
     progress: bool = True
     """show a progress bar with ETA"""
 
     def __post_init__(self) -> None:
-        # Every argument checked here, before a model loads or a table directory is made.
+        super().__post_init__()
+        self.check_model()
         self.grid()
-        self.pool()
-        self.deadline()
+
+    def check_model(self) -> None:
+        """What `load_model` would refuse, refused before it loads anything."""
+        from ..model.args import PRESETS
+        from ..model.runtime import _resolve_device, _resolve_dtype  # the loader's own checks
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset={self.preset!r} is not known; allowed: {sorted(PRESETS)}")
+        try:
+            _resolve_dtype(self.dtype, _resolve_device(self.device))
+        except ValueError as error:
+            raise _as_flag(error) from None
+        if self.weights is None and self.preset != "micro":
+            raise ValueError(f"--preset={self.preset!r} has no shipped weights: pass --weights (a checkpoint "
+                             "directory, .safetensors file or hub id, e.g. allenai/MolmoE-1B-0924) or --weights random")
+        # As `resolve_checkpoint` reads it: a hub id is only downloaded when no such path exists.
+        hub_id = self.weights is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", self.weights)
+        if self.weights not in (None, "random") and not (Path(self.weights).expanduser().exists() or hub_id):
+            raise ValueError(f"--weights={self.weights!r} does not exist; allowed: a checkpoint directory or "
+                             ".safetensors file, a hub id like allenai/MolmoE-1B-0924, or random")
+        if self.adapter is not None and not Path(self.adapter).expanduser().is_dir():
+            raise ValueError(f"--adapter={self.adapter!r} is not a directory; allowed: an adapter directory "
+                             "written by scripts/finetune_lora.py")
 
     def grid(self) -> KnobGrid:
-        return KnobGrid(crops=self.crops, top_k=self.top_k, active_blocks=self.active_blocks)
+        """The grid, checked against the preset's sizes (a checkpoint of the preset has the same)."""
+        from ..model.args import preset_args
 
-    def pool(self):
-        from ..tasks.families import FAMILIES
-        from .sweeps import RequestPool
-
-        return RequestPool(families=self.families or tuple(FAMILIES), split=self.split, per_family=self.per_family, task_seed=self.task_seed)
+        try:
+            grid = KnobGrid(crops=self.crops, top_k=self.top_k, active_blocks=self.active_blocks)
+        except ValueError as error:
+            raise _as_flag(error) from None
+        args = preset_args(self.preset)
+        _fits("--crops", grid.crops, args.max_crops, f"the {self.preset} preset's max crops")
+        _fits("--top-k", grid.top_k, args.n_experts, f"the {self.preset} preset's {args.n_experts} experts")
+        _fits("--active-blocks", grid.active_blocks, args.n_layers, f"the {self.preset} preset's {args.n_layers} blocks")
+        return grid
 
     def model(self):
         from ..model.runtime import load_model
 
         return load_model(self.preset, weights=self.weights, device=self.device, dtype=self.dtype, adapter=self.adapter)
 
+
+@dataclass
+class SweepOptions(ModelOptions):
+    """A resumable sweep that fills a table directory."""
+
+    max_minutes: Optional[float] = None
+    """stop cleanly (between shards) after this many minutes; rerun to resume"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.deadline()
+
     def deadline(self) -> float | None:
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes={self.max_minutes} must be > 0")
         return time.time() + self.max_minutes * 60 if self.max_minutes else None
 
 
 @dataclass
-class Sharded(Common):
+class Sharded(SweepOptions):
     shard: str = "0/1"
     """INDEX/COUNT: measure every COUNT-th request from INDEX (one process per GPU, e.g.
     CUDA_VISIBLE_DEVICES=i ... --shard i/4 --out DIR/shard-i; merge with `consolidate`)"""
@@ -108,9 +214,15 @@ class Requests(Sharded):
     out: Path = Path("profiles/requests")
     """table directory (created; resumed if it exists)"""
     repeats: int = 5
-    """measurements of each (request, config) in the repeated subset"""
+    """measurements of each (request, config) in the repeated subset (>= 1)"""
     repeat_fraction: float = 0.1
-    """fraction of requests (every k-th of each family) measured `repeats` times; the rest once"""
+    """fraction of requests (every k-th of each family) measured `repeats` times; the rest once (0..1)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("--repeats", self.repeats, 1)
+        if not 0 <= self.repeat_fraction <= 1:
+            raise ValueError(f"--repeat-fraction={self.repeat_fraction} must be in [0, 1]")
 
 
 @dataclass
@@ -124,7 +236,7 @@ class Quality(Sharded):
     mask_policy: str = "importance"
     """which blocks run at reduced depth: importance, prefix or random (experiment M5; one table per policy)"""
     mask_seed: int = 0
-    """seed of the random mask policy"""
+    """seed of the random mask policy (>= 0)"""
     cache_gib: float = 4.0
     """memory (GiB, on the model's device) for prepared requests kept across the configurations
     of one crops value; past it each batch is prepared when it is answered (a 224 px micro request
@@ -133,8 +245,10 @@ class Quality(Sharded):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.max_cached_bytes()
+        _at_least("--batch-size", self.batch_size, 1)
         if self.mask_policy not in MASK_POLICIES:
             raise ValueError(f"mask_policy={self.mask_policy!r} is not valid; allowed: {MASK_POLICIES}")
+        _at_least("--mask-seed", self.mask_seed, 0)
 
     def max_cached_bytes(self) -> int:
         if not self.cache_gib >= 0:
@@ -143,23 +257,28 @@ class Quality(Sharded):
 
 
 @dataclass
-class Stages(Common):
+class Stages(SweepOptions):
     """Stage tables: synthetic requests at every (crops, prefill bucket the pool needs, top_k, blocks)."""
 
     out: Path = Path("profiles/stages")
     """table directory (created; resumed if it exists)"""
     repeats: int = 3
-    """measurements per point"""
+    """measurements per point (>= 1)"""
     output_tokens: int = 32
-    """forced output length (EOS ignored) of each measurement"""
+    """forced output length (EOS ignored) of each measurement (>= 1)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("--repeats", self.repeats, 1)
+        _at_least("--output-tokens", self.output_tokens, 1)
 
 
 @dataclass
-class ValidateStages(Common):
+class ValidateStages(ModelOptions):
     """Compare latency composed from a stage table with end-to-end runs of requests it never saw."""
 
     stages: Path = Path("profiles/stages")
-    """stage table directory or file"""
+    """stage table directory or file (`flexvlm-profile stages`); it must cover the grid"""
     n_requests: int = 200
     """held-out requests (random pool requests at random grid configs and output lengths)"""
     seed: int = 0
@@ -170,25 +289,79 @@ class ValidateStages(Common):
     json_out: Path = Path("results/replay_latency_validation.json")
     """summary JSON"""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("--n-requests", self.n_requests, 1)
+        _at_least("--repeats", self.repeats, 1)
+        self.check_stages()
+
+    def check_stages(self) -> None:
+        """A non-empty stage table measured at every grid value, or the composition fails mid-run."""
+        from .tables import read_table
+
+        kind = _table_metadata("--stages", self.stages).get("kind")
+        if kind != "stages":
+            raise ValueError(f"--stages={str(self.stages)!r} is a {kind!r} table; allowed: a stage table "
+                             "(flexvlm-profile stages)")
+        try:
+            stages = read_table(self.stages)
+        except ValueError as error:
+            raise ValueError(f"--stages={str(self.stages)!r}: {error}") from None
+        if stages.empty:
+            raise ValueError(f"--stages={str(self.stages)!r} holds no measurements yet; rerun its `stages` sweep")
+        grid = self.grid()
+        for name in ("crops", "top_k", "active_blocks"):
+            measured = set(stages[name].tolist())
+            missing = [v for v in getattr(grid, name) if v not in measured]
+            if missing:
+                raise ValueError(f"--{name.replace('_', '-')}={' '.join(map(str, getattr(grid, name)))}: {missing} not "
+                                 f"in the stage table; allowed: values it measured, {sorted(measured)}")
+
 
 @dataclass
-class RequestTable(Common):
+class RequestTable(PoolOptions):
     """Per (request, crops): controller features and token counts for the given presets (CPU only)."""
 
+    crops: tuple[int, ...] = KnobGrid().crops
+    """crops values (at most each preset's max crops)"""
     out: Path = Path("requests.parquet")
     """Parquet file"""
     presets: tuple[str, ...] = ("micro", "molmoe-1b")
     """presets whose token counts to record (columns `<preset>/input_tokens`, ...)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..model.args import PRESETS
+
+        unknown = [p for p in self.presets if p not in PRESETS]
+        if unknown or not self.presets:
+            raise ValueError(f"--presets={' '.join(self.presets)}: unknown {unknown}; allowed: one or more of {sorted(PRESETS)}")
+        try:
+            KnobGrid(crops=self.crops)
+        except ValueError as error:
+            raise _as_flag(error) from None
+        for preset in self.presets:
+            _fits("--crops", self.crops, PRESETS[preset].max_crops, f"the {preset} preset's max crops")
+        if self.out.is_dir():
+            raise ValueError(f"--out={str(self.out)!r} is a directory; allowed: the Parquet file to write")
 
 
 @dataclass
 class Consolidate:
     """Merge table directories (one, or the --shard parts of one sweep) into one Parquet file (what ships)."""
 
-    out: tyro.conf.Positional[Path]
-    """the Parquet file to write"""
-    directories: tyro.conf.Positional[tuple[Path, ...]]
-    """table directories to merge (their metadata must agree but for the shard)"""
+    out: tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="OUT")]]
+    """the Parquet file to write (its directory is created)"""
+    directories: tyro.conf.Positional[Annotated[tuple[Path, ...], tyro.conf.arg(metavar="TABLE [TABLE ...]")]]
+    """table directories (or Parquet files) to merge (their metadata must agree but for the shard)"""
+
+    def __post_init__(self) -> None:
+        if not self.directories:
+            raise ValueError("TABLE: no table given; allowed: one or more table directories or Parquet files")
+        for path in self.directories:
+            _table_metadata("TABLE", path)
+        if self.out.is_dir():
+            raise ValueError(f"OUT={str(self.out)!r} is a directory; allowed: the Parquet file to write")
 
 
 Command = Union[
@@ -207,6 +380,7 @@ def run(cmd) -> dict:
     from .tables import ShardedTable, consolidate
 
     if isinstance(cmd, Consolidate):
+        cmd.out.parent.mkdir(parents=True, exist_ok=True)
         return {"written": str(consolidate(cmd.directories, cmd.out))}
     if isinstance(cmd, RequestTable):
         return {"written": str(write_request_table(cmd))}
@@ -216,7 +390,7 @@ def run(cmd) -> dict:
     deadline = cmd.deadline()
     vlm = cmd.model()
     samples = cmd.pool().samples()
-    pool = {"families": list(cmd.pool().families), "split": cmd.split, "per_family": cmd.per_family, "task_seed": cmd.task_seed}
+    pool = cmd.pool_metadata()
     if isinstance(cmd, Requests):
         shard = cmd.shard_tuple()
         protocol = sweeps.grid_protocol(grid, pool=pool, repeats=cmd.repeats, repeat_fraction=cmd.repeat_fraction,
@@ -284,8 +458,7 @@ def write_request_table(cmd: RequestTable) -> Path:
                 for name, value in counter.request(sample.image.size, sample.prompt, crops).items():
                     row[f"{preset}/{name}"] = value
             rows.append(row)
-    meta = {"kind": "requests", "pool": {"families": list(cmd.pool().families), "split": cmd.split,
-            "per_family": cmd.per_family, "task_seed": cmd.task_seed}, "presets": list(cmd.presets),
+    meta = {"kind": "requests", "pool": cmd.pool_metadata(), "presets": list(cmd.presets),
             "code_version": code_version(), "key": ["request_id", "crops"]}
     cmd.out.parent.mkdir(parents=True, exist_ok=True)
     return write_parquet(pd.DataFrame(rows), cmd.out, meta)
@@ -294,6 +467,7 @@ def write_request_table(cmd: RequestTable) -> Path:
 def validate_stages(cmd: ValidateStages) -> dict:
     """See `ValidateStages`. Writes the summary JSON (and the per-request rows beside it)."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from ..benchmarking import device_info
     from ..model.timing import STAGE_FIELDS
@@ -307,7 +481,8 @@ def validate_stages(cmd: ValidateStages) -> dict:
     grid = cmd.grid()
     rng = np.random.default_rng(cmd.seed)
     rows = []
-    for i in rng.choice(len(samples), size=min(cmd.n_requests, len(samples)), replace=False):
+    chosen = rng.choice(len(samples), size=min(cmd.n_requests, len(samples)), replace=False)
+    for i in tqdm(chosen, desc=f"validate {vlm.args.name}", unit="request", disable=not cmd.progress):
         sample = samples[int(i)]
         config = grid.configs()[int(rng.integers(len(grid)))]
         n_out = int(rng.integers(1, sample.max_new_tokens + 1))

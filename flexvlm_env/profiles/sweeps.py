@@ -12,7 +12,10 @@
   requests at every (crops, prefill-length bucket, top_k, active_blocks) with forced output length.
 
 Each sweep writes to a `ShardedTable` and skips keys already there: rerun after a crash and it
-finishes with every measurement exactly once. `deadline_s` stops a sweep cleanly between shards.
+finishes with every measurement exactly once. Rows are written as each configuration (quality:
+each batched configuration; stages: each (crops, length)) is done, and the finished rows of the one
+in progress when the sweep is interrupted (Ctrl-C, SIGINT, an error), so a kill loses no finished
+measurement. `deadline_s` stops a sweep cleanly between shards.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from ..evaluation import DEFAULT_MAX_CACHED_BYTES, QualityEvaluator
 from ..metrics import score
 from ..model.runtime import VLM
 from ..model.timing import STAGE_FIELDS
-from ..tasks import load_samples
+from ..tasks import SPLITS, load_samples
 from ..tasks.families import FAMILIES
 from ..tasks.sample import Sample
 from .tables import ShardedTable, code_version
@@ -55,8 +58,12 @@ class RequestPool:
         unknown = sorted(set(self.families) - set(FAMILIES))
         if unknown or not self.families:
             raise ValueError(f"families={self.families!r}: unknown {unknown}; allowed: {sorted(FAMILIES)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} is not valid; allowed: {SPLITS}")
         if self.per_family < 1:
             raise ValueError(f"per_family={self.per_family} must be >= 1")
+        if self.task_seed < 0:  # as the envs (FlexVLM-v0) refuse it: a table no env can serve
+            raise ValueError(f"task_seed={self.task_seed} must be >= 0")
 
     def samples(self) -> list[Sample]:
         out: list[Sample] = []
@@ -89,6 +96,28 @@ def _bucket(length: int, bucket: int) -> int:
 
 def _deadline_passed(deadline_s: float | None) -> bool:
     return deadline_s is not None and time.time() >= deadline_s
+
+
+class RowWriter:
+    """Measured rows on their way into a table. `flush` writes them as one shard; leaving the `with`
+    block flushes too, also on an exception or Ctrl-C (SIGINT), so a killed sweep keeps every
+    measurement it finished and a rerun measures only the rest. Only whole rows are ever added."""
+
+    def __init__(self, table: ShardedTable):
+        self.table, self.rows, self.written = table, [], 0
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        # Take the rows first: an interruption during the write then loses them (measured again on
+        # resume) instead of writing them twice (duplicate keys that `read_table` refuses).
+        rows, self.rows = self.rows, []
+        self.table.append(rows)
+        self.written += len(rows)
 
 
 def repeat_counts(samples: Sequence[Sample], repeats: int, repeat_fraction: float) -> dict[str, int]:
@@ -146,7 +175,8 @@ def profile_requests(
     progress: bool = True,
 ) -> int:
     """Time every (request, config) of `shard` of `samples` (`repeat_counts` says how often);
-    see module docstring. Returns the rows written by this call."""
+    see module docstring. Rows are written at the end of each config, every `shard_rows` rows within
+    one, and on interruption. Returns the rows written by this call."""
     n_repeats = repeat_counts(samples, repeats, repeat_fraction)
     samples = request_shard(samples, n_repeats, shard)
     # Prefill bucket of each (request, crops), for the untimed warm-up of each config.
@@ -154,51 +184,52 @@ def profile_requests(
     buckets: dict[tuple[str, int], int] = {}
     done = table.done_keys()
     todo_total = sum(n_repeats[s.request_id] for s in samples) * len(configs) - len(done)
-    bar = tqdm(total=max(todo_total, 0), desc=f"profile {vlm.args.name}", unit="run", disable=not progress)
-    written, rows = 0, []
     bucket = 64
-    for config in configs:
-        plan_key = (config.crops, config.top_k, config.active_blocks)
-        pending = [
-            (s, r) for s in samples for r in range(n_repeats[s.request_id])
-            if (s.request_id, *plan_key, r) not in done
-        ]
-        if not pending:
-            continue
-        # Untimed warm-up: one request per prefill bucket this config will see.
-        warm: dict[int, Sample] = {}
-        for sample, _ in pending:
-            key = (sample.request_id, config.crops)
-            if key not in buckets:
-                counts = counter.request(sample.image.size, sample.prompt, config.crops, config.crop_rule)
-                buckets[key] = _bucket(counts["input_tokens"], bucket)
-            warm.setdefault(buckets[key], sample)
-        for sample in warm.values():
-            vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
-        for sample, repeat in pending:
-            result = vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
-            latency = result.latency
-            rows.append({
-                "request_id": sample.request_id, "family": sample.family,
-                "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks, "repeat": repeat,
-                **{name: getattr(latency, name) for name in LATENCY_COLUMNS},
-                "vision_tokens": result.tokens.vision, "prompt_tokens": result.tokens.prompt,
-                "layout_tokens": result.tokens.layout, "input_tokens": result.tokens.input,
-                "output_tokens": result.tokens.output,
-                "answer": result.text, "quality": float(score(sample, result.text)),
-            })
-            bar.update(1)
-            if len(rows) >= shard_rows:
-                table.append(rows)
-                written, rows = written + len(rows), []
-                if _deadline_passed(deadline_s):
-                    bar.close()
-                    return written
-        if rows and _deadline_passed(deadline_s):
-            break
-    table.append(rows)
-    bar.close()
-    return written + len(rows)
+    with tqdm(total=max(todo_total, 0), desc=f"profile {vlm.args.name}", unit="run", disable=not progress) as bar, \
+            RowWriter(table) as writer:
+        for config in configs:
+            plan_key = (config.crops, config.top_k, config.active_blocks)
+            pending = [
+                (s, r) for s in samples for r in range(n_repeats[s.request_id])
+                if (s.request_id, *plan_key, r) not in done
+            ]
+            if not pending:
+                continue
+            # Untimed warm-up: one request per prefill bucket this config will see.
+            warm: dict[int, Sample] = {}
+            for sample, _ in pending:
+                key = (sample.request_id, config.crops)
+                if key not in buckets:
+                    counts = counter.request(sample.image.size, sample.prompt, config.crops, config.crop_rule)
+                    buckets[key] = _bucket(counts["input_tokens"], bucket)
+                warm.setdefault(buckets[key], sample)
+            for sample in warm.values():
+                vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
+            for sample, repeat in pending:
+                result = vlm.generate(sample.image, sample.prompt, config, max_new_tokens=sample.max_new_tokens)
+                writer.rows.append(_request_row(sample, config, repeat, result))
+                bar.update(1)
+                if len(writer.rows) >= shard_rows:  # a config of many requests still writes as it goes
+                    writer.flush()
+                    if _deadline_passed(deadline_s):
+                        return writer.written
+            writer.flush()  # every config ends a shard: even SIGKILL loses at most the config in progress
+            if _deadline_passed(deadline_s):
+                break
+    return writer.written
+
+
+def _request_row(sample: Sample, config: Config, repeat: int, result) -> dict:
+    latency = result.latency
+    return {
+        "request_id": sample.request_id, "family": sample.family,
+        "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks, "repeat": repeat,
+        **{name: getattr(latency, name) for name in LATENCY_COLUMNS},
+        "vision_tokens": result.tokens.vision, "prompt_tokens": result.tokens.prompt,
+        "layout_tokens": result.tokens.layout, "input_tokens": result.tokens.input,
+        "output_tokens": result.tokens.output,
+        "answer": result.text, "quality": float(score(sample, result.text)),
+    }
 
 
 def profile_quality(
@@ -295,33 +326,38 @@ def profile_stages(
 ) -> int:
     """Stage measurements at every (crops, input length) x (top_k, active_blocks), output forced to
     `output_tokens` (EOS ignored), `repeats` times each; see module docstring."""
+    for name, value in (("repeats", repeats), ("output_tokens", output_tokens)):
+        if value < 1:  # 0 would measure nothing and leave a table that reads as complete
+            raise ValueError(f"{name}={value} must be >= 1")
     done = table.done_keys()
-    written = 0
-    for crops, length in tqdm(pairs, desc=f"stages {vlm.args.name}", unit="length", disable=not progress):
-        image, prompt = synthetic_request(vlm, crops, length)  # the bucket's last length
-        rows = []
-        for top_k in grid.top_k:
-            for blocks in grid.active_blocks:
-                config = Config(crops=crops, top_k=top_k, active_blocks=blocks)
-                todo = [r for r in range(repeats) if (crops, length, top_k, blocks, r) not in done]
-                if not todo:
-                    continue
-                vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)  # warm-up
-                for repeat in todo:
-                    result = vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)
-                    lat = result.latency
-                    rows.append({
-                        "crops": crops, "input_tokens": length, "top_k": top_k, "active_blocks": blocks, "repeat": repeat,
-                        "measured_input_tokens": result.tokens.input, "vision_tokens": result.tokens.vision,
-                        "output_tokens": result.tokens.output,
-                        **{name: getattr(lat, name) for name in LATENCY_COLUMNS},
-                        "decode_ms_per_token": list(lat.decode_ms_per_token),
-                    })
-        table.append(rows)
-        written += len(rows)
-        if _deadline_passed(deadline_s):
-            break
-    return written
+    with RowWriter(table) as writer:
+        for crops, length in tqdm(pairs, desc=f"stages {vlm.args.name}", unit="length", disable=not progress):
+            image, prompt = synthetic_request(vlm, crops, length)  # the bucket's last length
+            for top_k in grid.top_k:
+                for blocks in grid.active_blocks:
+                    config = Config(crops=crops, top_k=top_k, active_blocks=blocks)
+                    todo = [r for r in range(repeats) if (crops, length, top_k, blocks, r) not in done]
+                    if not todo:
+                        continue
+                    vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)  # warm-up
+                    for repeat in todo:
+                        result = vlm.generate(image, prompt, config, max_new_tokens=output_tokens, ignore_eos=True)
+                        writer.rows.append(_stage_row(crops, length, top_k, blocks, repeat, result))
+            writer.flush()  # one shard per (crops, length)
+            if _deadline_passed(deadline_s):
+                break
+    return writer.written
+
+
+def _stage_row(crops: int, length: int, top_k: int, blocks: int, repeat: int, result) -> dict:
+    lat = result.latency
+    return {
+        "crops": crops, "input_tokens": length, "top_k": top_k, "active_blocks": blocks, "repeat": repeat,
+        "measured_input_tokens": result.tokens.input, "vision_tokens": result.tokens.vision,
+        "output_tokens": result.tokens.output,
+        **{name: getattr(lat, name) for name in LATENCY_COLUMNS},
+        "decode_ms_per_token": list(lat.decode_ms_per_token),
+    }
 
 
 def grid_protocol(grid: KnobGrid, **extra) -> dict:
