@@ -8,6 +8,7 @@ knob's name, the value and the legal range.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,12 +16,14 @@ MASK_POLICIES = ("importance", "prefix", "random")
 CROP_RULES = ("exact", "native")
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as a Python int (NumPy integers too: controllers often emit them), checked to lie in low..high."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}={value!r} must be an int (got {type(value).__name__})")
     if value < low or (high is not None and value > high):
         allowed = f"{low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -49,21 +52,20 @@ class Config:
     mask_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("crops", self.crops, 1)
+        # Stored as Python ints, so that a Config from NumPy values hashes, compares and serializes as any other.
+        object.__setattr__(self, "crops", _check_int("crops", self.crops, 1))
         if isinstance(self.top_k, (list, tuple)):
-            object.__setattr__(self, "top_k", tuple(self.top_k))
             if not self.top_k:
                 raise ValueError("top_k=() must hold one value per block, got an empty sequence")
-            for i, k in enumerate(self.top_k):
-                _check_int(f"top_k[{i}]", k, 1)
+            object.__setattr__(self, "top_k", tuple(_check_int(f"top_k[{i}]", k, 1) for i, k in enumerate(self.top_k)))
         else:
-            _check_int("top_k", self.top_k, 1)
-        _check_int("active_blocks", self.active_blocks, 1)
+            object.__setattr__(self, "top_k", _check_int("top_k", self.top_k, 1))
+        object.__setattr__(self, "active_blocks", _check_int("active_blocks", self.active_blocks, 1))
         if self.mask_policy not in MASK_POLICIES:
             raise ValueError(f"mask_policy={self.mask_policy!r} is not valid; allowed: {MASK_POLICIES}")
         if self.crop_rule not in CROP_RULES:
             raise ValueError(f"crop_rule={self.crop_rule!r} is not valid; allowed: {CROP_RULES}")
-        _check_int("mask_seed", self.mask_seed, 0)
+        object.__setattr__(self, "mask_seed", _check_int("mask_seed", self.mask_seed, 0))
 
     def top_k_per_block(self, n_blocks: int) -> tuple[int, ...]:
         """top_k expanded to one value per decoder block."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from flexvlm_env import demo
 
 
@@ -20,3 +22,14 @@ def test_demo_prints_the_knob_table_and_an_episode(capsys):
         assert budget_ms > 0 and latency_ms > 0 and 0.0 <= quality <= 1.0 and reward <= quality
         if abs(latency_ms - budget_ms) > 0.1:  # printed to 0.1 ms
             assert ("over budget" in line) == (latency_ms > budget_ms)
+
+
+@pytest.mark.parametrize("argv, message", [(["--requests", "0"], "--requests=0 must be >= 1"),
+                                           (["--episode-steps", "-1"], "--episode-steps=-1 must be >= 0"),
+                                           (["--preset", "big"], "invalid choice: 'big'"),
+                                           (["--device", "tpu"], "device='tpu' is not a valid torch device"),
+                                           (["--weights", "nowhere/x.safetensors"], "--weights=nowhere/x.safetensors")])
+def test_demo_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -254,6 +254,26 @@ def test_mmmu_open():
     assert mmmu_score("12", ["1"], None) == 0.0
 
 
+def test_a_reference_ending_in_a_period_equals_the_answer_that_repeats_it():
+    """The answer extractor drops a short answer's final period; ANLS and MMMU's open questions compare characters,
+    so the references go through the same rule (the official ANLS gives 1.0 for an exact repeat)."""
+    for prediction in ("Acme Inc.", "Acme Inc", "The answer is Acme Inc."):
+        assert score(make_sample("anls", ["Acme Inc."]), prediction) == 1.0
+    assert score(make_sample("anls", ["No."]), "No.") == 1.0
+    assert score(make_sample("mmmu", ["U.S."]), "U.S.") == 1.0
+    assert score(make_sample("anls", ["Acme Inc."]), "Acme Ltd") < 1.0
+
+
+@pytest.mark.parametrize("metric", [vqa_accuracy, exact_match, anls, lambda p, a: mmmu_score(p, a, None)])
+def test_a_bare_string_of_references_is_refused(metric):
+    with pytest.raises(ValueError, match=r"answers='yes' is a string; pass a sequence of reference answers, e.g. \['yes'\]"):
+        metric("yes", "yes")
+    with pytest.raises(ValueError, match="at least one reference"):
+        metric("yes", [])
+    with pytest.raises(ValueError, match=r"answers='13' must be a tuple of strings, e.g. \('13',\)"):
+        Sample("x/local/val/0", Image.new("RGB", (8, 8)), "q", "13", "tally_qa", "exact_match", 8)
+
+
 def test_mmmu_through_score():
     assert score(make_sample("mmmu", ["B"], MMMU_OPTIONS), "Answer: (B) Paris") == 1.0
     assert score(make_sample("mmmu", ["B"], MMMU_OPTIONS), "Answer: C") == 0.0

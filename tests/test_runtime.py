@@ -231,6 +231,7 @@ def test_batch_equals_one_at_a_time(tiny_vlm):
         (dict(mask_policy="best"), "mask_policy='best'"),
         (dict(crop_rule="any"), "crop_rule='any'"),
         (dict(top_k=()), "top_k"),
+        (dict(crops=np.float32(2.0)), "must be an int (got float32)"),
     ],
 )
 def test_bad_config_values(kwargs, match):
@@ -321,6 +322,62 @@ def test_bad_generate_arguments(tiny_vlm):
         tiny_vlm.generate(None, "q", (12, 8, 16))
 
 
+def test_numpy_integers_are_knob_values(tiny_vlm):
+    """Controllers emit NumPy integers: a Config made of them is the Config of the same Python ints."""
+    config = Config(crops=np.int64(2), top_k=(np.int32(2),) * 4, active_blocks=np.int64(3), mask_seed=np.int64(1))
+    assert config == Config(crops=2, top_k=(2, 2, 2, 2), active_blocks=3, mask_seed=1)
+    assert type(config.crops) is int and all(type(k) is int for k in config.top_k)
+    one = tiny_vlm.generate(None, "q", config, max_new_tokens=np.int64(2), ignore_eos=True)
+    (batch,) = tiny_vlm.generate_batch([None], ["q"], config, max_new_tokens=np.int64(2))
+    assert len(one.token_ids) == 2 and len(batch.token_ids) <= 2
+    with pytest.raises(ValueError, match="max_new_tokens=True"):
+        tiny_vlm.generate_batch([None], ["q"], config, max_new_tokens=True)
+
+
+def test_an_elongated_image_keeps_a_one_pixel_strip(tiny_vlm):
+    for size in ((4000, 10), (10, 4000)):
+        result = tiny_vlm.generate(Image.new("RGB", size), "q", Config(crops=2, top_k=2, active_blocks=4), max_new_tokens=2)
+        assert result.tokens.vision > 0
+
+
+def test_a_checkpoint_directory_is_the_file_it_holds(tmp_path):
+    """weights=<dir holding model.safetensors> reads the file's metadata (block ranking) and hash as weights=<file> does."""
+    from flexvlm_env.model.checkpoint import save_flexvlm
+
+    vlm = make_tiny_vlm(seed=5)
+    save_flexvlm(vlm.module, tmp_path / "model.safetensors", {"block_ranking": "[0, 2, 1, 3]"})
+    (tmp_path / "tokenizer.json.gz").write_bytes((vlm_tokenizer_path()).read_bytes())
+    by_file = load_model("micro", weights=tmp_path / "model.safetensors", device="cpu")
+    by_dir = load_model("micro", weights=tmp_path, device="cpu")
+    assert by_dir.block_ranking == by_file.block_ranking == (0, 2, 1, 3)
+    assert by_dir.weights_sha256 == by_file.weights_sha256 and len(by_dir.weights_sha256) == 64
+    assert by_dir.plan(Config(crops=2, top_k=2, active_blocks=2)) == by_file.plan(Config(crops=2, top_k=2, active_blocks=2))
+
+
+def test_weights_of_another_preset_and_bad_checkpoints_are_refused_before_allocation(tmp_path, monkeypatch):
+    import shutil
+
+    from flexvlm_env.model.runtime import assets_dir
+
+    micro = tmp_path / "micro"
+    micro.mkdir()
+    shutil.copy(assets_dir("micro") / "model.safetensors", micro / "model.safetensors")
+    with pytest.raises(ValueError, match=r"holds a 'micro' model \(its metadata\); pass preset='micro', not 'molmoe-1b'"):
+        load_model("molmoe-1b", weights=micro, device="cpu")
+    # a checkpoint with the wrong tensors fails on its names, before the (7B-parameter) model is allocated
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(2)}, str(tmp_path / "foo.safetensors"))
+    allocated = []
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: allocated.append(1) or self)
+    with pytest.raises(ValueError, match=r"does not match the architecture: \d+ missing"):
+        load_model("molmoe-1b", weights=tmp_path / "foo.safetensors", device="cpu", dtype="bfloat16")
+    assert not allocated
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"corrupt.safetensors is not a readable safetensors file"):
+        load_model("molmoe-1b", weights=tmp_path / "corrupt.safetensors", device="cpu")
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="preset='big'"):
         load_model("big")
@@ -336,6 +393,18 @@ def test_load_model_errors(tmp_path):
         load_model("molmoe-1b", weights=tmp_path, device="cpu")
     with pytest.raises(FileNotFoundError, match="neither an existing path nor a hub id"):
         load_model("molmoe-1b", weights=str(tmp_path / "missing" / "dir"), device="cpu")
+    # a mistyped relative file path is not a hub id (no download is tried)
+    with pytest.raises(FileNotFoundError, match=r"weights='runs/model.safetensors' is neither an existing path"):
+        load_model("micro", weights="runs/model.safetensors", device="cpu")
+    for kwargs, match in [({"device": "meta"}, r"device='meta' is not supported; allowed: 'cpu', 'cuda'"),
+                          ({"seed": "a"}, r"seed='a' must be an int"), ({"max_seq_len": 0}, r"max_seq_len=0 must be an int >= 1"),
+                          ({"weights": 3}, r"weights=3 must be a path")]:
+        with pytest.raises(ValueError, match=match):
+            load_model("micro", **{"weights": "random", "device": "cpu", **kwargs})
+    adapter_file = tmp_path / "adapter.safetensors"
+    adapter_file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"adapter=.*adapter.safetensors' is a file; pass the adapter's directory"):
+        load_model("micro", weights="random", device="cpu", adapter=adapter_file)
 
 
 def test_random_weights_are_flagged_and_reproducible():
@@ -363,6 +432,20 @@ def test_hub_id_downloads_only_config_weights_and_tokenizer(monkeypatch, tmp_pat
     # Never remote code or pickles: only config, safetensors and the tokenizer are fetched.
     assert not any(p.endswith((".py", ".bin", ".pt")) for p in calls["allow_patterns"])
     assert "*.safetensors" in calls["allow_patterns"] and "tokenizer.json" in calls["allow_patterns"]
+
+
+def test_a_hub_download_that_fails_names_the_weights(monkeypatch):
+    import huggingface_hub
+
+    from flexvlm_env.model.checkpoint import resolve_checkpoint
+
+    def offline(repo_id, allow_patterns):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"weights='allenai/MolmoE-1B-0924' is not an existing path, and downloading "
+                                                r"it as a hub id failed \(LocalEntryNotFoundError"):
+        resolve_checkpoint("allenai/MolmoE-1B-0924")
 
 
 def test_flexvlm_checkpoint_roundtrip(tmp_path):

@@ -11,6 +11,7 @@ import sys
 import time
 from functools import lru_cache
 
+import numpy as np
 import pytest
 
 import flexvlm_env
@@ -191,6 +192,13 @@ def test_vocabularies():
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
     with pytest.raises(ValueError, match=rf"\b{argument}="):
         call()
+
+
+def test_load_samples_takes_a_numpy_count():
+    assert [s.request_id for s in load_samples("tally_qa", "procedural", "val", n=np.int64(2), seed=0)] == \
+        [s.request_id for s in load_samples("tally_qa", "procedural", "val", n=2, seed=0)]
+    with pytest.raises(ValueError, match="n=True"):
+        load_samples("tally_qa", "procedural", "val", n=True, seed=0)
 
 
 def test_load_samples_uses_procedural_source():

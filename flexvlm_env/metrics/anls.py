@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .references import check_references
+
 ANLS_THRESHOLD = 0.5
 
 
@@ -36,8 +38,7 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESH
     >>> anls("Acme Corp", ["ACME corp."])
     0.9
     """
-    if not answers:
-        raise ValueError("answers must hold at least one reference answer")
+    check_references(answers)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r} must lie in [0, 1]")
     predicted = _normalize(prediction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .references import check_references
 from .vqa import NUMBER_WORDS
 
 COUNT_WORDS = {
@@ -32,7 +33,6 @@ def normalize_exact(text: str) -> str:
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
-    if not answers:
-        raise ValueError("answers must hold at least one reference answer")
+    check_references(answers)
     predicted = normalize_exact(prediction)
     return float(any(predicted == normalize_exact(answer) for answer in answers))

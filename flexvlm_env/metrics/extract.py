@@ -47,14 +47,16 @@ def extract_answer(generation: str) -> str:
         if stripped == answer:
             break
         answer = stripped
-    answer = _strip_emphasis(answer)
-    if (
-        answer.endswith(".")
-        and not answer.endswith("..")
-        and len(answer.split()) <= SHORT_ANSWER_MAX_WORDS
-    ):
-        answer = answer[:-1].rstrip()
-    return answer
+    return strip_final_period(_strip_emphasis(answer))
+
+
+def strip_final_period(text: str) -> str:
+    """`text` without the sentence-ending period of a short answer ("Two." -> "Two"; not "..."). Metrics that
+    compare characters (ANLS, MMMU's open questions) apply it to the references too, so that a reference that
+    itself ends in one ("Acme Inc.", "U.S.") still equals the answer that repeats it."""
+    if text.endswith(".") and not text.endswith("..") and len(text.split()) <= SHORT_ANSWER_MAX_WORDS:
+        return text[:-1].rstrip()
+    return text
 
 
 def _strip_emphasis(text: str) -> str:

@@ -19,6 +19,7 @@ import re
 from typing import Sequence
 
 from .choice import gold_letter, option_letters
+from .references import check_references
 
 _EDGE_CHARS = (",", ".", "!", "?", ";", ":", "'")
 
@@ -137,8 +138,7 @@ def mmmu_score(prediction: str, answers: Sequence[str], options: Sequence[str] |
     With `options` the question is multiple choice and `answers[0]` the correct letter (or option
     text); without, every entry of `answers` is an accepted open answer.
     """
-    if not answers:
-        raise ValueError("answers must hold at least one reference answer")
+    check_references(answers)
     if options:
         return float(parse_multi_choice_response(prediction, options) == gold_letter(answers[0], options))
     return float(eval_open(answers, parse_open_response(prediction)))

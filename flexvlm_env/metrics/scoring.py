@@ -15,7 +15,7 @@ from .anls import anls
 from .caption import CiderD, cider_df_key, get_cider_df
 from .choice import mc_accuracy
 from .exact import exact_match
-from .extract import extract_answer
+from .extract import extract_answer, strip_final_period
 from .mmmu import mmmu_score
 from .vqa import vqa_accuracy
 
@@ -45,7 +45,7 @@ def _exact_match(sample: Sample, generation: str) -> float:
 
 
 def _anls(sample: Sample, generation: str) -> float:
-    return anls(extract_answer(generation), sample.answers)
+    return anls(extract_answer(generation), [strip_final_period(a) for a in sample.answers])
 
 
 def _mc_accuracy(sample: Sample, generation: str) -> float:
@@ -55,7 +55,7 @@ def _mc_accuracy(sample: Sample, generation: str) -> float:
 
 
 def _mmmu(sample: Sample, generation: str) -> float:
-    return mmmu_score(extract_answer(generation), sample.answers, sample.options)
+    return mmmu_score(extract_answer(generation), [strip_final_period(a) for a in sample.answers], sample.options)
 
 
 def _cider(sample: Sample, generation: str) -> float:

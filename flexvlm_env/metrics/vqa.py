@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from .references import check_references
+
 # Number words the official script maps to digits (it stops at ten).
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -119,8 +121,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     average over the ten 9-annotator subsets. With a single reference there is no one left to
     leave out, so it is exact match after normalisation.
     """
-    if not answers:
-        raise ValueError("answers must hold at least one reference answer")
+    check_references(answers)
     predicted = normalize_vqa_answer(prediction)
     references = [normalize_vqa_answer(answer) for answer in answers]
     if len(references) == 1:

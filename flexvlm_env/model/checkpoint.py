@@ -47,7 +47,8 @@ def _native_names(args: ModelArgs) -> list[str]:
         return [name for name, _ in MolmoE(args).named_parameters()]
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (a file, or a directory's single or sharded files)."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"weights file {path} is not a .safetensors file; only safetensors are loaded (no pickle)")
@@ -77,10 +78,23 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def checkpoint_names(path: Path) -> set[str]:
     names = set()
-    for file in _checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            names.update(handle.keys())
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names.update(handle.keys())
+        except Exception as error:  # safetensors' SafetensorError (a corrupt or truncated file) names no path
+            raise ValueError(f"weights file {file} is not a readable safetensors file: {error}") from None
     return names
+
+
+def check_checkpoint_names(model: MolmoE, path: Path) -> str:
+    """Raise unless the checkpoint at `path` holds exactly the tensors `model` needs (names only: `model` may
+    still be on the meta device); return its format, 'flexvlm' (stacked experts) or 'official'."""
+    found = checkpoint_names(path)
+    native = {name for name, _ in model.named_parameters()}
+    fmt = "flexvlm" if found & {n for n in native if n.endswith(("w_gate_up", "w_down"))} else "official"
+    _strict_check(found, native if fmt == "flexvlm" else official_names(model.args), path)
+    return fmt
 
 
 def _strict_check(found: set[str], expected: set[str], source: Path) -> None:
@@ -96,12 +110,9 @@ def _strict_check(found: set[str], expected: set[str], source: Path) -> None:
 @torch.no_grad()
 def load_weights_(model: MolmoE, path: Path) -> str:
     """Copy a checkpoint into `model` strictly; return its format ('official' or 'flexvlm')."""
-    files = _checkpoint_files(path)
-    found = checkpoint_names(path)
+    files = checkpoint_files(path)
+    fmt = check_checkpoint_names(model, path)
     params = dict(model.named_parameters())
-    native = set(params)
-    fmt = "flexvlm" if found & {n for n in native if n.endswith(("w_gate_up", "w_down"))} else "official"
-    _strict_check(found, native if fmt == "flexvlm" else official_names(model.args), path)
     hidden = model.args.expert_hidden
     for name, tensor in _iter_tensors(files):
         match = _EXPERT.match(name)
@@ -131,8 +142,11 @@ def save_flexvlm(model: MolmoE, path: Path, metadata: dict[str, str] | None = No
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors' SafetensorError (a corrupt or truncated file) names no path
+        raise ValueError(f"weights file {path} is not a readable safetensors file: {error}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -145,15 +159,26 @@ def file_sha256(path: Path) -> str:
 
 def resolve_checkpoint(weights: str | Path) -> Path:
     """A local directory/file, or a hub id downloaded (config, safetensors, tokenizer only)."""
+    if not isinstance(weights, (str, Path)):
+        raise ValueError(f"weights={weights!r} must be a path, a hub id like {HUB_ID!r}, 'random' or None")
     path = Path(weights).expanduser()
     if path.exists():
         return path
-    if isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
+    # A name with a file suffix is a mistyped path, not a hub repository ("runs/model.safetensors").
+    if isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights) and path.suffix not in _FILE_SUFFIXES:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            repo_id=weights,
-            allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"],
-        )
+        try:
+            local = snapshot_download(
+                repo_id=weights,
+                allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"],
+            )
+        except Exception as error:  # offline, unknown repository, gated model: huggingface_hub's own errors
+            raise FileNotFoundError(f"weights={weights!r} is not an existing path, and downloading it as a hub id "
+                                    f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                                    "pass a checkpoint directory or .safetensors file") from error
         return Path(local)
     raise FileNotFoundError(f"weights={str(weights)!r} is neither an existing path nor a hub id like {HUB_ID!r}")
+
+
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".gz")

@@ -145,8 +145,10 @@ def resize_and_pad(
     pixels_nhwc = array if batched else array[None]
     height, width = pixels_nhwc.shape[1:3]
     scale = min(np.float32(target_h) / np.float32(height), np.float32(target_w) / np.float32(width))
-    new_h = int(np.float32(height) * scale)
-    new_w = int(np.float32(width) * scale)
+    # At least one pixel: a very elongated image (4000 x 10) would round its short side to 0 (the reference
+    # processor fails there); a 1-pixel strip is what that side is worth at this scale.
+    new_h = max(1, int(np.float32(height) * scale))
+    new_w = max(1, int(np.float32(width) * scale))
     device = array.device
     pixels = pixels_nhwc.permute(0, 3, 1, 2).to(torch.float32) / 255.0
     # The reference resizes even when the size is unchanged; antialiased bilinear is not the identity then.

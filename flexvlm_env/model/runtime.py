@@ -8,6 +8,7 @@ path: several requests with one config, left-padded, giving the same answers as 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Sequence
 import torch
 
 from ..config import Config
-from .args import ModelArgs, args_from_molmo_config, preset_args
+from .args import PRESETS, ModelArgs, args_from_molmo_config, preset_args
 from .blocks import block_plan, validate_ranking
-from .checkpoint import checkpoint_names, file_sha256, load_weights_, read_metadata, resolve_checkpoint
+from .checkpoint import (checkpoint_files, check_checkpoint_names, file_sha256, load_weights_, read_metadata,
+                         resolve_checkpoint)
 from .decoder import KVCache
 from .generate import CudaGraphs, decode_one_token, embed_inputs, prefill
 from .molmoe import MolmoE
@@ -27,6 +29,11 @@ from .timing import LatencyRecord, StageTimer
 from .tokenizer import TextTokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def _is_count(value) -> bool:
+    """An int >= 1 (NumPy integers too; not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,7 +111,10 @@ class VLM:
         # The static KV cache is read whole by every graphed decode step (static shapes), so it is
         # sized for the largest request FlexVLM makes (12 crops + long prompt + 256 output tokens
         # fits in 2048 for molmoe-1b), not the checkpoint's 4096-token limit.
-        self.max_seq_len = max_seq_len or min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        if max_seq_len is not None and not _is_count(max_seq_len):
+            raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 1 or None (the default, "
+                             f"{min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)} for this model)")
+        self.max_seq_len = int(max_seq_len) if max_seq_len is not None else min(self.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         # The fused decode kernels belong to the fast path; moe_impl="reference" is the plain path.
         self.fused_decode = self.device.type == "cuda" and moe_impl != "reference"
@@ -193,8 +203,9 @@ class VLM:
         `timing=False` only the end-to-end time is recorded.
         """
         config = self.check_config(config or Config(crops=self.args.max_crops, top_k=self.args.top_k, active_blocks=self.args.n_layers))
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_count(max_new_tokens):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        max_new_tokens = int(max_new_tokens)
         timer = StageTimer(self.device, enabled=timing)
         request = self.prepare(image, prompt, config)
         length = request.input_ids.shape[0]
@@ -302,9 +313,11 @@ class VLM:
         if not prompts:
             return []
         config = self.check_config(config or Config(crops=self.args.max_crops, top_k=self.args.top_k, active_blocks=self.args.n_layers))
-        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(budgets) != len(prompts) or any(not isinstance(b, int) or b < 1 for b in budgets):
+        single = isinstance(max_new_tokens, numbers.Integral)
+        budgets = [max_new_tokens] * len(prompts) if single else list(max_new_tokens)
+        if len(budgets) != len(prompts) or not all(_is_count(b) for b in budgets):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1 or one such int per request")
+        budgets = [int(b) for b in budgets]
         requests = [self.prepare(image, prompt, config) for image, prompt in zip(images, prompts)]
         return self.generate_prepared(requests, config, budgets)
 
@@ -405,6 +418,8 @@ def _resolve_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type not in ("cpu", "cuda"):  # the runtime's kernels and timers know these two
+        raise ValueError(f"device={str(device)!r} is not supported; allowed: 'cpu', 'cuda' (or 'cuda:N')")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} was requested but CUDA is not available on this machine")
     return device
@@ -462,6 +477,8 @@ def load_model(
             same outputs up to rounding, slower: for checking the merge or swapping adapters).
     """
     args = preset_args(preset)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed={seed!r} must be an int (it seeds weights='random')")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     ranking, ranking_source, sha = None, "prefix order (random weights)", None
@@ -483,13 +500,18 @@ def load_model(
         checkpoint = resolve_checkpoint(weights)
 
     meta: dict = {}
+    single: Path | None = None  # the checkpoint's one weights file, if it has one (a file or a directory's)
     if checkpoint is not None:
-        checkpoint_names(checkpoint)  # fail on missing/pickle-only weights before anything else
+        files = checkpoint_files(checkpoint)  # fail on missing/pickle-only weights before anything else
         config_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-        if checkpoint.is_file():
-            meta = read_metadata(checkpoint)
+        if len(files) == 1:
+            single = files[0]
+            meta = read_metadata(single)
         if meta.get("format") == "flexvlm":
             args = ModelArgs.from_dict(json.loads(meta["args"]))
+            if args.name in PRESETS and args.name != preset:  # its tokenizer and assets are another preset's
+                raise ValueError(f"weights={str(weights)!r} holds a {args.name!r} model (its metadata); pass "
+                                 f"preset={args.name!r}, not {preset!r}")
         elif (config_dir / "config.json").exists():
             args = args_from_molmo_config(json.loads((config_dir / "config.json").read_text()), name=preset)
         if meta.get("block_ranking"):
@@ -511,24 +533,32 @@ def load_model(
     else:
         tokenizer_path = tokenizer or assets_dir(preset)
     text_tokenizer = TextTokenizer.from_file(tokenizer_path)
+    if text_tokenizer.vocab_size > args.embedding_size:  # ids past the embedding would fail mid-generation
+        raise ValueError(f"the tokenizer {tokenizer_path} has {text_tokenizer.vocab_size} tokens, more than the model's "
+                         f"{args.embedding_size} embedding rows: pass the checkpoint's own tokenizer (tokenizer=)")
 
     # Build on the meta device and allocate once: a default init of 7B parameters would be wasted
     # work, since every value is overwritten below (loading is strict).
     with torch.device("meta"):
         module = MolmoE(args).to(dtype)
+    if checkpoint is not None:  # names only, before the allocation: a wrong checkpoint is an error, not an OOM
+        check_checkpoint_names(module, checkpoint)
     module.to_empty(device=device)
     if random_weights:
         module.init_random_(seed)
     else:
         load_weights_(module, checkpoint)
-        if checkpoint.is_file():
-            sha = file_sha256(checkpoint)
+        if single is not None:
+            sha = file_sha256(single)
     adapter_sha = None
     if adapter is not None:
         # Imported here: the training package (and peft, which it imports lazily) is only needed with an adapter.
         from ..training.lora import ADAPTER_WEIGHTS, BASE_SHA256_KEY, apply_adapter, read_adapter_metadata
 
         adapter = Path(adapter).expanduser()
+        if adapter.is_file():
+            raise ValueError(f"adapter={str(adapter)!r} is a file; pass the adapter's directory (the one "
+                             f"`flexvlm_env.training.save_adapter` wrote, holding {ADAPTER_WEIGHTS})")
         trained_on = read_adapter_metadata(adapter).get(BASE_SHA256_KEY) if adapter.is_dir() else None
         if trained_on and sha and trained_on != sha:
             raise ValueError(

@@ -7,6 +7,8 @@ dataset in the hub's column layout. Every source returns `Sample`s with the fami
 """
 from __future__ import annotations
 
+import numbers
+
 from pathlib import Path
 
 from .families import FAMILIES, FamilySpec, family_spec
@@ -30,8 +32,9 @@ def load_samples(
     family_spec(family)  # validates the name with a clear error
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not valid; expected one of {SPLITS}")
-    if n is not None and (not isinstance(n, int) or n < 0):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
         raise ValueError(f"n={n!r} must be a non-negative int or None")
+    n = None if n is None else int(n)
     if source == "procedural":
         if n is None:
             raise ValueError("n=None: the procedural source is unlimited; pass the number of samples you want")

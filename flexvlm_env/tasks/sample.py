@@ -42,6 +42,11 @@ class Sample:
     def __post_init__(self) -> None:
         if not isinstance(self.image, Image.Image):
             raise TypeError(f"Sample.image must be a PIL.Image.Image, got {type(self.image).__name__}")
+        # A bare string would be scored as a sequence of one-character answers.
+        if isinstance(self.answers, str) or not all(isinstance(a, str) for a in self.answers):
+            raise ValueError(f"Sample {self.request_id!r}: answers={self.answers!r} must be a tuple of strings, e.g. "
+                             f"({self.answers!r},)" if isinstance(self.answers, str) else
+                             f"Sample {self.request_id!r}: answers={self.answers!r} must be a tuple of strings")
         if not self.answers:
             raise ValueError(f"Sample {self.request_id!r}: answers must be non-empty")
         if self.max_new_tokens < 1:
