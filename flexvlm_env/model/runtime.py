@@ -463,7 +463,9 @@ def load_model(
         weights: a checkpoint directory or .safetensors file, a hub id (molmoe-1b:
             "allenai/MolmoE-1B-0924"), "random" for seeded random weights (latency studies and
             tests only), or None for the preset's default (micro: the shipped weights; molmoe-1b
-            has no default and asks for a checkpoint).
+            has no default and asks for a checkpoint). The checkpoint's own sizes (FlexVLM metadata or
+            config.json) set the architecture; a FlexVLM file of the other preset is refused. A directory
+            holding one model.safetensors is that file (its metadata, block ranking and sha256).
         device: "cpu", "cuda", ... (default: CUDA when available).
         dtype: "float32", "bfloat16" or "float16" (default: bf16 on CUDA, float32 on CPU).
         tokenizer: tokenizer.json(.gz) path (default: from the checkpoint directory; micro: shipped).
