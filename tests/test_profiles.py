@@ -385,6 +385,20 @@ def test_profile_requests_keeps_finished_rows_when_interrupted(micro, pool_sampl
     assert len(keys) == len(expected) and set(keys) == expected
 
 
+def test_cli_interrupt_says_where_the_rows_are_and_exits_130(tmp_path, monkeypatch, capsys):
+    from flexvlm_env.profiles import cli
+
+    def interrupted(cmd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["requests", "--weights", "random", "--device", "cpu", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and "Traceback" not in err
+    assert f"interrupted; the rows measured so far are in {tmp_path / 'r'}: rerun the same command" in err
+
+
 def test_profile_requests_writes_a_shard_per_config(micro, pool_samples, tmp_path):
     configs = GRID.configs()[:2]
     table = ShardedTable(tmp_path / "r", sweeps.REQUEST_KEY, _metadata(micro, "requests"))

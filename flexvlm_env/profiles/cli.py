@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,7 +516,13 @@ def validate_stages(cmd: ValidateStages) -> dict:
 
 def main(argv=None) -> None:
     cmd = tyro.cli(Command, args=argv)  # a ValueError of a command's __post_init__ is a usage error (exit 2)
-    print(json.dumps(run(cmd), indent=1, default=str))
+    try:
+        print(json.dumps(run(cmd), indent=1, default=str))
+    except KeyboardInterrupt:  # the sweeps have written every finished row (sweeps.RowWriter): say so, no traceback
+        out = getattr(cmd, "out", None)
+        print(f"flexvlm-profile: interrupted; the rows measured so far are in {out}: rerun the same command to "
+              "measure the rest", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
