@@ -31,6 +31,7 @@ from typing import Literal
 import tyro
 
 from flexvlm_env.experiments import latency_decomposition as e1
+from flexvlm_env.experiments.common import quick_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,7 @@ def validate(args: Args) -> None:
 
 
 def main(args: Args) -> dict | None:
+    quick_out_dir(args)
     validate(args)
     start = time.time()
     deadline = start + args.time_limit_s if args.time_limit_s else None

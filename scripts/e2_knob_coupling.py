@@ -26,7 +26,7 @@ from pathlib import Path
 import tyro
 
 from flexvlm_env.experiments import knob_coupling as e2
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,7 @@ def resolve(args: Args) -> Args:
 def main(args: Args) -> dict:
     import pandas as pd
 
+    quick_out_dir(args)
     args = resolve(args)
     from flexvlm_env.profiles.replay import request_split_mask
 

@@ -63,22 +63,42 @@ class Args:
     quick: bool = False
     """small, fast run (stage tables only, one split, short MLP)"""
     out: Path = RESULTS / "e3_summary.json"
+    """the summary JSON (--quick: e3_summary_quick.json beside it)"""
     figures: Path = RESULTS / "figures"
+    """where the figures go"""
     estimators: Path = RESULTS / "e3_estimators"
     """where the estimators fitted on whole source tables are saved (JSON)"""
     train_fraction: float = 0.7
+    """share of each table's configurations the estimators train on (the rest are held out)"""
     split_seeds: int = 5
+    """random train/held-out splits per table"""
     recal_seeds: int = 20
+    """random draws of the N target measurements per recalibration point"""
     ridge: float = 1.0
     """fine-tune: weight of the prior towards the source coefficients"""
     mlp_steps: int = 1500
+    """training steps of the MLP baseline"""
     max_train_rows: int = 40000
     """rows of a requests table used for training (random subset)"""
     cpu_stages: Path = DEVICE_TABLES / "micro112_cpu_stages.parquet"
+    """the micro@CPU stage table (the retired 112-px micro, measured on this project's CPU)"""
     cpu_requests: Path = DEVICE_TABLES / "micro112_cpu_requests.parquet"
+    """the micro@CPU requests table"""
     micro112_requests: Path = DEVICE_TABLES / "micro112_h100_requests.parquet"
     """the retired micro's H100 requests table (not in the tree; see the module docstring); without
     it the micro@H100 set trains and tests on its stage table alone, as --quick does"""
+
+    def __post_init__(self) -> None:  # a bad value is a usage error (tyro: exit status 2)
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"--train-fraction={self.train_fraction!r} must be in (0, 1)")
+        for name in ("split_seeds", "recal_seeds", "mlp_steps", "max_train_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
+        # A table given on the command line must exist; only the defaults may be absent (the H100 one is not shipped).
+        for name in ("cpu_stages", "cpu_requests", "micro112_requests"):
+            value = getattr(self, name)
+            if value != getattr(Args, name) and not Path(value).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}={value} is not a file")
 
 
 # ---------------------------------------------------------------------------- data

@@ -45,7 +45,7 @@ import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import system_eval as e4
-from flexvlm_env.experiments.common import read_json, run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, read_json, run_header, write_json
 from flexvlm_env.profiles.loading import check_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ class Args:
 def quick_overrides(args: Args) -> Args:
     if args.quick:
         args.total_env_steps = min(args.total_env_steps, 64)
-        args.n_requests = args.n_requests or 4
+        args.n_requests = 4 if args.n_requests is None else args.n_requests
         args.budget_scales = (0.9, 1.0, 2.0)
         args.live_per_family = min(args.live_per_family, 1)
         args.calibration_requests = 1
@@ -259,6 +259,7 @@ def recheck_ratio(path: Path | None) -> dict | None:
 
 
 def main(args: Args) -> dict | Path:
+    quick_out_dir(args)
     args = quick_overrides(args)
     args.validate()
     import torch
@@ -331,6 +332,7 @@ def main(args: Args) -> dict | Path:
                 "bar_strict_only": e4.bar_check(live_metrics, {}, fractions=[f for f in e4.BAR_FRACTIONS
                                                                             if e4.fkey(f) in live_metrics.get("flexvlm", {})])}
         kept = args.out_dir / "e4_live_records.json.gz"  # ~20x smaller than the raw JSON the GPU run writes
+        kept.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(kept, "wt") as handle:  # rewritten even over itself: the times are rounded now
             json.dump(payload, handle)
 

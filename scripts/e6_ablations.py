@@ -27,7 +27,7 @@ import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import ablations as e6
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,7 @@ def read_summary(path: Path) -> dict | None:
 
 
 def main(args: Args) -> dict:
+    quick_out_dir(args)
     validate(args)
     import gymnasium as gym
     import torch

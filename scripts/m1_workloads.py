@@ -28,7 +28,7 @@ import tyro
 
 from flexvlm_env.experiments import knob_coupling as e2
 from flexvlm_env.experiments import workloads as m1
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,7 @@ def main(args: Args) -> dict:
 
     from flexvlm_env.profiles import load_replay_data
 
+    quick_out_dir(args)
     args = resolve(args)
     qa, caption = args.families
     configs, requests, sensitivity = [], [], []

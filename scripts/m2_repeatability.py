@@ -28,6 +28,7 @@ import tyro
 
 from flexvlm_env.experiments import latency_decomposition as e1
 from flexvlm_env.experiments import repeatability as m2
+from flexvlm_env.experiments.common import quick_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,7 @@ class Args:
 
 
 def main(args: Args) -> dict | None:
+    quick_out_dir(args)
     if args.preset not in ("micro", "molmoe-1b"):
         raise SystemExit(f"--preset {args.preset!r} is not valid; allowed: micro, molmoe-1b")
     if args.warmup < 0 or args.repeats < 2 or args.output_tokens < 1:

@@ -32,7 +32,7 @@ from pathlib import Path
 import tyro
 
 from flexvlm_env.experiments import overhead as m3
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 E5_METHODS = ("supervised", "ppo", "maskable_ppo", "dpo", "grpo")
@@ -84,7 +84,11 @@ def collect_controllers(args: Args) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for source in m3.SOURCES:
         folder = args.controllers_dir / source
-        if args.quick or not folder.exists():
+        if not args.quick and not folder.exists():
+            # a full run times the trained controllers: without them its bar would cover the LUT and baselines only
+            raise SystemExit(f"m3: --controllers-dir={args.controllers_dir} has no {source}/ (E4's saved controllers: "
+                             "`python scripts/e4_system_eval.py`); --quick times the LUT and the baselines alone")
+        if args.quick:
             from agents.lut import LUTController
             from agents.profiles import ProfileTables
             from baselines import make_baselines
@@ -99,7 +103,8 @@ def collect_controllers(args: Args) -> dict[str, dict]:
             if not (target / "controller.json").exists():
                 found = sorted(args.e5_runs_dir.glob(f"FlexVLMReplay-v0__{method}__0__*/controller/controller.json"))
                 if not found:
-                    continue
+                    raise SystemExit(f"m3: no e5_{method} controller: neither {target} nor a seed-0 run in "
+                                     f"--e5-runs-dir={args.e5_runs_dir} (`python scripts/e5_training_strategies.py`)")
                 shutil.copytree(found[-1].parent, target, dirs_exist_ok=True)
             try:
                 out["molmoe-1b-h100"][f"e5_{method}"] = load_controller(target)
@@ -129,6 +134,7 @@ def timing_block(args: Args, controllers: dict[str, dict], n_pairs: int) -> dict
 
 
 def main(args: Args) -> dict:
+    quick_out_dir(args)
     args.validate()
     import numpy as np
     import torch

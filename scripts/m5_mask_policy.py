@@ -26,7 +26,7 @@ from pathlib import Path
 import tyro
 
 from flexvlm_env.experiments import mask_policy as m5
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,7 @@ def validate(args: Args) -> None:
 
 
 def main(args: Args) -> dict:
+    quick_out_dir(args)
     validate(args)
     import torch
 

@@ -24,7 +24,7 @@ import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS, FAMILY_NAMES
 from flexvlm_env.experiments import generalization as m6
-from flexvlm_env.experiments.common import run_header, write_json
+from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,7 @@ def validate(args: Args) -> None:
 
 
 def main(args: Args) -> dict:
+    quick_out_dir(args)
     validate(args)
     import torch
 

@@ -41,6 +41,11 @@ def main(args: Args) -> None:
         headroom = args.results / "replay_headroom.json"
         if headroom.exists():
             print("wrote", replay_tradeoff(json.loads(headroom.read_text()), args.results / "figures" / "replay_tradeoff.png"))
+    if not args.results.is_dir():
+        raise SystemExit(f"--results={args.results} is not a directory (the results folder: data in, figures/ out)")
+    missing = [e for e in args.only if not (args.results / f"{e}_summary.json").exists()]
+    if missing:  # asked for by name: its data must be there
+        raise SystemExit(f"--only {missing}: no {missing[0]}_summary.json in {args.results}; run its script first")
     for experiment in args.only or MODULES:
         if not (args.results / f"{experiment}_summary.json").exists():
             print(f"{experiment}: no {experiment}_summary.json yet, skipped")

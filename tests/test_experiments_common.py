@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from flexvlm_env.experiments.common import frontier_quality_at, pareto_frontier, run_header, write_json
+from flexvlm_env.experiments.common import frontier_quality_at, pareto_frontier, quick_out_dir, run_header, write_json
 
 
 def test_pareto_frontier_known_points():
@@ -46,3 +46,25 @@ def test_run_header_and_write_json(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["experiment"] == "e0" and loaded["args"] == {"quick": True} and loaded["value"] == 0.5
     assert loaded["arr"] == [0, 1] and "numpy" in loaded["versions"] and loaded["data_sources"]["latency"] == "molmoe-1b-h100"
+
+
+def test_a_quick_run_with_the_default_folder_writes_under_quick(tmp_path):
+    """--quick never overwrites the full run's results: the default folder becomes its quick/ subfolder; a folder given
+    explicitly stays as given, and a full run keeps the default."""
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    @dataclass
+    class Args:
+        quick: bool = False
+        out_dir: Path = tmp_path / "results"
+
+    quick = Args(quick=True)
+    quick_out_dir(quick)
+    assert quick.out_dir == tmp_path / "results" / "quick"
+    given = Args(quick=True, out_dir=tmp_path / "mine")
+    quick_out_dir(given)
+    assert given.out_dir == tmp_path / "mine"
+    full = Args()
+    quick_out_dir(full)
+    assert full.out_dir == tmp_path / "results"

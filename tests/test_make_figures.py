@@ -26,3 +26,12 @@ def test_make_figures_rejects_unknown_ids(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--only", "e9"],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "e9" in out.stderr and "allowed" in out.stderr
+
+
+def test_make_figures_refuses_a_named_experiment_without_data(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--results", str(tmp_path), "--only",
+                          "e1"], capture_output=True, text=True)
+    assert out.returncode != 0 and "no e1_summary.json in" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--results", str(tmp_path / "no")],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "is not a directory" in out.stderr

@@ -54,6 +54,18 @@ def machine() -> dict[str, Any]:
     return out
 
 
+QUICK_SUBDIR = "quick"  # results/quick/ (git-ignored)
+
+
+def quick_out_dir(args: Any, field: str = "out_dir") -> None:
+    """With `--quick` and the default output folder, write under its `quick/` subfolder: a smoke run never overwrites
+    the committed full run, whose files later analyses read (E6 reads M5's and M6's summaries, E1 and M2 re-analyse
+    every raw file in the folder). An output folder given explicitly is used as given."""
+    default = Path(getattr(type(args), field))
+    if getattr(args, "quick", False) and Path(getattr(args, field)) == default:
+        setattr(args, field, default / QUICK_SUBDIR)
+
+
 def run_header(experiment: str, args: Any = None, **extra: Any) -> dict[str, Any]:
     """What every `results/<id>_summary.json` starts with: experiment id, date, machine, versions,
     the arguments used (a dataclass or dict) and any data sources or devices passed as `extra`."""

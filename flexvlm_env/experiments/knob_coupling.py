@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import KnobGrid
+from ..envs.core import FAMILY_NAMES
 from ..profiles.loading import (
     LATENCY_SOURCES,
     QUALITY_SOURCES,
@@ -67,7 +68,7 @@ def pool_and_validation(args: Any, quick_per_family: int = 40) -> None:
     latency, families, per_family, quick): fills the table defaults (the 500-per-family sweep when
     present, the shipped tables with --quick or without it) and exits with a clear message on bad input."""
     if args.quick:
-        args.per_family = min(args.per_family or quick_per_family, quick_per_family)
+        args.per_family = quick_per_family if args.per_family is None else min(args.per_family, quick_per_family)
     if args.quality_table is None:
         args.quality_table = (POOL_500_QUALITY if POOL_500_QUALITY.exists() and not args.quick
                               else profiles_dir() / QUALITY_SOURCES["micro"])
@@ -80,6 +81,9 @@ def pool_and_validation(args: Any, quick_per_family: int = 40) -> None:
     bad = [s for s in args.latency if s not in LATENCY_CHOICES]
     if bad or not args.latency:
         raise SystemExit(f"--latency={list(args.latency)}: allowed values are {list(LATENCY_CHOICES)} (at least one)")
+    unknown = [f for f in args.families if f not in FAMILY_NAMES]
+    if unknown:
+        raise SystemExit(f"--families={list(args.families)}: {unknown} are not task families; allowed: {list(FAMILY_NAMES)}")
     if len(args.families) != 2 or len(set(args.families)) != 2:
         raise SystemExit(f"--families={list(args.families)}: give exactly two different families (QA, captioning)")
     if args.per_family is not None and args.per_family < 2:
