@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import tyro
 
 from flexvlm_env.experiments import latency_decomposition as e1
-from flexvlm_env.experiments.common import quick_out_dir
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,4 +106,4 @@ def main(args: Args) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args, validate))

@@ -41,11 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import system_eval as e4
-from flexvlm_env.experiments.common import quick_out_dir, read_json, run_header, write_json
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir, read_json, run_header, write_json
 from flexvlm_env.profiles.loading import check_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,4 +355,4 @@ def main(args: Args) -> dict | Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args))

@@ -23,11 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
 
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.experiments import ablations as e6
-from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,4 +177,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args, validate))

@@ -29,10 +29,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
 
 from flexvlm_env.experiments import overhead as m3
-from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 E5_METHODS = ("supervised", "ppo", "maskable_ppo", "dpo", "grpo")
@@ -212,4 +211,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args))

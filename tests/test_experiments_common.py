@@ -68,3 +68,18 @@ def test_a_quick_run_with_the_default_folder_writes_under_quick(tmp_path):
     full = Args()
     quick_out_dir(full)
     assert full.out_dir == tmp_path / "results"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("m6_generalization.py", ["--families", "bogus"], "--families=('bogus',): unknown ['bogus']"),
+    ("m3_overhead.py", ["--quick", "--n-observations", "0"], "--n-observations=0 must be >= 1"),
+    ("e1_latency_decomposition.py", ["--preset", "big"], "--preset 'big' is not valid"),
+])
+def test_a_drivers_bad_argument_is_a_usage_error(script, argv, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / script), *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"{script}: error: {message}" in out.stderr and "Traceback" not in out.stderr, out.stderr

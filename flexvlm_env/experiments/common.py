@@ -4,7 +4,9 @@ from __future__ import annotations
 import gzip
 import json
 import platform
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,26 @@ def machine() -> dict[str, Any]:
     if "flags" in fields:
         out["avx512"] = "avx512f" in fields["flags"].split()
     return out
+
+
+def parse_script_args(cls: type, validate: Callable[[Any], None] | None = None) -> Any:
+    """A driver's arguments from the command line (tyro), checked before any work: a ValueError or a
+    `SystemExit(message)` raised by `validate(args)` (default: `args.validate()`, if the class has one) is a usage
+    error, one line on stderr and exit status 2, as for `flexvlm-train` and `flexvlm-profile`."""
+    import tyro
+
+    args = tyro.cli(cls)
+    check = (lambda: validate(args)) if validate is not None else getattr(args, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except (ValueError, SystemExit) as error:
+            if isinstance(error, SystemExit) and not isinstance(error.code, str):
+                raise
+            print(f"{Path(sys.argv[0]).name}: error: {error.code if isinstance(error, SystemExit) else error}",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+    return args
 
 
 QUICK_SUBDIR = "quick"  # results/quick/ (git-ignored)
