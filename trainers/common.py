@@ -210,12 +210,17 @@ def check_resume(method: str, args: CommonArgs) -> None:
     if saved.get("method") != method:
         raise ValueError(f"--resume={args.resume} is a {saved.get('method')!r} run, not {method!r}")
     given = args_record(method, args)
+    for key in ("guardrail_estimator", "init_from", *TABLE_ARGS):  # relative in the args.json of older runs
+        value = saved.get(key)
+        if isinstance(value, str) and value not in SHIPPED.get(TABLE_ARGS.get(key), {}):
+            saved[key] = str(Path(value).resolve())
     changed = [f"--{k.replace('_', '-')}={given[k]!r} (the run's is {saved[k]!r})" for k in saved
                if k in given and k not in RESUME_MAY_CHANGE and given[k] != saved[k]]
     if changed:
+        may_change = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUME_MAY_CHANGE - {"resume"}))
         raise ValueError(f"--resume={args.resume}: a resumed run keeps the arguments it was started with (its args.json); "
                          f"given: {'; '.join(changed)}. Drop them (`flexvlm-train {method} --resume RUN_DIR` reads "
-                         f"args.json), or start a new run; only {sorted(RESUME_MAY_CHANGE - {'resume'})} may change")
+                         f"args.json), or start a new run; only {may_change} may change")
 
 
 class Run:
