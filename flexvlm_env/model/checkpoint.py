@@ -164,8 +164,7 @@ def resolve_checkpoint(weights: str | Path) -> Path:
     path = Path(weights).expanduser()
     if path.exists():
         return path
-    # A name with a file suffix is a mistyped path, not a hub repository ("runs/model.safetensors").
-    if isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights) and path.suffix not in _FILE_SUFFIXES:
+    if looks_like_hub_id(weights):
         from huggingface_hub import snapshot_download
 
         try:
@@ -182,3 +181,10 @@ def resolve_checkpoint(weights: str | Path) -> Path:
 
 
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".gz")
+
+
+def looks_like_hub_id(weights) -> bool:
+    """Whether `weights` (not an existing path) is read as a hub repository id, "owner/name". A name with a file
+    suffix is a mistyped path, not a repository ("runs/model.safetensors")."""
+    return (isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights) is not None
+            and Path(weights).suffix not in _FILE_SUFFIXES)

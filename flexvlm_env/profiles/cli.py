@@ -143,7 +143,9 @@ class ModelOptions(PoolOptions):
             raise ValueError(f"--preset={self.preset!r} has no shipped weights: pass --weights (a checkpoint "
                              "directory, .safetensors file or hub id, e.g. allenai/MolmoE-1B-0924) or --weights random")
         # As `resolve_checkpoint` reads it: a hub id is only downloaded when no such path exists.
-        hub_id = self.weights is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", self.weights)
+        from ..model.checkpoint import looks_like_hub_id
+
+        hub_id = looks_like_hub_id(self.weights)
         if self.weights not in (None, "random") and not (Path(self.weights).expanduser().exists() or hub_id):
             raise ValueError(f"--weights={self.weights!r} does not exist; allowed: a checkpoint directory or "
                              ".safetensors file, a hub id like allenai/MolmoE-1B-0924, or random")
