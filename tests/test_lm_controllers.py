@@ -483,6 +483,7 @@ def test_cli_smoke_run(method, tmp_path):
     steps = [line["env_steps"] for line in lines]
     assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == final["env_steps"]
     assert "train/unconstrained_invalid_rate" in lines[-1]
+    assert lines[-1]["train/policy_reward"] is not None  # the curve every sampling method logs (README)
     assert "method" in result.stdout and f"\n{method} " in result.stdout and "greedy" in result.stdout  # the table
     controller = load_controller(run_dir / "controller")
     assert isinstance(controller, LMController) and controller.kind == method

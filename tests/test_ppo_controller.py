@@ -234,6 +234,7 @@ def test_cli_smoke_run(method, tmp_path):
     assert curve_steps(run_dir) == [32, 64]
     curve = json.loads((run_dir / "curves.jsonl").read_text().splitlines()[-1])
     assert "eval/reward" in curve and "train/entropy" in curve and "train/rollout_reward" in curve
+    assert curve["train/policy_reward"] == curve["train/rollout_reward"]
     final = json.loads((run_dir / "final.json").read_text())
     assert final["method"] == method and final["env_steps"] == 64
     assert {method, "full", "greedy"} <= set(final["results"])

@@ -126,7 +126,7 @@ def collect_pairs(args: Args, controller: LMController, env, observations, reque
     answers, index = sample_candidates(args, controller, batch, n_contexts, rng)
     prompts = controller.render(batch)
     actions = controller._actions
-    pairs, rewards_seen = [], []
+    pairs, rewards_seen, policy_rewards = [], [], []
     stats = {"contexts": n_contexts, "invalid": 0, "policy_candidates": n_contexts * n_policy, "ties": 0, "violations": 0}
     for c in range(n_contexts):
         rewards = np.full(args.candidates, -np.inf)
@@ -140,6 +140,8 @@ def collect_pairs(args: Args, controller: LMController, env, observations, reque
             env_steps += 1
             rewards[j] = reward
             rewards_seen.append(reward)
+            if j < n_policy:
+                policy_rewards.append(reward)
             stats["violations"] += int(info["violation"])
         best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
         if rewards[best] == rewards[worst]:
@@ -157,6 +159,8 @@ def collect_pairs(args: Args, controller: LMController, env, observations, reque
         "tie_rate": stats["ties"] / max(1, n_contexts),
         "invalid_rate": stats["invalid"] / max(1, stats["policy_candidates"]),
         "candidate_reward": float(np.mean(rewards_seen)) if rewards_seen else float("nan"),
+        # the methods' common training-reward curve (PPO's rollouts, GRPO's valid completions): the policy's samples
+        "policy_reward": float(np.mean(policy_rewards)) if policy_rewards else float("nan"),
         "candidate_violation_rate": stats["violations"] / max(1, len(rewards_seen)),
     }
     return pairs, metrics, env_steps

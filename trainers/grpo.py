@@ -182,6 +182,7 @@ class EnvReward:
             "completions": w["completions"],
             "invalid_rate": w["invalid"] / max(1, w["completions"]),
             "reward": w["reward"] / max(1, valid),
+            "policy_reward": w["reward"] / max(1, valid),  # the name every sampling method logs it under
             "quality": w["quality"] / max(1, valid),
             "violation_rate": w["violation"] / max(1, valid),
         }

@@ -154,7 +154,9 @@ def build_model(args: Args, make_env_fn, guardrail: LatencyGuardrail | None):
 
 def train_metrics(model) -> dict[str, float]:
     """Mean reward per request over the last episodes and of the last rollout, and PPO's losses."""
-    metrics: dict[str, float] = {"rollout_reward": float(np.mean(model.rollout_buffer.rewards))}
+    rollout_reward = float(np.mean(model.rollout_buffer.rewards))
+    # policy_reward: the name every sampling method (DPO's policy candidates, GRPO's completions) logs it under
+    metrics: dict[str, float] = {"rollout_reward": rollout_reward, "policy_reward": rollout_reward}
     if model.ep_info_buffer:
         metrics["reward_per_request"] = float(np.mean([ep["r"] / ep["l"] for ep in model.ep_info_buffer]))
     values = model.logger.name_to_value
