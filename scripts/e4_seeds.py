@@ -39,6 +39,15 @@ class Args:
     out: Path | None = None
     """the collected table (default: results/e4_seeds.json, or results/e4_<sources>_summary.json)"""
 
+    def __post_init__(self) -> None:  # a bad value is a usage error (tyro: exit status 2), before any training
+        from flexvlm_env.profiles.loading import LATENCY_SOURCES
+
+        unknown = [s for s in self.sources if s not in LATENCY_SOURCES]
+        if unknown or not self.sources:
+            raise ValueError(f"--sources={list(self.sources)}: unknown {unknown}; allowed: {sorted(LATENCY_SOURCES)}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"--seeds={list(self.seeds)} must be one or more seeds >= 0")
+
     @property
     def default_sources(self) -> bool:
         return tuple(self.sources) == tuple(e4.SOURCES)

@@ -24,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
 
 from flexvlm_env.experiments import knob_coupling as e2
 from flexvlm_env.experiments import workloads as m1
-from flexvlm_env.experiments.common import quick_out_dir, run_header, write_json
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir, run_header, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,4 +115,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args, resolve))

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import tyro
 
 from flexvlm_env.experiments import latency_decomposition as e1
 from flexvlm_env.experiments import repeatability as m2
-from flexvlm_env.experiments.common import quick_out_dir
+from flexvlm_env.experiments.common import parse_script_args, quick_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,18 +68,29 @@ class Args:
     """analyse: where m2_summary.json, m2_data.json and figures/m2_*.png go."""
 
 
-def main(args: Args) -> dict | None:
-    quick_out_dir(args)
+def validate(args: Args) -> None:
     if args.preset not in ("micro", "molmoe-1b"):
         raise SystemExit(f"--preset {args.preset!r} is not valid; allowed: micro, molmoe-1b")
     if args.warmup < 0 or args.repeats < 2 or args.output_tokens < 1:
         raise SystemExit(f"--warmup {args.warmup} must be >= 0, --repeats {args.repeats} >= 2, --output-tokens {args.output_tokens} >= 1")
     if args.time_limit_s < 0:
         raise SystemExit(f"--time-limit-s {args.time_limit_s} must be >= 0 (0: no limit)")
+    from flexvlm_env.config import Config
+    from flexvlm_env.model.args import preset_args
+
+    sizes = preset_args(args.preset)
     try:
-        configs = m2.parse_configs(args.configs)
+        for name, crops, top_k, blocks in m2.parse_configs(args.configs):  # within the preset's knob ranges
+            Config(crops, top_k, blocks).validate_for(n_experts=sizes.n_experts, n_blocks=sizes.n_layers,
+                                                      max_crops=sizes.max_crops)
     except ValueError as error:
         raise SystemExit(f"--configs: {error}") from None
+
+
+def main(args: Args) -> dict | None:
+    quick_out_dir(args)
+    validate(args)
+    configs = m2.parse_configs(args.configs)
     if args.mode in ("measure", "all"):
         vlm = e1.load_for_latency(args.preset, args.weights, args.device, args.dtype, args.threads)
         warmup, repeats, output_tokens = (1, 6, 4) if args.quick else (args.warmup, args.repeats, args.output_tokens)
@@ -104,4 +114,4 @@ def main(args: Args) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args, validate))
