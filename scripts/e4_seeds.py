@@ -43,8 +43,10 @@ class Args:
         from flexvlm_env.profiles.loading import LATENCY_SOURCES
 
         unknown = [s for s in self.sources if s not in LATENCY_SOURCES]
-        if unknown or not self.sources:
-            raise ValueError(f"--sources={list(self.sources)}: unknown {unknown}; allowed: {sorted(LATENCY_SOURCES)}")
+        if unknown:
+            raise ValueError(f"--sources={unknown[0]!r} is not a shipped latency source; allowed: {sorted(LATENCY_SOURCES)}")
+        if not self.sources:
+            raise ValueError(f"--sources needs one or more of {sorted(LATENCY_SOURCES)}")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"--seeds={list(self.seeds)} must be one or more seeds >= 0")
 
