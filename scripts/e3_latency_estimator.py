@@ -45,7 +45,7 @@ import pandas as pd
 import tyro
 
 from flexvlm_env.experiments import latency_estimator as e3
-from flexvlm_env.experiments.common import machine, versions
+from flexvlm_env.experiments.common import run_header, versions
 from flexvlm_env.latency import StageLatencyEstimator
 from flexvlm_env.profiles.tables import read_parquet, write_parquet
 
@@ -202,8 +202,7 @@ def main(args: Args) -> dict:
             args.out = args.out.with_name("e3_summary_quick.json")
         if args.estimators == Args.estimators:
             args.estimators = args.estimators.with_name("e3_estimators_quick")
-    summary: dict = {"experiment": "E3", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
-                     "quick": args.quick, "same_device": {}, "recalibration": {},
+    summary: dict = {**run_header("E3", args), "quick": args.quick, "same_device": {}, "recalibration": {},
                      "recalibration_detail": {}, "notes": []}
     scatters = []
     for name, spec in same_device_sets(args).items():
