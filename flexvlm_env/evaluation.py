@@ -59,14 +59,17 @@ class QualityEvaluator:
             chunk = slice(start, start + self.batch_size)
             yield chunk, self._prepared[chunk] if self._prepared_key == key else self._prepare(self.samples[chunk], config)
 
+    def batch_results(self, config: Config, plan: Sequence[int] | None = None):
+        """(slice of `samples`, their greedy `GenerationResult`s) batch by batch at `config`: a caller that keeps
+        each batch as it comes (`profiles.sweeps.profile_quality`) loses at most one batch to an interruption."""
+        for chunk, prepared in self._batches(config):
+            budgets = [s.max_new_tokens for s in self.samples[chunk]]
+            yield chunk, self.vlm.generate_prepared(prepared, config, budgets, plan=plan)
+
     def results(self, config: Config, plan: Sequence[int] | None = None) -> list:
         """Greedy `GenerationResult`s (text, tokens; no latency), one per sample, at `config` (or
         with an explicit block `plan`)."""
-        results: list = []
-        for chunk, prepared in self._batches(config):
-            budgets = [s.max_new_tokens for s in self.samples[chunk]]
-            results.extend(self.vlm.generate_prepared(prepared, config, budgets, plan=plan))
-        return results
+        return [result for _, batch in self.batch_results(config, plan) for result in batch]
 
     def answers(self, config: Config, plan: Sequence[int] | None = None) -> list[str]:
         """Greedy answer texts, one per sample, at `config` (or with an explicit block `plan`)."""

@@ -437,6 +437,33 @@ def test_profile_quality_crash_then_resume(quality_runs, pool_samples):
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 
 
+def test_profile_quality_keeps_the_finished_batches_of_an_interrupted_config(micro, pool_samples, tmp_path):
+    """Ctrl-C in the second batch of a config: its first batch is in the table, and a rerun answers only the rest
+    of that config (the answers equal an uninterrupted run's)."""
+    config = GRID.configs()[0]
+    table = ShardedTable(tmp_path / "q", sweeps.QUALITY_KEY, _metadata(micro, "quality"))
+    real, calls = micro.generate_prepared, []
+
+    class Interrupted:
+        def __getattr__(self, name):
+            return getattr(micro, name)
+
+        def generate_prepared(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.profile_quality(Interrupted(), pool_samples, [config], table, batch_size=3, progress=False)
+    assert {k[0] for k in table.done_keys()} == {s.request_id for s in pool_samples[:3]}
+    assert sweeps.profile_quality(micro, pool_samples, [config], table, batch_size=3, progress=False) == len(pool_samples) - 3
+    got = read_table(table.directory).set_index("request_id")["answer"].to_dict()
+    fresh = ShardedTable(tmp_path / "fresh", sweeps.QUALITY_KEY, _metadata(micro, "quality"))
+    sweeps.profile_quality(micro, pool_samples, [config], fresh, batch_size=3, progress=False)
+    assert got == read_table(fresh.directory).set_index("request_id")["answer"].to_dict()
+
+
 def test_profile_quality_matches_batch_one_generation(quality_runs, pool_samples, micro):
     frame = read_table(quality_runs["table"].directory).set_index(list(sweeps.QUALITY_KEY))
     assert frame["quality"].between(0, 1).all()

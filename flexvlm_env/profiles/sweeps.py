@@ -12,10 +12,10 @@
   requests at every (crops, prefill-length bucket, top_k, active_blocks) with forced output length.
 
 Each sweep writes to a `ShardedTable` and skips keys already there: rerun after a crash and it
-finishes with every measurement exactly once. Rows are written as each configuration (quality:
-each batched configuration; stages: each (crops, length)) is done, and the finished rows of the one
-in progress when the sweep is interrupted (Ctrl-C, SIGINT, an error), so a kill loses no finished
-measurement. `deadline_s` stops a sweep cleanly between shards.
+finishes with every measurement exactly once. Rows are written as each configuration (stages: each
+(crops, length)) is done, and the finished rows of the one in progress when the sweep is interrupted
+(Ctrl-C, SIGINT, an error; quality: its finished batches), so a kill loses no finished measurement.
+`deadline_s` stops a sweep cleanly between shards.
 """
 from __future__ import annotations
 
@@ -248,29 +248,26 @@ def profile_quality(
     done = table.done_keys()
     ordered = sorted(configs, key=lambda c: (c.crops, c.crop_rule))  # prepare each request once per crops value
     evaluator = QualityEvaluator(vlm, samples, batch_size=batch_size, max_cached_bytes=max_cached_bytes)
-    written = 0
-    for config in tqdm(ordered, desc=f"quality {vlm.args.name}", unit="config", disable=not progress):
-        missing = [s for s in samples if (s.request_id, config.crops, config.top_k, config.active_blocks) not in done]
-        if not missing:
-            continue
-        if len(missing) < len(samples):  # a pool that grew since the last run: answer only what is missing
-            part = QualityEvaluator(vlm, missing, batch_size=batch_size, max_cached_bytes=max_cached_bytes)
-            results, answered = part.results(config), missing
-        else:
-            results, answered = evaluator.results(config), samples
-        rows = [
-            {
-                "request_id": s.request_id, "family": s.family,
-                "crops": config.crops, "top_k": config.top_k, "active_blocks": config.active_blocks,
-                "quality": float(score(s, r.text)), "answer": r.text, "output_tokens": r.tokens.output,
-            }
-            for s, r in zip(answered, results)
-        ]
-        table.append(rows)
-        written += len(rows)
-        if _deadline_passed(deadline_s):
-            break
-    return written
+    with RowWriter(table) as writer:  # one shard per config, and the finished batches of one interrupted
+        for config in tqdm(ordered, desc=f"quality {vlm.args.name}", unit="config", disable=not progress):
+            missing = [s for s in samples if (s.request_id, config.crops, config.top_k, config.active_blocks) not in done]
+            if not missing:
+                continue
+            # A pool that grew since the last run, or a config interrupted mid-way: answer only what is missing.
+            source = evaluator if len(missing) == len(samples) else QualityEvaluator(
+                vlm, missing, batch_size=batch_size, max_cached_bytes=max_cached_bytes)
+            for chunk, results in source.batch_results(config):
+                writer.rows.extend(_quality_row(s, config, r) for s, r in zip(source.samples[chunk], results))
+            writer.flush()
+            if _deadline_passed(deadline_s):
+                break
+    return writer.written
+
+
+def _quality_row(sample: Sample, config: Config, result) -> dict:
+    return {"request_id": sample.request_id, "family": sample.family, "crops": config.crops, "top_k": config.top_k,
+            "active_blocks": config.active_blocks, "quality": float(score(sample, result.text)), "answer": result.text,
+            "output_tokens": result.tokens.output}
 
 
 def synthetic_request(vlm: VLM, crops: int, input_tokens: int, aspect: float = 4 / 3,
