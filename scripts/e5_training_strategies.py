@@ -122,14 +122,13 @@ def matches(run: Path, wanted: dict, method: str) -> bool:
     """Whether `run` was trained with the `wanted` arguments. An argument its `args.json` lacks was added to the
     trainer after the run, which then ran as that argument's default does (e.g. `--init-from` None, a fresh model):
     it matches the default only."""
+    from trainers.common import absolute_paths
+
     try:
         record = json.loads((run / "args.json").read_text())
     except (OSError, ValueError):
         return False
-    record = {**{k: v for k, v in default_args(method).items() if k not in record}, **record}
-    for key in ("init_from", "guardrail_estimator"):  # relative in the args.json of runs made before 2026-12-01
-        if record.get(key) is not None:
-            record[key] = str(Path(record[key]).resolve())
+    record = absolute_paths({**{k: v for k, v in default_args(method).items() if k not in record}, **record})
     return {k: v for k, v in record.items() if k not in UNCOMPARED} == wanted
 
 

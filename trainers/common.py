@@ -45,6 +45,8 @@ CURVES_FILE = "curves.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 # The table arguments and the kind of table each takes (`flexvlm_env.profiles.loading.check_source`)
 TABLE_ARGS = {"latency": "latency", "quality": "quality", "requests_table": "requests"}
+# The other file arguments (LMArgs has init_from)
+FILE_ARGS = ("guardrail_estimator", "init_from")
 # What a resumed run may change: where it logs and whether it ends with the baselines, nothing that shapes training.
 RESUME_MAY_CHANGE = frozenset({"resume", "runs_dir", "wandb", "wandb_project", "baselines"})
 
@@ -203,6 +205,17 @@ def resume_args(defaults: CommonArgs, run_dir: Path) -> CommonArgs:
     return dataclasses.replace(defaults, **values, resume=Path(run_dir))
 
 
+def absolute_paths(record: dict) -> dict:
+    """An args.json record with its file arguments as absolute paths, as `CommonArgs.absolutize_paths` stores them
+    (runs made before 2026-12-01 kept some as given, relative to the directory they ran in)."""
+    out = dict(record)
+    for key in (*FILE_ARGS, *TABLE_ARGS):
+        value = out.get(key)
+        if isinstance(value, str) and value not in SHIPPED.get(TABLE_ARGS.get(key), {}):
+            out[key] = str(Path(value).resolve())
+    return out
+
+
 def check_resume(method: str, args: CommonArgs) -> None:
     """Raise ValueError unless `args` may resume the run `args.resume` names: the same method, and the
     arguments its args.json records, but for `RESUME_MAY_CHANGE`."""
@@ -210,10 +223,7 @@ def check_resume(method: str, args: CommonArgs) -> None:
     if saved.get("method") != method:
         raise ValueError(f"--resume={args.resume} is a {saved.get('method')!r} run, not {method!r}")
     given = args_record(method, args)
-    for key in ("guardrail_estimator", "init_from", *TABLE_ARGS):  # relative in the args.json of older runs
-        value = saved.get(key)
-        if isinstance(value, str) and value not in SHIPPED.get(TABLE_ARGS.get(key), {}):
-            saved[key] = str(Path(value).resolve())
+    saved = absolute_paths(saved)
     changed = [f"--{k.replace('_', '-')}={given[k]!r} (the run's is {saved[k]!r})" for k in saved
                if k in given and k not in RESUME_MAY_CHANGE and given[k] != saved[k]]
     if changed:

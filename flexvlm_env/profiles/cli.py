@@ -49,22 +49,18 @@ def _table_metadata(flag: str, path: Path) -> dict:
     """Metadata of the profile table at `path` (a shard directory or a Parquet file), read without its
     rows; a ValueError naming `flag` when `path` is no such table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from .tables import METADATA_KEY, TABLE_JSON
+    from .tables import TABLE_JSON, table_metadata
 
     allowed = "allowed: a table directory (with table.json) or a Parquet file written by flexvlm-profile"
-    if path.is_dir():
-        if not (path / TABLE_JSON).is_file():
-            raise ValueError(f"{flag}={str(path)!r} is a directory without {TABLE_JSON}; {allowed}")
-        return json.loads((path / TABLE_JSON).read_text())
-    if not path.is_file():
+    if path.is_dir() and not (path / TABLE_JSON).is_file():
+        raise ValueError(f"{flag}={str(path)!r} is a directory without {TABLE_JSON}; {allowed}")
+    if not path.exists():
         raise ValueError(f"{flag}={str(path)!r} does not exist; {allowed}")
     try:
-        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        return table_metadata(path)
     except (pa.ArrowException, OSError):
         raise ValueError(f"{flag}={str(path)!r} is not a Parquet file; {allowed}") from None
-    return json.loads(raw) if raw else {}
 
 
 @dataclass

@@ -122,6 +122,24 @@ def _source_key(value: str | Path, shipped: dict) -> tuple:
     return ("path", str(path), path.stat().st_mtime_ns)
 
 
+# The tables each argument takes (`_table_kind`), and how the others are named in its error.
+_ACCEPTS = {"quality": {"quality"}, "latency": {"stages", "requests"}, "requests": {"request-table"}}
+_DESCRIBED = {"request-table": "a `flexvlm-profile request-table` (features and token counts)",
+              "requests": "a `flexvlm-profile requests` sweep (measured latency)",
+              "requests-empty": "a `flexvlm-profile requests` sweep with no rows yet (rerun it: it resumes)"}
+
+
+def _table_kind(frame: pd.DataFrame) -> str | None:
+    """Which `flexvlm-profile` table `frame` is: its metadata's kind, except that kind "requests" is a request-table
+    (keyed per request and crops), a timed `requests` sweep, or one interrupted before its first shard."""
+    metadata = frame.attrs.get("metadata", {})
+    if metadata.get("kind") != "requests":
+        return metadata.get("kind")
+    if metadata.get("key") == ["request_id", "crops"]:
+        return "request-table"
+    return "requests" if "total_ms" in frame.columns else "requests-empty"
+
+
 def _read_own(kind: str, path: str) -> pd.DataFrame:
     """A table a user made with `flexvlm-profile`, checked to be of the kind its argument takes."""
     try:
@@ -129,23 +147,11 @@ def _read_own(kind: str, path: str) -> pd.DataFrame:
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{kind}={path!r} is not a readable `{_MADE_BY[kind]}` table (a Parquet file or its shard "
                          f"directory): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-    metadata = frame.attrs.get("metadata", {})
-    found = metadata.get("kind")
-    if kind == "requests":
-        ok = found == "requests" and metadata.get("key") == ["request_id", "crops"]
-    elif kind == "quality":
-        ok = found == "quality"
-    else:
-        ok = found == "stages" or (found == "requests" and "total_ms" in frame.columns)
-    if not ok:
-        if found == "requests" and "total_ms" not in frame.columns and metadata.get("key") != ["request_id", "crops"]:
-            what = "a `flexvlm-profile requests` sweep with no rows yet (rerun it: it resumes)"
-        elif found == "requests":
-            what = ("a `flexvlm-profile request-table` (features and token counts)" if "total_ms" not in frame.columns
-                    else "a `flexvlm-profile requests` sweep (measured latency)")
-        else:
-            what = f"a table of kind {found!r}"
+    found = _table_kind(frame)
+    if found not in _ACCEPTS[kind]:
+        what = _DESCRIBED.get(found, f"a table of kind {found!r}")
         raise ValueError(f"{kind}={path!r} holds {what}; a {kind} table comes from `{_MADE_BY[kind]}`")
+    metadata = frame.attrs.get("metadata", {})
     if kind == "latency" and not metadata.get("preset"):
         raise ValueError(f"latency={path!r}: its metadata names no model preset, which says whose token counts to use")
     return frame
@@ -201,7 +207,7 @@ def _load(quality: tuple, latency: tuple, requests_key: tuple | None) -> ReplayD
     unknown = set(answers["request_id"].unique()) - set(requests["request_id"])
     if unknown:
         raise ValueError(f"quality={quality[1]!r} answers {len(unknown)} requests that the request table "
-                         f"({'shipped' if requests_key is None else requests_key[1]}) does not hold, e.g. "
+                         f"({requests_name}) does not hold, e.g. "
                          f"{sorted(unknown)[:3]}; make the table of its pool with `{_MADE_BY['requests']}` (the "
                          "same --families, --split, --per-family and --task-seed) and give it as requests=")
     metadata = {"quality_source": quality[1], "latency_source": latency[1], "quality_table": quality_meta,

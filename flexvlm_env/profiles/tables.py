@@ -120,6 +120,18 @@ class ShardedTable:
         return read_table(self.directory)
 
 
+def table_metadata(path: str | Path) -> dict:
+    """The metadata of a table directory (its table.json) or Parquet file (its schema), without reading its rows."""
+    path = Path(path)
+    if path.is_dir():
+        meta_path = path / TABLE_JSON
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path} is not a profile table (no {TABLE_JSON})")
+        return json.loads(meta_path.read_text())
+    raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """All rows of a sharded table directory (or one Parquet file), duplicate keys rejected.
     The metadata is in `frame.attrs["metadata"]`."""
@@ -127,10 +139,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if path.is_file():
         frame, metadata = read_parquet(path)
     else:
-        meta_path = path / TABLE_JSON
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{path} is not a profile table (no {TABLE_JSON})")
-        metadata = json.loads(meta_path.read_text())
+        metadata = table_metadata(path)
         shards = sorted(path.glob("part-*.parquet"))
         frame = pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
     key = metadata.get("key")
