@@ -356,6 +356,23 @@ def test_teacher_forced_loss_on_cuda_bf16_matches_cpu(micro_module, micro_tokeni
     torch.testing.assert_close(gpu_loss.float().cpu(), cpu_loss, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_forced_loss_without_gradients_under_bf16_autocast(micro_tokenizer):
+    # finetune_lora.py's anchor reference and eval-style forwards run under torch.no_grad() inside the bf16
+    # autocast: the ViT's fused add + LayerNorm kernel must step aside there (it does not cast, and once failed
+    # with "residual must match x (torch.bfloat16 ...), got torch.float32").
+    batch = build_batch(0, TrainBatchSpec(batch_size=8), ElasticKnobs(enabled=False), MICRO, micro_tokenizer)
+    tensors = [batch[k].cuda() for k in ("input_ids", "labels", "feature_pos", "feature_rows")]
+    images, masks = batch_views(batch, 12, MICRO.vision, micro_tokenizer.special, "cuda")
+    module = init_for_training_(MolmoE(MICRO), seed=0).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with_grad, _ = teacher_forced_loss(module, images, masks, *tensors, tuple(range(16)), 8, micro_tokenizer.special.pad)
+        with torch.no_grad():
+            without_grad, _ = teacher_forced_loss(module, images, masks, *tensors, tuple(range(16)), 8, micro_tokenizer.special.pad)
+    torch.testing.assert_close(without_grad.float(), with_grad.detach().float())
+
+
 def _special():
     return TextTokenizer.from_file(assets_dir("micro")).special
 

@@ -106,9 +106,11 @@ class VisionTransformer(nn.Module):
 
 def fused_add_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the ViT takes the fused residual add + LayerNorm path: on CUDA with Triton, for widths one
-    program holds, unless autograd needs the result (the kernel has no backward); CPU, training and wider
-    towers keep the blocks as written."""
+    program holds, unless autograd needs the result (the kernel has no backward) or autocast is on (the kernel
+    does not cast: a bf16-autocast forward without gradients, e.g. finetune_lora.py's anchor reference, would hand
+    it a bf16 update and a float32 residual); CPU, training and wider towers keep the blocks as written."""
     return (x.is_cuda and vision_kernels.triton is not None and x.shape[-1] <= vision_kernels.MAX_WIDTH
+            and not torch.is_autocast_enabled(x.device.type)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
