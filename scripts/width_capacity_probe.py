@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import tyro
 
+from flexvlm_env.experiments.common import versions
 from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.preprocess import IGNORE_INDEX
 from flexvlm_env.model.tokenizer import TextTokenizer
@@ -196,7 +197,7 @@ def main(args: Args) -> None:
               "recall_by_top_k": by_top_k, "top1_loss_points": round(100 * (by_top_k["8"] - by_top_k["1"]), 2),
               "curve": curve, "parameters": sum(p.numel() for p in module.parameters()),
               "device": f"{device.type} ({device_name})", "dtype": ("bf16 autocast training, float32 recall" if device.type == "cuda" else "float32"),
-              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "versions": versions(),
               "wall_s": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
