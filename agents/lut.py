@@ -40,6 +40,10 @@ class LUTController(Controller):
         self.fractions = np.asarray(sorted(float(f) for f in fractions), dtype=np.float64)
         if self.table.shape != (len(FAMILY_NAMES), len(self.fractions)):
             raise ValueError(f"table has shape {self.table.shape}, expected ({len(FAMILY_NAMES)}, {len(self.fractions)})")
+        outside = (self.table < 0) | (self.table >= len(self.grid))
+        if outside.any():
+            raise ValueError(f"table holds config indices {np.unique(self.table[outside])[:5].tolist()}; allowed: "
+                             f"[0, {len(self.grid)}) (the indices of the grid's {len(self.grid)} configurations)")
         self.max_violation_rate = max_violation_rate
 
     @classmethod

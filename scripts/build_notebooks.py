@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SETUP = """\
 import json
+import tempfile
 from pathlib import Path
 
 from IPython.display import Image, display
@@ -48,8 +49,13 @@ def show(path):
     display(Image(data=buffer.getvalue(), format="png"))
 
 
+# Drawn into a temporary folder: the committed PNGs in results/figures are make_figures.py's, and a
+# notebook run would rewrite their bytes (same pixels).
+FIGURES = Path(tempfile.mkdtemp(prefix="flexvlm-notebook-figures-"))
+
+
 def figures(experiment):
-    for path in importlib.import_module(MODULES[experiment]).plot_from_results(RESULTS):
+    for path in importlib.import_module(MODULES[experiment]).plot_from_results(RESULTS, FIGURES):
         show(path)
 """
 
@@ -102,11 +108,11 @@ NOTEBOOKS: dict[str, tuple[str, str, list[Section]]] = {
                     "          f\"decode ms/token full {h['decode_ms_per_output_token']['full']:.3f} vs reduced {h['decode_ms_per_output_token']['reduced']:.3f}\")\n"
                     "    print('   LLM operator share (full config):', {k: {o: round(x, 2) for o, x in v.items()} for k, v in h['llm_operator_share_full'].items()})"),
             Section("m2", "M2 - latency repeatability",
-                    "100 timed runs after 5 warm-ups per configuration. On the GPUs the device stages repeat within about "
-                    "1% (CoV); the total's CoV is set by host-side preprocessing (image resize and upload on the host "
-                    "CPU), which carries over 99% of MolmoE-1B's variance. That is why its total misses the 2% bar at "
-                    "the low configuration while every device stage meets it (micro on the H200, one host thread: "
-                    "within 1%).",
+                    "100 timed runs after 5 warm-ups per configuration. MolmoE-1B on the H100: every device stage "
+                    "repeats within about 1% (CoV at most 1.2%), but the total misses the 2% bar at all three "
+                    "configurations (CoV 3-10%), because host-side preprocessing (image resize and upload on the host "
+                    "CPU) carries over 99.9% of its variance. micro on the H200 (one host thread): totals within 1%, "
+                    "device stages within 4%. micro on the 2-core CPU: totals within 6%.",
                     "for run, x in s['runs'].items():\n"
                     "    for name, c in x['configs'].items():\n"
                     "        print(f\"{run:15s} {name:6s} CoV total {c['cov_total']:.3f}; per stage\", {k: round(v, 4) for k, v in c['cov_per_stage'].items()})\n"

@@ -42,7 +42,7 @@ import numpy as np
 import tyro
 
 from flexvlm_env.experiments.common import machine as common_machine
-from flexvlm_env.experiments.common import read_json, write_json
+from flexvlm_env.experiments.common import read_json, run_header, versions, write_json
 from flexvlm_env.experiments.training_strategies import THRESHOLD, final_table, mean_tables, plot, steps_to_threshold
 
 # dpo_grpo: a pipeline, not a trainer. DPO for the first fifth of the env steps, then GRPO started from its
@@ -278,6 +278,23 @@ def baseline_entries(seeds) -> list[dict]:
     } for name, results in evaluate_baselines(seeds).items()]
 
 
+def summary_header(args: Args, host: dict, today: str, previous: dict | None = None) -> dict:
+    """The summary's fields but its entries. A new summary starts with `run_header`'s (versions and arguments, as
+    every experiment's does) and what E5 ran on; with --merge, `previous`'s are kept and this update, with its own
+    versions and arguments, replaces any earlier update of only these methods in `updates`."""
+    if previous is None:
+        return {**run_header("E5", args, env="FlexVLMReplay-v0", quality_source="micro", latency_source="molmoe-1b-h100",
+                             eval="held-out half of the recorded val pool (900 requests) x budget fractions "
+                                  "0.35/0.5/0.7/0.85/1.0",
+                             total_env_steps=args.total_env_steps, threshold=THRESHOLD),
+                "machine": host, "date": today}  # the machine with E5's torch threads
+    header = {k: v for k, v in previous.items() if k != "entries"}
+    update = {"methods": list(args.methods), "date": today, "machine": host, "versions": versions(),
+              "args": run_header("E5", args)["args"]}
+    header["updates"] = [*(u for u in header.get("updates", []) if not set(u["methods"]) <= set(args.methods)), update]
+    return header
+
+
 def main(args: Args) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     curves_path = args.out.parent / "e5_curves.json.gz"
@@ -291,20 +308,13 @@ def main(args: Args) -> None:
     curves: dict[str, list[list[dict]]] = {}
     for method in args.methods:
         fresh[method], curves[method] = method_entry(args, method)
+    header = summary_header(args, host, today, previous if args.merge else None)
     if args.merge:
-        header = {k: v for k, v in previous.items() if k != "entries"}
-        # an earlier update of only these methods is superseded by this one
-        header["updates"] = [*(u for u in header.get("updates", []) if not set(u["methods"]) <= set(args.methods)),
-                             {"methods": list(args.methods), "date": today, "machine": host}]
         for entry in fresh.values():
             entry.update(date=today, machine=host)
         summary = [fresh.pop(e["method"], e) for e in previous["entries"]] + list(fresh.values())
         curves = {**read_json(curves_path), **curves}
     else:
-        header = {"experiment": "E5", "env": "FlexVLMReplay-v0", "quality_source": "micro",
-                  "latency_source": "molmoe-1b-h100",
-                  "eval": "held-out half of the recorded val pool (900 requests) x budget fractions 0.35/0.5/0.7/0.85/1.0",
-                  "total_env_steps": args.total_env_steps, "threshold": THRESHOLD, "machine": host, "date": today}
         summary = list(fresh.values()) + baseline_entries(args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**header, "entries": summary}, indent=1))

@@ -1,7 +1,7 @@
 """Quality of the shipped `micro` weights across the knob grid: `results/micro_quality.json`.
 
     python scripts/eval_micro.py                       # CPU, about 30 minutes on 2 cores
-    python scripts/eval_micro.py --requests-per-family 20 --grid-requests-per-family 4 --latency-repeats 1  # quick
+    python scripts/eval_micro.py --requests-per-family 20 --grid-requests-per-family 4 --latency-repeats 1  # quick: results/quick/
 
 Three measurements, all greedy generation scored with each family's metric on the procedural
 `val` split (fixed seed):
@@ -21,11 +21,15 @@ every configuration below full; and each quality bar of the issue, checked.
 request at every configuration, answered in batches on a GPU in minutes), and `--latency-source`
 replaces 3 by a shipped replay latency source (e.g. `micro-h200`): then the whole evaluation is a
 few seconds on a CPU.
+
+Every argument is checked before the model loads (a bad one is a usage error, exit status 2), so a
+typo does not surface at the end of a half-hour run.
 """
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,21 +41,28 @@ import tyro
 import flexvlm_env
 from flexvlm_env.config import Config, KnobGrid
 from flexvlm_env.evaluation import QualityEvaluator
+from flexvlm_env.experiments.common import QUICK_SUBDIR
 from flexvlm_env.model.runtime import load_model
-from flexvlm_env.tasks import FAMILIES
+from flexvlm_env.tasks import FAMILIES, SPLITS
 from flexvlm_env.tasks.procedural import GENERATOR_VERSION, generate_samples
+
+DEFAULT_OUT = "results/micro_quality.json"
+# What a smaller run would shrink (the latency ones only when it times here)
+SAMPLE_SIZES = ("requests_per_family", "grid_requests_per_family")
+LATENCY_SAMPLE_SIZES = ("latency_requests", "latency_repeats")
 
 
 @dataclass
 class Args:
-    out: str = "results/micro_quality.json"
-    """where to write the results"""
+    out: str = DEFAULT_OUT
+    """where to write the results (by default the committed result, which is the shipped weights' full evaluation: a
+    run of other --weights or with fewer requests or repeats writes results/quick/micro_quality.json instead)"""
     weights: str | None = None
-    """checkpoint (default: the shipped micro weights)"""
+    """checkpoint: a micro .safetensors file or a directory holding model.safetensors (default: the shipped weights)"""
     split: str = "val"
-    """procedural split"""
+    """procedural split: train, val or test"""
     seed: int = 0
-    """procedural seed"""
+    """procedural seed (>= 0)"""
     requests_per_family: int = 200
     """requests per family for the quality table"""
     grid_requests_per_family: int = 40
@@ -65,7 +76,7 @@ class Args:
     batch_size: int = 200
     """requests per generation batch"""
     device: str = "cpu"
-    """device the quality and latency runs use"""
+    """device the quality and latency runs use: cpu, cuda or cuda:N"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     quality_table: str | None = None
@@ -85,6 +96,56 @@ class Args:
                              f"--requests-per-family={self.requests_per_family} (they are its first requests)")
         if self.threads < 0:
             raise ValueError(f"--threads={self.threads} must be >= 0 (0: torch's default)")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split={self.split!r} is not valid; allowed: {', '.join(SPLITS)}")
+        if self.seed < 0:
+            raise ValueError(f"--seed={self.seed} must be >= 0")
+        check_device(self.device)
+        if self.weights is not None and not Path(self.weights).exists():
+            raise ValueError(f"--weights={self.weights!r} does not exist; allowed: a micro .safetensors file or a "
+                             "directory holding model.safetensors (default: the shipped weights)")
+        if self.quality_table is not None:
+            check_quality_table(self.quality_table, self.split, self.seed)
+        if self.latency_source is not None:
+            from flexvlm_env.profiles.loading import check_source
+
+            check_source("--latency-source", self.latency_source)
+        if self.out == DEFAULT_OUT and (self.weights is not None or self.reduced()):
+            self.out = str(Path(DEFAULT_OUT).parent / QUICK_SUBDIR / Path(DEFAULT_OUT).name)
+
+    def reduced(self) -> bool:
+        """Fewer requests or timed runs than the committed evaluation (a quick check)."""
+        sizes = (SAMPLE_SIZES if self.quality_table is None else ()) + (
+            LATENCY_SAMPLE_SIZES if self.latency_source is None else ())
+        return any(getattr(self, name) < getattr(Args, name) for name in sizes)
+
+
+def check_device(device: str) -> None:
+    """Raise a ValueError naming --device unless it is one load_model can use on this machine."""
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device={device!r} is not valid; allowed: cpu, cuda, cuda:N")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device!r} was given but CUDA is not available here; allowed: cpu")
+
+
+def check_quality_table(path: str, split: str, seed: int) -> None:
+    """Raise a ValueError naming --quality-table unless `path` is a `flexvlm-profile quality` table of the
+    procedural `split` and `seed` (read from its metadata, without its rows)."""
+    from flexvlm_env.profiles.tables import table_metadata
+
+    allowed = "allowed: a `flexvlm-profile quality` table (its shard directory or consolidated Parquet file)"
+    if not Path(path).exists():
+        raise ValueError(f"--quality-table={path!r} does not exist; {allowed}")
+    try:
+        meta = table_metadata(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"--quality-table={path!r} is not readable ({type(error).__name__}); {allowed}") from None
+    if meta.get("kind") != "quality":
+        raise ValueError(f"--quality-table={path!r} is a {meta.get('kind')!r} table; {allowed}")
+    pool = meta.get("protocol", {}).get("pool", {})
+    if (pool.get("split"), pool.get("task_seed")) != (split, seed):
+        raise ValueError(f"--quality-table={path!r} covers split {pool.get('split')!r} seed {pool.get('task_seed')}, "
+                         f"not --split={split!r} --seed={seed}")
 
 
 def table_configs(grid: KnobGrid) -> list[tuple[str, Config]]:
@@ -148,17 +209,15 @@ def table_row(name: str, config: Config, scores: np.ndarray, families: list[str]
             "per_family": by_family, "mean": float(np.mean(list(by_family.values())))}
 
 
-def scores_from_table(path: str, weights_sha256: str | None, split: str, seed: int) -> tuple[dict, list[str]]:
-    """{(crops, top_k, blocks): per-request scores} and the requests' families, from a quality table."""
+def scores_from_table(path: str, weights_sha256: str | None) -> tuple[dict, list[str]]:
+    """{(crops, top_k, blocks): per-request scores} and the requests' families, from a quality table (its kind,
+    split and seed checked with the arguments: `check_quality_table`)."""
     from flexvlm_env.profiles.tables import read_table
 
     frame = read_table(path)
     meta = frame.attrs.get("metadata", {})
-    pool = meta.get("protocol", {}).get("pool", {})
     if weights_sha256 and meta.get("weights_sha256") != weights_sha256:
         raise ValueError(f"--quality-table {path} was answered by weights {meta.get('weights_sha256')}, not {weights_sha256}")
-    if (pool.get("split"), pool.get("task_seed")) != (split, seed):
-        raise ValueError(f"--quality-table {path} covers split {pool.get('split')!r} seed {pool.get('task_seed')}, not {split!r} seed {seed}")
     frame = frame.sort_values(["request_id"]).reset_index(drop=True)
     ids = sorted(frame["request_id"].unique())
     families = [i.split("/")[0] for i in ids]
@@ -177,7 +236,7 @@ def main(args: Args) -> None:
 
     if args.quality_table:
         # 1 and 2 from the recorded table: every request at every configuration.
-        grid_scores, families = scores_from_table(args.quality_table, vlm.weights_sha256, args.split, args.seed)
+        grid_scores, families = scores_from_table(args.quality_table, vlm.weights_sha256)
         table = [table_row(name, c, grid_scores[knob_tuple(c)], families) for name, c in table_configs(grid)]
         requests_per_family = len(families) // len(set(families))
         samples = subset = None
@@ -258,6 +317,7 @@ def main(args: Args) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
     print(json.dumps({"full": table[0]["mean"], "adaptivity": adaptivity, "bars": {k: v for k, v in result["bars"].items() if isinstance(v, bool)}}, indent=1))
 
 

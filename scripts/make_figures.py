@@ -1,6 +1,9 @@
 """Regenerate every committed figure from the data under results/ (no model runs).
 
     python scripts/make_figures.py [--only e1 m2 ...]
+
+A bad argument (an unknown id, a missing results folder or summary) is a usage error, exit status 2,
+reported before any figure is drawn.
 """
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
-
 from flexvlm_env.experiments import MODULES
+from flexvlm_env.experiments.common import parse_script_args
 from flexvlm_env.figures import replay_tradeoff, roofline, training_curves
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -25,10 +27,20 @@ class Args:
     """experiment ids to redo (default: all whose data exist)"""
 
 
-def main(args: Args) -> None:
+def validate(args: Args) -> None:
+    """Raise a ValueError naming the argument unless every figure asked for can be drawn."""
     unknown = sorted(set(args.only) - set(MODULES))
     if unknown:
-        raise SystemExit(f"--only {unknown}: unknown experiment ids; allowed: {sorted(MODULES)}")
+        raise ValueError(f"--only {unknown}: unknown experiment ids; allowed: {sorted(MODULES)}")
+    if not args.results.is_dir():
+        raise ValueError(f"--results={args.results} is not a directory (the results folder: data in, figures/ out)")
+    missing = [e for e in args.only if not (args.results / f"{e}_summary.json").exists()]
+    if missing:  # asked for by name: its data must be there
+        raise ValueError(f"--only {missing}: no {missing[0]}_summary.json in {args.results}; run its script first")
+
+
+def main(args: Args) -> None:
+    validate(args)
     if not args.only:
         for card in ("h100", "h200"):  # one runtime benchmark per card (issue [fast-runtime])
             source = args.results / f"bench_runtime_{card}.json"
@@ -41,11 +53,6 @@ def main(args: Args) -> None:
         headroom = args.results / "replay_headroom.json"
         if headroom.exists():
             print("wrote", replay_tradeoff(json.loads(headroom.read_text()), args.results / "figures" / "replay_tradeoff.png"))
-    if not args.results.is_dir():
-        raise SystemExit(f"--results={args.results} is not a directory (the results folder: data in, figures/ out)")
-    missing = [e for e in args.only if not (args.results / f"{e}_summary.json").exists()]
-    if missing:  # asked for by name: its data must be there
-        raise SystemExit(f"--only {missing}: no {missing[0]}_summary.json in {args.results}; run its script first")
     for experiment in args.only or MODULES:
         if not (args.results / f"{experiment}_summary.json").exists():
             print(f"{experiment}: no {experiment}_summary.json yet, skipped")
@@ -56,4 +63,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_script_args(Args, validate))

@@ -3,6 +3,7 @@
     python scripts/train_micro.py --total-steps 20000 --max-minutes 9     # GPU, resumable chunks
     python scripts/train_micro.py --total-steps 20 --batch-size 8 --device cpu   # smoke run
     torchrun --nproc-per-node 4 scripts/train_micro.py ...                      # data parallel, 4 GPUs
+    python scripts/train_micro.py ... --export-dir flexvlm_env/assets/micro     # replace the shipped weights
 
 CleanRL-style single file: the `Args` dataclass is the whole interface. Knob-robust ("elastic")
 training is on by default: every batch runs at a drawn (crops, top_k, block plan), see
@@ -18,7 +19,9 @@ planned `--total-steps` may be raised on resume as long as the decay has not sta
 
 When the last step is done, the block-importance ranking is measured (quality drop when each block
 alone is skipped, on held-out train-split samples, generated greedily and scored with each
-family's metric) and the weights are exported in bfloat16 with the ranking to `--export-dir`.
+family's metric) and the weights are exported in bfloat16 with the ranking to `--export-dir`
+(default `<run-dir>/export`: the shipped weights in flexvlm_env/assets/micro are replaced only when
+that directory is given explicitly).
 Logging: `log.jsonl` in the run directory always; Weights & Biases with `--track` (offline unless
 WANDB_MODE / an API key says otherwise).
 
@@ -42,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
+from flexvlm_env.experiments.common import parse_script_args
 from flexvlm_env.model.molmoe import MolmoE
 from flexvlm_env.model.runtime import VLM, assets_dir
 from flexvlm_env.model.tokenizer import TextTokenizer
@@ -53,6 +56,7 @@ from flexvlm_env.training import (
     save_training_state, teacher_forced_loss,
 )
 from flexvlm_env.training.loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
+from flexvlm_env.training.tracking import WandbLog
 from flexvlm_env.training.parallel import (
     all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
 )
@@ -63,8 +67,9 @@ from flexvlm_env.training.reading import TRANSCRIBE
 class Args:
     run_dir: str = "runs/micro"
     """training state and log.jsonl (resumed from if it holds a checkpoint)"""
-    export_dir: str = "flexvlm_env/assets/micro"
-    """where the finished bf16 weights (model.safetensors + model.json) are written"""
+    export_dir: str | None = None
+    """where the finished bf16 weights (model.safetensors + model.json) are written (default: <run-dir>/export).
+    Give flexvlm_env/assets/micro to replace the shipped weights"""
     total_steps: int = 20000
     """optimizer steps in the whole run"""
     batch_size: int = 512
@@ -134,7 +139,7 @@ class Args:
     norm_topk_prob). Off, as in MolmoE-1B, whose width knob micro stands in for; on, an ablation of
     the router: top_k = 1 then gives the heaviest expert weight 1 instead of its softmax share"""
     device: str = "auto"
-    """cuda, cpu or auto"""
+    """cuda, cpu or auto (CUDA when available)"""
     num_workers: int = -1
     """DataLoader workers building batches (-1: CPU count - 2)"""
     max_minutes: float = 0.0
@@ -194,6 +199,15 @@ class Args:
         for name in ("transcribe_weight", "focus_transcribe_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device={self.device!r} is not valid; allowed: auto, cuda, cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device='cuda' was given but CUDA is not available here; allowed: cpu, auto")
+
+    @property
+    def export_path(self) -> Path:
+        """--export-dir, or `<run-dir>/export`: a run never replaces the shipped weights unless told to."""
+        return Path(self.export_dir) if self.export_dir is not None else Path(self.run_dir) / "export"
 
     @property
     def families(self) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
@@ -203,6 +217,35 @@ class Args:
             return tuple(FAMILIES), tuple(self.family_weights), tuple(self.focus_weights)
         return ((*FAMILIES, TRANSCRIBE), (*self.family_weights, self.transcribe_weight),
                 (*self.focus_weights, self.focus_transcribe_weight))
+
+
+# What a resumed run must keep: they define the data stream and the model.
+RESUME_KEEPS = ("batch_size", "seed", "elastic", "p_full", "p_smallest", "top_k_choices", "min_blocks", "family_weights",
+                "crop_px", "expert_hidden", "norm_topk_prob", "focus_steps", "focus_weights", "transcribe_weight",
+                "focus_transcribe_weight")
+
+
+def check_resume(args: Args) -> None:
+    """Raise a ValueError naming the argument unless `args` may continue the checkpoint in --run-dir (if it holds
+    one). Read from its state.json alone, so a bad resume is refused before anything loads: another crop size
+    would otherwise fail later as a tensor-shape mismatch."""
+    state_path = Path(args.run_dir) / "checkpoint" / "state.json"
+    if not state_path.exists():
+        return
+    progress = json.loads(state_path.read_text())["progress"]
+    saved_args = {"crop_px": 112, **progress.get("args", {})}  # runs from before --crop-px existed were all at 112
+    for key in RESUME_KEEPS:
+        given = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
+        if key in saved_args and saved_args[key] != given:
+            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
+                             f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
+    saved_decay = saved_args.get("decay_frac", args.decay_frac)
+    saved_total = saved_args.get("total_steps", args.total_steps)
+    decay_start = int(saved_total * (1 - saved_decay))
+    # Changing the planned length changes the schedule only once the decay has begun.
+    if args.total_steps != saved_total and saved_decay > 0 and progress["step"] >= decay_start:
+        raise ValueError(f"--total-steps={args.total_steps}: the learning-rate decay already started at step {decay_start} "
+                         f"(the checkpoint's --total-steps={saved_total}); keep it, or use a new --run-dir")
 
 
 REWARM_STEPS = 100  # linear re-warmup after resuming without optimizer moments (beta2 = 0.95 re-estimates in ~50 steps)
@@ -248,7 +291,7 @@ def measure_ranking(module: MolmoE, tokenizer: TextTokenizer, device, n_per_fami
 def export(module: MolmoE, args: Args, ranking: dict, progress: dict, model_args) -> None:
     from flexvlm_env.model.checkpoint import save_flexvlm
 
-    export_dir = Path(args.export_dir)
+    export_dir = args.export_path
     export_dir.mkdir(parents=True, exist_ok=True)
     path = export_dir / "model.safetensors"
     source = (f"quality drop when each block alone is skipped, mean over {ranking['requests']} held-out "
@@ -271,6 +314,7 @@ def export(module: MolmoE, args: Args, ranking: dict, progress: dict, model_args
 
 def main(args: Args) -> None:
     started = time.perf_counter()
+    check_resume(args)
     rank, world, device = setup_processes(args.device, args.batch_size)
     torch.manual_seed(args.seed)
     model_args = dataclasses.replace(micro_args(args.crop_px), expert_hidden=args.expert_hidden, norm_topk_prob=args.norm_topk_prob)
@@ -295,22 +339,9 @@ def main(args: Args) -> None:
             if resampled:
                 print(f"{init_path} has another crop size: resampled {resampled} to {args.crop_px} px crops")
         print(f"initialised from {init_path}")
-    if (run_dir / "checkpoint" / "state.json").exists():
-        # Checked before loading: another crop size would otherwise fail as a tensor-shape mismatch.
-        saved_args = {"crop_px": 112,  # runs from before --crop-px existed were all at 112
-                      **json.loads((run_dir / "checkpoint" / "state.json").read_text())["progress"].get("args", {})}
-        for key in ("batch_size", "seed", "elastic", "p_full", "p_smallest", "top_k_choices", "min_blocks", "family_weights",
-                    "crop_px", "expert_hidden", "norm_topk_prob", "focus_steps", "focus_weights", "transcribe_weight", "focus_transcribe_weight"):
-            if key in saved_args and saved_args[key] != (list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)):
-                raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r} differs from the checkpoint's {saved_args[key]!r}; "
-                                 f"resuming must keep the data stream and the model (use a new --run-dir to change it)")
+    if (run_dir / "checkpoint" / "state.json").exists():  # check_resume(args) above allowed it
         saved = load_training_state(run_dir / "checkpoint", module, optimizer)
         progress.update(saved)
-        saved_decay = saved_args.get("decay_frac", args.decay_frac)
-        decay_start = int(saved_args.get("total_steps", args.total_steps) * (1 - saved_decay))
-        # Changing the planned length changes the schedule only once the decay has begun.
-        if args.total_steps != saved_args.get("total_steps", args.total_steps) and saved_decay > 0 and progress["step"] >= decay_start:
-            raise ValueError(f"--total-steps={args.total_steps}: the learning-rate decay already started at step {decay_start}")
         truncate_log(log_path, progress["step"])
         if not progress.pop("optimizer_restored"):
             progress["rewarm_from"] = progress["step"]
@@ -337,6 +368,10 @@ def main(args: Args) -> None:
         run_id = "micro-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
         wandb_run = wandb.init(project=args.wandb_project, name=run_dir.name, id=run_id,
                                resume="allow", config=asdict(args), dir=str(run_dir))
+    # W&B gets the log's lines once a checkpoint covers them: lines after the last checkpoint are logged again by a
+    # resumed run, and W&B keeps the first value it got for a step.
+    wandb_log = WandbLog(wandb_run, log_path, "step")
+    wandb_log.send_through(progress["step"])
 
     if step < args.total_steps:
         workers = max(1, ((os.cpu_count() or 2) - 2) // world) if args.num_workers < 0 else args.num_workers
@@ -398,8 +433,6 @@ def main(args: Args) -> None:
                 check_replicas(module, world)
                 if rank == 0:
                     append_log(log_path, record)
-                    if wandb_run is not None:
-                        wandb_run.log(record, step=step)
                     print(f"step {step} ce: {loss_summary(record)} | {record['samples_per_s']:.0f} samples/s "
                           f"(data wait {record['data_wait_frac']:.0%}) lr {record['lr']:.2e}", flush=True)
                 progress["train_seconds"] += elapsed
@@ -413,6 +446,7 @@ def main(args: Args) -> None:
                 progress.update(step=step, samples=step * args.batch_size)
                 if rank == 0:
                     save_training_state(run_dir / "checkpoint", module, optimizer, progress)
+                    wandb_log.send_through(step)
                 last_checkpoint = time.perf_counter()
             if step == args.total_steps or out_of_time:
                 if rank == 0:  # weights only (fp32, 15 MB shards): what moves the run to another machine
@@ -446,4 +480,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    # A resume that changes the run is a usage error before the model is built (main checks again for callers).
+    main(parse_script_args(Args, check_resume))

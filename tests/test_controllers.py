@@ -430,7 +430,7 @@ def test_trainer_bad_input(tmp_path):
     assert unknown.returncode == 2 and "method='sarsa'" in unknown.stderr
     for method, args, message in [("supervised", ("--epochs-per-eval", "0"), "--epochs-per-eval=0 must be >= 1"),
                                   ("supervised", ("--hidden", "0"), "--hidden=(0,)"),
-                                  ("lut", ("--max-violation-rate", "-1"), "--max-violation-rate=-1.0 must be in [0, 1]")]:
+                                  ("lut", ("--max-violation-rate", "-1"), "--max-violation-rate=-1.0 must be a finite number in [0, 1]")]:
         bad = train(method, tmp_path, *args)
         assert bad.returncode == 2 and f"flexvlm-train {method}: error: {message}" in bad.stderr, bad.stderr[-2000:]
     # the method name sets MaskablePPO, not a flag
@@ -588,3 +588,129 @@ def test_e5_reuses_only_runs_trained_with_its_arguments(tmp_path):
     assert entry["final_mean"]["reward"] == 0.6 and entry["extra_args"] == ["--num-iterations", "8"]
     with pytest.raises(ValueError, match="--extra='--learning-rate \"5e-4' does not split"):
         e5.Args(methods=("grpo",), extra='--learning-rate "5e-4')
+
+
+# -- observation checks, saving and loading ------------------------------------------------------------
+
+
+def _tiny_supervised() -> SupervisedController:
+    from agents.supervised import make_mlp
+
+    return SupervisedController(make_mlp(len(KnobGrid()), (4,)), (4,), None)
+
+
+def test_save_refuses_a_directory_that_is_not_a_saved_controller(tmp_path, monkeypatch):
+    """`save` replaces a saved controller (atomically) or fills a new/empty directory; it never deletes
+    a directory holding anything else, which the old `rmtree` did ("results" would be gone)."""
+    import agents.base
+
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"results'.*\['notes.txt', 'runs'\].*choose an empty or new directory"):
+        RandomController(seed=1).save(results)
+    assert (results / "notes.txt").read_text() == "keep me" and (results / "runs").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="'.*file' exists and is not a directory"):
+        RandomController(seed=1).save(tmp_path / "file")
+
+    (tmp_path / "empty").mkdir()
+    RandomController(seed=1).save(tmp_path / "empty")  # an empty directory is fine
+    saved = _tiny_supervised().save(tmp_path / "controller")
+    first = (saved / "weights.safetensors").read_bytes()
+
+    def crash(tensors, filename):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.base, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_supervised().save(saved)
+    monkeypatch.undo()
+    assert (saved / "weights.safetensors").read_bytes() == first  # a crash leaves the old controller
+    assert type(load_controller(saved)) is SupervisedController
+    RandomController(seed=2).save(saved)  # replacing a saved controller (of any kind) is fine
+    assert sorted(p.name for p in saved.iterdir()) == ["controller.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["controller", "empty", "file", "results"]  # no staging left
+
+
+def test_as_batch_refuses_observations_outside_the_observation_space(heldout_env):
+    observation, _ = heldout_env.reset(seed=0)
+    lut = LUTController(np.zeros((len(FAMILY_NAMES), 1), np.int64), (1.0,))
+    cases = [
+        ({"family": -1}, r"'family'\] holds family index \[-1\] out of range; allowed: integers in \[0, 9\)"),
+        ({"family": np.int64(len(FAMILY_NAMES))}, r"'family'\] holds family index \[9\] out of range"),
+        ({"family": 2.5}, r"'family'\] holds family index \[2.5\]"),
+        ({"budget_ms": np.array([np.nan], np.float32)}, r"'budget_ms'\] holds non-finite values \[nan\]; allowed: finite values in \[0, 1e\+07\]"),
+        ({"budget_ms": np.array([np.inf])}, r"'budget_ms'\] holds non-finite values \[inf\]"),
+        ({"budget_fraction": np.array([-0.5])}, r"'budget_fraction'\] holds values outside the observation space \[-0.5\]; allowed: finite values in \[0, 1000\]"),
+        ({"prompt": np.zeros(5, np.float32)}, r"'prompt'\] has shape \(5,\); allowed: \(4,\)"),
+        ({"image": np.zeros(4, np.float32)}, r"'image'\] has shape \(4,\); allowed: \(6,\)"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            as_batch({**observation, **change})
+        with pytest.raises(ValueError, match=match):
+            lut.select_config({**observation, **change})  # the LUT indexed row -1 or row 9 before
+    batch = stack_observations([observation] * 3)
+    with pytest.raises(ValueError, match=r"'family'\] holds family index \[-1, 12\]"):
+        lut.select_indices(as_batch({**batch, "family": np.array([-1, 3, 12])}))
+    with pytest.raises(ValueError, match=r"'prompt'\] has shape \(3, 3\); allowed: \(3, 4\)"):
+        as_batch({**batch, "prompt": np.zeros((3, 3), np.float32)})
+    assert as_batch(batch)["family"].dtype == np.int64 and (lut.select_indices(as_batch(batch)) == 0).all()
+
+
+def test_load_checks_the_kind_and_names_corrupt_files(tmp_path):
+    table = np.zeros((len(FAMILY_NAMES), 2), np.int64)
+    RandomController(seed=3).save(tmp_path / "random")
+    with pytest.raises(TypeError, match=r"random holds a saved 'random' controller \(RandomController\), not a LUTController"):
+        LUTController.load(tmp_path / "random")
+    assert type(load_controller(tmp_path / "random")) is type(RandomController.load(tmp_path / "random")) is RandomController
+    from agents.base import Controller
+
+    assert type(Controller.load(tmp_path / "random")) is RandomController
+
+    (tmp_path / "random" / "controller.json").write_text('{"kind": "random", ')
+    with pytest.raises(ValueError, match=r"random/controller.json is not valid JSON"):
+        load_controller(tmp_path / "random")
+    lut = LUTController(table, (0.5, 1.0)).save(tmp_path / "lut")
+    (lut / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"lut/weights.safetensors is not a readable safetensors file"):
+        load_controller(lut)
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(1)}, str(lut / "weights.safetensors"))
+    with pytest.raises(ValueError, match=r"lut: controller.json and weights.safetensors do not make a 'lut' controller \(KeyError: 'table'\)"):
+        LUTController.load(lut)
+
+    with pytest.raises(ValueError, match=r"table holds config indices \[-1, 140\]; allowed: \[0, 140\)"):
+        LUTController(np.where(np.eye(len(FAMILY_NAMES), 2) > 0, [-1, 140], 0), (0.5, 1.0))
+    small = KnobGrid(crops=(1, 2), top_k=(8,), active_blocks=(16,))
+    lut = LUTController(np.full_like(table, len(small) - 1), (0.5, 1.0)).save(tmp_path / "lut")
+    record = json.loads((lut / "controller.json").read_text())
+    record["grid"] = {"crops": [1], "top_k": [8], "active_blocks": [16]}  # a grid that does not match the table
+    (lut / "controller.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"lut: .*table holds config indices \[1\]; allowed: \[0, 1\)"):
+        load_controller(lut)
+
+
+def test_saved_controllers_and_training_states_get_the_umask_modes(tmp_path):
+    """safetensors and mkdtemp create private files (0600/0700); a saved controller or training state is
+    an artifact to share, so it gets the modes the umask gives new files."""
+    import os
+    import stat
+
+    from flexvlm_env.training.state import save_training_state
+
+    previous = os.umask(0o022)
+    try:
+        saved = _tiny_supervised().save(tmp_path / "controller")
+        model = torch.nn.Linear(2, 2)
+        state = save_training_state(tmp_path / "state", model, torch.optim.AdamW(model.parameters()), {"step": 1})
+    finally:
+        os.umask(previous)
+    for directory in (saved, state):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()} == \
+            {p.name: 0o644 for p in directory.iterdir()}
+    assert (saved / "weights.safetensors").exists()

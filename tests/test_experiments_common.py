@@ -83,3 +83,18 @@ def test_a_drivers_bad_argument_is_a_usage_error(script, argv, message):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "scripts" / script), *argv], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and f"{script}: error: {message}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("experiment", ["m2", "m4", "e5"])
+def test_plot_from_results_draws_into_the_folder_given_and_leaves_the_committed_figures(experiment, tmp_path):
+    """The notebooks draw into a temporary folder: re-drawing a committed PNG rewrites its bytes."""
+    import importlib
+    from pathlib import Path
+
+    from flexvlm_env.experiments import MODULES
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    before = {p: p.stat().st_mtime_ns for p in (results / "figures").glob("*.png")}
+    written = importlib.import_module(MODULES[experiment]).plot_from_results(results, tmp_path / "figs")
+    assert written and all(Path(p).parent == tmp_path / "figs" and Path(p).stat().st_size > 0 for p in written)
+    assert {p: p.stat().st_mtime_ns for p in (results / "figures").glob("*.png")} == before

@@ -22,16 +22,19 @@ def test_make_figures_rebuilds_every_experiment_figure_from_data(tmp_path):
     assert {name.split("_")[0] for name in committed} == set(MODULES)
 
 
+def usage_error(*argv: str) -> str:
+    """stderr of make_figures.py refused as a usage error: exit status 2, one line, no traceback."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), *argv], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("make_figures.py: error: ") and out.stderr.count("\n") == 1, out.stderr
+    return out.stderr
+
+
 def test_make_figures_rejects_unknown_ids(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--only", "e9"],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "e9" in out.stderr and "allowed" in out.stderr
+    assert "--only ['e9']: unknown experiment ids; allowed: ['e1'," in usage_error("--only", "e9")
 
 
 def test_make_figures_refuses_a_named_experiment_without_data(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--results", str(tmp_path), "--only",
-                          "e1"], capture_output=True, text=True)
-    assert out.returncode != 0 and "no e1_summary.json in" in out.stderr
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--results", str(tmp_path / "no")],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "is not a directory" in out.stderr
+    assert "no e1_summary.json in" in usage_error("--results", str(tmp_path), "--only", "e1")
+    assert "is not a directory" in usage_error("--results", str(tmp_path / "no"))
+    assert not (tmp_path / "figures").exists()  # refused before drawing anything

@@ -1184,6 +1184,7 @@ BAD_ARGUMENTS = [  # (argv, what the usage error says), run in a directory of pr
      "--top-k=1 2: [2] not in the stage table; allowed: values it measured, [1]"),
     (["validate-stages", "--stages", "stages", "--n-requests", "0"], "--n-requests=0 must be >= 1"),
     (["validate-stages", "--stages", "stages", "--repeats", "0"], "--repeats=0 must be >= 1"),
+    (["validate-stages", "--stages", "stages", "--json-out", "quality"], "--json-out='quality' is a directory"),
     (["request-table", "--presets", "micro", "bogus"], "--presets=micro bogus: unknown ['bogus']"),
     (["request-table", "--crops", "13"], "--crops=13: 13 exceeds the micro preset's max crops; allowed: 1..12"),
     (["request-table", "--out", "quality"], "--out='quality' is a directory"),
@@ -1210,6 +1211,19 @@ def test_cli_bad_arguments_are_usage_errors_before_anything_runs(tmp_path, capsy
     monkeypatch.setattr(cli, "run", lambda cmd: pytest.fail(f"{argv} ran: {cmd}"))
     assert message in cli_usage_error(capsys, argv)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_validate_stages_writes_no_committed_result_by_default(tmp_path, monkeypatch):
+    """Without --json-out the summary goes under profiles/, beside the tables every other command writes by default:
+    a plain run must not rewrite the committed results/replay_latency_validation.json."""
+    monkeypatch.chdir(tmp_path)
+    ShardedTable("stages", sweeps.STAGE_KEY, {"kind": "stages"}).append(
+        [{"crops": 1, "input_tokens": 64, "top_k": 1, "active_blocks": b, "repeat": 0} for b in (8, 10, 12, 14, 16)])
+    cmd = tyro.cli(cli.Command, args=["validate-stages", "--stages", "stages", "--crops", "1", "--top-k", "1"])
+    assert "results" not in cmd.json_out.parts and cmd.json_out.parts[0] == cli.Stages.out.parts[0] == "profiles"
+    explicit = tyro.cli(cli.Command, args=["validate-stages", "--stages", "stages", "--crops", "1", "--top-k", "1",
+                                           "--json-out", "results/replay_latency_validation.json"])
+    assert explicit.json_out == Path("results/replay_latency_validation.json")  # the committed one, when named
 
 
 def test_cli_accepts_every_kind_of_weights(tmp_path):

@@ -221,6 +221,14 @@ def test_train_script_checks_the_elastic_shares():
     ("train_micro", {"lr": 0.0}, "--lr=0.0 must be > 0"),
     ("eval_micro", {"requests_per_family": 0}, "--requests-per-family=0 must be >= 1"),
     ("eval_micro", {"grid_requests_per_family": 50, "requests_per_family": 20}, "--grid-requests-per-family=50 must be <="),
+    ("train_micro", {"device": "tpu"}, "--device='tpu' is not valid; allowed: auto, cuda, cpu"),
+    ("eval_micro", {"split": "bogus"}, "--split='bogus' is not valid; allowed: train, val, test"),
+    ("eval_micro", {"device": "tpu"}, "--device='tpu' is not valid; allowed: cpu, cuda, cuda:N"),
+    ("eval_micro", {"weights": "/nope.safetensors"}, "--weights='/nope.safetensors' does not exist; allowed:"),
+    ("eval_micro", {"quality_table": "/nope"}, "--quality-table='/nope' does not exist; allowed:"),
+    ("eval_micro", {"quality_table": str(ROOT / "flexvlm_env" / "assets" / "profiles" / "micro_h200_stages.parquet")},
+     "is a 'stages' table; allowed: a `flexvlm-profile quality` table"),
+    ("eval_micro", {"latency_source": "nope"}, r"--latency-source='nope' is neither a shipped latency source \(allowed:"),
     ("e5_training_strategies", {"seeds": ()}, r"--seeds=\(\): give one or more seeds >= 0"),
     ("e5_training_strategies", {"methods": ("sarsa",)}, r"unknown: \['sarsa'\]"),
 ])
@@ -228,6 +236,83 @@ def test_scripts_refuse_bad_arguments_when_parsed(script_name, kwargs, message):
     """Checked in the arguments' dataclass, so tyro reports them as usage errors before anything runs."""
     with pytest.raises(ValueError, match=message):
         load_script(script_name).Args(**kwargs)
+
+
+def _run_script(name: str, *argv: str, timeout: int = 120):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _one_line(stderr: str) -> str:
+    """A usage error's stderr as one line: tyro boxes its message and wraps it to the terminal's width."""
+    import re
+
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", stderr).split())
+
+
+def test_eval_micro_refuses_a_bad_latency_source_before_evaluating():
+    """Checked before the model loads: a bad --latency-source once surfaced only after the half-hour evaluation
+    (the timeout here is far shorter than the evaluation)."""
+    out = _run_script("eval_micro", "--latency-source", "nope", "--out", "/nonexistent/never.json")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--latency-source='nope' is neither a shipped latency source" in _one_line(out.stderr)
+
+
+def test_train_script_bad_device_and_changed_resume_are_usage_errors(tmp_path):
+    """Exit status 2 naming the argument, before a model is built: --device tpu, and a run directory whose
+    checkpoint was made with other arguments (both were tracebacks, exit status 1)."""
+    out = _run_script("train_micro", "--device", "tpu", "--run-dir", str(tmp_path / "a"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--device='tpu' is not valid; allowed: auto, cuda, cpu" in _one_line(out.stderr)
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"progress": {"step": 4, "args": {"batch_size": 2, "crop_px": 224, "total_steps": 4,
+                                                                    "decay_frac": 0.25}}}))
+    out = _run_script("train_micro", "--run-dir", str(tmp_path / "run"), "--batch-size", "3", "--device", "cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip() == ("train_micro.py: error: --batch-size=3 differs from the checkpoint's 2; resuming must keep "
+                                  "the data stream and the model (use a new --run-dir to change it)")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+    script = load_script("train_micro")
+    with pytest.raises(ValueError, match="--total-steps=8: the learning-rate decay already started at step 3"):
+        script.check_resume(script.Args(run_dir=str(tmp_path / "run"), batch_size=2, total_steps=8))
+    script.check_resume(script.Args(run_dir=str(tmp_path / "run"), batch_size=2, total_steps=4))  # the same run: allowed
+
+
+def test_train_script_exports_under_the_run_dir_unless_told(tmp_path, micro_module):
+    """The default export is `<run-dir>/export`: a smoke run once overwrote the shipped weights. Replacing them takes
+    an explicit --export-dir."""
+    script = load_script("train_micro")
+    args = script.Args(run_dir=str(tmp_path / "run"))
+    assert args.export_path == tmp_path / "run" / "export"  # checked before anything is written
+    assert script.Args(export_dir="flexvlm_env/assets/micro").export_path == Path("flexvlm_env/assets/micro")
+    shipped = assets_dir("micro") / "model.safetensors"
+    shipped_sha = file_sha256(shipped)
+    script.export(micro_module, args, {"ranking": list(range(16)), "requests": 0}, {"step": 1}, MICRO)
+    exported = json.loads((tmp_path / "run" / "export" / "model.json").read_text())
+    assert exported["sha256"] == file_sha256(tmp_path / "run" / "export" / "model.safetensors") != shipped_sha
+    assert file_sha256(shipped) == shipped_sha
+
+
+def test_e5_summary_header_records_versions_and_arguments(tmp_path):
+    """E5's summary starts with run_header's record (versions, arguments) as every experiment's does; a --merge
+    update records its own."""
+    e5 = load_script("e5_training_strategies")
+    args = e5.Args(methods=("lut",), seeds=(0,), total_env_steps=100, runs_dir=tmp_path / "runs", out=tmp_path / "e5.json")
+    host = {"cpu": "test", "threads": 1}
+    header = e5.summary_header(args, host, "2026-01-02")
+    assert header["experiment"] == "E5" and header["date"] == "2026-01-02" and header["machine"] == host
+    assert header["versions"]["python"] and header["versions"]["numpy"] == np.__version__
+    assert header["args"]["seeds"] == [0] and header["args"]["runs_dir"] == str(tmp_path / "runs")
+    assert header["total_env_steps"] == 100 and header["threshold"] and header["latency_source"] == "molmoe-1b-h100"
+    json.dumps(header)  # what the summary file holds
+    previous = {**header, "updates": [{"methods": ["lut"], "date": "2026-01-01"}], "entries": []}
+    merged = e5.summary_header(args, host, "2026-01-03", previous)
+    assert "entries" not in merged and merged["date"] == "2026-01-02"  # the first run's header is kept
+    (update,) = merged["updates"]  # the earlier update of only these methods is superseded
+    assert update["date"] == "2026-01-03" and update["versions"]["python"] and update["args"]["methods"] == ["lut"]
 
 
 def test_focus_phase_rejects_bad_values():
@@ -475,7 +560,26 @@ def test_window_stats_per_kind_and_family_means():
     # per-sample CE: (2, 4) then (6, 12); kind mean = mean of step means (3, 9) = 6
     assert record["ce/full"] == pytest.approx(6.0) and record["grad_norm/full"] == 3.0 and record["balance/full"] == 2.0
     assert record["ce_family/a"] == pytest.approx((2 + 6 + 12) / 3) and record["ce_family/b"] == pytest.approx(4.0)
-    assert stats.read() == {"ce_family/a": 0.0, "ce_family/b": 0.0}  # reset after reading
+    assert stats.read() == {"ce_family/a": None, "ce_family/b": None}  # reset after reading
+
+
+def test_window_stats_family_absent_from_a_window_is_null_not_zero(tmp_path):
+    """A family the window did not draw has no loss (JSON null), not 0.0, which reads as a perfect one; the
+    training-curves figure leaves a gap there."""
+    from flexvlm_env.training import WindowStats, append_log
+
+    stats = WindowStats(("a", "b"), "cpu")
+    stats.add("full", torch.tensor([[2.0]]), torch.tensor([[5]]), torch.tensor([0]), torch.tensor(1.0), torch.tensor(1.0))
+    record = stats.read()
+    assert record["ce_family/a"] == pytest.approx(2.0) and record["ce_family/b"] is None
+    append_log(tmp_path / "log.jsonl", {"step": 1, **record})
+    assert '"ce_family/b": null' in (tmp_path / "log.jsonl").read_text()
+    pytest.importorskip("matplotlib")
+    from flexvlm_env.figures import training_curves
+
+    records = [{"step": 1, "ce/full": 2.0, "ce_family/a": 2.0, "ce_family/b": None},
+               {"step": 2, "ce/full": 1.0, "ce_family/a": 1.0, "ce_family/b": 3.0}]
+    assert training_curves(records, tmp_path / "curves.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -532,3 +636,21 @@ def test_train_script_width_ablations_change_the_experts_and_router_only(tmp_pat
         script.main(dataclasses.replace(args, expert_hidden=16, total_steps=2))
     with pytest.raises(ValueError, match="--norm-topk-prob=False differs from the checkpoint's True"):
         script.main(dataclasses.replace(args, norm_topk_prob=False, total_steps=2))
+
+
+def test_eval_micro_writes_the_committed_result_only_for_the_shipped_weights_full_run(tmp_path):
+    """results/micro_quality.json is the shipped weights' full evaluation: a quick run or another checkpoint's goes to
+    results/quick/ unless --out says where."""
+    script = load_script("eval_micro")
+    assert script.Args().out == "results/micro_quality.json"
+    quick = "results/quick/micro_quality.json"
+    assert script.Args(requests_per_family=20, grid_requests_per_family=4).out == quick
+    assert script.Args(latency_repeats=1).out == quick
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    assert script.Args(weights=str(weights)).out == quick
+    assert script.Args(weights=str(weights), out=str(tmp_path / "q.json")).out == str(tmp_path / "q.json")
+    # recorded tables replace the sampled requests and the timing: their sizes do not make a run smaller
+    shipped = ROOT / "flexvlm_env" / "assets" / "profiles" / "micro_quality_val.parquet"
+    assert script.Args(quality_table=str(shipped), latency_source="micro-h200", requests_per_family=1,
+                       grid_requests_per_family=1, latency_repeats=1).out == "results/micro_quality.json"

@@ -7,7 +7,8 @@ resumable state: safetensors + JSON), `controller/` (the final controller, `agen
 reads it), `final.json` (the trained controller and the baselines on the held-out requests) and
 `learning_curves.png`. (GRPO's `checkpoint/` is a Hugging Face Trainer checkpoint: safetensors weights, and optimizer,
 scheduler and RNG states in torch files that the Trainer loads back with `weights_only=True`.) W&B gets the same records (offline unless `WANDB_API_KEY` or `WANDB_MODE`
-says otherwise; `--no-wandb` turns it off), so curves compare with and without W&B.
+says otherwise; `--no-wandb` turns it off), so curves compare with and without W&B; it gets each once a checkpoint
+covers it (`flexvlm_env.training.tracking`), so an interrupted and resumed run sends every step once.
 
 Resume: `--resume RUN_DIR` continues a run from its last checkpoint with the arguments in its `args.json`
 (`flexvlm-train METHOD --resume RUN_DIR` needs no other flag; a flag given with it may change only what
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 import types
@@ -39,6 +41,7 @@ from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.profiles.loading import SHIPPED, check_source
+from flexvlm_env.training.tracking import WandbLog
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
 CURVES_FILE = "curves.jsonl"
@@ -49,6 +52,19 @@ TABLE_ARGS = {"latency": "latency", "quality": "quality", "requests_table": "req
 FILE_ARGS = ("guardrail_estimator", "init_from")
 # What a resumed run may change: where it logs and whether it ends with the baselines, nothing that shapes training.
 RESUME_MAY_CHANGE = frozenset({"resume", "runs_dir", "wandb", "wandb_project", "baselines"})
+
+
+def check_number(name: str, value: float, *, at_least: float | None = None, above: float | None = None,
+                 at_most: float | None = None) -> None:
+    """A ValueError naming flag `--name` unless `value` is a finite number within the bounds given. (NaN fails every
+    comparison, so a check written as `value < 0: raise` alone lets it through, and inf passes `value > 0`.)"""
+    bounds = [f">= {at_least}" if at_least is not None else "", f"> {above}" if above is not None else "",
+              f"<= {at_most}" if at_most is not None else ""]
+    ok = (isinstance(value, (int, float)) and math.isfinite(value) and (at_least is None or value >= at_least)
+          and (above is None or value > above) and (at_most is None or value <= at_most))
+    if not ok:
+        rule = f"in [{at_least}, {at_most}]" if None not in (at_least, at_most) else " and ".join(b for b in bounds if b)
+        raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a finite number" + (f" {rule}" if rule else ""))
 
 
 @dataclass
@@ -93,9 +109,10 @@ class CommonArgs:
     baselines: bool = True
     """at the end, evaluate the baselines too and print the comparison table"""
     guardrail_estimator: Path | None = None
-    """a latency estimator JSON (`flexvlm_env.latency.StageLatencyEstimator`, e.g. results/e3_estimators/molmoe-1b_h100.json)
-    whose predictions build the latency guardrail (MaskablePPO masks, supervised filter, baselines) instead of the
-    recorded profiles' latencies"""
+    """a latency estimator JSON (`flexvlm_env.latency.StageLatencyEstimator`; the repository has some in
+    results/e3_estimators/, e.g. molmoe-1b_h100.json, which the installed package does not carry) whose predictions
+    build the latency guardrail (MaskablePPO masks, supervised filter, baselines) instead of the recorded profiles'
+    latencies"""
 
     def validate(self) -> None:
         if self.env not in ENV_IDS:
@@ -113,8 +130,7 @@ class CommonArgs:
             raise ValueError(f"--eval-requests={self.eval_requests!r} must be >= 1 or None")
         if not self.budget_fractions or any(not 0 < f <= 10 for f in self.budget_fractions):
             raise ValueError(f"--budget-fractions={self.budget_fractions!r} must be non-empty numbers in (0, 10]")
-        if self.lam < 0:
-            raise ValueError(f"--lam={self.lam!r} must be >= 0")
+        check_number("lam", self.lam, at_least=0)
         if self.guardrail_estimator is not None and not Path(self.guardrail_estimator).is_file():
             raise ValueError(f"--guardrail-estimator={self.guardrail_estimator} is not a file (a StageLatencyEstimator JSON)")
         if self.resume is not None and not (Path(self.resume) / "args.json").exists():
@@ -260,6 +276,7 @@ class Run:
         self.started = time.perf_counter()
         self.wall_clock_offset_s = 0.0
         self._wandb = None
+        self.wandb_log = WandbLog(None, self.curves_path, "env_steps")
         if args.wandb:
             import wandb
 
@@ -268,18 +285,26 @@ class Run:
             self._wandb = wandb.init(project=args.wandb_project, name=self.name, id=run_id, resume="allow",
                                      config=args_record(method, args),
                                      dir=str(self.dir), reinit="finish_previous")
+            self.wandb_log = WandbLog(self._wandb, self.curves_path, "env_steps")
 
     @property
     def wall_clock_s(self) -> float:
         return self.wall_clock_offset_s + time.perf_counter() - self.started
 
     def resumed_from(self, env_steps: int, wall_clock_s: float) -> None:
-        """Record that training continues from a checkpoint at `env_steps`: later curve lines go."""
+        """Record that training continues from a checkpoint at `env_steps`: later curve lines go, and W&B gets the
+        earlier ones it has not had (a crash between a checkpoint and `checkpointed`)."""
         self.wall_clock_offset_s = wall_clock_s
         if self.curves_path.exists():
             lines = [line for line in self.curves_path.read_text().splitlines()
                      if line.strip() and json.loads(line)["env_steps"] <= env_steps]
             self.curves_path.write_text("".join(line + "\n" for line in lines))
+        self.checkpointed(env_steps)
+
+    def checkpointed(self, env_steps: int) -> None:
+        """The run's state at `env_steps` is saved: its curve lines up to there are final, and go to W&B now (a line
+        logged after the last checkpoint could still be dropped and logged again; see `WandbLog`)."""
+        self.wandb_log.send_through(env_steps)
 
     def log(self, env_steps: int, metrics: Mapping[str, float]) -> dict:
         # NaN (e.g. retention when the full configuration scored 0 on a tiny evaluation) is not JSON
@@ -287,8 +312,6 @@ class Run:
         record = {"env_steps": int(env_steps), "wall_clock_s": round(self.wall_clock_s, 3), **metrics}
         with self.curves_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(record, step=int(env_steps))
         return record
 
     def log_eval(self, env_steps: int, result: dict, train_metrics: Mapping[str, float] | None = None) -> dict:
@@ -323,6 +346,7 @@ class Run:
         (self.dir / "final.json").write_text(json.dumps(final, indent=1))
         plot_curves([self.curves()], [self.name], self.dir / "learning_curves.png")
         if self._wandb is not None:  # before the table, so that W&B's own summary does not bury it
+            self.wandb_log.send_through()  # the run is done: no line can be dropped any more
             self._wandb.summary.update({f"final/{k}": v for k, v in results[self.method]["mean"].items()})
             self._wandb.finish()
         table = format_comparison(results, args.budget_fractions)

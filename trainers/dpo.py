@@ -29,7 +29,6 @@ rendering of an observation and writes ``crops=C top_k=K active_blocks=A<eos>``.
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from tqdm import tqdm
 from agents.lm import LMController, format_warm_start, render_config
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import Run, eval_points
+from .common import Run, check_number, eval_points
 from .lm_args import LMArgs, log_lm_evaluation, start_lm_run
 
 
@@ -89,9 +88,7 @@ class Args(LMArgs):
         if self.total_env_steps < self.candidates:
             raise ValueError(f"--total-env-steps={self.total_env_steps} must be >= --candidates={self.candidates}")
         for name in ("learning_rate", "temperature", "beta"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a finite number > 0")
+            check_number(name, getattr(self, name), above=0)
         if self.pairs not in ("env", "profiles"):
             raise ValueError(f"--pairs={self.pairs!r}; allowed: env, profiles")
         if self.pairs == "profiles" and self.env != "FlexVLMReplay-v0":
@@ -99,8 +96,7 @@ class Args(LMArgs):
         if self.pairs == "profiles" and min(self.round_env_steps, self.total_env_steps) < 140:
             raise ValueError(f"--round-env-steps={self.round_env_steps} and --total-env-steps={self.total_env_steps} "
                              "must be >= 140 with --pairs profiles (profiling one request executes every configuration)")
-        if self.sft_weight < 0:
-            raise ValueError(f"--sft-weight={self.sft_weight!r} must be >= 0")
+        check_number("sft_weight", self.sft_weight, at_least=0)
 
 
 def answer_text(controller: LMController, answer: np.ndarray, index: int) -> str:
@@ -358,6 +354,7 @@ def main(args: Args) -> dict:
         save_training_state(run.checkpoint_dir, controller.model, None,
                             {"env_steps": env_steps, "round": round_index, "wall_clock_s": run.wall_clock_s,
                              "window": window})
+        run.checkpointed(env_steps)
     progress.close()
     controller.model.eval()
     return run.finish(controller, None, heldout, env_steps)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from agents.lm import LMController, format_warm_start
 
-from .common import Run, eval_points
+from .common import Run, check_number, eval_points
 from .lm_args import LMArgs, log_lm_evaluation, start_lm_run
 
 
@@ -98,12 +98,14 @@ class Args(LMArgs):
             raise ValueError(f"--max-invalid-batches={self.max_invalid_batches!r} must be >= 0 (0: never stop on it)")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations={self.num_generations!r} must be >= 2 (GRPO compares completions of a prompt)")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate={self.learning_rate!r} must be a finite number > 0")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"--temperature={self.temperature!r} must be a finite number > 0")
-        if self.beta < 0 or self.epsilon <= 0:
-            raise ValueError(f"--beta={self.beta!r} must be >= 0 and --epsilon={self.epsilon!r} > 0")
+        for name in ("learning_rate", "temperature", "epsilon"):
+            check_number(name, getattr(self, name), above=0)
+        for name in ("beta", "entropy_coef"):
+            check_number(name, getattr(self, name), at_least=0)
+        if self.entropy_target is not None:
+            check_number("entropy_target", self.entropy_target, above=0)
+        if self.invalid_penalty is not None:
+            check_number("invalid_penalty", self.invalid_penalty)
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr-scheduler={self.lr_scheduler!r}; allowed: linear, cosine, constant")
         if self.loss_type not in GRPO_LOSS_TYPES:
@@ -228,6 +230,7 @@ def make_callback(args: Args, run: Run, controller: LMController, reward: EnvRew
 
             checkpoint = Path(trainer_args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             (checkpoint / "training_args.bin").unlink(missing_ok=True)
+            run.checkpointed(reward.env_steps)
             return control
 
         def on_step_end(self, _args, state, control, **kwargs):

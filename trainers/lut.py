@@ -18,7 +18,7 @@ from tqdm import tqdm
 from agents.evaluation import evaluate
 from agents.lut import DEFAULT_MAX_VIOLATION_RATE, LUTController
 
-from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, whole_unit_points
+from .common import CommonArgs, Run, check_number, eval_requests, load_profiles, make_env, whole_unit_points
 
 
 @dataclass
@@ -32,8 +32,7 @@ class Args(CommonArgs):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.max_violation_rate <= 1.0:
-            raise ValueError(f"--max-violation-rate={self.max_violation_rate!r} must be in [0, 1]")
+        check_number("max_violation_rate", self.max_violation_rate, at_least=0, at_most=1)
 
 
 def profiled_rows(n_requests: int, seed: int) -> np.ndarray:
@@ -75,6 +74,7 @@ def main(args: Args) -> dict:
         run.log_eval(point, result, {"profiled_requests": n})
         run.checkpoint_dir.mkdir(exist_ok=True)
         state_path.write_text(json.dumps({"env_steps": point, "wall_clock_s": run.wall_clock_s}))
+        run.checkpointed(point)
         done = point
     if lut is None:  # resumed after the last point: rebuild the final table
         lut = LUTController.fit(profiles.subset(order[: max(1, done // n_configs)]), args.budget_fractions,

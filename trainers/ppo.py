@@ -37,7 +37,7 @@ from agents.ppo import ACTIVATIONS, PPOController, policy_kwargs, sb3_policy_kwa
 from flexvlm_env.envs.wrappers import DiscreteKnobs
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, make_guardrail, whole_unit_points
+from .common import CommonArgs, Run, check_number, eval_requests, load_profiles, make_env, make_guardrail, whole_unit_points
 
 
 @dataclass
@@ -99,17 +99,12 @@ class Args(CommonArgs):
         if self.total_env_steps < rollout:
             raise ValueError(f"--total-env-steps={self.total_env_steps} is less than one rollout (n_envs x n_steps = "
                              f"{self.n_envs} x {self.n_steps} = {rollout}); lower --n-steps/--n-envs or train longer")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning-rate={self.learning_rate!r} must be > 0")
+        for name in ("learning_rate", "clip_range", "max_grad_norm"):
+            check_number(name, getattr(self, name), above=0)
         for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be in [0, 1]")
+            check_number(name, getattr(self, name), at_least=0, at_most=1)
         for name in ("ent_coef", "vf_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 0")
-        for name in ("clip_range", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be > 0")
+            check_number(name, getattr(self, name), at_least=0)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"--activation={self.activation!r} is not known; allowed: {sorted(ACTIVATIONS)}")
         if any(n < 1 for n in self.net_arch):
@@ -229,6 +224,7 @@ def main(args: Args) -> dict:
             "env_steps": env_steps, "wall_clock_s": run.wall_clock_s, "n_updates": int(model._n_updates),
             "identity": identity,
         })
+        run.checkpointed(env_steps)
     bar.close()
     model.get_env().close()
     model.policy.set_training_mode(False)

@@ -8,7 +8,6 @@ evaluated on the held-out half. Checkpoints hold the network, the optimizer and 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from agents.evaluation import evaluate
 from agents.supervised import SupervisedController, oracle_dataset
 from flexvlm_env.training.state import load_training_state, save_training_state
 
-from .common import CommonArgs, Run, eval_requests, load_profiles, make_env, make_guardrail
+from .common import CommonArgs, Run, check_number, eval_requests, load_profiles, make_env, make_guardrail
 from .lut import profiled_rows, request_points
 
 
@@ -48,10 +47,8 @@ class Args(CommonArgs):
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 1")
         if not self.hidden or any(n < 1 for n in self.hidden):
             raise ValueError(f"--hidden={self.hidden!r}: one or more layer widths, each >= 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate={self.learning_rate!r} must be a finite number > 0")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"--weight-decay={self.weight_decay!r} must be a finite number >= 0")
+        check_number("learning_rate", self.learning_rate, above=0)
+        check_number("weight_decay", self.weight_decay, at_least=0)
 
 
 def main(args: Args) -> dict:
@@ -81,4 +78,5 @@ def main(args: Args) -> dict:
         done = point
         save_training_state(run.checkpoint_dir, controller.net, optimizer, {
             "env_steps": done, "wall_clock_s": run.wall_clock_s, "generator_state": generator.get_state().tolist()})
+        run.checkpointed(done)
     return run.finish(controller, profiles, heldout, done)

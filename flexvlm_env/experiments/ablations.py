@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import pyplot, save_figure
+from .common import figures_path, pyplot, save_figure
 from .generalization import average, compact, train_supervised
 
 BLOCKED_MS = 1e9  # finite (quantiles of inf are NaN), far above any budget
@@ -227,8 +227,9 @@ def mask_policy_quality(data, frame, label: str) -> tuple[np.ndarray, np.ndarray
 
 # ---------------------------------------------------------------------------- figures
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
+    figures = figures_path(results_dir, figures_dir)
     s = json.loads((results_dir / "e6_summary.json").read_text())
     plt = pyplot()
     written = []
@@ -256,7 +257,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"E6: knob ablation (replay {s['latency_source']}, micro quality, held-out requests)")
-    written.append(save_figure(fig, results_dir / "figures" / "e6_knobs.png", 110))
+    written.append(save_figure(fig, figures / "e6_knobs.png", 110))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     variants = s["switches"]
@@ -269,7 +270,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
-    written.append(save_figure(fig, results_dir / "figures" / "e6_switches.png", 110))
+    written.append(save_figure(fig, figures / "e6_switches.png", 110))
 
     system = s["depth_mask"].get("lut_on_m5_sub_grid")
     if system:
@@ -284,7 +285,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
                title="E6: LUT on M5's sub-grid, per depth mask policy")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        written.append(save_figure(fig, results_dir / "figures" / "e6_depth_mask.png", 110))
+        written.append(save_figure(fig, figures / "e6_depth_mask.png", 110))
 
     port = s.get("portability_gpu")
     if port:
@@ -303,7 +304,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         axes[0].set_ylim(0.8, 1.02)
         axes[1].legend(fontsize=7)
         fig.suptitle("E6: H100-trained controllers on MolmoE-1B H200 latency (guardrail as trained / recalibrated / from H200 profiles)")
-        written.append(save_figure(fig, results_dir / "figures" / "e6_portability_gpu.png", 110))
+        written.append(save_figure(fig, figures / "e6_portability_gpu.png", 110))
     return written
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..latency.guardrail import budget_mask, predict_replay_latency
 from ..profiles.replay import request_split_mask
-from .common import pyplot, save_figure
+from .common import figures_path, pyplot, save_figure
 
 VARIANTS = ("none", "oracle", "estimator", "noisy")
 
@@ -147,7 +147,7 @@ def plot(summary: dict, path: Path) -> Path:
     return save_figure(fig, path, 120)
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "m4_summary.json").read_text())
-    return [plot(summary, results_dir / "figures" / "m4_guardrail.png")]
+    return [plot(summary, figures_path(results_dir, figures_dir) / "m4_guardrail.png")]

@@ -98,6 +98,13 @@ def run_header(experiment: str, args: Any = None, **extra: Any) -> dict[str, Any
             "args": json.loads(json.dumps(arguments, default=str)), **extra}
 
 
+def figures_path(results_dir: str | Path, figures_dir: str | Path | None = None) -> Path:
+    """Where `plot_from_results` writes: `figures_dir`, or the committed figures under `results_dir/figures`
+    (`scripts/make_figures.py`). The notebooks draw elsewhere: re-drawing a committed PNG rewrites its bytes (the
+    same pixels), which would show as a change in every rebuild."""
+    return Path(figures_dir) if figures_dir is not None else Path(results_dir) / "figures"
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON in `path`, gunzipped first when its name ends in ".gz" (how raw device files are kept
     in results/: they are large and only read by the analyses)."""

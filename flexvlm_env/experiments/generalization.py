@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import pyplot, save_figure
+from .common import figures_path, pyplot, save_figure
 
 METRIC_KEYS = ("quality_retention", "violation_rate", "latency_p95_ms", "quality")
 
@@ -231,8 +231,9 @@ def headline(families: Mapping[str, dict], n: int, fractions: Sequence[str] = ("
 
 # ---------------------------------------------------------------------------- figures
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
+    figures = figures_path(results_dir, figures_dir)
     summary = json.loads((results_dir / "m6_summary.json").read_text())
     families = summary["families"]
     plt = pyplot()
@@ -257,7 +258,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
     fig.suptitle(f"M6: unseen task family, controllers trained on the other 8 (replay {summary['latency_source']}, micro quality)")
-    written.append(save_figure(fig, results_dir / "figures" / "m6_recalibration.png", 110))
+    written.append(save_figure(fig, figures / "m6_recalibration.png", 110))
 
     n = str(max(summary["ns"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -273,5 +274,5 @@ def plot_from_results(results_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"M6: held-out families after recalibration with n={n} requests")
-    written.append(save_figure(fig, results_dir / "figures" / "m6_methods.png", 110))
+    written.append(save_figure(fig, figures / "m6_methods.png", 110))
     return written

@@ -50,7 +50,7 @@ from ..profiles.loading import (
 )
 from ..profiles.replay import STAGE_COLUMNS, ReplayData
 from ..profiles.tables import read_parquet, read_table
-from .common import frontier_quality_at, pareto_frontier, pyplot, save_figure
+from .common import figures_path, frontier_quality_at, pareto_frontier, pyplot, save_figure
 
 KNOBS = ("crops", "top_k", "active_blocks")
 WORKLOADS = {"coco_2014_vqa": "QA", "coco_caption": "captioning"}
@@ -429,14 +429,14 @@ SOURCE_LABELS = {"molmoe-1b-h100": "MolmoE-1B H100 (composed)", "molmoe-1b-h200"
 MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild E2's figures from `results/e2_configs.parquet` and `results/e2_summary.json`."""
     import json
 
     results_dir = Path(results_dir)
     table = pd.read_parquet(results_dir / CONFIGS_FILE)
     summary = json.loads((results_dir / SUMMARY_FILE).read_text())
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     return [scatter_figure(table, figures / "e2_scatter_frontier.png"),
             *[coupling_figure(table, source, figures / f"e2_coupling_{source}.png") for source in _sources(table)],
             gaps_figure(summary, figures / "e2_coupling_gaps.png"),

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import distribution_summary, pyplot, read_json, run_header, save_figure, write_json
+from .common import distribution_summary, figures_path, pyplot, read_json, run_header, save_figure, write_json
 
 STAGES = ("preprocess", "vision_encoder", "projector", "prefill", "decode")
 STAGE_COLORS = {"preprocess": "0.6", "vision_encoder": "C0", "projector": "C4", "prefill": "C1", "decode": "C2"}
@@ -713,11 +713,11 @@ def write_results(summary: dict, data: dict, results_dir: Path) -> list[Path]:
 # figures
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild results/figures/e1_*.png from results/e1_data.json.gz."""
     results_dir = Path(results_dir)
     runs = read_json(results_dir / "e1_data.json.gz")["runs"]
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     return [_plot_stages(runs, figures / "e1_stage_stack.png"), _plot_scaling(runs, figures / "e1_scaling.png"),
             _plot_operators(runs, figures / "e1_operators.png"), _plot_flops(runs, figures / "e1_flops_vs_latency.png")]
 

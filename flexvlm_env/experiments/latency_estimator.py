@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..latency import METHODS, STAGES, LogLinearTotal, MLPTotal, StageLatencyEstimator, recalibrate
-from .common import pyplot, save_figure
+from .common import figures_path, pyplot, save_figure
 
 NS = (10, 25, 50, 100)  # target end-to-end requests a recalibration is given
 SCATTER_POINTS = 2000  # per same-device set in e3_scatter.parquet (the figure needs the shape, not every row)
@@ -229,8 +229,8 @@ def plot(recal_detail: dict, scatters: pd.DataFrame, figures_dir: Path, suffix: 
     return written
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "e3_summary.json").read_text())
     scatters = pd.read_parquet(results_dir / "e3_scatter.parquet")
-    return plot(summary["recalibration_detail"], scatters, results_dir / "figures")
+    return plot(summary["recalibration_detail"], scatters, figures_path(results_dir, figures_dir))

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .common import pareto_frontier, pyplot, save_figure
+from .common import figures_path, pareto_frontier, pyplot, save_figure
 
 KEY = ["request_id", "crops", "top_k", "active_blocks"]
 KNOBS = KEY[1:]
@@ -209,7 +209,7 @@ def sweeps(configs: Mapping[str, pd.DataFrame]) -> dict:
 COLORS = {"full-config-only": "tab:red", "elastic": "tab:green"}
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """`results/figures/lora_frontiers.png` from `results/lora_summary.json`: (a) the quality-latency
     frontiers of the full-config-only base, the headline adapter and the elastic model over the
     configurations all three answered, (b) per reduced configuration each adapter's gain against
@@ -248,7 +248,7 @@ def plot_from_results(results_dir: Path) -> list[Path]:
     axes[1].set(xlabel=f"{reference} - {base} (quality)", ylabel=f"adapter - {base} (quality)",
                 title="gain at each reduced configuration")
     axes[1].legend(fontsize=7)
-    return [save_figure(fig, results_dir / "figures" / "lora_frontiers.png", dpi=130)]
+    return [save_figure(fig, figures_path(results_dir, figures_dir) / "lora_frontiers.png", dpi=130)]
 
 
 def pack_tables(sources: Sequence[str | Path], out_file: str | Path) -> Path:

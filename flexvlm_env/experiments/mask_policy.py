@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import distribution_summary, pareto_frontier, pyplot, save_figure
+from .common import distribution_summary, figures_path, pareto_frontier, pyplot, save_figure
 
 # label -> (Config.mask_policy, Config.mask_seed); the device tables' file suffixes use the labels
 POLICIES: dict[str, tuple[str, int]] = {"importance": ("importance", 0), "prefix": ("prefix", 0),
@@ -207,11 +207,11 @@ def latency_summary(records: list[dict]) -> dict:
 COLORS = {"importance": "C0", "prefix": "C1", "random0": "C2", "random1": "C3"}
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "m5_summary.json").read_text())
     rows = json.loads((results_dir / "m5_per_config.json").read_text())["rows"]
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     plt = pyplot()
     written = []
 

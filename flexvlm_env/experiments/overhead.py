@@ -35,7 +35,7 @@ import numpy as np
 
 from agents.evaluation import time_calls_ms
 
-from .common import distribution_summary, pyplot, save_figure
+from .common import distribution_summary, figures_path, pyplot, save_figure
 
 SOURCES = ("molmoe-1b-h100", "micro-h200-measured")
 ESTIMATORS = {"molmoe-1b-h100": "results/e3_estimators/molmoe-1b_h100.json",
@@ -302,11 +302,11 @@ def overhead_table(decision: dict[str, dict], saved: dict[str, dict], reconfig_m
 # -- figures ---------------------------------------------------------------------------------------
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild M3's figures from `results/m3_summary.json` alone."""
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "m3_summary.json").read_text())
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     written = []
     plt = pyplot()
 

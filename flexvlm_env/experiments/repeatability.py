@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import distribution_summary, pyplot, run_header, save_figure, write_json
+from .common import distribution_summary, figures_path, pyplot, run_header, save_figure, write_json
 from .latency_decomposition import (
     STAGES,
     _load_average,
@@ -212,12 +212,12 @@ def write_results(summary: dict, data: dict, results_dir: Path) -> list[Path]:
     return paths + plot_from_results(results_dir)
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild results/figures/m2_*.png from results/m2_data.json and m2_summary.json."""
     results_dir = Path(results_dir)
     data = json.loads((results_dir / "m2_data.json").read_text())["runs"]
     summary = json.loads((results_dir / "m2_summary.json").read_text())["runs"]
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     return [_plot_histograms(data, summary, figures / "m2_histograms.png"), _plot_repeats(summary, figures / "m2_repeats_needed.png"),
             _plot_stage_cov(summary, figures / "m2_stage_cov.png")]
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..config import Config
 
-from .common import pareto_frontier, pyplot, save_figure
+from .common import figures_path, pareto_frontier, pyplot, save_figure
 
 SOURCES = ("molmoe-1b-h100", "micro-h200-measured")
 LIVE_SOURCE = "micro-h200-measured"
@@ -643,11 +643,11 @@ def _style(method: str) -> dict:
     return {"color": COLORS.get(base), **({"ls": ls} if ls else {})}
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild E4's figures from `results/e4_summary.json` alone."""
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "e4_summary.json").read_text())
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     written = []
     panels = [(s, summary["replay"][s]["metrics"], summary["replay"][s].get("oracle")) for s in summary["replay"]]
     if summary.get("live", {}).get("metrics"):

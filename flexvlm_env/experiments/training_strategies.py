@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import pyplot, read_json, save_figure
+from .common import figures_path, pyplot, read_json, save_figure
 
 # E5's threshold: violation rate <= 5% and quality >= 90% of the full configuration's (retention >= 0.9), both
 # averaged over the five budget fractions, on the held-out requests.
@@ -88,8 +88,8 @@ def plot(curves: dict[str, list[list[dict]]], entries: list[dict], figures_dir: 
     return written
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "e5_summary.json").read_text())
     curves = read_json(results_dir / "e5_curves.json.gz")
-    return plot(curves, summary["entries"], results_dir / "figures")
+    return plot(curves, summary["entries"], figures_path(results_dir, figures_dir))

@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..config import Config
 from ..profiles.replay import STAGE_COLUMNS, ReplayData
-from .common import distribution_summary, pyplot, save_figure
+from .common import distribution_summary, figures_path, pyplot, save_figure
 from .knob_coupling import KNOBS, SOURCE_LABELS, WORKLOADS, _title
 
 SUMMARY_FILE = "m1_summary.json"
@@ -148,14 +148,14 @@ STAGE_COLOURS = {"preprocess_ms": "#bbbbbb", "vision_encoder_ms": "#4c72b0", "pr
                  "prefill_ms": "#55a868", "decode_ms": "#c44e52"}
 
 
-def plot_from_results(results_dir: Path) -> list[Path]:
+def plot_from_results(results_dir: Path, figures_dir: Path | None = None) -> list[Path]:
     """Rebuild M1's figures from results/m1_summary.json and the m1_*.parquet files."""
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / SUMMARY_FILE).read_text())
     configs = pd.read_parquet(results_dir / CONFIGS_FILE)
     requests = pd.read_parquet(results_dir / REQUESTS_FILE)
     sensitivity = pd.read_parquet(results_dir / SENSITIVITY_FILE)
-    figures = results_dir / "figures"
+    figures = figures_path(results_dir, figures_dir)
     return [breakdown_figure(summary, figures / "m1_stage_breakdown.png"),
             distribution_figure(requests, figures / "m1_latency_distributions.png"),
             frontier_figure(configs, figures / "m1_frontiers.png"),

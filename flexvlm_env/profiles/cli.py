@@ -285,13 +285,16 @@ class ValidateStages(ModelOptions):
     repeats: int = 3
     """timed runs per held-out request; their median is compared (the composition predicts the
     typical latency, the replay noise model its spread)"""
-    json_out: Path = Path("results/replay_latency_validation.json")
-    """summary JSON"""
+    json_out: Path = Path("profiles/replay_latency_validation.json")
+    """summary JSON; the per-request rows go beside it (.parquet). Under profiles/ like the tables, so a run
+    rewrites a committed results/replay_latency_validation*.json only when this names it"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least("--n-requests", self.n_requests, 1)
         _at_least("--repeats", self.repeats, 1)
+        if self.json_out.is_dir():
+            raise ValueError(f"--json-out={str(self.json_out)!r} is a directory; allowed: the JSON file to write")
         self.check_stages()
 
     def check_stages(self) -> None:

@@ -69,17 +69,19 @@ class WindowStats:
         self.family_sum.index_add_(0, family, per_sample)
         self.family_count.index_add_(0, family, torch.ones_like(per_sample))
 
-    def read(self, reduce=lambda tensor: tensor) -> dict[str, float]:
+    def read(self, reduce=lambda tensor: tensor) -> dict[str, float | None]:
         """Keys `ce/<kind>`, `grad_norm/<kind>`, `balance/<kind>`, `ce_family/<family>`; then reset.
-        `reduce` averages a tensor across processes in place (identity in one process)."""
-        record: dict[str, float] = {}
+        A family no process drew in the window has `ce_family/<family>` None (JSON null): 0.0 would read as a
+        perfect loss. `reduce` averages a tensor across processes in place (identity in one process)."""
+        record: dict[str, float | None] = {}
         for kind, values in sorted(self.by_kind.items()):
             mean = reduce(torch.stack(values).mean(0))  # every process draws the same kinds
             record[f"ce/{kind}"], record[f"grad_norm/{kind}"], record[f"balance/{kind}"] = mean.tolist()
         reduce(self.family_sum)  # a ratio of means is the ratio of sums
         reduce(self.family_count)
-        for name, value in zip(self.families, (self.family_sum / self.family_count.clamp(min=1)).tolist()):
-            record[f"ce_family/{name}"] = value
+        means = (self.family_sum / self.family_count.clamp(min=1)).tolist()
+        for name, mean, count in zip(self.families, means, self.family_count.tolist()):
+            record[f"ce_family/{name}"] = mean if count > 0 else None
         self.by_kind.clear()
         self.family_sum.zero_()
         self.family_count.zero_()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..model.molmoe import MolmoE
+from .state import foreign_entries, replace_directory, share_with_umask
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -154,7 +154,7 @@ def save_adapter(peft_model: "PeftModel", directory: str | Path, metadata: dict 
     if directory.exists():
         if not directory.is_dir():
             raise ValueError(f"directory={str(directory)!r} exists and is not a directory")
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _ADAPTER_FILES)
+        foreign = foreign_entries(directory, _ADAPTER_FILES)
         if foreign:
             raise ValueError(
                 f"directory={str(directory)!r} holds files that are not an adapter's ({foreign[:5]}); "
@@ -168,24 +168,11 @@ def save_adapter(peft_model: "PeftModel", directory: str | Path, metadata: dict 
         (staging / "README.md").unlink(missing_ok=True)
         if payload is not None:
             (staging / ADAPTER_METADATA).write_text(payload + "\n")
-        # mkdtemp makes the directory (and safetensors its file) private; an adapter is a shareable
-        # artifact, so give it the modes the user's umask gives any new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
+        share_with_umask(staging)
         written = {p.name for p in staging.iterdir()}
         if written != _ADAPTER_FILES - ({ADAPTER_METADATA} if payload is None else set()):
             raise RuntimeError(f"peft wrote {sorted(written)}, not the expected adapter files; nothing was saved")
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.replaced")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
+        replace_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -4,13 +4,16 @@ Tensors go to sharded safetensors files (each below `max_shard_size`, so a check
 carried through size-limited transfers) and everything else to `state.json`. The directory is
 written under a temporary name and renamed into place, so a crash mid-save leaves the previous
 checkpoint intact; `load_training_state` restores the model and optimizer exactly, and the step
-it returns is where the (deterministic) data stream resumes.
+it returns is where the (deterministic) data stream resumes. The same directory handling (modes
+from the umask, the swap into place, the check for files a replacing save would delete) serves the
+other saved artifacts: LoRA adapters (`lora.save_adapter`) and controllers (`agents.base`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -18,6 +21,36 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 
 STATE_FILE = "state.json"
+
+
+def foreign_entries(directory: Path, allowed: Collection[str]) -> list[str]:
+    """Sorted names in the existing directory `directory` that are not in `allowed`: what replacing it
+    with a new save would delete, so a save refuses a directory that has any."""
+    return sorted(entry.name for entry in directory.iterdir() if entry.name not in allowed)
+
+
+def share_with_umask(directory: Path) -> None:
+    """Give `directory` and the files in it the modes the user's umask gives new ones."""
+    # mkdtemp makes a directory private and safetensors its files (0600), yet a checkpoint, adapter
+    # or controller is an artifact to share. The umask can only be read by setting it: set it back.
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for entry in directory.iterdir():
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Rename the complete `staging` to `directory`, replacing an old one. The old one is renamed
+    aside before and deleted after, so a crash in between leaves it under `.{name}.replaced`."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    retired = directory.with_name(f".{directory.name}.replaced")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(directory, retired)
+    os.replace(staging, directory)
+    shutil.rmtree(retired)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -48,12 +81,8 @@ def save_training_state(directory: str | Path, model: torch.nn.Module, optimizer
         tensors.update(optimizer_tensors)
     save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size, safe_serialization=True)
     (tmp / STATE_FILE).write_text(json.dumps({"progress": progress, "optimizer": optimizer_meta}, indent=1))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    share_with_umask(tmp)
+    replace_directory(tmp, directory)
     return directory
 
 

@@ -1,7 +1,7 @@
 """Real-dataset sources: the nine families' benchmark datasets, from the hub or a local directory.
 
-`load_hub(family, split, n, seed)` streams the family's dataset from the Hugging Face hub (needs
-the `[hub]` extra); `load_local(family, path, split, n, seed)` reads the same data from a local
+`load_hub(family, split, n, seed)` streams the family's dataset from the Hugging Face hub (with
+`datasets`, a dependency); `load_local(family, path, split, n, seed)` reads the same data from a local
 directory in the hub's column layout. Both return `Sample`s with the family's metric and token
 budget, request ids `family/hub|local/split/index`, and multiple-choice answers as letters.
 `REAL_DATASETS` holds one `RealDatasetSpec` per family: hub id, configs, split mapping, columns

@@ -22,7 +22,7 @@ from ..sample import Sample
 from .records import SourceRow, build_samples, check_count, iter_records, select_records
 from .specs import RealDatasetSpec, real_dataset_spec
 
-HUB_EXTRA_HINT = "pip install flexvlm[hub]"
+HUB_EXTRA_HINT = "pip install datasets (a dependency of flexvlm: reinstall it)"
 SHUFFLE_WINDOW_MIN_RECORDS = 1000
 SHUFFLE_WINDOW_PER_SAMPLE = 10
 
