@@ -413,7 +413,7 @@ def test_multiple_choice_answer_must_be_among_options(tmp_path):
 
 def test_load_hub_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install flexvlm\[hub\]"):
+    with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install datasets"):
         load_hub("okvqa", "val", n=2)
 
 
