@@ -27,8 +27,8 @@ from flexvlm_env.envs.live import FlexVLMEnv
 from flexvlm_env.envs.replay import FlexVLMReplayEnv, FlexVLMReplayVectorEnv
 from flexvlm_env.envs.rewards import QualityMinusOvershoot
 from flexvlm_env.envs.synthetic import synthetic_replay_data
-from flexvlm_env.envs.validate import main as validate_main
-from flexvlm_env.envs.validate import validate
+from flexvlm_env.envs.validation import main as validate_main
+from flexvlm_env.envs.validation import validate
 from flexvlm_env.envs.wrappers import (
     RECORD_COLUMNS,
     RECORD_METADATA_KEY,
@@ -746,3 +746,89 @@ def test_live_env_runs_in_sync_and_async_vector_envs():
             assert infos["config"]["crops"].tolist() == [1, 1]  # Gymnasium batches nested info dicts
         finally:
             envs.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# refused resets, partial resets, recordings with NumPy arguments, early checks
+
+
+def test_a_refused_reset_leaves_the_env_as_it_was(data):
+    """A reset refused for its options must not serve a request other than the one observed, nor reseed."""
+    env = FlexVLMReplayEnv(data=data, episode_length=4)
+    observation, info = env.reset(seed=0)
+    twin = FlexVLMReplayEnv(data=data, episode_length=4)
+    twin.reset(seed=0)
+    with pytest.raises(ValueError, match="over the observable range"):
+        env.reset(options={"budget_fraction": 2000.0})  # above the observable range (1e3)
+    with pytest.raises(ValueError, match="not known"):
+        env.reset(seed=99, options={"nope": 1})
+    action = np.array([1, 1, 1])
+    assert data_equivalence(env.step(action), twin.step(action), exact=True)  # the episode observed goes on
+    assert data_equivalence(env.reset(), twin.reset(), exact=True)  # and the generator was not reseeded
+
+
+def test_a_refused_vector_reset_leaves_the_generators(data):
+    env, twin = FlexVLMReplayVectorEnv(num_envs=3, data=data), FlexVLMReplayVectorEnv(num_envs=3, data=data)
+    env.reset(seed=1)
+    twin.reset(seed=1)
+    with pytest.raises(ValueError, match="over the observable range"):
+        env.reset(seed=50, options={"budget_fraction": 2000.0})
+    actions = np.array([[1, 1, 1]] * 3)
+    assert data_equivalence(env.step(actions), twin.step(actions), exact=True)
+    assert data_equivalence(env.reset(), twin.reset(), exact=True)
+
+
+def test_native_vector_env_partial_reset_equals_sync_vector_env(data):
+    """Gymnasium's `reset_mask` option resets only the marked sub-envs, as SyncVectorEnv does."""
+    kwargs = {"data": data, "episode_length": 5}
+    native = gym.make_vec("FlexVLMReplay-v0", num_envs=3, vectorization_mode="vector_entry_point", **kwargs)
+    sync = gym.make_vec("FlexVLMReplay-v0", num_envs=3, vectorization_mode="sync", **kwargs)
+    actions = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4]])
+    for env in (native, sync):
+        env.reset(seed=3)
+        env.step(actions)
+    mask = np.array([True, False, True])
+    native_reset = native.reset(seed=20, options={"reset_mask": mask, "request_index": 7})
+    sync_reset = sync.reset(seed=20, options={"reset_mask": mask.copy(), "request_index": 7})
+    assert data_equivalence(native_reset[0], sync_reset[0], exact=True)
+    assert_masked_infos_equal(native_reset[1], sync_reset[1])
+    assert list(native_reset[1]["_request_id"]) == [True, False, True]
+    for _ in range(6):  # the kept sub-env finishes its episode and autoresets, the others go on
+        native_step, sync_step = native.step(actions), sync.step(actions)
+        for a, b in zip(native_step[:4], sync_step[:4]):
+            assert data_equivalence(a, b, exact=True)
+        assert_masked_infos_equal(native_step[4], sync_step[4])
+    fresh = FlexVLMReplayVectorEnv(num_envs=3, data=data)
+    with pytest.raises(ValueError, match="never reset"):
+        fresh.reset(options={"reset_mask": mask})
+    with pytest.raises(ValueError, match=r"reset_mask.*numpy bool array of shape \(3,\)"):
+        native.reset(options={"reset_mask": [True, False, True]})
+
+
+def test_a_recording_made_with_numpy_arguments_validates(data, tmp_path):
+    env = EpisodeRecorder(gym.make("FlexVLMReplay-v0", lam=np.float32(0.5), episode_length=2), tmp_path / "rec.parquet")
+    env.reset(seed=0)
+    env.step(np.array([1, 1, 1]))
+    env.close()
+    report = validate(tmp_path / "rec.parquet")  # rebuilds the env from the recorded arguments
+    assert report.steps == 1 and report.reproduced
+
+
+def test_the_live_env_checks_its_arguments_before_loading_a_model(monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before a cheap argument was checked")
+
+    monkeypatch.setattr("flexvlm_env.envs.live.load_model", no_model)
+    for kwargs, message in [({"lam": -1}, "lam"), ({"penalty": "cubic"}, "penalty"), ({"episode_length": 0}, "episode_length"),
+                            ({"budget_fractions": [0]}, "budget_fractions"), ({"render_mode": "human"}, "render_mode"),
+                            ({"model": "foo"}, "model='foo' is not known")]:
+        with pytest.raises(ValueError, match=message):
+            FlexVLMEnv(device="cpu", **kwargs)
+
+
+def test_validate_is_importable_as_a_function_and_bad_request_ids_are_named(data):
+    from flexvlm_env.envs import validate as exported
+
+    assert callable(exported) and exported is validate
+    with pytest.raises(ValueError, match=r"reset option request_id=\['x'\] is not in this env's request pool"):
+        FlexVLMReplayEnv(data=data).reset(options={"request_id": ["x"]})

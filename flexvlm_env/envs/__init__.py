@@ -24,7 +24,7 @@ _LAZY = {
     "DiscreteKnobs": ".wrappers",
     "EpisodeRecorder": ".wrappers",
     "LatencyDrift": ".wrappers",
-    "validate": ".validate",
+    "validate": ".validation",  # not a module named validate: `from flexvlm_env.envs import validate` would get it
     "synthetic_replay_data": ".synthetic",
 }
 

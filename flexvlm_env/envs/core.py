@@ -214,7 +214,7 @@ def parse_reset_options(
     request = None
     if "request_id" in options:
         request_id = options["request_id"]
-        if request_id not in request_index_of:
+        if not isinstance(request_id, str) or request_id not in request_index_of:
             examples = list(request_index_of)[:3]
             raise ValueError(
                 f"reset option request_id={request_id!r} is not in this env's request pool "
@@ -319,16 +319,27 @@ class FlexVLMCoreEnv(gym.Env):
     # -- the API -------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: Mapping[str, Any] | None = None):
-        super().reset(seed=seed)
+        # A refused reset leaves the env as it was (its generator, its episode): options are read first, and a pin
+        # that only the drawn request shows to be out of range puts the generator back.
         pinned_request, pinned_ms, pinned_fraction = parse_reset_options(options, self.request_index_of, len(self.request_ids))
+        generator, generator_seed = self._np_random, self._np_random_seed
+        generator_state = None if generator is None else generator.bit_generator.state
+        super().reset(seed=seed)
         plan = draw_episode_plan(self.np_random, self.episode_length, self._draw_highs)
-        self._plan = plan
-        self._requests = plan[:, 0].copy()
+        requests = plan[:, 0].copy()
         if pinned_request is not None:
-            self._requests[0] = pinned_request
-        budgets, fractions = episode_budgets(
-            self._requests, plan[:, 1], self._fractions, self._full_latency_ms, pinned_ms, pinned_fraction
-        )
+            requests[0] = pinned_request
+        try:
+            budgets, fractions = episode_budgets(
+                requests, plan[:, 1], self._fractions, self._full_latency_ms, pinned_ms, pinned_fraction
+            )
+        except ValueError:
+            self._np_random, self._np_random_seed = generator, generator_seed
+            if generator is not None:
+                generator.bit_generator.state = generator_state
+            raise
+        self._plan = plan
+        self._requests = requests
         # [L, 1] float32: row t is the observation's Box(1,) value (copied into each observation).
         self._budgets_ms = read_only(budgets.astype(np.float32)[:, None])
         self._budget_fractions = read_only(fractions.astype(np.float32)[:, None])

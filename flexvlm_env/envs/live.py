@@ -23,6 +23,7 @@ import torch
 from ..config import Config, KnobGrid
 from ..features import image_features, prompt_features
 from ..metrics import score
+from ..model.args import PRESETS
 from ..model.runtime import VLM, load_model
 from ..model.timing import STAGE_FIELDS
 from ..tasks import SPLITS, load_samples
@@ -31,10 +32,13 @@ from .core import (
     DEFAULT_EPISODE_LENGTH,
     FAMILY_NAMES,
     FlexVLMCoreEnv,
+    check_budget_fractions,
     check_families,
     check_grid,
     check_positive_int,
+    check_render_mode,
 )
+from .rewards import QualityMinusOvershoot
 
 WARMUPS = ("auto", "all", "full", "none")
 
@@ -150,7 +154,12 @@ class FlexVLMEnv(FlexVLMCoreEnv):
         warmup: str = "auto",
         render_mode: str | None = None,
     ):
-        # Cheap checks first, so a typo fails before a model is loaded or a request is run.
+        # Cheap checks first, so a typo fails before a model is loaded or a request is run (_setup_core checks these
+        # again, as every env's does).
+        check_budget_fractions(budget_fractions)
+        check_positive_int("episode_length", episode_length)
+        check_render_mode(render_mode, self.metadata["render_modes"])
+        QualityMinusOvershoot(lam=lam, penalty=penalty)
         families = check_families(families)
         grid = check_grid(grid)
         if split not in SPLITS:
@@ -165,6 +174,8 @@ class FlexVLMEnv(FlexVLMCoreEnv):
         if warmup not in WARMUPS:
             raise ValueError(f"warmup={warmup!r} is not valid; allowed: {WARMUPS}")
         if vlm is None:
+            if model not in PRESETS:  # load_model would name its own argument, preset
+                raise ValueError(f"model={model!r} is not known; allowed: {sorted(PRESETS)}")
             vlm = load_model(model, weights, device, dtype)
         elif not isinstance(vlm, VLM):
             raise ValueError(f"vlm={type(vlm).__name__} must be a flexvlm_env VLM (from load_model) or None")
@@ -207,8 +218,8 @@ class FlexVLMEnv(FlexVLMCoreEnv):
             "requests_per_family": requests_per_family,
             "task_seed": task_seed,
             "budget_fractions": list(self.budget_fractions),
-            "lam": lam,
-            "penalty": penalty,
+            "lam": self.reward_fn.lam,  # a float: a NumPy scalar would reach the JSON as a string
+            "penalty": self.reward_fn.penalty,
             "episode_length": self.episode_length,
             "grid": {"crops": list(grid.crops), "top_k": list(grid.top_k), "active_blocks": list(grid.active_blocks)},
             "full_latency_ms": dict(self.full_latency_ms),

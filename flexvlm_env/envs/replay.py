@@ -239,8 +239,8 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
             "families": list(check_families(families)),
             "split": split,
             "budget_fractions": list(self.budget_fractions),
-            "lam": lam,
-            "penalty": penalty,
+            "lam": self.reward_fn.lam,  # a float: a NumPy scalar would reach the JSON as a string
+            "penalty": self.reward_fn.penalty,
             "episode_length": self.episode_length,
         }
 
@@ -269,6 +269,15 @@ class FlexVLMReplayEnv(FlexVLMCoreEnv):
         stage_ms = (tables.stage_ms[request, config] * factor).tolist()
         extra = {"output_tokens": int(tables.output_tokens[request, config])}
         return float(tables.quality[request, config]), tables.answers[request, config], latency_ms, stage_ms, extra
+
+
+def check_reset_mask(mask: Any, num_envs: int) -> np.ndarray:
+    """`options["reset_mask"]` checked as Gymnasium's vector envs check it: a bool array of shape (num_envs,) with a
+    True."""
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (num_envs,) or not mask.any():
+        raise ValueError(f"options['reset_mask']={mask!r} must be a numpy bool array of shape ({num_envs},) with at "
+                         "least one True (the sub-envs to reset)")
+    return mask
 
 
 class FlexVLMReplayVectorEnv(VectorEnv):
@@ -358,9 +367,18 @@ class FlexVLMReplayVectorEnv(VectorEnv):
         self._t[envs] = 0
 
     def reset(self, *, seed: int | Sequence[int] | None = None, options: Mapping[str, Any] | None = None):
-        """Reset every sub-env. `seed` s seeds sub-env i with s+i (a list gives one seed each);
-        `options` are the single env's reset options, applied to every sub-env's first request."""
+        """Reset every sub-env, or those `options["reset_mask"]` marks (Gymnasium's partial reset, as in
+        `SyncVectorEnv`). `seed` s seeds sub-env i with s+i (a list gives one seed each); the other options are
+        the single env's reset options, applied to each reset sub-env's first request."""
         # Options first: a bad option must not leave the generators half re-seeded.
+        mask = None
+        if options is not None and "reset_mask" in options:
+            options = dict(options)
+            mask = check_reset_mask(options.pop("reset_mask"), self.num_envs)
+            if self._generators is None and not mask.all():
+                raise ValueError("options['reset_mask'] resets some sub-envs, but the env was never reset: "
+                                 "the first reset() resets them all")
+        envs = self._rows if mask is None else np.flatnonzero(mask)
         pins = parse_reset_options(options, self._request_index_of, len(self._tables.request_ids))
         if seed is None:
             seeds = [None] * self.num_envs
@@ -370,24 +388,32 @@ class FlexVLMReplayVectorEnv(VectorEnv):
             seeds = list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"seed has {len(seeds)} values for num_envs={self.num_envs}; pass one int, one per env, or None")
-        if seed is not None or self._generators is None:
-            generators = []
-            for s in seeds:
-                if s is None and self._generators is not None:
-                    generators.append(self._generators[len(generators)])
-                else:
-                    generators.append(seeding.np_random(s)[0])
+        previous = self._generators
+        states = None if previous is None else [g.bit_generator.state for g in previous]
+        if seed is not None or previous is None:
+            generators = list(previous) if previous is not None else [None] * self.num_envs
+            for env in envs.tolist():
+                if seeds[env] is not None or generators[env] is None:
+                    generators[env] = seeding.np_random(seeds[env])[0]
             self._generators = generators
-        self._start_episodes(self._rows, pins)
-        self._needs_reset[:] = False
+        try:
+            self._start_episodes(envs, pins)
+        except ValueError:  # a pin out of range for a drawn request: the env stays as it was
+            self._generators = previous
+            for generator, state in zip(previous or [], states or []):
+                generator.bit_generator.state = state
+            raise
+        self._needs_reset[envs] = False
         requests = self._requests[:, 0]
+        reset = np.zeros(self.num_envs, dtype=bool)
+        reset[envs] = True
         info = {
             "request_id": self._tables.request_id_array[requests],
-            "_request_id": np.ones(self.num_envs, dtype=bool),
+            "_request_id": reset.copy(),
             "family": self._tables.family_names[requests],
-            "_family": np.ones(self.num_envs, dtype=bool),
+            "_family": reset.copy(),
             "budget_ms": self._budgets_ms[:, 0].copy(),
-            "_budget_ms": np.ones(self.num_envs, dtype=bool),
+            "_budget_ms": reset,
         }
         return self._observe(self._t), info
 

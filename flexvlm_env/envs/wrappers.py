@@ -5,7 +5,7 @@ config index, row-major in `grid.configs()`) and exposes `action_masks()` for sb
 MaskablePPO; the masks come from a callable such as a latency guardrail. `EpisodeRecorder`
 writes every step (request, configuration, budget, stage latencies, quality, answer, reward) to
 a Parquet file whose metadata names the env, its arguments, the hardware and the package
-versions, so that `flexvlm-validate` (`flexvlm_env.envs.validate`) can replay and check it.
+versions, so that `flexvlm-validate` (`flexvlm_env.envs.validation`) can replay and check it.
 `LatencyDrift` multiplies every step's latency by a factor that changes with the steps served: a
 host whose speed moves, to test how controllers (`agents.online`) hold their budgets under drift.
 """

@@ -10,8 +10,10 @@ including its details: clipped tf-idf products, the Gaussian length penalty (sig
 
 Tokenisation: the corpus path feeds CIDEr the output of pycocoevalcap's Java PTBTokenizer
 (lowercase, Penn Treebank splits, punctuation tokens removed). Starting Java per reward is too
-slow, so `ptb_tokenize` reproduces that output in Python for plain ASCII captions (tested against
-the Java tokenizer); exotic input (non-ASCII, URLs, emoticons) may tokenise slightly differently.
+slow, so `ptb_tokenize` reproduces that output in Python for plain ASCII captions of words, numbers
+and sentence punctuation (tested against the Java tokenizer). It differs from Java on some ASCII
+too: "c++" (Java keeps it), "hello...world" and "3.5kg" (Java splits them), abbreviations such as
+"no." and "sq." (Java keeps the period); and non-ASCII, URLs or emoticons may tokenise differently.
 
 Where the DF comes from: `score()` looks the table up with `get_cider_df(cider_df_key(sample))`.
 Procedural samples use the key "procedural", which defaults to the shipped asset

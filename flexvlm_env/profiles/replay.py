@@ -33,8 +33,11 @@ def request_split_mask(request_ids: Sequence[str], families: Sequence[str], spli
 
     The recorded pool is one procedural split (val), so controllers that learn from profiles need
     their own train/held-out partition of it. Within each family, requests are ranked by a hash of
-    their id and the first half is held out: the partition is balanced per family, never changes
-    with the order of the table, and the same id is on the same side in every table.
+    their id and the first half is held out: the partition is balanced per family and never changes
+    with the order of the table. Tables of the same requests put each id on the same side; a table of
+    another subset of them may not (the halves are cut by rank within the table), so a controller
+    trained on one table's train half is evaluated on another table's held-out half only when both
+    hold the same requests (the shipped tables all hold the procedural val pool).
     """
     if split not in REQUEST_SPLITS:
         raise ValueError(f"split={split!r} is not known; allowed: {list(REQUEST_SPLITS)}")
