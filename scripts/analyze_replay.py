@@ -34,7 +34,7 @@ class Args:
     fractions: tuple[float, ...] = (0.35, 0.5, 0.7, 0.85, 1.0)
     """budget fractions of the family's full-configuration latency"""
     out: Path = Path("results/replay_headroom.json")
-    """summary JSON (the figure goes to results/figures/replay_tradeoff.png)"""
+    """summary JSON (the figure goes to figures/replay_tradeoff.png beside it)"""
 
 
 def policy_summary(reward: np.ndarray, quality: np.ndarray, violation: np.ndarray, choice: np.ndarray) -> dict:

@@ -77,8 +77,15 @@ def validate(args: Args) -> None:
         raise SystemExit(f"--time-limit-s {args.time_limit_s} must be >= 0 (0: no limit)")
 
 
-def main(args: Args) -> dict | None:
+def output_dirs(args: Args) -> None:
+    """--quick with the default folders writes under the git-ignored results/quick/: the raw file and the analysis,
+    which merges every raw file it finds and rewrites the summary, data and figures."""
     quick_out_dir(args)
+    quick_out_dir(args, "results")
+
+
+def main(args: Args) -> dict | None:
+    output_dirs(args)
     validate(args)
     start = time.time()
     deadline = start + args.time_limit_s if args.time_limit_s else None

@@ -28,7 +28,7 @@ The estimator of the shipped micro is also fitted on its own H200 stage table
 
 `--quick`: stage tables only as training data for micro on the H100 (no 352,800-row requests
 table), one split, 3 recalibration draws, a short MLP; runs in well under a minute on a CPU and
-writes `results/e3_summary_quick.json` unless `--out` is given. Writes `<out>` (JSON), `e3_scatter.parquet` beside
+writes under the git-ignored `results/quick/` unless `--out`, `--figures` or `--estimators` say where. Writes `<out>` (JSON), `e3_scatter.parquet` beside
 it (the stage estimator's held-out predictions that the second figure draws, at most 2,000 seeded rows per
 same-device set), figures under `--figures`, and the fitted estimators (JSON) under `--estimators`. The fitting and
 scoring are `flexvlm_env.experiments.latency_estimator`'s; `python scripts/make_figures.py --only e3` redraws the
@@ -45,7 +45,7 @@ import pandas as pd
 import tyro
 
 from flexvlm_env.experiments import latency_estimator as e3
-from flexvlm_env.experiments.common import run_header, versions
+from flexvlm_env.experiments.common import QUICK_SUBDIR, run_header, versions
 from flexvlm_env.latency import StageLatencyEstimator
 from flexvlm_env.profiles.tables import read_parquet, write_parquet
 
@@ -63,7 +63,7 @@ class Args:
     quick: bool = False
     """small, fast run (stage tables only, one split, short MLP)"""
     out: Path = RESULTS / "e3_summary.json"
-    """the summary JSON (--quick: e3_summary_quick.json beside it)"""
+    """the summary JSON (--quick: results/quick/e3_summary.json unless given)"""
     figures: Path = RESULTS / "figures"
     """where the figures go"""
     estimators: Path = RESULTS / "e3_estimators"
@@ -186,6 +186,14 @@ def recal_pairs(args: Args) -> list[dict]:
     return pairs
 
 
+def quick_paths(args: Args) -> None:
+    """A quick run never overwrites the full run's results: its default outputs go under the git-ignored
+    results/quick/ (a path given explicitly stays as given)."""
+    for name in ("out", "figures", "estimators"):
+        if getattr(args, name) == getattr(Args, name):
+            setattr(args, name, RESULTS / QUICK_SUBDIR / getattr(Args, name).name)
+
+
 def main(args: Args) -> dict:
     import torch
 
@@ -197,11 +205,7 @@ def main(args: Args) -> dict:
     seeds = 3 if args.quick else args.recal_seeds
     if args.quick:
         args.mlp_steps = min(args.mlp_steps, 150)
-        # never overwrite the full run's results with a quick run's
-        if args.out == Args.out:
-            args.out = args.out.with_name("e3_summary_quick.json")
-        if args.estimators == Args.estimators:
-            args.estimators = args.estimators.with_name("e3_estimators_quick")
+        quick_paths(args)
     summary: dict = {**run_header("E3", args), "quick": args.quick, "same_device": {}, "recalibration": {},
                      "recalibration_detail": {}, "notes": []}
     scatters = []
@@ -230,14 +234,13 @@ def main(args: Args) -> dict:
         saved[f"{out.stem} ({preset}@{meta.get('device_name')})"] = _rel(est.save(out))
     summary["estimators"] = saved
     scatter = e3.scatter_table(scatters)
-    scatter_path = args.out.with_name("e3_scatter_quick.parquet" if args.quick else "e3_scatter.parquet")
+    scatter_path = args.out.with_name("e3_scatter.parquet")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_parquet(scatter, scatter_path, {"experiment": "E3", "what": "stage estimator on held-out configurations, split 0 "
                                           f"(at most {e3.SCATTER_POINTS} seeded rows per same-device set)", **versions()},
                   compression_level=19)
     summary["scatter"] = _rel(scatter_path)
-    summary["figures"] = [_rel(p) for p in e3.plot(summary["recalibration_detail"], scatter, args.figures,
-                                                   "_quick" if args.quick else "")]
+    summary["figures"] = [_rel(p) for p in e3.plot(summary["recalibration_detail"], scatter, args.figures)]
     summary["notes"].append(
         "molmoe-1b on the H200: the stage table's host preprocessing medians (3.4-6.6 ms) are far above those of its "
         "own validation runs (~2.2 ms); recalibration uses the validation runs, so per-stage errors are reported in "

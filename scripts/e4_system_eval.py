@@ -4,7 +4,7 @@
     python scripts/e4_system_eval.py --live --device cuda --out-dir "$OUT/e4" --time-limit-s 420   # GPU
     python scripts/e4_system_eval.py --live-records PATH/e4_live_records.json   # replay + live analysis
 
-Replay mode: for each latency source (`--sources`: molmoe-1b H100 and micro H100 measured) it
+Replay mode: for each latency source (`--sources`: molmoe-1b H100 and micro H200 measured) it
 fits the controllers on that source's train half (FlexVLM = MaskablePPO through `trainers.ppo`,
 the LUT, the five baselines; saved under `--controllers-dir/<source>/<method>` and reused when
 present), serves every held-out request x budget fraction once per method on `FlexVLMReplay-v0`
@@ -14,7 +14,7 @@ comparisons: E4's bar at fractions 0.5 and 0.35 (`bar_check`) and issue [control
 points of retention over the best single-knob baseline averaged over the five fractions
 (`controllers_bar`, under each source's `bar`).
 
-Live mode (`--live`): loads the controllers of the micro H100 replay source, builds `FlexVLM-v0`
+Live mode (`--live`): loads the controllers of the micro H200 measured replay source, builds `FlexVLM-v0`
 (micro on `--device`; budgets = fractions of the full latency it calibrates on that device) and
 serves the first `--live-per-family` held-out requests of each family x fractions x methods, request
 by request until `--time-limit-s` (counted from the start, setup included); steps that captured a CUDA graph are executed again.

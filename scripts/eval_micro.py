@@ -1,6 +1,6 @@
 """Quality of the shipped `micro` weights across the knob grid: `results/micro_quality.json`.
 
-    python scripts/eval_micro.py                       # CPU, about 30 minutes on 2 cores
+    python scripts/eval_micro.py                       # CPU: about 50 minutes on 2 cores for the first (112 px) micro, longer at 224 px
     python scripts/eval_micro.py --requests-per-family 20 --grid-requests-per-family 4 --latency-repeats 1  # quick: results/quick/
 
 Three measurements, all greedy generation scored with each family's metric on the procedural
@@ -20,7 +20,7 @@ every configuration below full; and each quality bar of the issue, checked.
 `--quality-table` replaces 1 and 2 by a recorded quality table (`flexvlm-profile quality`, every
 request at every configuration, answered in batches on a GPU in minutes), and `--latency-source`
 replaces 3 by a shipped replay latency source (e.g. `micro-h200`): then the whole evaluation is a
-few seconds on a CPU.
+few seconds on a CPU (written under results/quick/ unless --out is given: the committed result times latency here).
 
 Every argument is checked before the model loads (a bad one is a usage error, exit status 2), so a
 typo does not surface at the end of a half-hour run.
@@ -55,8 +55,9 @@ LATENCY_SAMPLE_SIZES = ("latency_requests", "latency_repeats")
 @dataclass
 class Args:
     out: str = DEFAULT_OUT
-    """where to write the results (by default the committed result, which is the shipped weights' full evaluation: a
-    run of other --weights or with fewer requests or repeats writes results/quick/micro_quality.json instead)"""
+    """where to write the results (by default the committed result, which is the shipped weights' full evaluation with
+    latency timed on this machine: a run of other --weights, with a --latency-source, or with fewer requests or
+    repeats writes results/quick/micro_quality.json instead)"""
     weights: str | None = None
     """checkpoint: a micro .safetensors file or a directory holding model.safetensors (default: the shipped weights)"""
     split: str = "val"
@@ -110,7 +111,7 @@ class Args:
             from flexvlm_env.profiles.loading import check_source
 
             check_source("--latency-source", self.latency_source)
-        if self.out == DEFAULT_OUT and (self.weights is not None or self.reduced()):
+        if self.out == DEFAULT_OUT and (self.weights is not None or self.latency_source is not None or self.reduced()):
             self.out = str(Path(DEFAULT_OUT).parent / QUICK_SUBDIR / Path(DEFAULT_OUT).name)
 
     def reduced(self) -> bool:

@@ -87,8 +87,15 @@ def validate(args: Args) -> None:
         raise SystemExit(f"--configs: {error}") from None
 
 
-def main(args: Args) -> dict | None:
+def output_dirs(args: Args) -> None:
+    """--quick with the default folders writes under the git-ignored results/quick/: the raw file and the analysis,
+    which merges every raw file it finds and rewrites the summary, data and figures."""
     quick_out_dir(args)
+    quick_out_dir(args, "results")
+
+
+def main(args: Args) -> dict | None:
+    output_dirs(args)
     validate(args)
     configs = m2.parse_configs(args.configs)
     if args.mode in ("measure", "all"):

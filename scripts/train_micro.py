@@ -1,7 +1,7 @@
 """Train the `micro` model from scratch on the procedural train split of all nine families.
 
     python scripts/train_micro.py --total-steps 20000 --max-minutes 9     # GPU, resumable chunks
-    python scripts/train_micro.py --total-steps 20 --batch-size 8 --device cpu   # smoke run
+    python scripts/train_micro.py --total-steps 20 --batch-size 8 --device cpu --no-finalize   # smoke run (minutes)
     torchrun --nproc-per-node 4 scripts/train_micro.py ...                      # data parallel, 4 GPUs
     python scripts/train_micro.py ... --export-dir flexvlm_env/assets/micro     # replace the shipped weights
 

@@ -98,3 +98,25 @@ def test_plot_from_results_draws_into_the_folder_given_and_leaves_the_committed_
     written = importlib.import_module(MODULES[experiment]).plot_from_results(results, tmp_path / "figs")
     assert written and all(Path(p).parent == tmp_path / "figs" and Path(p).stat().st_size > 0 for p in written)
     assert {p: p.stat().st_mtime_ns for p in (results / "figures").glob("*.png")} == before
+
+
+def test_quick_runs_of_e1_m2_e3_write_nothing_over_the_committed_results():
+    """E1's and M2's analysis step merges every raw file it finds and rewrites the summary, so with --quick it must move
+    to results/quick/ as the raw file does; E3's summary, figures and estimators likewise."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    for name in ("e1_latency_decomposition", "m2_repeatability"):
+        script = load_script(name)
+        args = script.Args(quick=True)
+        script.output_dirs(args)
+        assert args.out_dir == args.results == results / "quick", name
+        full = script.Args()
+        script.output_dirs(full)
+        assert full.results == results
+    e3 = load_script("e3_latency_estimator")
+    args = e3.Args(quick=True)
+    e3.quick_paths(args)
+    assert {args.out.parent, args.figures.parent, args.estimators.parent} == {results / "quick"}

@@ -185,9 +185,9 @@ def scatter_table(scatters: list[dict], points: int = SCATTER_POINTS, seed: int 
     return pd.concat(parts, ignore_index=True)
 
 
-def plot(recal_detail: dict, scatters: pd.DataFrame, figures_dir: Path, suffix: str = "") -> list[Path]:
-    """`e3_error_vs_n{suffix}.png` (recalibration: total MAPE against the target requests N, per method and pair)
-    and `e3_predicted_vs_actual{suffix}.png` (same device: the stage estimator on held-out configurations)."""
+def plot(recal_detail: dict, scatters: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """`e3_error_vs_n.png` (recalibration: total MAPE against the target requests N, per method and pair)
+    and `e3_predicted_vs_actual.png` (same device: the stage estimator on held-out configurations)."""
     import matplotlib.ticker
 
     plt = pyplot()
@@ -206,7 +206,7 @@ def plot(recal_detail: dict, scatters: pd.DataFrame, figures_dir: Path, suffix: 
         ax.set_ylabel("total MAPE on held-out target requests (%)")
         ax.set_title(key.replace("->", "\n-> "), fontsize=8)
     axes[0][0].legend(fontsize=7)
-    written.append(save_figure(fig, Path(figures_dir) / f"e3_error_vs_n{suffix}.png", 120))
+    written.append(save_figure(fig, Path(figures_dir) / "e3_error_vs_n.png", 120))
     names = list(dict.fromkeys(scatters["set"]))
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -225,7 +225,7 @@ def plot(recal_detail: dict, scatters: pd.DataFrame, figures_dir: Path, suffix: 
         ax.set_xlabel("measured total (ms)")
         ax.set_ylabel("predicted total (ms)")
         ax.set_title(f"{name}\n(held-out configs, split 0; {len(rows):,} of {rows['set_rows'].iloc[0]:,} rows)", fontsize=8)
-    written.append(save_figure(fig, Path(figures_dir) / f"e3_predicted_vs_actual{suffix}.png", 120))
+    written.append(save_figure(fig, Path(figures_dir) / "e3_predicted_vs_actual.png", 120))
     return written
 
 
