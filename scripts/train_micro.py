@@ -56,6 +56,7 @@ from flexvlm_env.training import (
     save_training_state, teacher_forced_loss,
 )
 from flexvlm_env.training.loop import WindowStats, append_log, loss_summary, truncate_log, wsd_learning_rate
+from flexvlm_env.training.state import recover_directory
 from flexvlm_env.training.tracking import WandbLog
 from flexvlm_env.training.parallel import (
     all_reduce_mean_, average_gradients, broadcast_from_rank0_, check_replicas, end_processes, setup_processes,
@@ -229,6 +230,7 @@ def check_resume(args: Args) -> None:
     """Raise a ValueError naming the argument unless `args` may continue the checkpoint in --run-dir (if it holds
     one). Read from its state.json alone, so a bad resume is refused before anything loads: another crop size
     would otherwise fail later as a tensor-shape mismatch."""
+    recover_directory(Path(args.run_dir) / "checkpoint")  # a crash mid-save leaves the last checkpoint renamed aside
     state_path = Path(args.run_dir) / "checkpoint" / "state.json"
     if not state_path.exists():
         return

@@ -656,3 +656,37 @@ def test_eval_micro_writes_the_committed_result_only_for_the_shipped_weights_ful
     assert script.Args(quality_table=str(shipped), requests_per_family=1,
                        grid_requests_per_family=1).out == "results/micro_quality.json"
     assert script.Args(quality_table=str(shipped), latency_source="micro-h200").out == quick
+
+
+def test_a_crash_between_the_renames_of_a_save_leaves_the_last_state_to_resume_from(tmp_path, monkeypatch):
+    """save_training_state renames the old state aside, then the new one into place: a crash in between leaves no
+    `checkpoint/`, and the readers (load_training_state, a resumed flexvlm-train run) must find the old one instead
+    of starting over."""
+    import os
+
+    import flexvlm_env.training.state as state
+    from trainers.common import Run
+    from trainers.lut import Args
+
+    run = Run("lut", Args(runs_dir=tmp_path, wandb=False, total_env_steps=140, eval_every_env_steps=140))
+    model = torch.nn.Linear(2, 2)
+    save_training_state(run.checkpoint_dir, model, None, {"step": 1})
+    real_replace, calls = os.replace, []
+
+    def crash_on_the_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(state.os, "replace", crash_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(run.checkpoint_dir, model, None, {"step": 2})
+    monkeypatch.undo()
+    assert not run.checkpoint_dir.exists() and (run.dir / ".checkpoint.replaced").is_dir()
+    resumed = Run("lut", Args(resume=run.dir, wandb=False, total_env_steps=140, eval_every_env_steps=140))
+    assert (resumed.checkpoint_dir / "state.json").exists()  # what the trainers look for before loading
+    assert load_training_state(resumed.checkpoint_dir, torch.nn.Linear(2, 2), None)["step"] == 1
+    # load_training_state recovers on its own too (finetune_lora.py, train_micro.py)
+    os.replace(resumed.checkpoint_dir, run.dir / ".checkpoint.replaced")
+    assert load_training_state(resumed.checkpoint_dir, torch.nn.Linear(2, 2), None)["step"] == 1

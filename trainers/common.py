@@ -41,6 +41,7 @@ from agents.guardrail import LatencyGuardrail
 from agents.profiles import ProfileTables
 from flexvlm_env.envs.core import DEFAULT_BUDGET_FRACTIONS
 from flexvlm_env.profiles.loading import SHIPPED, check_source
+from flexvlm_env.training.state import recover_directory
 from flexvlm_env.training.tracking import WandbLog
 
 ENV_IDS = ("FlexVLMReplay-v0", "FlexVLM-v0")
@@ -273,6 +274,7 @@ class Run:
         self.name = self.dir.name
         self.curves_path = self.dir / CURVES_FILE
         self.checkpoint_dir = self.dir / CHECKPOINT_DIR
+        recover_directory(self.checkpoint_dir)  # a crash mid-save leaves the last checkpoint renamed aside
         self.started = time.perf_counter()
         self.wall_clock_offset_s = 0.0
         self._wandb = None

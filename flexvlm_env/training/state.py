@@ -42,15 +42,33 @@ def share_with_umask(directory: Path) -> None:
 
 def replace_directory(staging: Path, directory: Path) -> None:
     """Rename the complete `staging` to `directory`, replacing an old one. The old one is renamed
-    aside before and deleted after, so a crash in between leaves it under `.{name}.replaced`."""
+    aside before and deleted after, so a crash in between leaves it under `.{name}.replaced`, where
+    `recover_directory` finds it."""
+    recover_directory(directory)
     if not directory.exists():
         os.replace(staging, directory)
         return
-    retired = directory.with_name(f".{directory.name}.replaced")
+    retired = _retired(directory)
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(directory, retired)
     os.replace(staging, directory)
     shutil.rmtree(retired)
+
+
+def recover_directory(directory: str | Path) -> bool:
+    """Put back a save that a crash left renamed aside (between `replace_directory`'s two renames, `directory` is
+    missing and its previous version is `.{name}.replaced`); True if it did. Readers call it first, so a resumed
+    run finds its last checkpoint instead of starting over."""
+    directory = Path(directory)
+    retired = _retired(directory)
+    if directory.exists() or not retired.is_dir():
+        return False
+    os.replace(retired, directory)
+    return True
+
+
+def _retired(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.replaced")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -91,6 +109,7 @@ def load_training_state(directory: str | Path, model: torch.nn.Module, optimizer
     dict with "optimizer_restored" set: False for a weights-only state, whose optimizer starts
     with fresh moments (the caller re-warms the learning rate)."""
     directory = Path(directory)
+    recover_directory(directory)
     meta_path = directory / STATE_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"no training state in {directory} (missing {STATE_FILE})")
