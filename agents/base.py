@@ -40,11 +40,10 @@ _OBSERVATION_SPACE = make_observation_space()
 FAMILY_COUNT = int(_OBSERVATION_SPACE["family"].n)
 _BOX_KEYS = ("budget_ms", "budget_fraction", "prompt", "image")  # the order of an `as_batch` dict
 _BOX_BOUNDS = {key: (_OBSERVATION_SPACE[key].low.reshape(-1), _OBSERVATION_SPACE[key].high.reshape(-1)) for key in _BOX_KEYS}
-# The bounds of all Box keys side by side, so a batch is checked in one comparison (see `_check_bounds`).
-_LOW = np.concatenate([_BOX_BOUNDS[key][0] for key in _BOX_KEYS])
-_HIGH = np.concatenate([_BOX_BOUNDS[key][1] for key in _BOX_KEYS])
+# The bounds of all Box keys side by side, as Python floats: one observation's check (`_valid_single`).
 _BOX_SHAPES = tuple((key, _BOX_BOUNDS[key][0].shape) for key in _BOX_KEYS)
-_LOW_LIST, _HIGH_LIST = _LOW.tolist(), _HIGH.tolist()
+_LOW_LIST = [bound for key in _BOX_KEYS for bound in _BOX_BOUNDS[key][0].tolist()]
+_HIGH_LIST = [bound for key in _BOX_KEYS for bound in _BOX_BOUNDS[key][1].tolist()]
 
 # kind -> "module:Class". Imported lazily, so loading a LUT never imports TRL or SB3.
 CONTROLLER_CLASSES: dict[str, str] = {
@@ -105,13 +104,9 @@ def _valid_single(observation: Mapping[str, Any]) -> bool:
 def _checked_family(value: Any) -> np.ndarray:
     """int64 family indices (a scalar or [B]), or a ValueError naming those that index no family."""
     family = np.asarray(value)
-    if family.ndim == 0:  # one observation: Python comparisons cost a tenth of NumPy calls
-        index = family.item()
-        valid = 0 <= index < FAMILY_COUNT and index == int(index)
-    else:
-        valid = _is_family_index(family).all()
-    if not valid:
-        bad = np.unique(family[~_is_family_index(family)])
+    valid = _is_family_index(family)
+    if not valid.all():
+        bad = np.unique(family[~valid])
         raise ValueError(f"observation['family'] holds family index {bad[:5].tolist()} out of range; allowed: "
                          f"integers in [0, {FAMILY_COUNT}) (indices of FAMILY_NAMES)")
     return family.astype(np.int64, copy=False)
@@ -135,13 +130,9 @@ def _box_rows(key: str, value: Any, rows: int, single: bool) -> np.ndarray:
 
 def _check_bounds(batch: Mapping[str, np.ndarray]) -> None:
     """A ValueError naming the first Box key of `batch` with values outside the observation space."""
-    # One comparison over all keys side by side: one per key would triple a batch-1 decision's overhead.
-    values = np.concatenate([batch[key] for key in _BOX_KEYS], axis=1)
-    if ((values >= _LOW) & (values <= _HIGH)).all():  # NaN compares False, so it is refused too
-        return
     for key in _BOX_KEYS:
         low, high = _BOX_BOUNDS[key]
-        inside = (batch[key] >= low) & (batch[key] <= high)
+        inside = (batch[key] >= low) & (batch[key] <= high)  # NaN compares False, so it is refused too
         if not inside.all():
             bad = batch[key][~inside]
             what = "non-finite values" if not np.isfinite(bad).all() else "values outside the observation space"

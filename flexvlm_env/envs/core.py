@@ -81,6 +81,14 @@ def check_families(families: Any) -> tuple[str, ...]:
     return tuple(f for f in FAMILY_NAMES if f in families)
 
 
+def check_core_arguments(budget_fractions: Any, episode_length: Any, lam: Any, penalty: Any, render_mode: Any,
+                         render_modes: Sequence[str]) -> tuple[tuple[float, ...], int, QualityMinusOvershoot, str | None]:
+    """(budget fractions, episode length, reward, render mode) as every FlexVLM env takes them, checked. Cheap: the
+    live env calls it before it loads a model, so that a typo fails before any request runs."""
+    return (check_budget_fractions(budget_fractions), check_positive_int("episode_length", episode_length),
+            QualityMinusOvershoot(lam=lam, penalty=penalty), check_render_mode(render_mode, render_modes))
+
+
 def check_render_mode(render_mode: Any, allowed: Sequence[str]) -> str | None:
     if render_mode is not None and render_mode not in allowed:
         raise ValueError(f"render_mode={render_mode!r} is not supported; allowed: None or one of {list(allowed)}")
@@ -270,10 +278,8 @@ class FlexVLMCoreEnv(gym.Env):
         extra_draw_highs: Sequence[int] = (),
     ) -> None:
         self.grid = check_grid(grid)
-        self.budget_fractions = check_budget_fractions(budget_fractions)
-        self.episode_length = check_positive_int("episode_length", episode_length)
-        self.render_mode = check_render_mode(render_mode, self.metadata["render_modes"])
-        self.reward_fn = QualityMinusOvershoot(lam=lam, penalty=penalty)
+        self.budget_fractions, self.episode_length, self.reward_fn, self.render_mode = check_core_arguments(
+            budget_fractions, episode_length, lam, penalty, render_mode, self.metadata["render_modes"])
         self.observation_space = make_observation_space()
         self.action_space = make_action_space(self.grid)
         self.request_ids = tuple(request_ids)

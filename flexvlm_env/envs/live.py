@@ -32,13 +32,11 @@ from .core import (
     DEFAULT_EPISODE_LENGTH,
     FAMILY_NAMES,
     FlexVLMCoreEnv,
-    check_budget_fractions,
+    check_core_arguments,
     check_families,
     check_grid,
     check_positive_int,
-    check_render_mode,
 )
-from .rewards import QualityMinusOvershoot
 
 WARMUPS = ("auto", "all", "full", "none")
 
@@ -154,12 +152,8 @@ class FlexVLMEnv(FlexVLMCoreEnv):
         warmup: str = "auto",
         render_mode: str | None = None,
     ):
-        # Cheap checks first, so a typo fails before a model is loaded or a request is run (_setup_core checks these
-        # again, as every env's does).
-        check_budget_fractions(budget_fractions)
-        check_positive_int("episode_length", episode_length)
-        check_render_mode(render_mode, self.metadata["render_modes"])
-        QualityMinusOvershoot(lam=lam, penalty=penalty)
+        # Cheap checks first, so a typo fails before a model is loaded or a request is run.
+        check_core_arguments(budget_fractions, episode_length, lam, penalty, render_mode, self.metadata["render_modes"])
         families = check_families(families)
         grid = check_grid(grid)
         if split not in SPLITS:
